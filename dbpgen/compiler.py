@@ -1,0 +1,67 @@
+"""The compiler driver: load, derive, simplify, render, write atomically."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .codegen import render
+from .derive import derive_programs
+from .errors import ModelError
+from .ir import Model
+from .model import load_model
+from .ops import ops_table
+from .passes import simplify
+from .printer import CodegenError
+from .program import Program
+
+
+@dataclass
+class Compiled:
+    model: Model
+    naive: dict[str, Program]
+    programs: dict[str, Program]
+    stages: dict[str, list] = field(default_factory=dict)
+
+    @property
+    def ops(self) -> dict:
+        return ops_table(self.model, self.naive["value_and_grad"], self.programs["value_and_grad"])
+
+    def source(self) -> str:
+        try:
+            return render(self.model, self.programs, self.naive, self.ops)
+        except CodegenError as exc:
+            raise ModelError(self.model.source, "layers", str(exc)) from None
+
+
+def build(model: Model, simplified: bool = True) -> Compiled:
+    naive = derive_programs(model)
+    stages: dict[str, list] = {}
+    programs = {}
+    for name, program in naive.items():
+        stages[name] = [("derive", program)]
+        programs[name] = simplify(program, stages[name]) if simplified else program
+    return Compiled(model, naive, programs, stages)
+
+
+def compile_file(path: str | os.PathLike, out_dir: str | os.PathLike = "generated",
+                 simplified: bool = True, dtype: str | None = None) -> Path:
+    """Emit <out_dir>/<name>.py; on any error the previous module stays untouched."""
+    model = load_model(path)
+    if dtype:
+        from dataclasses import replace
+        model = replace(model, dtype=dtype)
+    text = build(model, simplified).source()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"{model.name}.py"
+    fd, tmp = tempfile.mkstemp(prefix=f".{model.name}.", suffix=".tmp", dir=out)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target

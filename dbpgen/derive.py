@@ -1,0 +1,297 @@
+"""The derivation pass: a Model becomes the paper's unsimplified programs.
+
+Builds, as SymPy statements, the forward pass (eq. 8), the backward pass xi/zeta
+(Alg. 1, eq. 15-16), the backward-backward pass q/h (Alg. 2, eq. 20-21), the
+forward-backward pass eta/gamma (Alg. 3, eq. 28, 30) with eta_L from Appendix B, and the
+weight gradients (eq. 31) plus the loss gradients (eq. 32-33, reusing zeta for classical
+double backpropagation as section 4.5 allows). g', g'' and grad p come from sp.diff.
+Nothing is simplified here: that is the job of `dbpgen.passes`.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from .errors import ModelError
+from .functions import BSum, Dot, K, KT, Kbox, LogSumExp, RowSum, Softmax
+from .ir import S, Z, Model
+from .program import BATCH, LAM, Program, Stmt, verify
+
+
+def sym(name: str, j: int | None = None) -> sp.Symbol:
+    return sp.Symbol(name if j is None else f"{name}{j}")
+
+
+class _Builder:
+    """Collects statements in execution order."""
+
+    def __init__(self):
+        self.stmts: list[Stmt] = []
+
+    def let(self, target: sp.Symbol, expr, phase: str, eq: str) -> sp.Symbol:
+        self.stmts.append(Stmt(target, sp.sympify(expr), phase, eq))
+        return target
+
+
+def params(model: Model) -> tuple[sp.Symbol, ...]:
+    out = []
+    for layer in model.layers:
+        out.append(sym("W", layer.index))
+        if layer.op.bias:
+            out.append(sym("b", layer.index))
+    return tuple(out)
+
+
+# -- per-layer derivative rules ------------------------------------------------------
+
+
+def g_prime(model: Model, j: int, u, head_identity: bool = False):
+    """G'_j(z_j) u: coordinate-wise (eq. 15) or the softmax Jacobian (App. B.1)."""
+    act = model.layers[j - 1].act
+    if head_identity:
+        return u
+    if act.is_softmax:
+        x = sym("x", j)
+        return x * u - Dot(x, u) * x
+    return sym("dg", j) * u
+
+
+def g_second(model: Model, j: int, h, xi, head_identity: bool = False):
+    """(d(G'_j(z_j) xi)/dz_j)^* h with xi held fixed: M_j(G''_j h, xi) of eq. (28).
+
+    For softmax this is the corrected Appendix B.1 term: with S = diag(x) - x x^T,
+    d(S xi)/dz = (diag(xi) - <x, xi> I - x xi^T) S, whose adjoint applied to h is
+    S(xi*h - <x, xi> h - <x, h> xi).
+    """
+    act = model.layers[j - 1].act
+    if head_identity:
+        return sp.S.Zero
+    if act.is_softmax:
+        x = sym("x", j)
+        u = xi * h - Dot(x, xi) * h - Dot(x, h) * xi
+        return x * u - Dot(x, u) * x
+    return sym("ddg", j) * h * xi
+
+
+# -- the passes of the paper ---------------------------------------------------------
+
+
+def forward(model: Model, b: _Builder, derivatives: bool = True) -> None:
+    """z_j = K_j(theta_j, x_{j-1}) + b_j, x_j = g_j(z_j) (eq. 8), plus g'_j and g''_j."""
+    for layer in model.layers:
+        j = layer.index
+        z = K(j, sym("W", j), sym("x", j - 1)) + (sym("b", j) if layer.op.bias else 0)
+        b.let(sym("z", j), z, "forward", "(8)")
+        if layer.act.is_softmax:
+            b.let(sym("x", j), Softmax(sym("z", j)), "forward", "(8)")
+            continue
+        expr = layer.act.expr
+        b.let(sym("x", j), expr.subs(Z, sym("z", j)), "forward", "(8)")
+        if derivatives:
+            d1 = sp.diff(expr, Z)
+            b.let(sym("dg", j), d1.subs(Z, sym("z", j)), "forward", "g'_j (9)")
+            b.let(sym("ddg", j), sp.diff(d1, Z).subs(Z, sym("z", j)), "forward", "g''_j (9)")
+
+
+def loss_gradient_out(model: Model):
+    """v = grad of l w.r.t. the penalised output (x_L, or z_L for `on: logits`), eq. (11)."""
+    L, y = model.L, sym("y")
+    x = sym("x", L)
+    if model.loss == "nll":
+        # grad_{z_L} l = (sum y) x_L - y (eq. 43 without assuming sum y = 1)
+        return RowSum(y) * x - y
+    w = 2 * (x - y)  # eq. (12)
+    if model.penalty and model.penalty.on_logits:
+        return g_prime(model, L, w)
+    return w
+
+
+def backward(model: Model, b: _Builder, v, head_identity: bool, phase: str = "backward") -> None:
+    """Alg. 1: zeta_j = G'_j xi_j (15), xi_{j-1} = K_j^T(theta_j, zeta_j) (16)."""
+    L = model.L
+    pen = model.penalty
+    if v is None:  # softmax + nll, classical double backprop: zeta_L directly (eq. 43)
+        b.let(sym("zeta", L), RowSum(sym("y")) * sym("x", L) - sym("y"), phase, "(43)")
+    else:
+        b.let(sym("xi", L), v, phase, "Alg. 1: xi_L = v")
+        b.let(sym("zeta", L), g_prime(model, L, sym("xi", L), head_identity), phase, "(15)")
+    for j in range(L, 0, -1):
+        if j < L:
+            b.let(sym("zeta", j), g_prime(model, j, sym("xi", j)), phase, "(15)")
+        b.let(sym("xi", j - 1), KT(j, sym("W", j), sym("zeta", j)), phase, "(16)")
+    del pen
+
+
+def penalty_value(model: Model, b: _Builder) -> sp.Symbol:
+    """R = p(xi_0) with s = ||xi_0||^2 (eq. 10)."""
+    s = b.let(sym("s"), Dot(sym("xi0"), sym("xi0")), "backward", "s = ||xi_0||^2")
+    return b.let(sym("R"), model.penalty.p.subs(S, s), "backward", "(10)")
+
+
+def backward_backward(model: Model, b: _Builder, q0, head_identity: bool, eq0: str) -> None:
+    """Alg. 2: h_j = K_j(theta_j, q_{j-1}) (20), q_j = G'_j h_j (21)."""
+    L = model.L
+    b.let(sym("q", 0), q0, "backward-backward", eq0)
+    for j in range(1, L + 1):
+        b.let(sym("h", j), K(j, sym("W", j), sym("q", j - 1)), "backward-backward", "(20)")
+        b.let(sym("q", j), g_prime(model, j, sym("h", j), head_identity and j == L),
+              "backward-backward", "(21)")
+
+
+def gamma_out(model: Model):
+    """gamma_L = (dv/d out)^* q_L: zero for a constant v (App. B), else from l's Hessian."""
+    pen, L = model.penalty, model.L
+    q = sym("q", L)
+    if pen.v_is_constant:
+        return sp.S.Zero
+    if model.loss == "nll":  # v = (sum y) x_L - y on logits; dv/dz_L = (sum y) S (eq. 44)
+        return RowSum(sym("y")) * g_prime(model, L, q)
+    if pen.on_logits:  # v = G'_L(z_L) 2 (x_L - y)
+        w = 2 * (sym("x", L) - sym("y"))
+        return g_second(model, L, q, w) + g_prime(model, L, 2 * g_prime(model, L, q))
+    return 2 * q  # v = 2 (x_L - y)
+
+
+def forward_backward(model: Model, b: _Builder, head_identity: bool) -> None:
+    """Alg. 3: eta_L from App. B, eta_j (28), gamma_{j-1} = K_j^T(theta_j, eta_j) (30)."""
+    L, pen = model.L, model.penalty
+    if pen.v == "loss_gradient" and model.loss == "nll" and not pen.on_logits:
+        b.let(sym("eta", L), RowSum(sym("y")) * g_prime(model, L, sym("h", L)),
+              "forward-backward", "(44)")
+    else:
+        b.let(sym("gamma", L), gamma_out(model), "forward-backward", "(29), App. B")
+        eta = g_second(model, L, sym("h", L), sym("xi", L), head_identity)
+        eta += g_prime(model, L, sym("gamma", L), head_identity)
+        b.let(sym("eta", L), eta, "forward-backward", "App. B (corrected B.1)")
+    for j in range(L, 0, -1):
+        if j < L:
+            eta = g_second(model, j, sym("h", j), sym("xi", j)) + g_prime(model, j, sym("gamma", j))
+            b.let(sym("eta", j), eta, "forward-backward", "(28)")
+        if j > 1:
+            b.let(sym("gamma", j - 1), KT(j, sym("W", j), sym("eta", j)), "forward-backward", "(30)")
+
+
+def loss_backward(model: Model, b: _Builder) -> None:
+    """delta_j = grad_{z_j} l: standard backpropagation (eq. 15-16 with v = grad l, §4.5)."""
+    L = model.L
+    b.let(sym("delta", L), g_prime(model, L, 2 * (sym("x", L) - sym("y")))
+          if model.loss == "mse" else RowSum(sym("y")) * sym("x", L) - sym("y"), "loss", "(33)")
+    for j in range(L - 1, 0, -1):
+        b.let(sym("delta", j), g_prime(model, j, KT(j + 1, sym("W", j + 1), sym("delta", j + 1))),
+              "loss", "(15)-(16)")
+
+
+def loss_value(model: Model) -> sp.Expr:
+    """Per-sample l(x_L, y): mse (eq. 12) or nll through log-softmax."""
+    L, y = model.L, sym("y")
+    if model.loss == "mse":
+        return RowSum((sym("x", L) - y) ** 2)
+    return RowSum(y) * LogSumExp(sym("z", L)) - RowSum(y * sym("z", L))
+
+
+def gradients(model: Model, b: _Builder, delta: str | None, with_penalty: bool) -> list:
+    """Weight and bias gradients of J = (1/B) sum_b [l + lam R] (eq. 31-33)."""
+    outputs = []
+    for layer in model.layers:
+        j = layer.index
+        dW, db = sp.S.Zero, sp.S.Zero
+        if delta:
+            dW += Kbox(j, sym("x", j - 1), sym(delta, j))
+            db += sym(delta, j)
+        if with_penalty:
+            dW += LAM * (Kbox(j, sym("q", j - 1), sym("zeta", j)) + Kbox(j, sym("x", j - 1), sym("eta", j)))
+            db += LAM * sym("eta", j)
+        outputs.append((f"W{j}", b.let(sym("dW", j), dW / BATCH, "gradients", "(31), (32)")))
+        if layer.op.bias:
+            outputs.append((f"b{j}", b.let(sym("db", j), BSum(db) / BATCH, "gradients", "(31), (33)")))
+    return outputs
+
+
+# -- whole programs ------------------------------------------------------------------
+
+
+def _check_supported(model: Model) -> None:
+    pen = model.penalty
+    if pen and pen.v in ("jacobian", "random", "projections"):
+        raise ModelError(model.source, "penalty.v", f"'{pen.v}' penalties are not supported yet")
+
+
+def penalty_v(model: Model):
+    """v of eq. (10) for the model's penalty; None means zeta_L is set directly (eq. 43)."""
+    pen = model.penalty
+    if pen.v == "loss_gradient":
+        if model.loss == "nll" and not pen.on_logits:
+            return None
+        return loss_gradient_out(model)
+    return sym("v")
+
+
+def inputs(model: Model, *names: str) -> tuple[sp.Symbol, ...]:
+    return params(model) + tuple(sym(n) for n in names)
+
+
+def forward_program(model: Model) -> Program:
+    b = _Builder()
+    forward(model, b, derivatives=False)
+    return verify(Program("forward", inputs(model, "x0"), tuple(b.stmts), (("out", sym("x", model.L)),)))
+
+
+def penalty_program(model: Model) -> Program:
+    _check_supported(model)
+    b = _Builder()
+    forward(model, b)
+    backward(model, b, penalty_v(model), model.penalty.on_logits)
+    R = penalty_value(model, b)
+    return verify(Program("penalty", inputs(model, "x0", "y", "v"), tuple(b.stmts), (("R", R),)))
+
+
+def vjp_program(model: Model) -> Program:
+    """xi_0 = (dx_L/dx_0)^* v: Alg. 1 on its own."""
+    b = _Builder()
+    forward(model, b)
+    backward(model, b, sym("v"), head_identity=False)
+    return verify(Program("vjp", inputs(model, "x0", "v"), tuple(b.stmts), (("xi0", sym("xi0")),)))
+
+
+def jvp_program(model: Model) -> Program:
+    """(dx_L/dx_0) u: Alg. 2 with q_0 = u is exactly the forward-mode tangent recursion."""
+    b = _Builder()
+    forward(model, b)
+    backward_backward(model, b, sym("u"), head_identity=False, eq0="q_0 = u")
+    return verify(Program("jvp", inputs(model, "x0", "u"), tuple(b.stmts), (("Ju", sym("q", model.L)),)))
+
+
+def value_and_grad_program(model: Model) -> Program:
+    """J and its gradients: forward, backward, backward-backward, forward-backward, eq. (31)."""
+    _check_supported(model)
+    b = _Builder()
+    forward(model, b)
+    pen = model.penalty
+    per_sample = loss_value(model) if model.loss != "none" else sp.S.Zero
+    delta = None
+    if pen:
+        head = pen.on_logits
+        backward(model, b, penalty_v(model), head)
+        R = penalty_value(model, b)
+        xi0 = sym("xi0")
+        dp = sp.diff(pen.p, S).subs(S, sym("s"))
+        backward_backward(model, b, 2 * dp * xi0, head, "q_0 = grad p(xi_0) = 2 p'(s) xi_0")
+        forward_backward(model, b, head)
+        per_sample += LAM * R
+        if pen.v == "loss_gradient":
+            delta = "zeta"  # section 4.5: zeta_j = grad_{z_j} l, reused
+    if model.loss != "none" and delta is None:
+        loss_backward(model, b)
+        delta = "delta"
+    J = b.let(sym("J"), BSum(per_sample) / BATCH, "loss", "J = (1/B) sum_b [l + lam R]")
+    grads = gradients(model, b, delta, pen is not None)
+    return verify(Program("value_and_grad", inputs(model, "x0", "y", "v"), tuple(b.stmts),
+                          (("value", J),) + tuple(grads)))
+
+
+def derive_programs(model: Model) -> dict[str, Program]:
+    """All programs of the emitted module, unsimplified (the 'naive' column of OPS)."""
+    programs = {"forward": forward_program(model), "vjp": vjp_program(model), "jvp": jvp_program(model)}
+    if model.penalty:
+        programs["penalty"] = penalty_program(model)
+    programs["value_and_grad"] = value_and_grad_program(model)
+    return programs

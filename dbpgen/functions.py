@@ -1,0 +1,183 @@
+"""SymPy vocabulary of the derived programs.
+
+Every quantity of the paper (z_j, x_j, xi_j, zeta_j, q_j, h_j, eta_j, gamma_j, ...) is a
+SymPy symbol standing for a batch of arrays; products of symbols are coordinate-wise
+(Hadamard) products, which are commutative, so ordinary commutative SymPy algebra is
+exact for them. The functions below are the non-coordinate-wise pieces:
+
+    K(j, theta, x)      K_j(theta_j, x)          the layer's bilinear operator (eq. 2)
+    KT(j, theta, y)     K_j^T(theta_j, y)        its adjoint in x               (eq. 5)
+    Kbox(j, x, y)       K_j^box(x, y)            its adjoint in theta, summed over the batch (eq. 6)
+    Dot(a, b)           <a, b>                   per-sample inner product
+    RowSum(a)           sum_i a_i                per-sample sum
+    BSum(a)             sum over the batch
+    Softmax(z), LogSumExp(z)                     per-sample, max-shifted in the emitted code
+    Sigmoid(z), Softplus(z)                      coordinate-wise, printed as stable kernels
+
+The linear ones evaluate to zero when an argument is zero; this is how the
+simplification passes propagate a proven zero (paper section 5.3) through the program.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+
+def _is_zero(arg: sp.Basic) -> bool:
+    return arg.is_zero is True
+
+
+class _Linear(sp.Function):
+    """A function linear in each of its array arguments: zero in, zero out."""
+
+    zero_args: tuple[int, ...] = ()
+
+    @classmethod
+    def eval(cls, *args):
+        if any(_is_zero(args[i]) for i in cls.zero_args):
+            return sp.S.Zero
+        return None
+
+
+class _LayerOp(_Linear):
+    """K_j, K_j^T or K_j^box; the first argument is the layer index j."""
+
+    label = ""
+    latex_label = ""
+
+    @property
+    def layer(self) -> int:
+        return int(self.args[0])
+
+    def _sympystr(self, printer):
+        j, a, b = self.args
+        return f"{self.label}_{j}({printer._print(a)}, {printer._print(b)})"
+
+    def _latex(self, printer):
+        j, a, b = self.args
+        return rf"{self.latex_label}_{{{j}}}\left({printer._print(a)}, {printer._print(b)}\right)"
+
+
+class K(_LayerOp):
+    """K_j(theta_j, x): forward operator of layer j (paper eq. 8)."""
+
+    nargs = 3
+    zero_args = (1, 2)
+    label = "K"
+    latex_label = "K"
+
+
+class KT(_LayerOp):
+    """K_j^T(theta_j, y): adjoint of K_j in x (paper eq. 5)."""
+
+    nargs = 3
+    zero_args = (1, 2)
+    label = "K^T"
+    latex_label = "K^{T}"
+
+
+class Kbox(_LayerOp):
+    """K_j^box(x, y), x in layer j's input space, y in its output space (paper eq. 6).
+
+    Summed over the batch, so its value has the shape of theta_j. Note the paper writes
+    K^box(eta_j, x_{j-1}) in eq. (25), (31) with the arguments swapped; here the input-space
+    argument always comes first.
+    """
+
+    nargs = 3
+    zero_args = (1, 2)
+    label = "K^□"
+    latex_label = r"K^{\square}"
+
+
+class Dot(_Linear):
+    """<a, b>: per-sample inner product, symmetric (arguments kept in canonical order)."""
+
+    nargs = 2
+    zero_args = (0, 1)
+
+    @classmethod
+    def eval(cls, a, b):
+        if _is_zero(a) or _is_zero(b):
+            return sp.S.Zero
+        if sp.default_sort_key(b) < sp.default_sort_key(a):
+            return cls(b, a)
+        return None
+
+    def _sympystr(self, printer):
+        a, b = self.args
+        return f"<{printer._print(a)}, {printer._print(b)}>"
+
+    def _latex(self, printer):
+        a, b = self.args
+        return rf"\left\langle {printer._print(a)}, {printer._print(b)} \right\rangle"
+
+
+class RowSum(_Linear):
+    """sum_i a_i per sample."""
+
+    nargs = 1
+    zero_args = (0,)
+
+    def _latex(self, printer):
+        return rf"\mathbf{{1}}^{{T}} {printer._print(self.args[0])}"
+
+
+class BSum(_Linear):
+    """Sum over the batch (bias gradients, the objective)."""
+
+    nargs = 1
+    zero_args = (0,)
+
+    def _sympystr(self, printer):
+        return f"Σ_b({printer._print(self.args[0])})"
+
+    def _latex(self, printer):
+        return rf"\sum_{{b}} {printer._print(self.args[0])}"
+
+
+class Softmax(sp.Function):
+    """Per-sample softmax (not coordinate-wise; paper Appendix B.1)."""
+
+    nargs = 1
+
+
+class LogSumExp(sp.Function):
+    """Per-sample log(sum(exp(z))), used for nll through log-softmax."""
+
+    nargs = 1
+
+
+class Sigmoid(sp.Function):
+    """1 / (1 + exp(-z)), with its derivative in closed form."""
+
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return Sigmoid(self.args[0]) * (1 - Sigmoid(self.args[0]))
+
+    @classmethod
+    def eval(cls, arg):
+        if arg.is_Number:
+            return 1 / (1 + sp.exp(-arg))
+        return None
+
+    def _latex(self, printer):
+        return rf"\sigma\left({printer._print(self.args[0])}\right)"
+
+
+class Softplus(sp.Function):
+    """log(1 + exp(z)), with derivative Sigmoid(z)."""
+
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return Sigmoid(self.args[0])
+
+    @classmethod
+    def eval(cls, arg):
+        if arg.is_Number:
+            return sp.log(1 + sp.exp(arg))
+        return None
+
+
+ARRAY_FUNCTIONS = (K, KT, Kbox, Dot, RowSum, BSum, Softmax, LogSumExp)

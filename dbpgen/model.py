@@ -1,0 +1,308 @@
+"""The model file (SPEC section 1) -> `dbpgen.ir.Model`, or one ModelError naming the field.
+
+The file is read with `yaml.safe_load` only; expressions go through `dbpgen.expr`, which
+never evaluates user text. Field paths are YAML keys with 0-based list indices, e.g.
+`layers[2].act` is the third item of `layers` (the paper's layer j = 3).
+"""
+from __future__ import annotations
+
+import hashlib
+import keyword
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import sympy as sp
+import yaml
+
+from . import functions
+from .errors import ModelError
+from .expr import parse_expression
+from .ir import IDENTITY, Activation, Dense, Layer, Model, Penalty, S, SoftmaxActivation, Z
+
+TOP_KEYS = ("name", "dtype", "input", "layers", "loss", "penalty")
+DTYPES = ("float64", "float32")
+LOSSES = ("mse", "nll", "none")
+OPERATORS = ("dense", "conv2d", "avgpool", "downsample", "flatten")
+LAYER_KEYS = ("act", "bias")
+PENALTY_KEYS = ("v", "p", "weight", "on", "index", "algorithm", "iterations", "count", "seed")
+V_KINDS = ("loss_gradient", "output", "given", "jacobian", "random", "projections")
+V_ONLY = {  # keys that only some kinds of v take
+    "index": ("output",),
+    "algorithm": ("jacobian",),
+    "iterations": ("random",),
+    "count": ("projections",),
+    "seed": ("random", "projections"),
+}
+ALGORITHMS = ("auto", "naive", "optimized")
+RESERVED_NAMES = ("numpy", "numba", "dbpgen")  # a generated <name>.py would shadow them
+DEFAULT_LEAKY_ALPHA = 0.01
+
+
+def leaky_relu(alpha: float) -> sp.Expr:
+    return sp.Piecewise((Z, Z > 0), (sp.Float(alpha) * Z, True))
+
+
+ACTIVATIONS = {
+    "identity": Z,
+    "relu": sp.Max(Z, 0),
+    "leaky_relu": leaky_relu(DEFAULT_LEAKY_ALPHA),
+    "tanh": sp.tanh(Z),
+    "sigmoid": functions.Sigmoid(Z),
+    "softplus": functions.Softplus(Z),
+    "elu": sp.Piecewise((Z, Z > 0), (sp.exp(Z) - 1, True)),
+    "silu": Z * functions.Sigmoid(Z),
+    "sin": sp.sin(Z),
+}
+PENALTY_FUNCTIONS = {"squared_norm": S, "norm": sp.sqrt(S)}
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# PyYAML (YAML 1.1) reads 1e-3 as a string: only 1.0e-3 is a float to it.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def load_model(path: str | Path) -> Model:
+    """Read and check the model file at `path` (raises ModelError on any problem)."""
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ModelError(source, "file", "no such file") from None
+    except IsADirectoryError:
+        raise ModelError(source, "file", "is a directory") from None
+    except OSError as exc:
+        raise ModelError(source, "file", exc.strerror or "cannot read") from None
+    return model_from_dict(_parse_yaml(raw, source), source, hashlib.sha256(raw).hexdigest())
+
+
+def _parse_yaml(raw: bytes, source: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ModelError(source, "yaml", f"{exc.problem or exc.context}{where}") from None
+    except yaml.reader.ReaderError:
+        raise ModelError(source, "yaml", "not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        raise ModelError(source, "yaml", str(exc).splitlines()[0]) from None
+    except RecursionError:
+        raise ModelError(source, "yaml", "nested too deeply") from None
+
+
+def model_from_dict(data: Any, source: str, source_hash: str = "") -> Model:
+    """Check the parsed YAML `data` and build the Model; `source` names it in errors."""
+    check = _Checker(source)
+    if data is None:
+        raise check.fail("(top level)", "the file is empty")
+    check.mapping(data, "(top level)")
+    check.keys(data, "", TOP_KEYS, required=("name", "input", "layers"))
+    name = _name(check, data["name"])
+    dtype = check.choice(data.get("dtype", "float64"), "dtype", DTYPES)
+    input_shape = _input_shape(check, data["input"])
+    layers = _layers(check, data["layers"], input_shape)
+    loss = check.choice(data.get("loss", "none"), "loss", LOSSES)
+    if loss == "nll" and not layers[-1].act.is_softmax:
+        raise check.fail("loss", "nll needs act: softmax on the last layer")
+    penalty = None
+    if "penalty" in data:
+        n_outputs = math.prod(layers[-1].out_shape)
+        penalty = _penalty(check, data["penalty"], loss, n_outputs)
+    return Model(name=name, dtype=dtype, input_shape=input_shape, layers=layers, loss=loss,
+                 penalty=penalty, source=source, source_hash=source_hash)
+
+
+def _name(check: _Checker, value: Any) -> str:
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+        raise check.fail("name", "must be an identifier such as sine_mlp (letters, digits, _)")
+    if keyword.iskeyword(value) or value in RESERVED_NAMES:
+        raise check.fail("name", f"'{value}' cannot be the name of a Python module")
+    return value
+
+
+def _input_shape(check: _Checker, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value:
+        raise check.fail("input", "must be a list: [n] or [channels, height, width]")
+    shape = tuple(check.integer(n, f"input[{k}]", minimum=1) for k, n in enumerate(value))
+    if len(shape) == 3:
+        raise check.fail("input", "only vector inputs [n] are supported in this version")
+    if len(shape) != 1:
+        raise check.fail("input", "must be [n] or [channels, height, width]")
+    return shape
+
+
+def _layers(check: _Checker, items: Any, in_shape: tuple[int, ...]) -> tuple[Layer, ...]:
+    if not isinstance(items, list) or not items:
+        raise check.fail("layers", "must be a non-empty list of layers")
+    layers = []
+    for i, item in enumerate(items):
+        layer = _layer(check, item, f"layers[{i}]", i + 1, in_shape, i == len(items) - 1)
+        layers.append(layer)
+        in_shape = layer.out_shape
+    return tuple(layers)
+
+
+def _layer(check: _Checker, item: Any, field: str, index: int,
+           in_shape: tuple[int, ...], is_last: bool) -> Layer:
+    if isinstance(item, str):
+        if item not in OPERATORS:
+            raise check.fail(field, f"unknown operator {item!r}")
+        item = {item: None}
+    check.mapping(item, field, example="{dense: 8, act: relu}")
+    operators = [key for key in item if key in OPERATORS]
+    for key in item:
+        if key not in OPERATORS and key not in LAYER_KEYS:
+            message = "unknown key" if operators else "unknown operator (supported: dense)"
+            raise check.fail(f"{field}.{key}", message)
+    if len(operators) != 1:
+        found = ", ".join(operators) or "none"
+        raise check.fail(field, f"needs exactly one operator such as dense: N (found {found})")
+    if operators[0] != "dense":
+        raise check.fail(field, f"{operators[0]} layers are not supported yet")
+    op = Dense(out=check.integer(item["dense"], f"{field}.dense", minimum=1),
+               bias=check.boolean(item.get("bias", True), f"{field}.bias"))
+    act = _activation(check, item["act"], f"{field}.act", is_last) if "act" in item else IDENTITY
+    return Layer(index=index, op=op, act=act, in_shape=in_shape, out_shape=op.out_shape(in_shape))
+
+
+def _activation(check: _Checker, value: Any, field: str,
+                is_last: bool) -> Activation | SoftmaxActivation:
+    if isinstance(value, dict):
+        return _parametrised_activation(check, value, field)
+    if not isinstance(value, str):
+        raise check.fail(field, "must be an activation name, an expression in z "
+                                "or {leaky_relu: alpha}")
+    if value == "softmax":
+        if not is_last:
+            raise check.fail(field, "softmax is allowed on the last layer only")
+        return SoftmaxActivation()
+    if value in ACTIVATIONS:
+        return Activation(value, ACTIVATIONS[value])
+    return Activation(value, _expression(check, value, Z, field, "activation"))
+
+
+def _parametrised_activation(check: _Checker, value: dict, field: str) -> Activation:
+    if len(value) != 1 or "leaky_relu" not in value:
+        raise check.fail(field, "only {leaky_relu: alpha} takes a parameter")
+    alpha = check.number(value["leaky_relu"], f"{field}.leaky_relu")
+    return Activation(f"leaky_relu({alpha!r})", leaky_relu(alpha))
+
+
+def _expression(check: _Checker, text: str, variable: sp.Symbol, field: str,
+                what: str) -> sp.Expr:
+    """Parse an expression; a bare unknown identifier reads as a misspelt built-in."""
+    try:
+        return parse_expression(text, variable, check.source, field)
+    except ModelError:
+        if text.strip().isidentifier():
+            raise check.fail(field, f"unknown {what} {text.strip()!r}") from None
+        raise
+
+
+def _penalty(check: _Checker, data: Any, loss: str, n_outputs: int) -> Penalty:
+    check.mapping(data, "penalty", example="{v: loss_gradient, weight: 0.1}")
+    # PyYAML (YAML 1.1) reads the key `on` as the boolean True.
+    data = {"on" if key is True else key: value for key, value in data.items()}
+    check.keys(data, "penalty", PENALTY_KEYS, required=("v",))
+    v = check.choice(data["v"], "penalty.v", V_KINDS)
+    for key, kinds in V_ONLY.items():
+        if key in data and v not in kinds:
+            raise check.fail(f"penalty.{key}", f"only used with v: {' or '.join(kinds)}")
+    if v == "loss_gradient" and loss == "none":
+        raise check.fail("penalty.v", "loss_gradient needs a loss, but loss is none")
+    p_name, p = _penalty_function(check, data.get("p", "squared_norm"))
+    return Penalty(
+        v=v,
+        p_name=p_name,
+        p=p,
+        weight=(check.number(data.get("weight", 1.0), "penalty.weight")),
+        on_logits=check.choice(data.get("on", "outputs"), "penalty.on",
+                               ("outputs", "logits")) == "logits",
+        index=_output_index(check, data.get("index", 0), n_outputs) if v == "output" else None,
+        algorithm=check.choice(data.get("algorithm", "auto"), "penalty.algorithm", ALGORITHMS),
+        iterations=check.integer(data.get("iterations", 0), "penalty.iterations", minimum=0),
+        count=check.integer(data.get("count", 1), "penalty.count", minimum=1),
+        seed=check.integer(data.get("seed", 0), "penalty.seed", minimum=0),
+    )
+
+
+def _penalty_function(check: _Checker, value: Any) -> tuple[str, sp.Expr]:
+    if not isinstance(value, str):
+        raise check.fail("penalty.p", "must be squared_norm, norm or an expression in s")
+    if value in PENALTY_FUNCTIONS:
+        return value, PENALTY_FUNCTIONS[value]
+    return value, _expression(check, value, S, "penalty.p", "penalty function")
+
+
+def _output_index(check: _Checker, value: Any, n_outputs: int) -> int:
+    index = check.integer(value, "penalty.index")
+    if not 0 <= index < n_outputs:
+        raise check.fail("penalty.index",
+                         f"must be in 0..{n_outputs - 1} (the network has {n_outputs} outputs)")
+    return index
+
+
+class _Checker:
+    """Strict type checks of YAML values; each failure is a ModelError at a field."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, field: str, message: str) -> ModelError:
+        return ModelError(self.source, field, message)
+
+    def mapping(self, value: Any, field: str, example: str = "") -> None:
+        if not isinstance(value, dict):
+            hint = f" such as {example}" if example else ""
+            raise self.fail(field, f"must be a mapping{hint}")
+
+    def keys(self, data: dict, prefix: str, allowed: tuple[str, ...],
+             required: tuple[str, ...]) -> None:
+        path = f"{prefix}." if prefix else ""
+        for key in data:
+            if key not in allowed:
+                raise self.fail(f"{path}{key}", "unknown key")
+        for key in required:
+            if key not in data:
+                raise self.fail(f"{path}{key}", "required key is missing")
+
+    def integer(self, value: Any, field: str, minimum: int | None = None) -> int:
+        # bool is a subclass of int; `true` is not a size
+        if type(value) is not int:
+            raise self.fail(field, f"must be an integer, not {_show(value)}")
+        if minimum is not None and value < minimum:
+            wanted = {0: "non-negative", 1: "positive"}.get(minimum, f">= {minimum}")
+            raise self.fail(field, f"must be {wanted}, not {value}")
+        return value
+
+    def number(self, value: Any, field: str) -> float:
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value):
+            value = float(value)
+        if type(value) not in (int, float):
+            raise self.fail(field, f"must be a number, not {_show(value)}")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise self.fail(field, f"must be a finite number, not {_show(value)}")
+        return number
+
+    def boolean(self, value: Any, field: str) -> bool:
+        if type(value) is not bool:
+            raise self.fail(field, f"must be true or false, not {_show(value)}")
+        return value
+
+    def choice(self, value: Any, field: str, choices: tuple[str, ...]) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise self.fail(field, f"must be one of {', '.join(choices)}, not {_show(value)}")
+        return value
+
+
+def _show(value: Any) -> str:
+    """A short rendering of a user value for messages."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

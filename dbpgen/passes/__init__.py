@@ -1,0 +1,28 @@
+"""The simplification pipeline: pure functions Program -> Program, run in this order."""
+from __future__ import annotations
+
+from ..program import Program, verify
+from .constants import propagate_constants
+from .dead_code import eliminate_dead_code
+from .merge import merge_weight_adjoints
+from .second_derivative import vanish_second_derivatives
+
+PIPELINE = (
+    # G''_j = 0 where SymPy proves it a.e. (eq. 34)
+    vanish_second_derivatives,
+    # eta_L = 0 and its cascade, g' = 1 of identities (section 5.3, App. B.3)
+    propagate_constants,
+    # K^box(x, a) + lam K^box(x, b) = K^box(x, a + lam b) (eq. 31-32)
+    merge_weight_adjoints,
+    # statements no output needs (the forward-backward pass after the cascade)
+    eliminate_dead_code,
+)
+
+
+def simplify(program: Program, stages: list | None = None) -> Program:
+    """Run PIPELINE; if `stages` is a list, append (pass name, program) after each pass."""
+    for step in PIPELINE:
+        program = verify(step(program))
+        if stages is not None:
+            stages.append((step.__name__, program))
+    return program

@@ -1,0 +1,35 @@
+"""G''_j = 0 almost everywhere, when SymPy proves it (paper section 5.2, eq. 34).
+
+For piecewise-linear activations (relu, leaky_relu, Max(z, 0.2*z), Abs(z), ...) SymPy's
+second derivative is a sum of DiracDelta terms (or exactly 0). DiracDelta vanishes
+everywhere but on a null set (footnote 2 of section 6.1), so we replace it by 0 and ask
+SymPy to simplify; if the result is identically 0, the statement g''_j becomes 0 and eq. (28)
+reduces to eta_j = G'_j(z_j) gamma_j (eq. 34) once the zero is propagated.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import sympy as sp
+
+from ..program import Program
+
+
+def almost_everywhere_zero(expr: sp.Expr) -> bool:
+    """Whether SymPy proves expr = 0 up to DiracDelta terms (a null set)."""
+    reduced = expr.replace(sp.DiracDelta, lambda *args: sp.S.Zero)
+    return sp.simplify(reduced) == 0
+
+
+def vanish_second_derivatives(program: Program) -> Program:
+    """Replace every g''_j statement that SymPy proves zero a.e. by 0 (eq. 34)."""
+    stmts, fired = [], []
+    for stmt in program.stmts:
+        name = stmt.target.name
+        if name.startswith("ddg") and almost_everywhere_zero(stmt.expr):
+            j = name[3:]
+            how = "0 exactly" if stmt.expr == 0 else f"{sp.sstr(stmt.expr)} = 0 almost everywhere"
+            fired.append(f"G''_{j} = 0: SymPy proves g''_{j} = {how} (eq. 34)")
+            stmt = replace(stmt, expr=sp.S.Zero)
+        stmts.append(stmt)
+    return program.with_(stmts=tuple(stmts), fired=program.fired + tuple(fired))

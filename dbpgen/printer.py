@@ -1,0 +1,146 @@
+"""Print SymPy expressions as NumPy array code that Numba compiles.
+
+Knows exactly the functions the emitted kernels support and raises CodegenError on
+anything else (a DiracDelta that survived, an unevaluated Derivative, an unknown function),
+so nothing unsupported slips into a generated module.
+"""
+from __future__ import annotations
+
+import sympy as sp
+from sympy.printing.numpy import NumPyPrinter
+
+
+class CodegenError(Exception):
+    pass
+
+
+class NumbaPrinter(NumPyPrinter):
+    """Array expressions over a batch; float literals carry the model's dtype."""
+
+    def __init__(self, dtype: str, layer_kinds: dict[int, str]):
+        super().__init__({"fully_qualified_modules": True, "inline": True})
+        self.dtype = dtype
+        self.layer_kinds = layer_kinds
+
+    def _module_format(self, fqn, register=True):
+        return "np." + fqn.split(".", 1)[1] if fqn.startswith("numpy.") else fqn
+
+    def _literal(self, value: float) -> str:
+        text = repr(float(value))
+        return f"np.float32({text})" if self.dtype == "float32" else text
+
+    def _print_Float(self, expr):
+        return self._literal(expr)
+
+    def _print_Rational(self, expr):
+        return self._literal(expr.p / expr.q)
+
+    def _print_Half(self, expr):
+        return self._literal(0.5)
+
+    def _print_Integer(self, expr):
+        return str(int(expr))
+
+    def _print_Pi(self, expr):
+        return self._literal(float(sp.pi))
+
+    def _print_Exp1(self, expr):
+        return self._literal(float(sp.E))
+
+    def _print_Pow(self, expr, rational=False):
+        base, exp = expr.args
+        if exp == sp.S.Half:
+            return f"np.sqrt({self._print(base)})"
+        if exp == -sp.S.Half:
+            return f"({self._literal(1.0)} / np.sqrt({self._print(base)}))"
+        if exp.is_Integer and exp < 0:
+            return f"({self._literal(1.0)} / {self.parenthesize(base ** -exp, sp.printing.precedence.PRECEDENCE['Mul'])})"
+        return super()._print_Pow(expr, rational=rational)
+
+    # -- layer operators and reductions: calls of the kernels in the module prelude --
+
+    def _layer_call(self, expr, suffix: str) -> str:
+        j, a, b = expr.args
+        return f"_{self.layer_kinds[int(j)]}_{suffix}({self._print(a)}, {self._print(b)})"
+
+    def _print_K(self, expr):
+        return self._layer_call(expr, "K")
+
+    def _print_KT(self, expr):
+        return self._layer_call(expr, "KT")
+
+    def _print_Kbox(self, expr):
+        return self._layer_call(expr, "Kbox")
+
+    def _print_Dot(self, expr):
+        return f"_rowdot({self._print(expr.args[0])}, {self._print(expr.args[1])})"
+
+    def _call(self, name: str, expr) -> str:
+        return f"{name}({', '.join(self._print(a) for a in expr.args)})"
+
+    def _print_RowSum(self, expr):
+        return self._call("_rowsum", expr)
+
+    def _print_BSum(self, expr):
+        return self._call("_bsum", expr)
+
+    def _print_Softmax(self, expr):
+        return self._call("_softmax", expr)
+
+    def _print_LogSumExp(self, expr):
+        return self._call("_logsumexp", expr)
+
+    def _print_Sigmoid(self, expr):
+        return self._call("_sigmoid", expr)
+
+    def _print_Softplus(self, expr):
+        return self._call("_softplus", expr)
+
+    # -- coordinate-wise pieces SymPy produces when differentiating activations -----
+
+    def _print_Heaviside(self, expr):
+        # H(0) = 0: the subgradient PyTorch uses at relu's kink, and never NaN
+        return f"np.where({self._print(expr.args[0])} > 0, {self._literal(1)}, {self._literal(0)})"
+
+    def _print_Piecewise(self, expr):
+        *pieces, (last, cond) = expr.args
+        if cond != sp.true:
+            raise CodegenError(f"Piecewise without a default branch: {expr}")
+        code = self._print(last)
+        for value, cond in reversed(pieces):
+            code = f"np.where({self._print(cond)}, {self._print(value)}, {code})"
+        return code
+
+    def _print_Relational(self, expr):
+        op = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}[expr.rel_op]
+        return f"({self._print(expr.lhs)} {op} {self._print(expr.rhs)})"
+
+    def _nested(self, name: str, args) -> str:
+        code = self._print(args[0])
+        for arg in args[1:]:
+            code = f"{name}({code}, {self._print(arg)})"
+        return code
+
+    def _print_Max(self, expr):
+        return self._nested("np.maximum", expr.args)
+
+    def _print_Min(self, expr):
+        return self._nested("np.minimum", expr.args)
+
+    def _print_Abs(self, expr):
+        return f"np.abs({self._print(expr.args[0])})"
+
+    def _print_sign(self, expr):
+        return f"np.sign({self._print(expr.args[0])})"
+
+    def _print_Function(self, expr):
+        raise CodegenError(f"cannot emit {type(expr).__name__}: not supported in generated code ({expr})")
+
+    def _print_DiracDelta(self, expr):
+        raise CodegenError(f"cannot emit {expr}: a distribution (was G'' not simplified?)")
+
+    def _print_Derivative(self, expr):
+        raise CodegenError(f"cannot emit unevaluated derivative {expr}")
+
+    def _print_not_supported(self, expr):
+        raise CodegenError(f"cannot emit {expr!r}: not supported in generated code")

@@ -1,0 +1,438 @@
+"""Independent reference implementation of a dbpgen model, built on HIPS autograd.
+
+Written from /work/shared/SPEC.md only (it never imports dbpgen), so that the code
+dbpgen generates can be tested against it.  Everything is float64 numpy.
+
+Double backpropagation here is literal: the penalty calls ``autograd.grad`` to get
+xi_0 = (d out / d x_0)^T v, and ``value_and_grad`` differentiates through that.
+
+Supported model subset: ``dense`` (and the trivial ``flatten``) layers, every
+activation of SPEC section 1, losses mse / nll / none, and penalties with
+v in loss_gradient / output / given (plus jacobian, projections and random, the
+last two only with an explicit v; see ``_xi0_list``).
+"""
+
+import ast
+import functools
+
+import numpy as np
+import yaml
+import autograd
+import autograd.numpy as anp
+from autograd.scipy.special import erf as _erf, logsumexp as _logsumexp
+from autograd.tracer import getval
+
+
+# --------------------------------------------------------------------------
+# Safe expression evaluator (SymPy-style strings in one variable)
+# --------------------------------------------------------------------------
+
+def _sigmoid(z):
+    return 0.5 * (anp.tanh(0.5 * z) + 1.0)
+
+
+def _softplus(z):
+    return anp.logaddexp(0.0, z)
+
+
+def _heaviside(z, h0=0.5):
+    # SymPy's default Heaviside(0) is 1/2; derivative is zero everywhere.
+    z = anp.asarray(getval(z))
+    return anp.where(z > 0, 1.0, anp.where(z < 0, 0.0, h0))
+
+
+def _fold(op):
+    return lambda *args: functools.reduce(op, args)
+
+
+_FUNCTIONS = {
+    "exp": anp.exp, "log": anp.log, "sqrt": anp.sqrt,
+    "tanh": anp.tanh, "sinh": anp.sinh, "cosh": anp.cosh,
+    "sin": anp.sin, "cos": anp.cos, "tan": anp.tan,
+    "atan": anp.arctan, "asin": anp.arcsin, "acos": anp.arccos,
+    "asinh": anp.arcsinh, "acosh": anp.arccosh, "atanh": anp.arctanh,
+    "Abs": anp.abs, "abs": anp.abs, "sign": anp.sign,
+    "Max": _fold(anp.maximum), "max": _fold(anp.maximum),
+    "Min": _fold(anp.minimum), "min": _fold(anp.minimum),
+    "sigmoid": _sigmoid, "softplus": _softplus,
+    "Heaviside": _heaviside, "erf": _erf,
+}
+_CONSTANTS = {"pi": np.pi, "E": np.e}
+_BINOPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+    ast.Pow: lambda a, b: a ** b,
+}
+_UNARY = {ast.USub: lambda a: -a, ast.UAdd: lambda a: a}
+
+
+def _compile_node(node, var):
+    """Turn one AST node into a closure ``value -> result``; reject anything else."""
+    if isinstance(node, ast.Constant):
+        if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
+            raise ValueError(f"unsupported constant {node.value!r}")
+        number = float(node.value)
+        return lambda value: number
+    if isinstance(node, ast.Name):
+        if node.id == var:
+            return lambda value: value
+        if node.id in _CONSTANTS:
+            const = _CONSTANTS[node.id]
+            return lambda value: const
+        raise ValueError(f"unknown name {node.id!r}")
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        op = _BINOPS[type(node.op)]
+        left, right = _compile_node(node.left, var), _compile_node(node.right, var)
+        return lambda value: op(left(value), right(value))
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        op, operand = _UNARY[type(node.op)], _compile_node(node.operand, var)
+        return lambda value: op(operand(value))
+    if isinstance(node, ast.Call):
+        if not isinstance(node.func, ast.Name) or node.func.id not in _FUNCTIONS:
+            raise ValueError(f"unknown function in {ast.dump(node.func)}")
+        if node.keywords or not node.args:
+            raise ValueError("functions take positional arguments only")
+        fn = _FUNCTIONS[node.func.id]
+        args = [_compile_node(arg, var) for arg in node.args]
+        return lambda value: fn(*[arg(value) for arg in args])
+    raise ValueError(f"unsupported syntax {type(node).__name__}")
+
+
+def compile_expression(text, var):
+    """Compile a SymPy-style expression string in ``var`` to an autograd function."""
+    # like sympify(convert_xor=True): ^ means power, with power's precedence
+    tree = ast.parse(str(text).strip().replace("^", "**"), mode="eval")
+    body = _compile_node(tree.body, var)
+
+    def fn(value):
+        return body(value) + 0.0 * value  # constants broadcast to value's shape
+
+    return fn
+
+
+# --------------------------------------------------------------------------
+# Activations, losses, penalty functions p
+# --------------------------------------------------------------------------
+
+def log_softmax(z):
+    return z - _logsumexp(z, axis=-1, keepdims=True)
+
+
+def softmax(z):
+    return anp.exp(log_softmax(z))
+
+
+def _leaky_relu(alpha):
+    return lambda z: anp.where(z > 0, z, alpha * z)
+
+
+_ACTIVATIONS = {
+    "identity": lambda z: z,
+    "relu": lambda z: anp.where(z > 0, z, 0.0 * z),
+    "leaky_relu": _leaky_relu(0.01),
+    "tanh": anp.tanh,
+    "sigmoid": _sigmoid,
+    "softplus": _softplus,
+    # exp of min(z, 0) so the unused branch can never overflow into a NaN gradient
+    "elu": lambda z: anp.where(z > 0, z, anp.exp(anp.minimum(z, 0.0)) - 1.0),
+    "silu": lambda z: z * _sigmoid(z),
+    "sin": anp.sin,
+    "softmax": softmax,
+}
+
+
+def activation(act):
+    """Map a layer's ``act`` field (None, name, {leaky_relu: a}, expression) to a function."""
+    if act is None:
+        return _ACTIVATIONS["identity"]
+    if isinstance(act, dict):
+        (name, alpha), = act.items()
+        if name != "leaky_relu":
+            raise ValueError(f"unknown parametrised activation {act!r}")
+        return _leaky_relu(0.01 if alpha is None else float(alpha))
+    if act in _ACTIVATIONS:
+        return _ACTIVATIONS[act]
+    return compile_expression(act, "z")
+
+
+def penalty_function(p):
+    """Map the penalty's ``p`` field to a function of s = ||xi_0||^2."""
+    if p is None or p == "squared_norm":
+        return lambda s: s
+    if p == "norm":
+        return anp.sqrt
+    return compile_expression(p, "s")
+
+
+def mse_of_output(x_L, y):
+    return anp.sum((x_L - y) ** 2, axis=-1)
+
+
+def nll_of_output(x_L, y):
+    return -anp.sum(y * anp.log(x_L), axis=-1)
+
+
+def nll_of_logits(z_L, y):
+    return -anp.sum(y * log_softmax(z_L), axis=-1)
+
+
+# --------------------------------------------------------------------------
+# The oracle
+# --------------------------------------------------------------------------
+
+def _f64(a):
+    """Caller data (x, y, v, u) as float64 arrays; None stays None."""
+    return None if a is None else np.asarray(a, dtype=np.float64)
+
+
+_V_KINDS = ("loss_gradient", "output", "given", "jacobian", "projections", "random")
+
+
+class Oracle:
+    """Reference math of one model description (the raw ``yaml.safe_load`` dict)."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.input_shape = tuple(int(n) for n in spec["input"])
+        self.layers = self._parse_layers(spec["layers"])
+        self.loss_kind = spec.get("loss", "none")
+        self.n_out = self.layers[-1]["n_out"]
+        self._parse_penalty(spec.get("penalty"))
+        self._validate()
+
+    @classmethod
+    def from_yaml(cls, path):
+        with open(path) as fh:
+            return cls(yaml.safe_load(fh))
+
+    # ---- construction -------------------------------------------------
+
+    def _parse_layers(self, entries):
+        layers, n_in = [], int(np.prod(self.input_shape))
+        if len(self.input_shape) != 1 and "flatten" not in entries[0]:
+            raise NotImplementedError("oracle supports vector inputs (or flatten first)")
+        for j, entry in enumerate(entries, start=1):
+            entry = {"flatten": None} if entry == "flatten" else dict(entry)
+            act_field = entry.get("act")
+            layer = {"j": j, "act": activation(act_field),
+                     "softmax": act_field == "softmax", "n_in": n_in}
+            if "dense" in entry:
+                layer.update(kind="dense", n_out=int(entry["dense"]),
+                             bias=bool(entry.get("bias", True)))
+            elif "flatten" in entry:
+                layer.update(kind="flatten", n_out=n_in, bias=False)
+            else:
+                raise NotImplementedError(f"oracle: unsupported layer {entry!r}")
+            layers.append(layer)
+            n_in = layer["n_out"]
+        return layers
+
+    def _parse_penalty(self, pen):
+        self.has_penalty = pen is not None
+        pen = pen or {}
+        self.v_kind = pen.get("v", "loss_gradient")
+        self.v_index = int(pen.get("index", 0))
+        self.p = penalty_function(pen.get("p", "squared_norm"))
+        self.weight = float(pen.get("weight", 1.0))
+        self.on_logits = pen.get("on", "output") == "logits"
+        self.iterations = int(pen.get("iterations", 0))
+
+    def _validate(self):
+        if self.loss_kind not in ("mse", "nll", "none"):
+            raise ValueError(f"unknown loss {self.loss_kind!r}")
+        if self.v_kind not in _V_KINDS:
+            raise ValueError(f"unknown penalty v {self.v_kind!r}")
+        if self.loss_kind == "nll" and not self.layers[-1]["softmax"]:
+            raise ValueError("nll requires a softmax output layer")
+        if any(layer["softmax"] for layer in self.layers[:-1]):
+            raise ValueError("softmax is allowed on the last layer only")
+
+    def init_params(self, seed=0):
+        """PyTorch nn.Linear-style uniform(-k, k), k = 1/sqrt(n_in); W then b per layer."""
+        rng, params = np.random.default_rng(seed), {}
+        for layer in self.layers:
+            if layer["kind"] != "dense":
+                continue
+            j, n_in, n_out = layer["j"], layer["n_in"], layer["n_out"]
+            k = 1.0 / np.sqrt(n_in)
+            params[f"W{j}"] = rng.uniform(-k, k, (n_out, n_in))
+            if layer["bias"]:
+                params[f"b{j}"] = rng.uniform(-k, k, n_out)
+        return params
+
+    # ---- forward and loss ---------------------------------------------
+
+    def _forward_both(self, params, x):
+        """Return (z_L, x_L) for a batch x of shape (B, *input)."""
+        h = x
+        for layer in self.layers:
+            z = self._pre_activation(layer, params, h)
+            h = layer["act"](z)
+        return z, h
+
+    @staticmethod
+    def _pre_activation(layer, params, h):
+        j = layer["j"]
+        if layer["kind"] == "flatten":
+            return anp.reshape(h, (h.shape[0], -1))
+        z = anp.dot(h, params[f"W{j}"].T)
+        if layer["bias"]:
+            z = z + params[f"b{j}"]
+        return z
+
+    def _x_L(self, params, x):
+        return self._forward_both(params, x)[1]
+
+    def forward(self, params, x):
+        return self._x_L(params, _f64(x))
+
+    def _penalised_output(self, params, x):
+        """The `out` of the penalty: z_L for `on: logits`, otherwise x_L."""
+        z_L, x_L = self._forward_both(params, x)
+        return z_L if self.on_logits else x_L
+
+    def _loss_of_xL(self, x_L, y):
+        if self.loss_kind == "mse":
+            return mse_of_output(x_L, y)
+        if self.loss_kind == "nll":
+            return nll_of_output(x_L, y)
+        return 0.0 * anp.sum(x_L, axis=-1)
+
+    def _loss_of_zL(self, z_L, y):
+        if self.loss_kind == "nll":
+            return nll_of_logits(z_L, y)  # stable log-softmax
+        return self._loss_of_xL(self.layers[-1]["act"](z_L), y)
+
+    def _loss_of_out(self, out, y):
+        return self._loss_of_zL(out, y) if self.on_logits else self._loss_of_xL(out, y)
+
+    def loss(self, params, x, y=None):
+        x, y = _f64(x), _f64(y)
+        z_L, _ = self._forward_both(params, x)
+        return self._loss_of_zL(z_L, y)
+
+    # ---- xi_0 and the penalty -----------------------------------------
+
+    def _vjp_of(self, out_fn, params, x, v):
+        """Per-sample (d out/d x_0)^T v; v may itself depend on params (not held constant)."""
+        return autograd.grad(lambda x0: anp.sum(out_fn(params, x0) * v))(x)
+
+    def _xi0(self, params, x, v):
+        return self._vjp_of(self._penalised_output, params, x, v)
+
+    def _loss_gradient_v(self, params, x, y):
+        """v = grad_out l(out, y), still a function of the network (classical DBP)."""
+        out = self._penalised_output(params, x)
+        return autograd.grad(lambda o: anp.sum(self._loss_of_out(o, y)))(out)
+
+    def _unit(self, i, batch):
+        v = np.zeros((batch, self.n_out))
+        v[:, i] = 1.0
+        return v
+
+    def _power_iterated(self, params, x, v):
+        """`random` with a caller-supplied start: normalise, k power iterations, constant."""
+        params = {k: getval(p) for k, p in params.items()}
+        x, v = getval(x), np.asarray(getval(v), dtype=np.float64)
+        v = v / np.linalg.norm(v, axis=-1, keepdims=True)
+        for _ in range(self.iterations):
+            v = self._jvp_of(self._penalised_output, params, x, self._xi0(params, x, v))
+            v = v / np.linalg.norm(v, axis=-1, keepdims=True)
+        return v
+
+    def _xi0_list(self, params, x, y, v):
+        """List of (factor, xi_0) pairs with R = sum factor * p(||xi_0||^2)."""
+        batch = x.shape[0]
+        if self.v_kind == "loss_gradient":
+            return [(1.0, self._xi0(params, x, self._loss_gradient_v(params, x, y)))]
+        if self.v_kind == "output":
+            return [(1.0, self._xi0(params, x, self._unit(self.v_index, batch)))]
+        if self.v_kind == "jacobian":
+            return [(1.0, self._xi0(params, x, self._unit(i, batch))) for i in range(self.n_out)]
+        if v is None:
+            raise ValueError(f"v: {self.v_kind} needs an explicit v in the oracle")
+        if self.v_kind == "given":
+            return [(1.0, self._xi0(params, x, v))]
+        if self.v_kind == "projections":  # v: (B, n, C)
+            n = v.shape[1]
+            return [(self.n_out / n, self._xi0(params, x, v[:, k])) for k in range(n)]
+        return [(1.0, self._xi0(params, x, self._power_iterated(params, x, v)))]
+
+    def penalty(self, params, x, y=None, v=None):
+        """Per-sample R = p(||xi_0||^2), shape (B,); zeros when the model has no penalty."""
+        x, y, v = _f64(x), _f64(y), _f64(v)
+        if not self.has_penalty:
+            return np.zeros(x.shape[0])
+        total = 0.0
+        for factor, xi0 in self._xi0_list(params, x, y, v):
+            s = anp.sum(anp.reshape(xi0 ** 2, (x.shape[0], -1)), axis=1)
+            total = total + factor * self.p(s)
+        return total
+
+    def xi0(self, params, x, y=None, v=None):
+        """xi_0 of a single-vector penalty (loss_gradient / output / given), (B, *input)."""
+        pairs = self._xi0_list(params, _f64(x), _f64(y), _f64(v))
+        assert len(pairs) == 1, "xi0() is defined for single-vector penalties"
+        return pairs[0][1]
+
+    # ---- objective and gradients --------------------------------------
+
+    def objective(self, params, x, y=None, v=None):
+        x, y, v = _f64(x), _f64(y), _f64(v)
+        per_sample = self.loss(params, x, y)
+        if self.has_penalty:
+            per_sample = per_sample + self.weight * self.penalty(params, x, y, v)
+        return anp.mean(per_sample)
+
+    def value_and_grad(self, params, x, y=None, v=None):
+        params = {k: _f64(p) for k, p in params.items()}
+        value, grads = autograd.value_and_grad(
+            lambda p: self.objective(p, x, y, v))(params)
+        return float(value), {k: np.asarray(g) for k, g in grads.items()}
+
+    # ---- Jacobian products of x_L (regardless of `on`) -----------------
+
+    def _jvp_of(self, out_fn, params, x, u):
+        """(d out/d x_0) u per sample, as the gradient of the linear map w -> <J^T w, u>."""
+        w0 = np.zeros((x.shape[0], self.n_out))
+        return autograd.grad(
+            lambda w: anp.sum(self._vjp_of(out_fn, params, x, w) * u))(w0)
+
+    def vjp(self, params, x, v):
+        return self._vjp_of(self._x_L, params, _f64(x), _f64(v))
+
+    def jvp(self, params, x, u):
+        return self._jvp_of(self._x_L, params, _f64(x), _f64(u))
+
+
+# --------------------------------------------------------------------------
+# Numerical gradient helpers
+# --------------------------------------------------------------------------
+
+def _shifted(params, direction, step):
+    return {k: params[k] + step * direction[k] for k in params}
+
+
+def central_difference_grad(f, params, eps=1e-6):
+    """Numerical gradient of a scalar f(params) by central differences, element by element."""
+    grads = {}
+    for name, value in params.items():
+        g = np.zeros_like(value, dtype=np.float64)
+        for idx in np.ndindex(value.shape):
+            basis = {k: np.zeros_like(p, dtype=np.float64) for k, p in params.items()}
+            basis[name][idx] = 1.0
+            g[idx] = (float(f(_shifted(params, basis, eps)))
+                      - float(f(_shifted(params, basis, -eps)))) / (2 * eps)
+        grads[name] = g
+    return grads
+
+
+def directional_check(f, grads, params, rng, eps=1e-6):
+    """(analytic <grads, d>, numeric central difference of f along d) for a random d."""
+    direction = {k: rng.standard_normal(np.shape(p)) for k, p in params.items()}
+    analytic = sum(float(np.sum(grads[k] * direction[k])) for k in params)
+    numeric = (float(f(_shifted(params, direction, eps)))
+               - float(f(_shifted(params, direction, -eps)))) / (2 * eps)
+    return analytic, numeric

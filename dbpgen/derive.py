@@ -108,7 +108,6 @@ def loss_gradient_out(model: Model):
 def backward(model: Model, b: _Builder, v, head_identity: bool, phase: str = "backward") -> None:
     """Alg. 1: zeta_j = G'_j xi_j (15), xi_{j-1} = K_j^T(theta_j, zeta_j) (16)."""
     L = model.L
-    pen = model.penalty
     if v is None:  # softmax + nll, classical double backprop: zeta_L directly (eq. 43)
         b.let(sym("zeta", L), RowSum(sym("y")) * sym("x", L) - sym("y"), phase, "(43)")
     else:
@@ -118,7 +117,6 @@ def backward(model: Model, b: _Builder, v, head_identity: bool, phase: str = "ba
         if j < L:
             b.let(sym("zeta", j), g_prime(model, j, sym("xi", j)), phase, "(15)")
         b.let(sym("xi", j - 1), KT(j, sym("W", j), sym("zeta", j)), phase, "(16)")
-    del pen
 
 
 def penalty_value(model: Model, b: _Builder) -> sp.Symbol:
@@ -284,7 +282,7 @@ def value_and_grad_program(model: Model) -> Program:
         delta = "delta"
     J = b.let(sym("J"), BSum(per_sample) / BATCH, "loss", "J = (1/B) sum_b [l + lam R]")
     grads = gradients(model, b, delta, pen is not None)
-    return verify(Program("value_and_grad", inputs(model, "x0", "y", "v"), tuple(b.stmts),
+    return verify(Program("value_and_grad", inputs(model, "x0", "y", "v") + (LAM,), tuple(b.stmts),
                           (("value", J),) + tuple(grads)))
 
 

@@ -1,0 +1,63 @@
+"""Shared fixtures: compile a model spec (a dict, as in a YAML file) and import the module."""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import sys
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+import yaml
+
+from dbpgen.compiler import compile_file
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+_counter = itertools.count()
+
+
+def import_module(path: Path, jit: bool = True):
+    """Import a generated module from its file; jit=False runs its kernels as plain Python."""
+    name = f"_dbpgen_test_{path.stem}_{next(_counter)}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    previous = numba.config.DISABLE_JIT
+    numba.config.DISABLE_JIT = not jit
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        numba.config.DISABLE_JIT = previous
+    sys.modules[name] = module
+    return module
+
+
+def write_model(spec: dict, directory: Path) -> Path:
+    path = directory / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def compile_spec(spec: dict, directory: Path, jit: bool = True, simplified: bool = True):
+    path = write_model(spec, directory)
+    out = compile_file(path, directory / "generated", simplified=simplified)
+    return import_module(out, jit=jit)
+
+
+def batch_for(spec: dict, rng: np.random.Generator, batch: int = 5):
+    """Inputs x, labels y (one-hot for nll) and a direction v for a model spec."""
+    n_in = spec["input"][0]
+    C = spec["layers"][-1]["dense"]
+    x = rng.normal(size=(batch, n_in))
+    if spec.get("loss") == "nll":
+        y = np.eye(C)[rng.integers(0, C, batch)]
+    else:
+        y = rng.normal(size=(batch, C))
+    v = rng.normal(size=(batch, C))
+    return x, y, v
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

@@ -1,7 +1,10 @@
 """The compiler driver: load, derive, simplify, render, write atomically."""
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,3 +68,24 @@ def compile_file(path: str | os.PathLike, out_dir: str | os.PathLike = "generate
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+_loaded = itertools.count()
+
+
+def load_generated(path: str | os.PathLike, jit: bool = True):
+    """Import a generated module from its file; jit=False runs its kernels as plain Python."""
+    import numba
+
+    path = Path(path)
+    name = f"_dbpgen_{path.stem}_{next(_loaded)}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    previous = numba.config.DISABLE_JIT
+    numba.config.DISABLE_JIT = not jit
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        numba.config.DISABLE_JIT = previous
+    sys.modules[name] = module
+    return module

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import math
+import warnings
 
 import sympy as sp
 
@@ -102,7 +103,10 @@ def parse_expression(text: str, variable: sp.Symbol, source: str, field: str) ->
     if len(text) > MAX_LENGTH:
         raise parser.error(f"expression is longer than {MAX_LENGTH} characters")
     try:
-        tree = ast.parse(text, mode="eval")
+        with warnings.catch_warnings():
+            # e.g. "invalid decimal literal": the error below says enough
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(text, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
         reason = getattr(exc, "msg", None) or "invalid syntax"
         raise parser.error(f"cannot parse expression: {reason}") from None

@@ -1,36 +1,20 @@
 """Shared fixtures: compile a model spec (a dict, as in a YAML file) and import the module."""
 from __future__ import annotations
 
-import importlib.util
-import itertools
-import sys
 from pathlib import Path
 
-import numba
 import numpy as np
 import pytest
 import yaml
 
-from dbpgen.compiler import compile_file
+from dbpgen.compiler import compile_file, load_generated
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
-_counter = itertools.count()
 
 
 def import_module(path: Path, jit: bool = True):
-    """Import a generated module from its file; jit=False runs its kernels as plain Python."""
-    name = f"_dbpgen_test_{path.stem}_{next(_counter)}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    previous = numba.config.DISABLE_JIT
-    numba.config.DISABLE_JIT = not jit
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        numba.config.DISABLE_JIT = previous
-    sys.modules[name] = module
-    return module
+    return load_generated(path, jit=jit)
 
 
 def write_model(spec: dict, directory: Path) -> Path:

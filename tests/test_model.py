@@ -36,13 +36,9 @@ def write(tmp_path: Path, data: dict | str) -> Path:
     return path
 
 
-def variant(layers: list | None = None, penalty: dict | None = None, **top) -> dict:
+def variant(**top) -> dict:
     """BASE with some top-level keys replaced (DELETE removes one)."""
     data = copy.deepcopy(BASE)
-    if layers is not None:
-        data["layers"] = layers
-    if penalty is not None:
-        data["penalty"] = penalty
     for key, value in top.items():
         if value is DELETE:
             del data[key]
@@ -352,7 +348,7 @@ INJECTIONS = [
 @pytest.mark.parametrize("where", ["act", "p"])
 def test_code_injection_is_refused(tmp_path, payload, where):
     marker = tmp_path / "pwned"
-    text = payload.format(marker=marker)
+    text = payload.replace("{marker}", str(marker))
     if where == "act":
         data = variant(layers=[{"dense": 2, "act": text}])
         field = f"{L0}.act"

@@ -16,12 +16,17 @@ import sympy as sp
 from ..program import Program, substitute
 
 # Statements whose vanishing is worth reporting, with the equation that makes it so.
-_REPORTED = {"eta": "(28)/App. B", "gamma": "(30)", "zeta": "(15)", "q": "(21)", "h": "(20)", "xi": "(16)"}
+_REPORTED = {"eta": "eq. 28/34", "gamma": "eq. 30", "zeta": "eq. 15", "q": "eq. 21", "h": "eq. 20",
+             "xi": "eq. 16", "delta": "eq. 15"}
 
 
-def _reported(name: str) -> str | None:
-    prefix = name.rstrip("0123456789")
-    return _REPORTED.get(prefix)
+def _reported(stmt) -> str | None:
+    """Why a vanishing statement vanished, in the paper's terms (None: not worth a line)."""
+    if stmt.eq.startswith("(29)"):
+        return "v held constant, App. B"
+    if stmt.eq.startswith("App. B"):
+        return "App. B.3"
+    return _REPORTED.get(stmt.target.name.rstrip("0123456789"))
 
 
 def propagate_constants(program: Program) -> Program:
@@ -33,11 +38,12 @@ def propagate_constants(program: Program) -> Program:
             break
         rest = tuple(s for s in program.stmts if s is not constant)
         program = substitute(program.with_(stmts=rest), {constant.target: constant.expr})
-        if constant.expr == 0 and _reported(constant.target.name):
-            zeros.append(constant.target.name)
+        if constant.expr == 0 and _reported(constant):
+            zeros.append(f"{constant.target.name} [{_reported(constant)}]")
     if not zeros:
         return program
-    note = ("proven zero and removed: " + ", ".join(zeros) +
-            " (eta_L = 0 cascades through eq. 28 and 30, section 5.3)")
+    note = "proven zero and removed: " + ", ".join(zeros)
+    if len(zeros) > 1:
+        note += " (the cascade of section 5.3)"
     stmts = tuple(replace(s, expr=sp.sympify(s.expr)) for s in program.stmts)
     return program.with_(stmts=stmts, fired=program.fired + (note,))

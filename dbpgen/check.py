@@ -1,0 +1,77 @@
+"""`dbpgen check`: the emitted gradients against central differences in float64.
+
+Compiles a float64 copy of the model into a temporary folder, then compares
+value_and_grad's gradients with central differences of the value (every entry of small
+tensors, random directions for large ones), and vjp/jvp with differences of forward.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import replace
+
+import numpy as np
+
+from .compiler import build, load_generated
+from .model import load_model
+
+EPS = 1e-6
+FULL_LIMIT = 64  # tensors up to this size are checked entry by entry
+DIRECTIONS = 6
+
+
+def _inputs(model, rng, batch):
+    C = model.n_outputs
+    x = rng.normal(size=(batch,) + tuple(model.input_shape))
+    y = np.eye(C)[rng.integers(0, C, batch)] if model.loss == "nll" else rng.normal(size=(batch, C))
+    v = rng.normal(size=(batch, C))
+    return x, y, v
+
+
+def _directions(shape, rng):
+    size = int(np.prod(shape))
+    if size <= FULL_LIMIT:
+        return list(np.eye(size).reshape((size,) + tuple(shape)))
+    return [rng.normal(size=shape) for _ in range(DIRECTIONS)]
+
+
+def _agree(analytic: float, numeric: float, rtol: float) -> tuple[bool, float]:
+    err = abs(analytic - numeric) / max(abs(analytic), abs(numeric), 1e-8)
+    return err <= rtol, err
+
+
+def check_model(path, batch: int = 4, seed: int = 0, rtol: float = 1e-5) -> tuple[bool, str]:
+    model = replace(load_model(path), dtype="float64")
+    with tempfile.TemporaryDirectory() as tmp:
+        target = f"{tmp}/{model.name}.py"
+        with open(target, "w", encoding="utf-8") as f:
+            f.write(build(model).source())
+        m = load_generated(target)
+        rng = np.random.default_rng(seed)
+        params = m.init_params(seed)
+        x, y, v = _inputs(model, rng, batch)
+        vv = v if model.penalty and model.penalty.v == "given" else None
+
+        def value(p):
+            return m.value_and_grad(p, x, y=y, v=vv)[0]
+
+        _, grads = m.value_and_grad(params, x, y=y, v=vv)
+        lines, ok = [], True
+        for name, g in grads.items():
+            worst = 0.0
+            for d in _directions(g.shape, rng):
+                plus = dict(params, **{name: params[name] + EPS * d})
+                minus = dict(params, **{name: params[name] - EPS * d})
+                good, err = _agree(float(np.sum(g * d)), (value(plus) - value(minus)) / (2 * EPS), rtol)
+                ok, worst = ok and good, max(worst, err)
+            lines.append(f"  d/d{name:<6} max relative error {worst:.2e}")
+        u = rng.normal(size=x.shape)
+        numeric = (m.forward(params, x + EPS * u) - m.forward(params, x - EPS * u)) / (2 * EPS)
+        good, err = _agree(float(np.sum(m.jvp(params, x, u) * v)), float(np.sum(numeric * v)), rtol)
+        ok = ok and good
+        lines.append(f"  jvp        relative error {err:.2e}")
+        good, err = _agree(float(np.sum(m.vjp(params, x, v) * u)), float(np.sum(numeric * v)), rtol)
+        ok = ok and good
+        lines.append(f"  vjp        relative error {err:.2e}")
+    verdict = "OK" if ok else "MISMATCH"
+    head = f"{path}: {verdict}: gradients vs central differences (float64, eps={EPS}, rtol={rtol})"
+    return ok, "\n".join([head] + lines)

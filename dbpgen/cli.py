@@ -1,0 +1,99 @@
+"""Command line: dbpgen compile | equations | ops | check (SPEC section 3).
+
+Bad input prints one line naming the file and the field and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import ModelError
+
+
+def _compile(args) -> int:
+    from .compiler import compile_file
+
+    path = compile_file(args.model, args.output, simplified=not args.naive)
+    print(path)
+    return 0
+
+
+def _equations(args) -> int:
+    from .compiler import build
+    from .equations import equations_latex, equations_text
+    from .model import load_model
+
+    model = load_model(args.model)
+    compiled = build(model)
+    if args.stages:
+        for name, program in compiled.stages["value_and_grad"]:
+            print(f"===== after {name} =====")
+            print(equations_text(model, program))
+        return 0
+    program = compiled.programs["value_and_grad"]
+    print(equations_latex(program) if args.latex else equations_text(model, program), end="")
+    return 0
+
+
+def _ops(args) -> int:
+    from .compiler import build
+    from .model import load_model
+
+    compiled = build(load_model(args.model))
+    table = compiled.ops
+    print(f"{'':10}{'K':>6}{'K^T':>6}{'K^box':>7}{'flops/sample':>16}")
+    for column in ("naive", "emitted"):
+        c = table[column]
+        print(f"{column:10}{c['K']:>6}{c['KT']:>6}{c['Kbox']:>7}{c['flops']:>16,}")
+    for note in compiled.programs["value_and_grad"].fired:
+        print(f"- {note}")
+    return 0
+
+
+def _check(args) -> int:
+    from .check import check_model
+
+    ok, report = check_model(args.model, batch=args.batch, seed=args.seed, rtol=args.rtol)
+    print(report)
+    return 0 if ok else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dbpgen", description="Double-backpropagation compiler.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compile", help="emit generated/<name>.py")
+    c.add_argument("model")
+    c.add_argument("-o", "--output", default="generated", help="output folder (default: generated)")
+    c.add_argument("--naive", action="store_true", help="emit the unsimplified program (for comparison)")
+    c.set_defaults(run=_compile)
+    e = sub.add_parser("equations", help="print the derived, simplified recursions")
+    e.add_argument("model")
+    e.add_argument("--latex", action="store_true")
+    e.add_argument("--stages", action="store_true", help="print the program after every pass")
+    e.set_defaults(run=_equations)
+    o = sub.add_parser("ops", help="linear-operation counts: naive vs emitted")
+    o.add_argument("model")
+    o.set_defaults(run=_ops)
+    k = sub.add_parser("check", help="emitted gradients vs central differences (float64)")
+    k.add_argument("model")
+    k.add_argument("--batch", type=int, default=4)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--rtol", type=float, default=1e-5)
+    k.set_defaults(run=_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ModelError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{getattr(exc, 'filename', None) or args.model}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Hypothesis properties over random dense architectures (un-jitted modules, float64).
+
+1. The emitted module agrees with the independent autograd oracle (tests/oracle.py):
+   forward, value, every gradient, penalty, vjp and jvp, to 1e-9 relative.
+2. The naive program (simplified=False) and the simplified one agree to 1e-11 relative,
+   i.e. the simplification passes are equivalences.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from conftest import compile_spec
+from oracle import Oracle
+
+ORACLE_RTOL = 1e-9
+NAIVE_RTOL = 1e-11
+ABS_FLOOR = 1e-12
+BATCH = 5
+KINK = 1e-6  # a kinked activation this close to its kink makes the comparison ill-posed
+
+# (act field, kinked?) -- "kinked": not twice differentiable at z = 0
+HIDDEN_ACTS = [
+    ("identity", False),
+    ("relu", True),
+    ("leaky_relu", True),
+    ("tanh", False),
+    ("sigmoid", False),
+    ("softplus", False),
+    ("elu", True),
+    ("silu", False),
+    ("sin", False),
+    ("z*tanh(log(1 + exp(z)))", False),
+    ("Max(z, 0.2*z)", True),
+    ("Abs(z)", True),
+    ("z**3/3 + z", False),
+    ("sin(z) + z/2", False),
+]
+OUTPUT_ACTS = ["identity", "tanh", "sigmoid", "softmax"]
+P_FUNCTIONS = ["squared_norm", "norm", "(sqrt(s) - 1)**2", "s**2/2 + s"]
+SINGULAR_AT_ZERO = {"norm", "(sqrt(s) - 1)**2"}  # p'(s) blows up at s = ||xi_0||^2 = 0
+
+_names = itertools.count()
+
+
+def _hidden_act(draw):
+    act, kinked = draw(st.sampled_from(HIDDEN_ACTS))
+    if act == "leaky_relu" and draw(st.booleans()):
+        act = {"leaky_relu": draw(st.floats(0.01, 0.5))}
+    return act, kinked
+
+
+@st.composite
+def specs(draw):
+    """A random valid dense model spec, plus which of its layers have kinked activations."""
+    depth = draw(st.integers(1, 4))
+    n_in = draw(st.integers(1, 6))
+    C = draw(st.integers(1, 5))
+    bias = draw(st.booleans())
+    layers, kinked = [], []
+    for _ in range(depth - 1):
+        act, kink = _hidden_act(draw)
+        layers.append({"dense": draw(st.integers(1, 12)), "act": act})
+        kinked.append(kink)
+    out_act = draw(st.sampled_from(OUTPUT_ACTS))
+    last = {"dense": C}
+    if out_act != "identity" or draw(st.booleans()):
+        last["act"] = out_act
+    layers.append(last)
+    kinked.append(False)  # output activations are smooth
+    if not bias:
+        for layer in layers:
+            layer["bias"] = False
+    losses = ["mse", "none"] + (["nll"] if out_act == "softmax" else [])
+    loss = draw(st.sampled_from(losses))
+    spec = {"name": f"prop_{next(_names)}", "input": [n_in], "layers": layers, "loss": loss}
+    if draw(st.booleans()):
+        kinds = ["output", "given"] + (["loss_gradient"] if loss != "none" else [])
+        v = draw(st.sampled_from(kinds))
+        penalty = {"v": v}
+        if v == "output":
+            penalty["index"] = draw(st.integers(0, C - 1))
+        penalty["p"] = draw(st.sampled_from(P_FUNCTIONS))
+        penalty["weight"] = draw(st.floats(0.05, 2.0))
+        if draw(st.booleans()):
+            penalty["on"] = "logits"
+        spec["penalty"] = penalty
+    return spec, kinked
+
+
+def _data(spec, seed):
+    rng = np.random.default_rng(seed)
+    n_in, C = spec["input"][0], spec["layers"][-1]["dense"]
+    x = rng.normal(size=(BATCH, n_in))
+    if spec["loss"] == "nll":
+        y = np.eye(C)[rng.integers(0, C, BATCH)]
+    else:
+        y = rng.normal(size=(BATCH, C))
+    v = rng.normal(size=(BATCH, C))
+    u = rng.normal(size=(BATCH, n_in))
+    return x, y, v, u
+
+
+def _well_posed(spec, kinked, oracle, params, x, y, v):
+    """False when a kinked activation sits at its kink or p is evaluated at its singularity."""
+    h = x
+    for layer, kink in zip(oracle.layers, kinked):
+        j = layer["j"]
+        z = h @ params[f"W{j}"].T + (params[f"b{j}"] if layer["bias"] else 0.0)
+        if kink and np.min(np.abs(z)) < KINK:
+            return False
+        h = layer["act"](z)
+    pen = spec.get("penalty")
+    if pen and pen["p"] in SINGULAR_AT_ZERO:
+        xi0 = oracle.xi0(params, x, y=y, v=v if pen["v"] == "given" else None)
+        if np.min(np.sum(xi0**2, axis=1)) < 1e-12:  # e.g. a dead ReLU layer
+            return False
+    return True
+
+
+def assert_close(actual, reference, rtol, what):
+    a = np.asarray(actual, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    assert a.shape == b.shape, f"{what}: shape {a.shape} vs {b.shape}"
+    assert np.all(np.isfinite(a)), f"{what}: non-finite values {a}"
+    scale = max(float(np.max(np.abs(b), initial=0.0)), ABS_FLOOR)
+    err = float(np.max(np.abs(a - b), initial=0.0))
+    assert err <= rtol * scale, f"{what}: max abs err {err:.3e} vs scale {scale:.3e}"
+
+
+def _outputs(module, spec, params, x, y, v, u):
+    """Everything the module computes for one batch, keyed by a readable name."""
+    pen = spec.get("penalty")
+    yy = y if spec["loss"] != "none" else None
+    vv = v if pen and pen["v"] == "given" else None
+    value, grads = module.value_and_grad(params, x, y=yy, v=vv)
+    out = {"forward": module.forward(params, x), "value": value}
+    out.update({f"grad {k}": g for k, g in grads.items()})
+    if pen:
+        out["penalty"] = module.penalty(params, x, y=yy, v=vv)
+    out["vjp"] = module.vjp(params, x, v)
+    out["jvp"] = module.jvp(params, x, u)
+    return out
+
+
+SETTINGS = settings(max_examples=40, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(case=specs(), seed=st.integers(0, 2**32 - 1))
+def test_matches_oracle(case, seed, tmp_path_factory):
+    spec, kinked = case
+    oracle = Oracle(spec)
+    params = oracle.init_params(seed=3)
+    x, y, v, u = _data(spec, seed)
+    assume(_well_posed(spec, kinked, oracle, params, x, y, v))
+
+    module = compile_spec(spec, tmp_path_factory.mktemp("prop"), jit=False)
+    mparams = module.init_params(seed=3)
+    assert set(mparams) == set(params)
+    for k in params:
+        assert_close(mparams[k], params[k], 1e-15, f"init_params {k}")
+
+    got = _outputs(module, spec, params, x, y, v, u)
+    pen = spec.get("penalty")
+    yy = y if spec["loss"] != "none" else None
+    vv = v if pen and pen["v"] == "given" else None
+    ref_value, ref_grads = oracle.value_and_grad(params, x, y=yy, v=vv)
+    ref = {"forward": oracle.forward(params, x), "value": ref_value}
+    ref.update({f"grad {k}": g for k, g in ref_grads.items()})
+    if pen:
+        ref["penalty"] = oracle.penalty(params, x, y=yy, v=vv)
+    ref["vjp"] = oracle.vjp(params, x, v)
+    ref["jvp"] = oracle.jvp(params, x, u)
+
+    assert set(got) == set(ref)
+    for key in ref:
+        assert_close(got[key], ref[key], ORACLE_RTOL, key)
+
+
+@SETTINGS
+@given(case=specs(), seed=st.integers(0, 2**32 - 1))
+def test_naive_equals_simplified(case, seed, tmp_path_factory):
+    spec, kinked = case
+    oracle = Oracle(spec)
+    params = oracle.init_params(seed=3)
+    x, y, v, u = _data(spec, seed)
+    assume(_well_posed(spec, kinked, oracle, params, x, y, v))
+
+    simplified = compile_spec(spec, tmp_path_factory.mktemp("simplified"), jit=False)
+    naive = compile_spec(spec, tmp_path_factory.mktemp("naive"), jit=False, simplified=False)
+
+    got = _outputs(simplified, spec, params, x, y, v, u)
+    ref = _outputs(naive, spec, params, x, y, v, u)
+    assert set(got) == set(ref)
+    for key in ref:
+        assert_close(got[key], ref[key], NAIVE_RTOL, key)

@@ -1,0 +1,106 @@
+"""Simplifications fire exactly where SymPy proves them (and only there), with the
+operation counts of the paper's section 5."""
+from __future__ import annotations
+
+import pytest
+import sympy as sp
+
+from conftest import write_model
+from dbpgen import derive
+from dbpgen.functions import Kbox
+from test_gradients import CDB, NODE, mlp
+
+PIECEWISE_LINEAR = ["relu", "leaky_relu", {"leaky_relu": 0.2}, "Max(z, 0.2*z)", "Abs(z)", "identity",
+                    "Max(z, 0) - Max(-z, 0)/3"]
+SMOOTH = ["tanh", "sigmoid", "softplus", "elu", "silu", "sin", "z**3/3 + z", "z*tanh(log(1 + exp(z)))"]
+
+
+def derivation(spec, tmp_path):
+    return derive(write_model(spec, tmp_path))
+
+
+def fired_second_derivative(d, j):
+    return any(note.startswith(f"G''_{j} = 0") for note in d.simplifications)
+
+
+def names(d, phase):
+    return [str(eq.lhs) for eq in d.equations.get(phase, [])]
+
+
+@pytest.mark.parametrize("act", PIECEWISE_LINEAR + SMOOTH, ids=str)
+def test_second_derivative_vanishes_only_when_proven(act, tmp_path):
+    d = derivation(mlp("m", [act], "tanh", "mse", CDB, widths=(3,)), tmp_path)
+    assert fired_second_derivative(d, 1) == (act in PIECEWISE_LINEAR)
+    assert ("ddg1" in names(d, "forward")) == (act not in PIECEWISE_LINEAR)
+
+
+def test_identity_output_constant_v_cascade_with_piecewise_linear(tmp_path):
+    """Section 5.3: eta_L = 0 and the cascade remove the whole forward-backward pass."""
+    d = derivation(mlp("m", ["relu", "leaky_relu"], None, "none", NODE), tmp_path)
+    assert "forward-backward" not in d.equations
+    assert any("proven zero" in n and "eta3" in n and "gamma1" in n for n in d.simplifications)
+    grads = {str(eq.lhs): eq.rhs for eq in d["gradients"]}
+    outputs = dict(d.program.outputs)
+    assert outputs["b1"] == 0 and outputs["b2"] == 0 and outputs["b3"] == 0
+    for j in (1, 2, 3):  # grad_theta R = K^box(q_{j-1}, zeta_j) only
+        assert grads[f"dW{j}"].atoms(Kbox) == {Kbox(j, sp.Symbol(f"q{j-1}"), sp.Symbol(f"zeta{j}"))}
+    ops = d.ops["emitted"]
+    # the paper's 3L, less two: h_L = K_L(theta_L, q_{L-1}) only fed eta_L, and with no loss
+    # and an identity output nothing needs z_L = K_L(theta_L, x_{L-1}) either
+    assert ops["K"] + ops["KT"] == 3 * 3 - 2
+
+
+def test_identity_output_constant_v_smooth_cascade_stops(tmp_path):
+    """With smooth hidden layers only gamma_{L-1} = K^T(theta_L, 0) vanishes."""
+    d = derivation(mlp("m", ["tanh", "tanh"], None, "mse", NODE), tmp_path)
+    fb = names(d, "forward-backward")
+    assert "eta3" not in fb and "gamma2" not in fb
+    assert "eta2" in fb and "eta1" in fb and "gamma1" in fb
+    counts = d.ops
+    L = 3
+    assert counts["naive"]["K"] + counts["naive"]["KT"] == 5 * L - 2
+    # gamma_{L-1} = K_L^T(theta_L, 0) vanishes (section 5.3) and h_L becomes dead code
+    assert counts["emitted"]["K"] + counts["emitted"]["KT"] == 5 * L - 4
+
+
+@pytest.mark.parametrize("out_act,loss,pen", [
+    (None, "mse", CDB),            # v = 2(x_L - y) depends on the network
+    ("softmax", "none", NODE),     # softmax: App. B.1, eta_L != 0
+    ("tanh", "mse", NODE),         # coordinate-wise output with g'' != 0
+])
+def test_no_cascade_where_eta_L_is_not_zero(out_act, loss, pen, tmp_path):
+    d = derivation(mlp("m", ["relu", "relu"], out_act, loss, pen), tmp_path)
+    assert not any("proven zero" in n and "eta3" in n for n in d.simplifications)
+    assert "eta3" in names(d, "forward-backward")
+
+
+def test_classical_double_backprop_counts_and_merge(tmp_path):
+    """Section 5.1: 4L - 1 linear operations; the loss reuses zeta (eq. 32-33)."""
+    for L_hidden in (1, 2, 3):
+        spec = mlp("m", ["relu"] * L_hidden, "softmax", "nll", CDB, widths=(4,) * L_hidden)
+        d = derivation(spec, tmp_path)
+        L = L_hidden + 1
+        emitted = d.ops["emitted"]
+        assert emitted["K"] + emitted["KT"] == 4 * L - 1
+        assert emitted["Kbox"] == 2 * L and d.ops["naive"]["Kbox"] == 3 * L
+        assert any(n.startswith("merged by bilinearity") for n in d.simplifications)
+        assert "loss" not in d.equations or all(not str(e.lhs).startswith("delta") for e in d["loss"])
+
+
+def test_separate_loss_backward_when_v_is_not_the_loss_gradient(tmp_path):
+    d = derivation(mlp("m", ["tanh", "tanh"], "softmax", "nll", NODE), tmp_path)
+    assert [str(e.lhs) for e in d["loss"]][:3] == ["delta3", "delta2", "delta1"]
+    L = 3
+    assert d.ops["naive"]["K"] + d.ops["naive"]["KT"] == 5 * L - 2
+
+
+def test_no_merge_without_a_loss(tmp_path):
+    d = derivation(mlp("m", ["tanh"], "softmax", "none", NODE, widths=(3,)), tmp_path)
+    assert not any(n.startswith("merged") for n in d.simplifications)
+
+
+def test_stages_are_recorded_in_pipeline_order(tmp_path):
+    d = derivation(mlp("m", ["relu"], None, "mse", NODE, widths=(3,)), tmp_path)
+    assert [name for name, _ in d.stages] == [
+        "derive", "vanish_second_derivatives", "propagate_constants", "merge_weight_adjoints",
+        "eliminate_dead_code"]

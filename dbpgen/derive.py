@@ -88,8 +88,8 @@ def forward(model: Model, b: _Builder, derivatives: bool = True) -> None:
         b.let(sym("x", j), expr.subs(Z, sym("z", j)), "forward", "(8)")
         if derivatives:
             d1 = sp.diff(expr, Z)
-            b.let(sym("dg", j), d1.subs(Z, sym("z", j)), "forward", "g'_j (9)")
-            b.let(sym("ddg", j), sp.diff(d1, Z).subs(Z, sym("z", j)), "forward", "g''_j (9)")
+            b.let(sym("dg", j), d1.subs(Z, sym("z", j)), "forward", f"g'_{j} (9), SymPy")
+            b.let(sym("ddg", j), sp.diff(d1, Z).subs(Z, sym("z", j)), "forward", f"g''_{j} (9), SymPy")
 
 
 def loss_gradient_out(model: Model):
@@ -117,6 +117,15 @@ def backward(model: Model, b: _Builder, v, head_identity: bool, phase: str = "ba
         if j < L:
             b.let(sym("zeta", j), g_prime(model, j, sym("xi", j)), phase, "(15)")
         b.let(sym("xi", j - 1), KT(j, sym("W", j), sym("zeta", j)), phase, "(16)")
+
+
+def p_prime(p: sp.Expr) -> sp.Expr:
+    """p'(s) from SymPy; where it is singular at s = 0 (p = norm), the subgradient 0 there."""
+    dp = sp.diff(p, S)
+    at_zero = dp.subs(S, 0)
+    if not (at_zero.is_finite and at_zero.is_real):
+        dp = sp.Piecewise((dp, S > 0), (0, True))
+    return dp.subs(S, sym("s"))
 
 
 def penalty_value(model: Model, b: _Builder) -> sp.Symbol:
@@ -159,7 +168,14 @@ def forward_backward(model: Model, b: _Builder, head_identity: bool) -> None:
         b.let(sym("gamma", L), gamma_out(model), "forward-backward", "(29), App. B")
         eta = g_second(model, L, sym("h", L), sym("xi", L), head_identity)
         eta += g_prime(model, L, sym("gamma", L), head_identity)
-        b.let(sym("eta", L), eta, "forward-backward", "App. B (corrected B.1)")
+        act = model.layers[-1].act
+        if act.is_softmax and not head_identity:
+            where = "App. B.1, corrected"
+        elif head_identity or act.expr == Z:
+            where = "App. B.3"
+        else:
+            where = "App. B, (28) at j = L"
+        b.let(sym("eta", L), eta, "forward-backward", where)
     for j in range(L, 0, -1):
         if j < L:
             eta = g_second(model, j, sym("h", j), sym("xi", j)) + g_prime(model, j, sym("gamma", j))
@@ -271,7 +287,7 @@ def value_and_grad_program(model: Model) -> Program:
         backward(model, b, penalty_v(model), head)
         R = penalty_value(model, b)
         xi0 = sym("xi0")
-        dp = sp.diff(pen.p, S).subs(S, sym("s"))
+        dp = p_prime(pen.p)
         backward_backward(model, b, 2 * dp * xi0, head, "q_0 = grad p(xi_0) = 2 p'(s) xi_0")
         forward_backward(model, b, head)
         per_sample += LAM * R

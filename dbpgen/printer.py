@@ -100,7 +100,8 @@ class NumbaPrinter(NumPyPrinter):
 
     def _print_Heaviside(self, expr):
         # H(0) = 0: the subgradient PyTorch uses at relu's kink, and never NaN
-        return f"np.where({self._print(expr.args[0])} > 0, {self._literal(1)}, {self._literal(0)})"
+        # (a comparison times 1 compiles much faster in Numba than np.where)
+        return f"(({self._print(expr.args[0])}) > 0) * {self._literal(1)}"
 
     def _print_Piecewise(self, expr):
         *pieces, (last, cond) = expr.args

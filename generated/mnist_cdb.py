@@ -24,10 +24,10 @@ input-space argument first; lam = penalty weight, B = batch size.
 [forward]
   z1 = b1 + K_1(W1, x0)                                       # (8)
   x1 = Max(0, z1)                                             # (8)
-  dg1 = Heaviside(z1)                                         # g'_j (9)
+  dg1 = Heaviside(z1)                                         # g'_1 (9), SymPy
   z2 = b2 + K_2(W2, x1)                                       # (8)
   x2 = Max(0, z2)                                             # (8)
-  dg2 = Heaviside(z2)                                         # g'_j (9)
+  dg2 = Heaviside(z2)                                         # g'_2 (9), SymPy
   z3 = b3 + K_3(W3, x2)                                       # (8)
   x3 = Softmax(z3)                                            # (8)
 
@@ -100,17 +100,26 @@ def _dense_Kbox(x, y):
 
 @numba.njit(cache=True)
 def _rowdot(a, b):
-    return np.sum(a * b, axis=1).reshape((-1, 1))
+    out = np.empty((a.shape[0], 1), dtype=a.dtype)
+    for i in range(a.shape[0]):
+        out[i, 0] = np.sum(a[i] * b[i])
+    return out
 
 
 @numba.njit(cache=True)
 def _rowsum(a):
-    return np.sum(a, axis=1).reshape((-1, 1))
+    out = np.empty((a.shape[0], 1), dtype=a.dtype)
+    for i in range(a.shape[0]):
+        out[i, 0] = np.sum(a[i])
+    return out
 
 
 @numba.njit(cache=True)
 def _bsum(a):
-    return np.sum(a, axis=0)
+    out = np.zeros(a.shape[1:], dtype=a.dtype)
+    for i in range(a.shape[0]):
+        out += a[i]
+    return out
 
 
 @numba.njit(cache=True)
@@ -160,10 +169,10 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
 def _vjp(W1, b1, W2, b2, W3, b3, x0, v):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.maximum(0, z1)  # (8)
-    dg1 = np.where(z1 > 0, 1.0, 0.0)  # g'_j (9)
+    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
     z2 = b2 + _dense_K(W2, x1)  # (8)
     x2 = np.maximum(0, z2)  # (8)
-    dg2 = np.where(z2 > 0, 1.0, 0.0)  # g'_j (9)
+    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
     z3 = b3 + _dense_K(W3, x2)  # (8)
     x3 = _softmax(z3)  # (8)
     xi3 = v  # Alg. 1: xi_L = v
@@ -180,10 +189,10 @@ def _vjp(W1, b1, W2, b2, W3, b3, x0, v):
 def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.maximum(0, z1)  # (8)
-    dg1 = np.where(z1 > 0, 1.0, 0.0)  # g'_j (9)
+    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
     z2 = b2 + _dense_K(W2, x1)  # (8)
     x2 = np.maximum(0, z2)  # (8)
-    dg2 = np.where(z2 > 0, 1.0, 0.0)  # g'_j (9)
+    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
     z3 = b3 + _dense_K(W3, x2)  # (8)
     x3 = _softmax(z3)  # (8)
     q0 = u  # q_0 = u
@@ -200,10 +209,10 @@ def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
 def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.maximum(0, z1)  # (8)
-    dg1 = np.where(z1 > 0, 1.0, 0.0)  # g'_j (9)
+    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
     z2 = b2 + _dense_K(W2, x1)  # (8)
     x2 = np.maximum(0, z2)  # (8)
-    dg2 = np.where(z2 > 0, 1.0, 0.0)  # g'_j (9)
+    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
     z3 = b3 + _dense_K(W3, x2)  # (8)
     x3 = _softmax(z3)  # (8)
     zeta3 = x3*_rowsum(y) - y  # (43)
@@ -222,10 +231,10 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     B = x0.shape[0]  # batch size
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.maximum(0, z1)  # (8)
-    dg1 = np.where(z1 > 0, 1.0, 0.0)  # g'_j (9)
+    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
     z2 = b2 + _dense_K(W2, x1)  # (8)
     x2 = np.maximum(0, z2)  # (8)
-    dg2 = np.where(z2 > 0, 1.0, 0.0)  # g'_j (9)
+    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
     z3 = b3 + _dense_K(W3, x2)  # (8)
     x3 = _softmax(z3)  # (8)
     zeta3 = x3*_rowsum(y) - y  # (43)

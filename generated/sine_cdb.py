@@ -24,10 +24,10 @@ input-space argument first; lam = penalty weight, B = batch size.
 [forward]
   z1 = b1 + K_1(W1, x0)                                       # (8)
   x1 = Max(0, z1)                                             # (8)
-  dg1 = Heaviside(z1)                                         # g'_j (9)
+  dg1 = Heaviside(z1)                                         # g'_1 (9), SymPy
   z2 = b2 + K_2(W2, x1)                                       # (8)
   x2 = Max(0, z2)                                             # (8)
-  dg2 = Heaviside(z2)                                         # g'_j (9)
+  dg2 = Heaviside(z2)                                         # g'_2 (9), SymPy
   z3 = b3 + K_3(W3, x2)                                       # (8)
   x3 = z3                                                     # (8)
 
@@ -53,7 +53,7 @@ input-space argument first; lam = penalty weight, B = batch size.
 
 [forward-backward]
   gamma3 = 2*q3                                               # (29), App. B
-  eta3 = gamma3                                               # App. B (corrected B.1)
+  eta3 = gamma3                                               # App. B.3
   gamma2 = K^T_3(W3, eta3)                                    # (30)
   eta2 = dg2*gamma2                                           # (28)
   gamma1 = K^T_2(W2, eta2)                                    # (30)
@@ -103,17 +103,26 @@ def _dense_Kbox(x, y):
 
 @numba.njit(cache=True)
 def _rowdot(a, b):
-    return np.sum(a * b, axis=1).reshape((-1, 1))
+    out = np.empty((a.shape[0], 1), dtype=a.dtype)
+    for i in range(a.shape[0]):
+        out[i, 0] = np.sum(a[i] * b[i])
+    return out
 
 
 @numba.njit(cache=True)
 def _rowsum(a):
-    return np.sum(a, axis=1).reshape((-1, 1))
+    out = np.empty((a.shape[0], 1), dtype=a.dtype)
+    for i in range(a.shape[0]):
+        out[i, 0] = np.sum(a[i])
+    return out
 
 
 @numba.njit(cache=True)
 def _bsum(a):
-    return np.sum(a, axis=0)
+    out = np.zeros(a.shape[1:], dtype=a.dtype)
+    for i in range(a.shape[0]):
+        out += a[i]
+    return out
 
 
 @numba.njit(cache=True)
@@ -163,9 +172,9 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
 def _vjp(W1, b1, W2, b2, W3, x0, v):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.maximum(0, z1)  # (8)
-    dg1 = np.where(z1 > 0, 1.0, 0.0)  # g'_j (9)
+    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
     z2 = b2 + _dense_K(W2, x1)  # (8)
-    dg2 = np.where(z2 > 0, 1.0, 0.0)  # g'_j (9)
+    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
     xi3 = v  # Alg. 1: xi_L = v
     zeta3 = xi3  # (15)
     xi2 = _dense_KT(W3, zeta3)  # (16)
@@ -180,9 +189,9 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
 def _jvp(W1, b1, W2, b2, W3, x0, u):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.maximum(0, z1)  # (8)
-    dg1 = np.where(z1 > 0, 1.0, 0.0)  # g'_j (9)
+    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
     z2 = b2 + _dense_K(W2, x1)  # (8)
-    dg2 = np.where(z2 > 0, 1.0, 0.0)  # g'_j (9)
+    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
     q0 = u  # q_0 = u
     h1 = _dense_K(W1, q0)  # (20)
     q1 = dg1*h1  # (21)
@@ -197,10 +206,10 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
 def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.maximum(0, z1)  # (8)
-    dg1 = np.where(z1 > 0, 1.0, 0.0)  # g'_j (9)
+    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
     z2 = b2 + _dense_K(W2, x1)  # (8)
     x2 = np.maximum(0, z2)  # (8)
-    dg2 = np.where(z2 > 0, 1.0, 0.0)  # g'_j (9)
+    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
     z3 = b3 + _dense_K(W3, x2)  # (8)
     x3 = z3  # (8)
     xi3 = 2*x3 - 2*y  # Alg. 1: xi_L = v
@@ -220,10 +229,10 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     B = x0.shape[0]  # batch size
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.maximum(0, z1)  # (8)
-    dg1 = np.where(z1 > 0, 1.0, 0.0)  # g'_j (9)
+    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
     z2 = b2 + _dense_K(W2, x1)  # (8)
     x2 = np.maximum(0, z2)  # (8)
-    dg2 = np.where(z2 > 0, 1.0, 0.0)  # g'_j (9)
+    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
     z3 = b3 + _dense_K(W3, x2)  # (8)
     x3 = z3  # (8)
     xi3 = 2*x3 - 2*y  # Alg. 1: xi_L = v
@@ -243,7 +252,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     h3 = _dense_K(W3, q2)  # (20)
     q3 = h3  # (21)
     gamma3 = 2*q3  # (29), App. B
-    eta3 = gamma3  # App. B (corrected B.1)
+    eta3 = gamma3  # App. B.3
     gamma2 = _dense_KT(W3, eta3)  # (30)
     eta2 = dg2*gamma2  # (28)
     gamma1 = _dense_KT(W2, eta2)  # (30)

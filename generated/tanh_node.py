@@ -24,12 +24,12 @@ input-space argument first; lam = penalty weight, B = batch size.
 [forward]
   z1 = b1 + K_1(W1, x0)                                       # (8)
   x1 = tanh(z1)                                               # (8)
-  dg1 = 1 - tanh(z1)**2                                       # g'_j (9)
-  ddg1 = -(2 - 2*tanh(z1)**2)*tanh(z1)                        # g''_j (9)
+  dg1 = 1 - tanh(z1)**2                                       # g'_1 (9), SymPy
+  ddg1 = -(2 - 2*tanh(z1)**2)*tanh(z1)                        # g''_1 (9), SymPy
   z2 = b2 + K_2(W2, x1)                                       # (8)
   x2 = tanh(z2)                                               # (8)
-  dg2 = 1 - tanh(z2)**2                                       # g'_j (9)
-  ddg2 = -(2 - 2*tanh(z2)**2)*tanh(z2)                        # g''_j (9)
+  dg2 = 1 - tanh(z2)**2                                       # g'_2 (9), SymPy
+  ddg2 = -(2 - 2*tanh(z2)**2)*tanh(z2)                        # g''_2 (9), SymPy
   z3 = b3 + K_3(W3, x2)                                       # (8)
   x3 = z3                                                     # (8)
 
@@ -72,7 +72,7 @@ input-space argument first; lam = penalty weight, B = batch size.
 
 [simplifications]
   - G''_3 = 0: SymPy proves g''_3 = 0 exactly (eq. 34)
-  - proven zero and removed: gamma3, eta3, gamma2 (eta_L = 0 cascades through eq. 28 and 30, section 5.3)
+  - proven zero and removed: gamma3 [v held constant, App. B], eta3 [App. B.3], gamma2 [eq. 30] (the cascade of section 5.3)
   - merged by bilinearity (eq. 31-32): K^□_1(x0, ·): delta1 + eta1*lam; K^□_2(x1, ·): delta2 + eta2*lam
   - dead code removed: h3, q3
 """
@@ -103,17 +103,26 @@ def _dense_Kbox(x, y):
 
 @numba.njit(cache=True)
 def _rowdot(a, b):
-    return np.sum(a * b, axis=1).reshape((-1, 1))
+    out = np.empty((a.shape[0], 1), dtype=a.dtype)
+    for i in range(a.shape[0]):
+        out[i, 0] = np.sum(a[i] * b[i])
+    return out
 
 
 @numba.njit(cache=True)
 def _rowsum(a):
-    return np.sum(a, axis=1).reshape((-1, 1))
+    out = np.empty((a.shape[0], 1), dtype=a.dtype)
+    for i in range(a.shape[0]):
+        out[i, 0] = np.sum(a[i])
+    return out
 
 
 @numba.njit(cache=True)
 def _bsum(a):
-    return np.sum(a, axis=0)
+    out = np.zeros(a.shape[1:], dtype=a.dtype)
+    for i in range(a.shape[0]):
+        out += a[i]
+    return out
 
 
 @numba.njit(cache=True)
@@ -163,9 +172,9 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
 def _vjp(W1, b1, W2, b2, W3, x0, v):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.tanh(z1)  # (8)
-    dg1 = 1 - np.tanh(z1)**2  # g'_j (9)
+    dg1 = 1 - np.tanh(z1)**2  # g'_1 (9), SymPy
     z2 = b2 + _dense_K(W2, x1)  # (8)
-    dg2 = 1 - np.tanh(z2)**2  # g'_j (9)
+    dg2 = 1 - np.tanh(z2)**2  # g'_2 (9), SymPy
     xi3 = v  # Alg. 1: xi_L = v
     zeta3 = xi3  # (15)
     xi2 = _dense_KT(W3, zeta3)  # (16)
@@ -180,9 +189,9 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
 def _jvp(W1, b1, W2, b2, W3, x0, u):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.tanh(z1)  # (8)
-    dg1 = 1 - np.tanh(z1)**2  # g'_j (9)
+    dg1 = 1 - np.tanh(z1)**2  # g'_1 (9), SymPy
     z2 = b2 + _dense_K(W2, x1)  # (8)
-    dg2 = 1 - np.tanh(z2)**2  # g'_j (9)
+    dg2 = 1 - np.tanh(z2)**2  # g'_2 (9), SymPy
     q0 = u  # q_0 = u
     h1 = _dense_K(W1, q0)  # (20)
     q1 = dg1*h1  # (21)
@@ -197,9 +206,9 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
 def _penalty(W1, b1, W2, b2, W3, x0, v):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.tanh(z1)  # (8)
-    dg1 = 1 - np.tanh(z1)**2  # g'_j (9)
+    dg1 = 1 - np.tanh(z1)**2  # g'_1 (9), SymPy
     z2 = b2 + _dense_K(W2, x1)  # (8)
-    dg2 = 1 - np.tanh(z2)**2  # g'_j (9)
+    dg2 = 1 - np.tanh(z2)**2  # g'_2 (9), SymPy
     xi3 = v  # Alg. 1: xi_L = v
     zeta3 = xi3  # (15)
     xi2 = _dense_KT(W3, zeta3)  # (16)
@@ -217,12 +226,12 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
     B = x0.shape[0]  # batch size
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.tanh(z1)  # (8)
-    dg1 = 1 - np.tanh(z1)**2  # g'_j (9)
-    ddg1 = -(2 - 2*np.tanh(z1)**2)*np.tanh(z1)  # g''_j (9)
+    dg1 = 1 - np.tanh(z1)**2  # g'_1 (9), SymPy
+    ddg1 = -(2 - 2*np.tanh(z1)**2)*np.tanh(z1)  # g''_1 (9), SymPy
     z2 = b2 + _dense_K(W2, x1)  # (8)
     x2 = np.tanh(z2)  # (8)
-    dg2 = 1 - np.tanh(z2)**2  # g'_j (9)
-    ddg2 = -(2 - 2*np.tanh(z2)**2)*np.tanh(z2)  # g''_j (9)
+    dg2 = 1 - np.tanh(z2)**2  # g'_2 (9), SymPy
+    ddg2 = -(2 - 2*np.tanh(z2)**2)*np.tanh(z2)  # g''_2 (9), SymPy
     z3 = b3 + _dense_K(W3, x2)  # (8)
     x3 = z3  # (8)
     xi3 = v  # Alg. 1: xi_L = v

@@ -25,7 +25,7 @@ def _reported(stmt) -> str | None:
     if stmt.eq.startswith("(29)"):
         return "v held constant, App. B"
     if stmt.eq.startswith("App. B"):
-        return "App. B.3"
+        return stmt.eq
     return _REPORTED.get(stmt.target.name.rstrip("0123456789"))
 
 

@@ -1,0 +1,112 @@
+"""The emitted module: golden files, determinism, Numba-jitted vs plain Python, float32."""
+from __future__ import annotations
+
+import ast
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, SHARED, batch_for, compile_spec, import_module
+from dbpgen.compiler import compile_file
+from oracle import Oracle
+from test_gradients import CDB, GIVEN, NODE, assert_close, check_against_oracle, mlp
+
+MODELS = sorted((ROOT / "examples").glob("*.yaml")) + sorted(
+    p for p in (SHARED / "benchmarks").glob("*.yaml") if p.stem != "mnist_jac")
+
+
+@pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
+def test_generated_folder_is_up_to_date(path, tmp_path):
+    """generated/ doubles as golden files: recompiling must reproduce them byte for byte."""
+    out = compile_file(path, tmp_path)
+    golden = ROOT / "generated" / out.name
+    assert golden.exists(), f"run: dbpgen compile {path}"
+    assert out.read_bytes() == golden.read_bytes(), f"generated/{out.name} is stale: dbpgen compile {path}"
+
+
+def test_output_is_deterministic_and_standalone(tmp_path):
+    path = ROOT / "examples" / "sine_cdb.yaml"
+    first = compile_file(path, tmp_path / "a").read_bytes()
+    second = compile_file(path, tmp_path / "b").read_bytes()
+    assert first == second
+    tree = ast.parse(first)
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported == {"numpy", "numba"}
+    text = first.decode()
+    assert "dbpgen" in text.splitlines()[2] and "sha256" in text
+
+
+JITTED = [
+    mlp("jit_relu_cdb", ["relu", "relu"], None, "mse", CDB),
+    mlp("jit_softmax_nll_cdb", ["relu", "tanh"], "softmax", "nll", CDB),
+    mlp("jit_tanh_node", ["tanh", "silu"], None, "mse", NODE),
+    mlp("jit_sigmoid_given", [{"leaky_relu": 0.1}, "z*tanh(log(1 + exp(z)))"], "sigmoid", "mse", GIVEN),
+]
+
+
+@pytest.mark.parametrize("spec", JITTED, ids=[s["name"] for s in JITTED])
+def test_jitted_matches_oracle_and_plain_python(spec, tmp_path, rng):
+    jitted = compile_spec(spec, tmp_path, jit=True)
+    check_against_oracle(spec, jitted, rng)
+    plain = import_module(Path(jitted.__file__), jit=False)
+    params = jitted.init_params(seed=1)
+    x, y, v = batch_for(spec, rng)
+    vv = v if spec["penalty"]["v"] == "given" else None
+    a_value, a_grads = jitted.value_and_grad(params, x, y, v=vv)
+    b_value, b_grads = plain.value_and_grad(params, x, y, v=vv)
+    assert_close(a_value, b_value, 1e-13)
+    for k in a_grads:
+        assert_close(a_grads[k], b_grads[k], 1e-13)
+
+
+@pytest.mark.parametrize("spec", JITTED[:2], ids=[s["name"] for s in JITTED[:2]])
+def test_float32_within_1e_4_of_float64(spec, tmp_path, rng):
+    m64 = compile_spec(dict(spec, name=spec["name"] + "_64"), tmp_path, jit=True)
+    m32 = compile_spec(dict(spec, name=spec["name"] + "_32", dtype="float32"), tmp_path, jit=True)
+    params = m64.init_params(seed=0)
+    x, y, v = batch_for(spec, rng, batch=8)
+    value64, grads64 = m64.value_and_grad(params, x, y)
+    p32 = {k: a.astype(np.float32) for k, a in params.items()}
+    value32, grads32 = m32.value_and_grad(p32, x.astype(np.float32), y.astype(np.float32))
+    assert abs(value32 - value64) <= 1e-4 * max(1.0, abs(value64))
+    for k, g in grads64.items():
+        assert grads32[k].dtype == np.float32
+        assert_close(grads32[k], g, 1e-4)
+    assert m32.forward(p32, x.astype(np.float32)).dtype == np.float32
+    assert m32.init_params()["W1"].dtype == np.float32
+
+
+def test_nll_accepts_class_indices_like_torch(tmp_path, rng):
+    spec = mlp("labels", ["tanh"], "softmax", "nll", CDB, widths=(4,), C=3)
+    m = compile_spec(spec, tmp_path, jit=False)
+    params = m.init_params()
+    x = rng.normal(size=(4, 3))
+    labels = np.array([0, 2, 1, 2])
+    assert_close(m.value_and_grad(params, x, labels)[0], m.value_and_grad(params, x, np.eye(3)[labels])[0], 0)
+
+
+def test_softmax_and_nll_are_stable_for_huge_logits(tmp_path):
+    spec = mlp("huge", ["relu"], "softmax", "nll", CDB, widths=(3,), n_in=2, C=3)
+    m = compile_spec(spec, tmp_path, jit=False)
+    params = m.init_params()
+    params["W2"] = params["W2"] * 1e4
+    x = np.array([[30.0, -20.0], [5.0, 7.0]])
+    value, grads = m.value_and_grad(params, x, np.array([0, 1]))
+    assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in grads.values())
+
+
+def test_relu_kink_gives_no_nan(tmp_path):
+    spec = mlp("kink", ["relu"], None, "mse", CDB, widths=(2,), n_in=1, C=1)
+    m = compile_spec(spec, tmp_path, jit=False)
+    params = m.init_params()
+    params["b1"][:] = 0.0
+    value, grads = m.value_and_grad(params, np.zeros((3, 1)), np.ones((3, 1)))
+    assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in grads.values())
+
+
+def test_installed_templates_are_found():
+    from dbpgen.codegen import TEMPLATE, template_dir
+    assert (template_dir() / TEMPLATE).is_file()

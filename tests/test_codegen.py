@@ -110,3 +110,33 @@ def test_relu_kink_gives_no_nan(tmp_path):
 def test_installed_templates_are_found():
     from dbpgen.codegen import TEMPLATE, template_dir
     assert (template_dir() / TEMPLATE).is_file()
+
+
+def test_numba_disable_jit_environment_runs_the_same_code(tmp_path, rng):
+    """NUMBA_DISABLE_JIT=1 (as a user would set it) gives the oracle's gradients too."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    spec = mlp("envjit", ["relu", "tanh"], "softmax", "nll", CDB)
+    m = compile_spec(spec, tmp_path, jit=False)
+    x, y, _ = batch_for(spec, rng)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    script = (
+        "import importlib.util, json, sys, numpy as np\n"
+        f"spec = importlib.util.spec_from_file_location('m', {m.__file__!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "assert not hasattr(m._value_and_grad, 'py_func')  # really not jitted\n"
+        f"x = np.load({str(tmp_path / 'x.npy')!r}); y = np.load({str(tmp_path / 'y.npy')!r})\n"
+        "value, grads = m.value_and_grad(m.init_params(seed=2), x, y)\n"
+        "print(json.dumps({'value': value, **{k: g.tolist() for k, g in grads.items()}}))\n"
+    )
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout)
+    ref_value, ref_grads = Oracle(spec).value_and_grad(m.init_params(seed=2), x, y)
+    assert_close(got["value"], ref_value)
+    for k, g in ref_grads.items():
+        assert_close(np.array(got[k]), g)

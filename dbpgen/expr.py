@@ -10,8 +10,12 @@ objects directly from an allow-list:
 from __future__ import annotations
 
 import ast
+import contextlib
 import math
+import signal
+import threading
 import warnings
+from typing import Iterator
 
 import sympy as sp
 
@@ -22,6 +26,7 @@ MAX_LENGTH = 500
 MAX_DEPTH = 50
 MAX_EXPONENT = 64
 MAX_INTEGER_BITS = 4096  # well below Python's 4300-digit int printing limit
+TIME_LIMIT = 5.0  # seconds of SymPy work per expression; legitimate ones need < 0.5
 
 # name -> (SymPy callable, minimum and maximum number of arguments; None: unbounded)
 FUNCTIONS = {
@@ -100,26 +105,54 @@ def parse_expression(text: str, variable: sp.Symbol, source: str, field: str) ->
     The result is checked to be twice differentiable by SymPy in `variable`.
     """
     parser = _Parser(variable, source, field)
-    if len(text) > MAX_LENGTH:
-        raise parser.error(f"expression is longer than {MAX_LENGTH} characters")
+    tree = parser.parse(text)
     try:
-        with warnings.catch_warnings():
-            # e.g. "invalid decimal literal": the error below says enough
-            warnings.simplefilter("ignore", SyntaxWarning)
-            tree = ast.parse(text, mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
-        reason = getattr(exc, "msg", None) or "invalid syntax"
-        raise parser.error(f"cannot parse expression: {reason}") from None
-    try:
-        expr = parser.build(tree.body, 1)
+        with _time_limit(TIME_LIMIT):
+            expr = parser.build(tree.body, 1)
+            parser.check(expr)
     except ModelError:
         raise
+    except _Timeout:
+        raise parser.error(f"SymPy needs more than {TIME_LIMIT:g} s for this expression; "
+                           "simplify it") from None
     except RecursionError:
         raise parser.error("expression is nested too deeply") from None
     except Exception as exc:  # SymPy may raise anything while evaluating
         raise parser.error(f"SymPy cannot build the expression: {exc}") from None
-    parser.check(expr)
     return expr
+
+
+class _Timeout(BaseException):
+    """Raised by the timer; a BaseException so that SymPy's `except Exception` lets it by."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise _Timeout after `seconds` of wall time.
+
+    SymPy's cost can grow exponentially with nesting (tanh(tanh(...(sqrt(z))))), which no
+    syntactic limit catches. Signals only work in the main thread on POSIX, and an outer
+    timer (e.g. pytest-timeout) takes precedence; elsewhere there is no limit.
+    """
+    usable = (hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread()
+              and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _Timeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:  # the timer may fire just before it is cleared
+            signal.signal(signal.SIGALRM, previous)
 
 
 class _Parser:
@@ -132,6 +165,18 @@ class _Parser:
 
     def error(self, message: str) -> ModelError:
         return ModelError(self.source, self.field, message)
+
+    def parse(self, text: str) -> ast.Expression:
+        if len(text) > MAX_LENGTH:
+            raise self.error(f"expression is longer than {MAX_LENGTH} characters")
+        try:
+            with warnings.catch_warnings():
+                # e.g. "invalid decimal literal": the error raised below says enough
+                warnings.simplefilter("ignore", SyntaxWarning)
+                return ast.parse(text, mode="eval")
+        except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+            reason = getattr(exc, "msg", None) or "invalid syntax"
+            raise self.error(f"cannot parse expression: {reason}") from None
 
     def build(self, node: ast.AST, depth: int) -> sp.Expr:
         if depth > MAX_DEPTH:
@@ -175,8 +220,8 @@ class _Parser:
         op = BINARY_OPS.get(type(node.op))
         if op is None:
             raise self.error(f"operator '{_symbol(node.op)}' is not allowed")
-        chained = isinstance(node.left, ast.BinOp) and (
-            _CHAIN.get(type(node.left.op), 0) == _CHAIN.get(type(node.op), 1))
+        chained = (isinstance(node.left, ast.BinOp) and type(node.op) in _CHAIN
+                   and _CHAIN.get(type(node.left.op)) == _CHAIN[type(node.op)])
         left = self.build(node.left, depth if chained else depth + 1)
         right = self.build(node.right, depth + 1)
         if isinstance(node.op, ast.Pow):
@@ -218,7 +263,7 @@ class _Parser:
                 raise self.error("constant power is too large")
 
     def check(self, expr: sp.Expr) -> None:
-        """Checks on the whole result: variables, finiteness, second derivative."""
+        """Checks on the whole result: variables, finiteness, sizes, second derivative."""
         if not isinstance(expr, sp.Expr):
             raise self.error("not a scalar expression")
         unknown = expr.free_symbols - {self.variable}
@@ -231,6 +276,10 @@ class _Parser:
             raise self.error("expression is complex-valued")
         if any(_too_large(number) for number in expr.atoms(sp.Number)):
             raise self.error("constant is too large")
+        # SymPy merges powers: (z**64)**64 is z**4096, which a later expand would explode
+        if any(power.exp.is_Number and abs(power.exp) > MAX_EXPONENT
+               for power in expr.atoms(sp.Pow)):
+            raise self.error(f"constant exponent larger than {MAX_EXPONENT} in magnitude")
         self.check_differentiable(expr)
 
     def check_differentiable(self, expr: sp.Expr) -> None:

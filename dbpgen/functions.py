@@ -161,6 +161,9 @@ class Sigmoid(sp.Function):
             return 1 / (1 + sp.exp(-arg))
         return None
 
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
     def _latex(self, printer):
         return rf"\sigma\left({printer._print(self.args[0])}\right)"
 
@@ -178,6 +181,9 @@ class Softplus(sp.Function):
         if arg.is_Number:
             return sp.log(1 + sp.exp(arg))
         return None
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
 
 
 ARRAY_FUNCTIONS = (K, KT, Kbox, Dot, RowSum, BSum, Softmax, LogSumExp)

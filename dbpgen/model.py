@@ -41,6 +41,7 @@ DEFAULT_LEAKY_ALPHA = 0.01
 
 
 def leaky_relu(alpha: float) -> sp.Expr:
+    """z for z > 0, alpha * z otherwise."""
     return sp.Piecewise((Z, Z > 0), (sp.Float(alpha) * Z, True))
 
 
@@ -89,6 +90,8 @@ def _parse_yaml(raw: bytes, source: str) -> Any:
         raise ModelError(source, "yaml", str(exc).splitlines()[0]) from None
     except RecursionError:
         raise ModelError(source, "yaml", "nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ModelError(source, "yaml", str(exc).split(":")[0]) from None
 
 
 def model_from_dict(data: Any, source: str, source_hash: str = "") -> Model:
@@ -216,7 +219,7 @@ def _penalty(check: _Checker, data: Any, loss: str, n_outputs: int) -> Penalty:
         v=v,
         p_name=p_name,
         p=p,
-        weight=(check.number(data.get("weight", 1.0), "penalty.weight")),
+        weight=check.number(data.get("weight", 1.0), "penalty.weight"),
         on_logits=check.choice(data.get("on", "outputs"), "penalty.on",
                                ("outputs", "logits")) == "logits",
         index=_output_index(check, data.get("index", 0), n_outputs) if v == "output" else None,

@@ -30,9 +30,11 @@ BASE = {
 DELETE = object()
 
 
-def write(tmp_path: Path, data: dict | str) -> Path:
+def write(tmp_path: Path, data: dict | str | bytes) -> Path:
     path = tmp_path / "model.yaml"
-    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    if isinstance(data, dict):
+        data = yaml.safe_dump(data)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
     return path
 
 
@@ -283,12 +285,15 @@ ERRORS = [
     ("name: net\ninput: [3\nlayers: []\n", "yaml", "at line 3"),
     ("name: net\n  input: [3]\n", "yaml", "at line 2"),
     ("!!python/object/apply:os.system ['true']\n", "yaml", "constructor"),
+    ("name: " + "9" * 5000 + "\n", "yaml", "Exceeds the limit"),
+    ("[" * 5000 + "]" * 5000, "yaml", "nested too deeply"),
+    (b"name: \xff\n", "yaml", "not UTF-8"),
 ]
 
 
 @pytest.mark.parametrize("data, field, fragment", ERRORS)
 def test_errors_name_the_field(tmp_path, data, field, fragment):
-    path = write(tmp_path, data if isinstance(data, (dict, str)) else yaml.safe_dump(data))
+    path = write(tmp_path, data if isinstance(data, (dict, str, bytes)) else yaml.safe_dump(data))
     with pytest.raises(ModelError) as info:
         load_model(path)
     error = info.value
@@ -388,6 +393,8 @@ def test_parser_never_evaluates_text(monkeypatch):
     ("z**65", "exponent larger than 64"),
     ("z**-65.0", "exponent larger than 64"),
     ("((2**64)**64)**64", "constant power is too large"),
+    ("((z + 1)**64)**64", "exponent larger than 64"),
+    ("z**40 * z**40", "exponent larger than 64"),
     ("-" * 60 + "z", "nested more than 50"),
     ("exp(" * 51 + "z" + ")" * 51, "nested more than 50"),
     ("(" * 240 + "z" + ")" * 240, "cannot parse"),
@@ -397,6 +404,14 @@ def test_parser_never_evaluates_text(monkeypatch):
 def test_denial_of_service_guards(text, fragment):
     with pytest.raises(ModelError, match=fragment):
         parse_expression(text, Z, "m", "f")
+
+
+def test_slow_sympy_work_is_cut_off(monkeypatch):
+    # tanh of a non-real argument makes SymPy's cost exponential in the nesting
+    monkeypatch.setattr(expr_module, "TIME_LIMIT", 0.5)
+    with pytest.raises(ModelError, match="SymPy needs more than 0.5 s"):
+        parse_expression("tanh(" * 12 + "sqrt(z)" + ")" * 12, Z, "m", "f")
+    assert parse_expression("tanh(tanh(z))", Z, "m", "f") == sp.tanh(sp.tanh(Z))
 
 
 def test_long_flat_sums_are_not_nesting():

@@ -1,0 +1,78 @@
+"""Shape inference over programs: the IR's type checker.
+
+Every symbol of a program is an array whose leading axis is the batch (written "B"),
+except parameters and batch-reduced values (gradients). Shapes follow the rules of the
+vocabulary in `dbpgen.functions` and NumPy broadcasting for coordinate-wise algebra; an
+inconsistent program raises ShapeError.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from .functions import BSum, Dot, K, Kbox, KT, LogSumExp, RowSum, Softmax
+from .ir import Model
+
+BATCH_AXIS = "B"
+Shape = tuple
+
+
+class ShapeError(AssertionError):
+    pass
+
+
+def input_shapes(model: Model, n_vectors: int = 1) -> dict[str, Shape]:
+    """Shapes of everything a program may take as input, by symbol name."""
+    C = model.n_outputs
+    shapes = {"x0": (BATCH_AXIS,) + tuple(model.input_shape), "u": (BATCH_AXIS,) + tuple(model.input_shape),
+              "y": (BATCH_AXIS, C), "v": (BATCH_AXIS, C), "V": (BATCH_AXIS, n_vectors, C),
+              "lam": (), "B": ()}
+    for layer in model.layers:
+        j = layer.index
+        shapes[f"W{j}"] = layer.op.weight_shape(layer.in_shape)
+        if layer.op.bias:
+            shapes[f"b{j}"] = tuple(layer.out_shape)
+    return shapes
+
+
+def broadcast(*shapes: Shape) -> Shape:
+    ndim = max((len(s) for s in shapes), default=0)
+    out = []
+    for axis in range(ndim):
+        dims = {s[len(s) - ndim + axis] for s in shapes if len(s) - ndim + axis >= 0} - {1}
+        if len(dims) > 1:
+            raise ShapeError(f"cannot broadcast shapes {shapes}")
+        out.append(dims.pop() if dims else 1)
+    return tuple(out)
+
+
+def shape_of(expr: sp.Expr, known: dict[str, Shape], model: Model) -> Shape:
+    """The shape of an expression, given the shapes of the symbols it uses."""
+    if isinstance(expr, sp.Symbol):
+        if expr.name not in known:
+            raise ShapeError(f"no shape for {expr}")
+        return known[expr.name]
+    if expr.is_Number or isinstance(expr, (sp.logic.boolalg.BooleanAtom,)):
+        return ()
+    if isinstance(expr, (K, KT, Kbox)):
+        layer = model.layers[expr.layer - 1]
+        if isinstance(expr, Kbox):
+            return layer.op.weight_shape(layer.in_shape)
+        space = layer.out_shape if isinstance(expr, K) else layer.in_shape
+        return (BATCH_AXIS,) + tuple(space)
+    if isinstance(expr, (Dot, RowSum, LogSumExp)):
+        return (BATCH_AXIS, 1)
+    if isinstance(expr, BSum):
+        return shape_of(expr.args[0], known, model)[1:]
+    if isinstance(expr, Softmax):
+        return shape_of(expr.args[0], known, model)
+    if isinstance(expr, sp.Piecewise):
+        parts = [shape_of(e, known, model) for pair in expr.args for e in pair]
+        return broadcast(*parts)
+    return broadcast(*(shape_of(a, known, model) for a in expr.args))
+
+
+def nbytes(shape: Shape, batch: int, itemsize: int) -> int:
+    size = itemsize
+    for d in shape:
+        size *= batch if d == BATCH_AXIS else int(d)
+    return size

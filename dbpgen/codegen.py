@@ -13,11 +13,12 @@ import jinja2
 import sympy as sp
 
 from . import __version__
-from .derive import params as param_symbols
+from .derive import n_vectors, params as param_symbols
 from .equations import equations_text
 from .ir import Model
 from .printer import NumbaPrinter
-from .program import BATCH, Program
+from .program import BATCH, Loop, Program, walk
+from .shapes import BATCH_AXIS, program_shapes
 
 TEMPLATE = "module.py.j2"
 
@@ -51,17 +52,36 @@ def param_specs(model: Model) -> list[dict]:
     return specs
 
 
-def kernel(program: Program, printer: NumbaPrinter, shapes: dict[str, tuple]) -> dict:
+def _zeros(shape) -> str:
+    dims = ", ".join("x0.shape[0]" if d == BATCH_AXIS else str(d) for d in shape)
+    return f"np.zeros(({dims}{',' if len(shape) == 1 else ''}), dtype=DTYPE)"
+
+
+def _lines(nodes, printer: NumbaPrinter, shapes: dict, indent: str = ""):
+    """(code, comment) pairs; loops open an indented block after their accumulators."""
+    for node in nodes:
+        if isinstance(node, Loop):
+            for acc in node.accums:
+                yield f"{indent}{acc.target.name} = {_zeros(shapes[acc.target.name])}", f"sum over {node.index}"
+            yield f"{indent}for {node.index} in range({node.count}):", node.eq
+            yield from _lines(node.body, printer, shapes, indent + "    ")
+            for acc in node.accums:
+                yield f"{indent}    {acc.target.name} += {printer.doprint(acc.expr)}", acc.eq
+        else:
+            yield f"{indent}{node.target.name} = {printer.doprint(node.expr)}", node.eq
+
+
+def kernel(program: Program, printer: NumbaPrinter, shapes: dict) -> dict:
     """One @njit function: arguments, commented statements, returned values."""
     args = [s.name for s in program.used_inputs()]
-    lines = [(f"{s.target.name} = {printer.doprint(s.expr)}", s.eq) for s in program.stmts]
-    exprs = [s.expr for s in program.stmts] + [e for _, e in program.outputs]
+    lines = list(_lines(program.stmts, printer, shapes))
+    exprs = [item.expr for item in walk(program.stmts)] + [e for _, e in program.outputs]
     if any(BATCH in sp.sympify(e).free_symbols for e in exprs):
         lines.insert(0, ("B = x0.shape[0]", "batch size"))
     returns = []
     for label, expr in program.outputs:
         if expr == 0:  # a gradient proven zero (section 5.3): keep the API's shape
-            returns.append(f"np.zeros({shapes[label]}, dtype=DTYPE)")
+            returns.append(_zeros(shapes[label]))
         else:
             returns.append(printer.doprint(expr))
     return {"name": f"_{program.name}", "args": args, "lines": lines, "returns": returns,
@@ -70,8 +90,8 @@ def kernel(program: Program, printer: NumbaPrinter, shapes: dict[str, tuple]) ->
 
 def render(model: Model, programs: dict[str, Program], naive: dict[str, Program], ops: dict) -> str:
     printer = NumbaPrinter(model.dtype, {l.index: l.op.kind for l in model.layers})
-    shapes = {p["name"]: p["shape"] for p in param_specs(model)}
-    kernels = {name: kernel(p, printer, shapes) for name, p in programs.items()}
+    kernels = {name: kernel(p, printer, program_shapes(model, p, n_vectors(model)))
+               for name, p in programs.items()}
     pen = model.penalty
     context = {
         "version": __version__,
@@ -87,6 +107,9 @@ def render(model: Model, programs: dict[str, Program], naive: dict[str, Program]
         "weight": repr(float(pen.weight)) if pen else "0.0",
         "v_kind": pen.v if pen else None,
         "v_index": pen.index if pen else None,
+        "seed": pen.seed if pen else 0,
+        "iterations": pen.iterations if pen else 0,
+        "n_vectors": n_vectors(model),
         "n_outputs": model.n_outputs,
         "input_shape": tuple(model.input_shape),
         "labels_ok": model.loss == "nll",

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .codegen import render
-from .derive import derive_programs
+from .derive import derive_programs, naive_value_and_grad
 from .errors import ModelError
 from .ir import Model
 from .model import load_model
@@ -39,12 +39,15 @@ class Compiled:
 
 
 def build(model: Model, simplified: bool = True) -> Compiled:
-    naive = derive_programs(model)
+    derived = derive_programs(model)
     stages: dict[str, list] = {}
     programs = {}
-    for name, program in naive.items():
+    for name, program in derived.items():
         stages[name] = [("derive", program)]
         programs[name] = simplify(program, stages[name]) if simplified else program
+    naive = dict(derived, value_and_grad=naive_value_and_grad(model))
+    if not simplified:
+        programs = dict(naive)
     return Compiled(model, naive, programs, stages)
 
 

@@ -9,12 +9,14 @@ Nothing is simplified here: that is the job of `dbpgen.passes`.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import sympy as sp
 
 from .errors import ModelError
-from .functions import BSum, Dot, K, KT, Kbox, LogSumExp, RowSum, Softmax
+from .functions import BSum, Dot, K, KT, Kbox, LogSumExp, OneHot, Row, RowSum, Softmax
 from .ir import S, Z, Model
-from .program import BATCH, LAM, Program, Stmt, verify
+from .program import BATCH, LAM, Accum, Loop, Program, Stmt, verify
 
 
 def sym(name: str, j: int | None = None) -> sp.Symbol:
@@ -128,10 +130,10 @@ def p_prime(p: sp.Expr) -> sp.Expr:
     return dp.subs(S, sym("s"))
 
 
-def penalty_value(model: Model, b: _Builder) -> sp.Symbol:
+def penalty_value(model: Model, b: _Builder, target: str = "R") -> sp.Symbol:
     """R = p(xi_0) with s = ||xi_0||^2 (eq. 10)."""
     s = b.let(sym("s"), Dot(sym("xi0"), sym("xi0")), "backward", "s = ||xi_0||^2")
-    return b.let(sym("R"), model.penalty.p.subs(S, s), "backward", "(10)")
+    return b.let(sym(target), model.penalty.p.subs(S, s), "backward", "(10)")
 
 
 def backward_backward(model: Model, b: _Builder, q0, head_identity: bool, eq0: str) -> None:
@@ -158,30 +160,50 @@ def gamma_out(model: Model):
     return 2 * q  # v = 2 (x_L - y)
 
 
-def forward_backward(model: Model, b: _Builder, head_identity: bool) -> None:
-    """Alg. 3: eta_L from App. B, eta_j (28), gamma_{j-1} = K_j^T(theta_j, eta_j) (30)."""
+def eta_out(model: Model, b: _Builder, head_identity: bool) -> None:
+    """eta_L = grad_{z_L} R from Appendix B: M(G''_L h_L, xi_L) + G'_L gamma_L, or eq. (44)."""
     L, pen = model.L, model.penalty
     if pen.v == "loss_gradient" and model.loss == "nll" and not pen.on_logits:
         b.let(sym("eta", L), RowSum(sym("y")) * g_prime(model, L, sym("h", L)),
               "forward-backward", "(44)")
+        return
+    b.let(sym("gamma", L), gamma_out(model), "forward-backward", "(29), App. B")
+    eta = g_second(model, L, sym("h", L), sym("xi", L), head_identity)
+    eta += g_prime(model, L, sym("gamma", L), head_identity)
+    act = model.layers[-1].act
+    if act.is_softmax and not head_identity:
+        where = "App. B.1, corrected"
+    elif head_identity or act.expr == Z:
+        where = "App. B.3"
     else:
-        b.let(sym("gamma", L), gamma_out(model), "forward-backward", "(29), App. B")
-        eta = g_second(model, L, sym("h", L), sym("xi", L), head_identity)
-        eta += g_prime(model, L, sym("gamma", L), head_identity)
-        act = model.layers[-1].act
-        if act.is_softmax and not head_identity:
-            where = "App. B.1, corrected"
-        elif head_identity or act.expr == Z:
-            where = "App. B.3"
-        else:
-            where = "App. B, (28) at j = L"
-        b.let(sym("eta", L), eta, "forward-backward", where)
+        where = "App. B, (28) at j = L"
+    b.let(sym("eta", L), eta, "forward-backward", where)
+
+
+def forward_backward(model: Model, b: _Builder, head_identity: bool) -> None:
+    """Alg. 3: eta_L from App. B, eta_j (28), gamma_{j-1} = K_j^T(theta_j, eta_j) (30)."""
+    L = model.L
+    eta_out(model, b, head_identity)
     for j in range(L, 0, -1):
         if j < L:
             eta = g_second(model, j, sym("h", j), sym("xi", j)) + g_prime(model, j, sym("gamma", j))
             b.let(sym("eta", j), eta, "forward-backward", "(28)")
         if j > 1:
             b.let(sym("gamma", j - 1), KT(j, sym("W", j), sym("eta", j)), "forward-backward", "(30)")
+
+
+def accumulated_forward_backward(model: Model, b: _Builder) -> None:
+    """Alg. 4's single forward-backward pass on etahat_L = sum_i eta_L^(i) (section 5.4, 5-6).
+
+    Valid because G''_j = 0 for j < L makes eta_j^(i) = G'_j gamma_j^(i) (eq. 34) linear in
+    eta_L^(i), so the sums over i commute with eq. (30) and (34).
+    """
+    for j in range(model.L, 0, -1):
+        if j < model.L:
+            b.let(sym("etahat", j), g_prime(model, j, sym("gammahat", j)), "forward-backward", "(34), summed")
+        if j > 1:
+            b.let(sym("gammahat", j - 1), KT(j, sym("W", j), sym("etahat", j)), "forward-backward",
+                  "(30), summed")
 
 
 def loss_backward(model: Model, b: _Builder) -> None:
@@ -202,8 +224,11 @@ def loss_value(model: Model) -> sp.Expr:
     return RowSum(y) * LogSumExp(sym("z", L)) - RowSum(y * sym("z", L))
 
 
-def gradients(model: Model, b: _Builder, delta: str | None, with_penalty: bool) -> list:
-    """Weight and bias gradients of J = (1/B) sum_b [l + lam R] (eq. 31-33)."""
+def gradients(model: Model, b: _Builder, delta: str | None, penalty_terms=None) -> list:
+    """Weight and bias gradients of J = (1/B) sum_b [l + lam R] (eq. 31-33).
+
+    penalty_terms(j) gives (grad_{theta_j} R, grad_{b_j} R before the batch sum), scaled by lam.
+    """
     outputs = []
     for layer in model.layers:
         j = layer.index
@@ -211,22 +236,119 @@ def gradients(model: Model, b: _Builder, delta: str | None, with_penalty: bool) 
         if delta:
             dW += Kbox(j, sym("x", j - 1), sym(delta, j))
             db += sym(delta, j)
-        if with_penalty:
-            dW += LAM * (Kbox(j, sym("q", j - 1), sym("zeta", j)) + Kbox(j, sym("x", j - 1), sym("eta", j)))
-            db += LAM * sym("eta", j)
+        if penalty_terms:
+            pW, pb = penalty_terms(j)
+            dW += LAM * pW
+            db += LAM * pb
         outputs.append((f"W{j}", b.let(sym("dW", j), dW / BATCH, "gradients", "(31), (32)")))
         if layer.op.bias:
             outputs.append((f"b{j}", b.let(sym("db", j), BSum(db) / BATCH, "gradients", "(31), (33)")))
     return outputs
 
 
-# -- whole programs ------------------------------------------------------------------
+def single_terms(j: int):
+    """eq. (31): grad_theta R = K^box(q_{j-1}, zeta_j) + K^box(x_{j-1}, eta_j), grad_b R = eta_j."""
+    return (Kbox(j, sym("q", j - 1), sym("zeta", j)) + Kbox(j, sym("x", j - 1), sym("eta", j)), sym("eta", j))
 
 
-def _check_supported(model: Model) -> None:
+# -- Jacobian and projection penalties: a loop over the vectors v_i ------------------
+
+I = sp.Symbol("i", integer=True, nonnegative=True)
+MULTI = ("jacobian", "projections")
+
+
+def n_vectors(model: Model) -> int:
+    """How many v the penalty sums over: C for jacobian, count for projections, else 1."""
     pen = model.penalty
-    if pen and pen.v in ("jacobian", "random", "projections"):
-        raise ModelError(model.source, "penalty.v", f"'{pen.v}' penalties are not supported yet")
+    if pen and pen.v == "jacobian":
+        return model.n_outputs
+    if pen and pen.v == "projections":
+        return pen.count
+    return 1
+
+
+def penalty_scale(model: Model) -> sp.Expr:
+    """R = scale * sum_i p(J^T v_i): 1 for jacobian, C/n for projections (Hoffman et al.)."""
+    if model.penalty.v == "projections":
+        return sp.Rational(model.n_outputs, model.penalty.count)
+    return sp.S.One
+
+
+def smooth_hidden_layers(model: Model) -> list:
+    """Hidden layers whose g'' SymPy cannot prove zero a.e. (they block Algorithm 4)."""
+    from .passes.second_derivative import almost_everywhere_zero
+
+    return [layer for layer in model.layers[:-1]
+            if not almost_everywhere_zero(sp.diff(layer.act.expr, Z, 2))]
+
+
+def multi_algorithm(model: Model) -> str:
+    """naive (C double backpropagations) or optimized (Algorithm 4 generalized)."""
+    pen = model.penalty
+    blocking = smooth_hidden_layers(model)
+    if pen.algorithm == "naive":
+        return "naive"
+    if blocking:
+        if pen.algorithm == "optimized":
+            layer = blocking[0]
+            raise ModelError(model.source, "penalty.algorithm",
+                             f"'optimized' needs piecewise-linear hidden activations, but layers[{layer.index - 1}]"
+                             f".act '{layer.act.name}' has g'' = {sp.sstr(sp.diff(layer.act.expr, Z, 2))} != 0")
+        return "naive"
+    return "optimized"
+
+
+def per_vector(model: Model):
+    """v_i inside the loop: e_i (jacobian) or the i-th given/random direction (projections)."""
+    if model.penalty.v == "jacobian":
+        return OneHot(I, model.n_outputs)
+    return Row(sym("V"), I)
+
+
+def _vector_loop(model: Model, body: _Builder, accums: list, eq: str) -> Loop:
+    return Loop(I, n_vectors(model), tuple(body.stmts), tuple(accums), eq)
+
+
+def multi_penalty_body(model: Model, body: _Builder) -> Accum:
+    """Alg. 1 for v_i, R_i = p(xi_0^(i)); R accumulates scale * R_i."""
+    backward(model, body, per_vector(model), model.penalty.on_logits)
+    Ri = penalty_value(model, body, "Ri")
+    return Accum(sym("R"), penalty_scale(model) * Ri, "(10), summed over i")
+
+
+def multi_value_and_grad(model: Model, b: _Builder):
+    """Section 5.4: naive loop of C double backpropagations, or Algorithm 4 (optimized)."""
+    pen, L = model.penalty, model.L
+    head = pen.on_logits
+    body = _Builder()
+    accums = [multi_penalty_body(model, body)]
+    backward_backward(model, body, 2 * p_prime(pen.p) * sym("xi0"), head, "q_0 = grad p(xi_0) = 2 p'(s) xi_0")
+    scale = penalty_scale(model)
+    if multi_algorithm(model) == "naive":
+        forward_backward(model, body, head)
+        for layer in model.layers:
+            j = layer.index
+            pW, pb = single_terms(j)
+            accums.append(Accum(sym("gW", j), pW, "(31), summed over i"))
+            if layer.op.bias:
+                accums.append(Accum(sym("gb", j), pb, "(31), summed over i"))
+        b.stmts.append(_vector_loop(model, body, accums, "C double backpropagations (section 5.4, naive)"))
+        terms = lambda j: (scale * sym("gW", j), scale * (sym("gb", j) if model.layers[j - 1].op.bias else 0))
+        return terms, ()
+    eta_out(model, body, head)
+    for j in range(1, L + 1):
+        accums.append(Accum(sym("thetahat", j), Kbox(j, sym("q", j - 1), sym("zeta", j)), "Alg. 4: theta^1_j"))
+    accums.append(Accum(sym("etahat", L), sym("eta", L), "Alg. 4: eta_L, summed"))
+    b.stmts.append(_vector_loop(model, body, accums, "Alg. 4 (section 5.4): backward and backward-backward per v_i"))
+    accumulated_forward_backward(model, b)
+    note = ("Algorithm 4 (generalized): the forward-backward pass runs once on sum_i eta_L^(i), "
+            "since SymPy proves G''_j = 0 for every hidden layer (section 5.4)")
+    terms = lambda j: (scale * (sym("thetahat", j) + Kbox(j, sym("x", j - 1), sym("etahat", j))),
+                       scale * sym("etahat", j))
+    return terms, (note,)
+
+
+# -- whole programs ------------------------------------------------------------------
 
 
 def penalty_v(model: Model):
@@ -236,7 +358,7 @@ def penalty_v(model: Model):
         if model.loss == "nll" and not pen.on_logits:
             return None
         return loss_gradient_out(model)
-    return sym("v")
+    return sym("v")  # output, given, random: held constant, built by the module's wrapper
 
 
 def inputs(model: Model, *names: str) -> tuple[sp.Symbol, ...]:
@@ -250,56 +372,68 @@ def forward_program(model: Model) -> Program:
 
 
 def penalty_program(model: Model) -> Program:
-    _check_supported(model)
     b = _Builder()
     forward(model, b)
-    backward(model, b, penalty_v(model), model.penalty.on_logits)
-    R = penalty_value(model, b)
-    return verify(Program("penalty", inputs(model, "x0", "y", "v"), tuple(b.stmts), (("R", R),)))
+    if model.penalty.v in MULTI:
+        body = _Builder()
+        accum = multi_penalty_body(model, body)
+        b.stmts.append(_vector_loop(model, body, [accum], "R = scale * sum_i p(J^T v_i)"))
+    else:
+        backward(model, b, penalty_v(model), model.penalty.on_logits)
+        penalty_value(model, b)
+    return verify(Program("penalty", inputs(model, "x0", "y", "v", "V"), tuple(b.stmts), (("R", sym("R")),)))
 
 
-def vjp_program(model: Model) -> Program:
+def vjp_program(model: Model, name: str = "vjp", head_identity: bool = False) -> Program:
     """xi_0 = (dx_L/dx_0)^* v: Alg. 1 on its own."""
     b = _Builder()
     forward(model, b)
-    backward(model, b, sym("v"), head_identity=False)
-    return verify(Program("vjp", inputs(model, "x0", "v"), tuple(b.stmts), (("xi0", sym("xi0")),)))
+    backward(model, b, sym("v"), head_identity)
+    return verify(Program(name, inputs(model, "x0", "v"), tuple(b.stmts), (("xi0", sym("xi0")),)))
 
 
-def jvp_program(model: Model) -> Program:
+def jvp_program(model: Model, name: str = "jvp", head_identity: bool = False) -> Program:
     """(dx_L/dx_0) u: Alg. 2 with q_0 = u is exactly the forward-mode tangent recursion."""
     b = _Builder()
     forward(model, b)
-    backward_backward(model, b, sym("u"), head_identity=False, eq0="q_0 = u")
-    return verify(Program("jvp", inputs(model, "x0", "u"), tuple(b.stmts), (("Ju", sym("q", model.L)),)))
+    backward_backward(model, b, sym("u"), head_identity, eq0="q_0 = u")
+    return verify(Program(name, inputs(model, "x0", "u"), tuple(b.stmts), (("Ju", sym("q", model.L)),)))
 
 
-def value_and_grad_program(model: Model) -> Program:
+def value_and_grad_program(model: Model, algorithm: str | None = None) -> Program:
     """J and its gradients: forward, backward, backward-backward, forward-backward, eq. (31)."""
-    _check_supported(model)
     b = _Builder()
     forward(model, b)
     pen = model.penalty
     per_sample = loss_value(model) if model.loss != "none" else sp.S.Zero
-    delta = None
-    if pen:
+    delta, terms, notes = None, None, ()
+    if pen and pen.v in MULTI:
+        if algorithm:
+            model = replace(model, penalty=replace(pen, algorithm=algorithm))
+        terms, notes = multi_value_and_grad(model, b)
+        per_sample += LAM * sym("R")
+    elif pen:
         head = pen.on_logits
         backward(model, b, penalty_v(model), head)
         R = penalty_value(model, b)
-        xi0 = sym("xi0")
-        dp = p_prime(pen.p)
-        backward_backward(model, b, 2 * dp * xi0, head, "q_0 = grad p(xi_0) = 2 p'(s) xi_0")
+        backward_backward(model, b, 2 * p_prime(pen.p) * sym("xi0"), head, "q_0 = grad p(xi_0) = 2 p'(s) xi_0")
         forward_backward(model, b, head)
         per_sample += LAM * R
+        terms = single_terms
         if pen.v == "loss_gradient":
             delta = "zeta"  # section 4.5: zeta_j = grad_{z_j} l, reused
     if model.loss != "none" and delta is None:
         loss_backward(model, b)
         delta = "delta"
     J = b.let(sym("J"), BSum(per_sample) / BATCH, "loss", "J = (1/B) sum_b [l + lam R]")
-    grads = gradients(model, b, delta, pen is not None)
-    return verify(Program("value_and_grad", inputs(model, "x0", "y", "v") + (LAM,), tuple(b.stmts),
-                          (("value", J),) + tuple(grads)))
+    grads = gradients(model, b, delta, terms)
+    return verify(Program("value_and_grad", inputs(model, "x0", "y", "v", "V") + (LAM,), tuple(b.stmts),
+                          (("value", J),) + tuple(grads), fired=notes))
+
+
+def naive_value_and_grad(model: Model) -> Program:
+    """The paper's unsimplified program (the 'naive' column of OPS): C full passes for jacobian."""
+    return value_and_grad_program(model, "naive")
 
 
 def derive_programs(model: Model) -> dict[str, Program]:
@@ -307,5 +441,8 @@ def derive_programs(model: Model) -> dict[str, Program]:
     programs = {"forward": forward_program(model), "vjp": vjp_program(model), "jvp": jvp_program(model)}
     if model.penalty:
         programs["penalty"] = penalty_program(model)
+    if model.penalty and model.penalty.v == "random":  # J^T and J of the penalised output
+        programs["power_vjp"] = vjp_program(model, "power_vjp", model.penalty.on_logits)
+        programs["power_jvp"] = jvp_program(model, "power_jvp", model.penalty.on_logits)
     programs["value_and_grad"] = value_and_grad_program(model)
     return programs

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sympy as sp
 
 from .ir import Model
-from .program import PHASES, Program
+from .program import Loop, Program, walk
 
 LEGEND = ("Products are coordinate-wise; <a, b> is a per-sample inner product, Σ_b a batch sum.\n"
           "dg_j = g'_j(z_j), ddg_j = g''_j(z_j) (SymPy); K^□_j(x, y) is the adjoint in theta_j,\n"
@@ -13,7 +13,7 @@ LEGEND = ("Products are coordinate-wise; <a, b> is a per-sample inner product, �
 
 def _latex_names(program: Program) -> dict:
     names = {}
-    symbols = {s.target for s in program.stmts} | set(program.inputs)
+    symbols = {s.target for s in walk(program.stmts)} | set(program.inputs)
     for s in symbols:
         n = s.name
         digits = n[len(n.rstrip("0123456789")):]
@@ -28,21 +28,35 @@ def _latex_names(program: Program) -> dict:
     return names
 
 
+def _statement_lines(nodes, indent: str = "  "):
+    """Execution order, a [phase] header where the phase changes; loops as indented blocks."""
+    phase = None
+    for node in nodes:
+        if isinstance(node, Loop):
+            yield ""
+            yield f"{indent}[for {node.index} in range({node.count})]  # {node.eq}"
+            yield from _statement_lines(node.body, indent + "    ")
+            for acc in node.accums:
+                text = f"{indent}    {acc.target} += {sp.sstr(acc.expr)}"
+                yield f"{text:<60}  # {acc.eq}"
+            yield ""
+            phase = None
+            continue
+        if node.phase != phase:
+            phase = node.phase
+            yield f"{indent[:-2]}[{phase}]"
+        text = f"{indent}{node.target} = {sp.sstr(node.expr)}"
+        yield f"{text:<60}  # {node.eq}"
+
+
 def equations_text(model: Model, program: Program) -> str:
     pen = model.penalty
     head = f"{model.name}: {program.name}, L = {model.L}, loss = {model.loss}"
     if pen:
         head += f", penalty v = {pen.v}, p(s) = {sp.sstr(pen.p)}, on = {'logits' if pen.on_logits else 'outputs'}"
     lines = [head, LEGEND, ""]
-    groups = program.equations()
-    for phase in PHASES:
-        if phase not in groups:
-            continue
-        lines.append(f"[{phase}]")
-        for stmt in (s for s in program.stmts if s.phase == phase):
-            text = f"  {stmt.target} = {sp.sstr(stmt.expr)}"
-            lines.append(f"{text:<60}  # {stmt.eq}")
-        lines.append("")
+    lines += list(_statement_lines(program.stmts))
+    lines.append("")
     lines.append("[simplifications]")
     lines += [f"  - {note}" for note in program.fired] or ["  (none fired)"]
     return "\n".join(lines) + "\n"

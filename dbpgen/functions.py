@@ -186,4 +186,22 @@ class Softplus(sp.Function):
         return self.args[0].is_real
 
 
-ARRAY_FUNCTIONS = (K, KT, Kbox, Dot, RowSum, BSum, Softmax, LogSumExp)
+class OneHot(sp.Function):
+    """e_i for every sample: the i-th standard unit vector of R^C (Jacobian penalties, 5.4)."""
+
+    nargs = 2  # (i, C)
+
+    def _latex(self, printer):
+        return rf"e^{{({printer._print(self.args[0])})}}"
+
+
+class Row(sp.Function):
+    """V[i]: the i-th of several given directions v_i, one per sample (projections)."""
+
+    nargs = 2  # (V, i)
+
+    def _latex(self, printer):
+        return rf"{printer._print(self.args[0])}^{{({printer._print(self.args[1])})}}"
+
+
+ARRAY_FUNCTIONS = (K, KT, Kbox, Dot, RowSum, BSum, Softmax, LogSumExp, OneHot, Row)

@@ -7,7 +7,7 @@ from .program import Program, count_ops
 
 def op_counts(model: Model, program: Program) -> dict:
     """Applications of each operator in one call, and their flops for one sample."""
-    counts = count_ops([s.expr for s in program.stmts] + [e for _, e in program.outputs])
+    counts = count_ops(program)
     flops = 0
     for layers in counts.values():
         for j in layers:

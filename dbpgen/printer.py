@@ -90,6 +90,12 @@ class NumbaPrinter(NumPyPrinter):
     def _print_LogSumExp(self, expr):
         return self._call("_logsumexp", expr)
 
+    def _print_OneHot(self, expr):
+        return f"_onehot(x0, {int(expr.args[1])}, {self._print(expr.args[0])})"
+
+    def _print_Row(self, expr):
+        return f"{self._print(expr.args[0])}[{self._print(expr.args[1])}]"
+
     def _print_Sigmoid(self, expr):
         return self._call("_sigmoid", expr)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .functions import BSum, Dot, K, Kbox, KT, LogSumExp, RowSum, Softmax
+from .functions import BSum, Dot, K, Kbox, KT, LogSumExp, OneHot, Row, RowSum, Softmax
 from .ir import Model
 
 BATCH_AXIS = "B"
@@ -24,7 +24,7 @@ def input_shapes(model: Model, n_vectors: int = 1) -> dict[str, Shape]:
     """Shapes of everything a program may take as input, by symbol name."""
     C = model.n_outputs
     shapes = {"x0": (BATCH_AXIS,) + tuple(model.input_shape), "u": (BATCH_AXIS,) + tuple(model.input_shape),
-              "y": (BATCH_AXIS, C), "v": (BATCH_AXIS, C), "V": (BATCH_AXIS, n_vectors, C),
+              "y": (BATCH_AXIS, C), "v": (BATCH_AXIS, C), "V": (n_vectors, BATCH_AXIS, C),
               "lam": (), "B": ()}
     for layer in model.layers:
         j = layer.index
@@ -63,6 +63,10 @@ def shape_of(expr: sp.Expr, known: dict[str, Shape], model: Model) -> Shape:
         return (BATCH_AXIS, 1)
     if isinstance(expr, BSum):
         return shape_of(expr.args[0], known, model)[1:]
+    if isinstance(expr, OneHot):
+        return (BATCH_AXIS, int(expr.args[1]))
+    if isinstance(expr, Row):
+        return shape_of(expr.args[0], known, model)[1:]
     if isinstance(expr, Softmax):
         return shape_of(expr.args[0], known, model)
     if isinstance(expr, sp.Piecewise):
@@ -76,3 +80,21 @@ def nbytes(shape: Shape, batch: int, itemsize: int) -> int:
     for d in shape:
         size *= batch if d == BATCH_AXIS else int(d)
     return size
+
+
+def program_shapes(model: Model, program, n_vectors: int = 1) -> dict[str, Shape]:
+    """Shapes of every input and target of a program, loop bodies included."""
+    from .program import Loop
+
+    known = dict(input_shapes(model, n_vectors))
+    for node in program.stmts:
+        if isinstance(node, Loop):
+            local = dict(known, **{node.index.name: ()})
+            for stmt in node.body:
+                local[stmt.target.name] = shape_of(stmt.expr, local, model)
+            for acc in node.accums:
+                known[acc.target.name] = shape_of(acc.expr, local, model)
+            known.update({k: v for k, v in local.items() if k not in known})
+        else:
+            known[node.target.name] = shape_of(node.expr, known, model)
+    return known

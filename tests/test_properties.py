@@ -4,16 +4,22 @@
    forward, value, every gradient, penalty, vjp and jvp, to 1e-9 relative.
 2. The naive program (simplified=False) and the simplified one agree to 1e-11 relative,
    i.e. the simplification passes are equivalences.
+
+Configurations that hit a known dbpgen bug are skipped by `known_bug` (with `assume`);
+each such bug has a minimal strict-xfail regression test at the end of this file. When
+one of those starts passing (XPASS fails the run), delete it from `known_bug` as well.
 """
 from __future__ import annotations
 
 import itertools
 
 import numpy as np
-from hypothesis import HealthCheck, assume, given, settings
+import pytest
+from hypothesis import HealthCheck, Phase, assume, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import compile_spec
+from dbpgen.errors import ModelError
 from oracle import Oracle
 
 ORACLE_RTOL = 1e-9
@@ -91,6 +97,30 @@ def specs(draw):
     return spec, kinked
 
 
+def _is_identity(act):
+    return act in (None, "identity")
+
+
+def known_bug(spec, naive=False):
+    """The name of the known dbpgen bug this spec would hit (see the xfail tests), or None."""
+    pen = spec.get("penalty")
+    layers = spec["layers"]
+    if spec["loss"] == "none" and not pen:
+        return "no_objective"
+    constant_v = pen is not None and pen["v"] in ("given", "output")
+    logits = pen is not None and pen.get("on") == "logits"
+    affine = (all(_is_identity(layer.get("act")) for layer in layers[:-1])
+              and (logits or _is_identity(layers[-1].get("act"))))
+    if spec["loss"] == "none" and constant_v and affine:  # (the naive test compiles both)
+        return "kernel_without_x0"
+    if naive and constant_v and (logits or layers[-1].get("act") == "softmax"):
+        return "naive_scalar_gamma"
+    if naive and any(layer.get("act") in ("relu", "Max(z, 0.2*z)", "Abs(z)")
+                     for layer in layers):
+        return "naive_dirac_delta"
+    return None
+
+
 def _data(spec, seed):
     rng = np.random.default_rng(seed)
     n_in, C = spec["input"][0], spec["layers"][-1]["dense"]
@@ -146,7 +176,10 @@ def _outputs(module, spec, params, x, y, v, u):
     return out
 
 
+# No explain phase: on a failure it re-runs the (slow-to-compile) example ~100 times.
 SETTINGS = settings(max_examples=40, deadline=None,
+                    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target,
+                            Phase.shrink],
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
 
@@ -155,16 +188,23 @@ SETTINGS = settings(max_examples=40, deadline=None,
 @given(case=specs(), seed=st.integers(0, 2**32 - 1))
 def test_matches_oracle(case, seed, tmp_path_factory):
     spec, kinked = case
+    bug = known_bug(spec)
+    event(f"skipped: known bug {bug}" if bug else "no known bug")
+    assume(bug is None)
     oracle = Oracle(spec)
     params = oracle.init_params(seed=3)
     x, y, v, u = _data(spec, seed)
-    assume(_well_posed(spec, kinked, oracle, params, x, y, v))
+    posed = _well_posed(spec, kinked, oracle, params, x, y, v)
+    event("well posed" if posed else "skipped: kink or singular p")
+    assume(posed)
 
     module = compile_spec(spec, tmp_path_factory.mktemp("prop"), jit=False)
     mparams = module.init_params(seed=3)
     assert set(mparams) == set(params)
     for k in params:
-        assert_close(mparams[k], params[k], 1e-15, f"init_params {k}")
+        # same distribution and draws as the oracle; -k + 2k*u vs. k*(2u - 1) may round
+        # differently, hence not bit-identical
+        assert_close(mparams[k], params[k], 1e-13, f"init_params {k}")
 
     got = _outputs(module, spec, params, x, y, v, u)
     pen = spec.get("penalty")
@@ -187,10 +227,15 @@ def test_matches_oracle(case, seed, tmp_path_factory):
 @given(case=specs(), seed=st.integers(0, 2**32 - 1))
 def test_naive_equals_simplified(case, seed, tmp_path_factory):
     spec, kinked = case
+    bug = known_bug(spec, naive=True)
+    event(f"skipped: known bug {bug}" if bug else "no known bug")
+    assume(bug is None)
     oracle = Oracle(spec)
     params = oracle.init_params(seed=3)
     x, y, v, u = _data(spec, seed)
-    assume(_well_posed(spec, kinked, oracle, params, x, y, v))
+    posed = _well_posed(spec, kinked, oracle, params, x, y, v)
+    event("well posed" if posed else "skipped: kink or singular p")
+    assume(posed)
 
     simplified = compile_spec(spec, tmp_path_factory.mktemp("simplified"), jit=False)
     naive = compile_spec(spec, tmp_path_factory.mktemp("naive"), jit=False, simplified=False)
@@ -200,3 +245,82 @@ def test_naive_equals_simplified(case, seed, tmp_path_factory):
     assert set(got) == set(ref)
     for key in ref:
         assert_close(got[key], ref[key], NAIVE_RTOL, key)
+
+
+# --- known dbpgen bugs (minimal reproductions; strict: an XPASS means "fixed") ----------
+
+def _tiny(name, layers, loss="mse", penalty=None):
+    spec = {"name": name, "input": [3], "layers": layers, "loss": loss}
+    if penalty:
+        spec["penalty"] = penalty
+    return spec
+
+
+def _compare_with_oracle(spec, module, seed=0):
+    oracle = Oracle(spec)
+    params = oracle.init_params(seed=3)
+    x, y, v, u = _data(spec, seed)
+    pen = spec.get("penalty")
+    yy = y if spec["loss"] != "none" else None
+    vv = v if pen and pen["v"] == "given" else None
+    got = _outputs(module, spec, params, x, y, v, u)
+    ref_value, ref_grads = oracle.value_and_grad(params, x, y=yy, v=vv)
+    ref = {"forward": oracle.forward(params, x), "value": ref_value,
+           "vjp": oracle.vjp(params, x, v), "jvp": oracle.jvp(params, x, u)}
+    ref.update({f"grad {k}": g for k, g in ref_grads.items()})
+    if pen:
+        ref["penalty"] = oracle.penalty(params, x, y=yy, v=vv)
+    assert set(got) == set(ref)
+    for key in ref:
+        assert_close(got[key], ref[key], ORACLE_RTOL, key)
+
+
+def _compare_naive(spec, tmp_path):
+    params = Oracle(spec).init_params(seed=3)
+    x, y, v, u = _data(spec, 0)
+    simplified = compile_spec(spec, tmp_path / "simplified", jit=False)
+    naive = compile_spec(spec, tmp_path / "naive", jit=False, simplified=False)
+    got = _outputs(simplified, spec, params, x, y, v, u)
+    ref = _outputs(naive, spec, params, x, y, v, u)
+    for key in ref:
+        assert_close(got[key], ref[key], NAIVE_RTOL, key)
+
+
+@pytest.mark.xfail(strict=True, reason="dbpgen bug no_objective: loss none without a penalty "
+                   "crashes codegen with KeyError 'value' (naive: TypeError at run time)")
+@pytest.mark.parametrize("simplified", [True, False], ids=["simplified", "naive"])
+def test_bug_no_objective(tmp_path, simplified):
+    spec = _tiny("no_objective", [{"dense": 2}], loss="none")
+    try:
+        module = compile_spec(spec, tmp_path, jit=False, simplified=simplified)
+    except ModelError:
+        return  # a clean one-line rejection would be acceptable too
+    _compare_with_oracle(spec, module)
+
+
+@pytest.mark.xfail(strict=True, reason="dbpgen bug kernel_without_x0: penalised output affine in "
+                   "x_0, loss none, constant v: _value_and_grad reads x0.shape but has no x0")
+@pytest.mark.parametrize("penalty", [{"v": "given"}, {"v": "output", "index": 1}],
+                         ids=["given", "output"])
+def test_bug_kernel_without_x0(tmp_path, penalty):
+    spec = _tiny("kernel_without_x0", [{"dense": 2}], loss="none", penalty=penalty)
+    _compare_with_oracle(spec, compile_spec(spec, tmp_path, jit=False))
+
+
+@pytest.mark.xfail(strict=True, reason="dbpgen bug naive_scalar_gamma: the naive program emits "
+                   "gamma_L = 0 as a Python int and applies K^T / _rowdot / K^box to it")
+@pytest.mark.parametrize("spec", [
+    _tiny("naive_gamma_softmax", [{"dense": 2, "act": "softmax"}], penalty={"v": "given"}),
+    _tiny("naive_gamma_logits", [{"dense": 4, "act": "tanh"}, {"dense": 2}],
+          penalty={"v": "given", "on": "logits"}),
+], ids=["softmax", "logits"])
+def test_bug_naive_scalar_gamma(tmp_path, spec):
+    _compare_naive(spec, tmp_path)
+
+
+@pytest.mark.xfail(strict=True, reason="dbpgen bug naive_dirac_delta: simplified=False cannot emit "
+                   "G'' = DiracDelta of relu / Max / Abs (ModelError 'cannot emit DiracDelta')")
+@pytest.mark.parametrize("act", ["relu", "Abs(z)"])
+def test_bug_naive_dirac_delta(tmp_path, act):
+    spec = _tiny("naive_dirac", [{"dense": 4, "act": act}, {"dense": 2}])
+    _compare_naive(spec, tmp_path)

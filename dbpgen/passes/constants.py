@@ -5,7 +5,8 @@ output with constant v from Appendix B.3, g'_L = 1 for identity) is substituted 
 later statement. K_j, K_j^T, K_j^box and the reductions evaluate to 0 on a zero argument
 (`dbpgen.functions`), so a zero cascades exactly as section 5.3 describes:
 gamma_{j-1} = K_j^T(theta_j, 0) = 0 (eq. 30), eta_{j-1} = G'_{j-1} gamma_{j-1} = 0 (eq. 34),
-and the penalty's bias gradients eta_j vanish (eq. 31).
+and the penalty's bias gradients eta_j vanish (eq. 31). Inside a loop the same happens per
+iteration; an accumulator of zeros is zero.
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from dataclasses import replace
 
 import sympy as sp
 
-from ..program import Program, substitute
+from ..program import Loop, Program
 
 # Statements whose vanishing is worth reporting, with the equation that makes it so.
 _REPORTED = {"eta": "eq. 28/34", "gamma": "eq. 30", "zeta": "eq. 15", "q": "eq. 21", "h": "eq. 20",
-             "xi": "eq. 16", "delta": "eq. 15"}
+             "xi": "eq. 16", "delta": "eq. 15", "etahat": "eq. 34", "gammahat": "eq. 30"}
 
 
 def _reported(stmt) -> str | None:
@@ -29,21 +30,46 @@ def _reported(stmt) -> str | None:
     return _REPORTED.get(stmt.target.name.rstrip("0123456789"))
 
 
+def _sweep(stmts, mapping: dict, zeros: list) -> list:
+    """Substitute known constants forward; statements that become numbers join the mapping."""
+    kept = []
+    for stmt in stmts:
+        expr = sp.sympify(stmt.expr).xreplace(mapping)
+        if expr.is_Number:
+            mapping[stmt.target] = expr
+            if expr == 0 and _reported(stmt):
+                zeros.append(f"{stmt.target.name} [{_reported(stmt)}]")
+            continue
+        kept.append(replace(stmt, expr=expr))
+    return kept
+
+
 def propagate_constants(program: Program) -> Program:
-    """Substitute constant statements forward until none is left."""
-    zeros = []
-    while True:
-        constant = next((s for s in program.stmts if s.expr.is_Number), None)
-        if constant is None:
-            break
-        rest = tuple(s for s in program.stmts if s is not constant)
-        program = substitute(program.with_(stmts=rest), {constant.target: constant.expr})
-        if constant.expr == 0 and _reported(constant):
-            zeros.append(f"{constant.target.name} [{_reported(constant)}]")
+    mapping: dict = {}
+    zeros: list[str] = []
+    nodes = []
+    for node in program.stmts:
+        if not isinstance(node, Loop):
+            nodes += _sweep([node], mapping, zeros)
+            continue
+        local = dict(mapping)
+        body = _sweep(node.body, local, zeros)
+        accums = []
+        for acc in node.accums:
+            expr = sp.sympify(acc.expr).xreplace(local)
+            if expr.is_Number:
+                mapping[acc.target] = expr * node.count
+                if expr == 0:
+                    zeros.append(f"{acc.target.name} [sum of zeros]")
+            else:
+                accums.append(replace(acc, expr=expr))
+        if accums:
+            nodes.append(replace(node, body=tuple(body), accums=tuple(accums)))
+    outputs = tuple((label, sp.sympify(e).xreplace(mapping)) for label, e in program.outputs)
+    program = program.with_(stmts=tuple(nodes), outputs=outputs)
     if not zeros:
         return program
     note = "proven zero and removed: " + ", ".join(zeros)
     if len(zeros) > 1:
         note += " (the cascade of section 5.3)"
-    stmts = tuple(replace(s, expr=sp.sympify(s.expr)) for s in program.stmts)
-    return program.with_(stmts=stmts, fired=program.fired + (note,))
+    return program.with_(fired=program.fired + (note,))

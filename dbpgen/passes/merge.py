@@ -10,7 +10,7 @@ from dataclasses import replace
 import sympy as sp
 
 from ..functions import Kbox
-from ..program import Program
+from ..program import Program, Stmt
 
 
 def _split(term: sp.Expr):
@@ -59,7 +59,7 @@ def _merge(expr: sp.Expr) -> tuple[sp.Expr, list[str]]:
 def merge_weight_adjoints(program: Program) -> Program:
     stmts, notes = [], []
     for stmt in program.stmts:
-        if stmt.phase == "gradients":
+        if isinstance(stmt, Stmt) and stmt.phase == "gradients":
             expr, found = _merge(stmt.expr)
             if found:
                 stmt = replace(stmt, expr=expr)

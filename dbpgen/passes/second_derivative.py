@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import sympy as sp
 
-from ..program import Program
+from ..program import Program, Stmt
 
 
 def almost_everywhere_zero(expr: sp.Expr) -> bool:
@@ -26,7 +26,7 @@ def vanish_second_derivatives(program: Program) -> Program:
     stmts, fired = [], []
     for stmt in program.stmts:
         name = stmt.target.name
-        if name.startswith("ddg") and almost_everywhere_zero(stmt.expr):
+        if isinstance(stmt, Stmt) and name.startswith("ddg") and almost_everywhere_zero(stmt.expr):
             j = name[3:]
             how = "0 exactly" if stmt.expr == 0 else f"{sp.sstr(stmt.expr)} = 0 almost everywhere"
             fired.append(f"G''_{j} = 0: SymPy proves g''_{j} = {how} (eq. 34)")

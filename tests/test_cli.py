@@ -1,0 +1,243 @@
+"""The command line as a user runs it: `python -m dbpgen.cli ...` in a fresh folder."""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import import_module
+
+VALID = """\
+name: {name}
+input: [2]
+layers:
+  - {{dense: 4, act: relu}}
+  - {{dense: 3, act: tanh}}
+  - {{dense: 1}}
+loss: mse
+penalty: {{v: loss_gradient, p: squared_norm, weight: 0.1}}
+"""
+
+SMOOTH = """\
+name: smooth
+input: [2]
+layers:
+  - {dense: 3, act: tanh}
+  - {dense: 2, act: sigmoid}
+loss: mse
+penalty: {v: output, index: 1, p: "(sqrt(s) - 1)**2", weight: 0.5}
+"""
+
+PHASES = ["[forward]", "[backward]", "[backward-backward]", "[forward-backward]",
+          "[gradients]", "[simplifications]"]
+
+
+def run(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dbpgen.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def imported_modules(source: str) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative import in a generated module"
+            modules.add(node.module.split(".")[0])
+    return modules
+
+
+# --- compile ---------------------------------------------------------------------------
+
+def test_compile_prints_path_imports_only_numpy_numba_and_is_deterministic(tmp_path):
+    model = write(tmp_path / "net.yaml", VALID.format(name="net"))
+    first = run(tmp_path, "compile", model, "-o", tmp_path / "out")
+    assert first.returncode == 0, first.stderr
+    assert first.stderr == ""
+    printed = Path(first.stdout.strip())
+    target = tmp_path / "out" / "net.py"
+    assert (tmp_path / printed).resolve() == target.resolve()  # absolute or cwd-relative
+    assert target.is_file()
+    text = target.read_bytes()
+    assert imported_modules(text.decode("utf-8")) == {"numpy", "numba"}
+
+    again = run(tmp_path, "compile", model, "-o", tmp_path / "out")
+    assert again.returncode == 0, again.stderr
+    assert target.read_bytes() == text
+    elsewhere = run(tmp_path, "compile", model, "-o", tmp_path / "other")
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert (tmp_path / "other" / "net.py").read_bytes() == text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["net.py"]
+
+
+def test_compile_default_output_folder_is_generated(tmp_path):
+    write(tmp_path / "net.yaml", VALID.format(name="net"))
+    result = run(tmp_path, "compile", "net.yaml")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "generated" / "net.py").is_file()
+    assert (tmp_path / Path(result.stdout.strip())).resolve() == \
+        (tmp_path / "generated" / "net.py").resolve()
+
+
+# --- bad input: one line naming file and field, status 2, no traceback -------------------
+
+INJECTION = "__import__('os').system('touch MARKER')"
+
+
+def _model(layers="  - {dense: 2}", extra="loss: mse", name="bad", head=""):
+    return f"name: {name}\n{head}input: [3]\nlayers:\n{layers}\n{extra}\n"
+
+
+ERRORS = {
+    # id: (file text or None for a missing file, expected field after "<path>: ")
+    "unknown_key": (_model(extra="losss: mse"), "losss"),
+    "unknown_layer_key": (_model(layers="  - {dense: 2, activation: relu}"),
+                          "layers[0].activation"),
+    "unknown_activation": (_model(layers="  - {dense: 4, act: relu}\n  - {dense: 2, act: relux}"),
+                           "layers[1].act: unknown activation 'relux'"),
+    "bad_dtype": (_model(head="dtype: float16\n"), "dtype"),
+    "softmax_not_last": (_model(layers="  - {dense: 4, act: softmax}\n  - {dense: 2}"),
+                         "layers[0].act"),
+    "nll_without_softmax": (_model(layers="  - {dense: 2, act: tanh}", extra="loss: nll"),
+                            "loss"),
+    "loss_gradient_without_loss": (_model(extra="loss: none\npenalty: {v: loss_gradient}"),
+                                   "penalty.v"),
+    "bad_output_index": (_model(extra="penalty: {v: output, index: 2}"), "penalty.index"),
+    "negative_output_index": (_model(extra="penalty: {v: output, index: -1}"), "penalty.index"),
+    "p_unparseable": (_model(extra='penalty: {v: given, p: "(s +"}'), "penalty.p"),
+    "p_unknown_name": (_model(extra='penalty: {v: given, p: "s + t"}'), "penalty.p"),
+    "p_unknown_function": (_model(extra='penalty: {v: given, p: "foo(s)"}'), "penalty.p"),
+    "p_code_injection": (_model(extra=f'penalty: {{v: given, p: "{INJECTION}"}}'), "penalty.p"),
+    "p_dunder_escape": (_model(extra='penalty: {v: given, p: "().__class__.__bases__"}'),
+                        "penalty.p"),
+    "act_code_injection": (_model(layers=f'  - {{dense: 2, act: "{INJECTION}"}}'),
+                           "layers[0].act"),
+    "non_identifier_name": (_model(name="../evil"), "name"),
+    "missing_file": (None, None),
+    "yaml_syntax_error": ("name: bad\ninput: [3\nlayers:\n  - {dense: 2}\n", None),
+    "empty_layers": ("name: bad\ninput: [3]\nlayers: []\nloss: mse\n", "layers"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_bad_input_is_one_line_status_2(tmp_path, case):
+    text, field = ERRORS[case]
+    model = tmp_path / "model.yaml"
+    if text is not None:
+        model.write_text(text)
+    out = tmp_path / "out"
+    result = run(tmp_path, "compile", model, "-o", out)
+
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), result.stderr
+    line = lines[0]
+    assert line.startswith(f"{model}: "), line
+    if field is not None:
+        assert line.startswith(f"{model}: {field}"), line
+    if case == "yaml_syntax_error":
+        assert "line 2" in line or "line 3" in line, line
+    assert not (tmp_path / "MARKER").exists(), "user text was executed"
+    assert not out.exists() or not any(out.iterdir()), "a failed compile wrote files"
+
+
+def test_code_injection_never_runs_in_any_subcommand(tmp_path):
+    model = write(tmp_path / "model.yaml", ERRORS["p_code_injection"][0])
+    for command in ("equations", "ops", "check"):
+        result = run(tmp_path, command, model)
+        assert result.returncode == 2, (command, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "MARKER").exists()
+
+
+# --- a failed compile leaves the previous module untouched -------------------------------
+
+@pytest.mark.parametrize("broken", [
+    VALID.format(name="keep").replace("act: tanh", "act: relux"),
+    VALID.format(name="keep").replace("input: [2]", "input: [2"),
+    VALID.format(name="keep").replace("p: squared_norm", 'p: "(sqrt(s) - 1"'),
+], ids=["activation", "yaml", "penalty_p"])
+def test_failed_compile_keeps_previous_module(tmp_path, broken):
+    model = write(tmp_path / "keep.yaml", VALID.format(name="keep"))
+    out = tmp_path / "out"
+    first = run(tmp_path, "compile", model, "-o", out)
+    assert first.returncode == 0, first.stderr
+    target = out / "keep.py"
+    before_bytes, before = target.read_bytes(), target.stat()
+
+    model.write_text(broken)
+    result = run(tmp_path, "compile", model, "-o", out)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    after = target.stat()
+    assert target.read_bytes() == before_bytes
+    assert (after.st_mtime_ns, after.st_ino) == (before.st_mtime_ns, before.st_ino)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.py"], "leftover temporary files"
+
+
+# --- equations, ops, check ---------------------------------------------------------------
+
+def test_equations_prints_phases_and_simplifications(tmp_path):
+    model = write(tmp_path / "net.yaml", VALID.format(name="net"))
+    result = run(tmp_path, "equations", model)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    positions = [text.find(phase) for phase in PHASES]
+    assert all(p >= 0 for p in positions), [ph for ph, p in zip(PHASES, positions) if p < 0]
+    assert positions == sorted(positions), "phases out of order"
+    simplifications = text[positions[-1]:].splitlines()[1:]
+    # a ReLU network: at least G'' = 0 must have fired
+    assert any(line.strip().startswith("-") for line in simplifications), text
+    assert "G''" in text[positions[-1]:]
+    assert "xi0" in text and "W1" in text
+
+
+def test_equations_latex(tmp_path):
+    model = write(tmp_path / "net.yaml", VALID.format(name="net"))
+    result = run(tmp_path, "equations", model, "--latex")
+    assert result.returncode == 0, result.stderr
+    assert "\\xi" in result.stdout or "K" in result.stdout
+    assert "\\" in result.stdout  # some LaTeX command, not the plain-text form
+    assert "Traceback" not in result.stderr
+
+
+def test_ops_prints_naive_and_emitted_rows(tmp_path):
+    model = write(tmp_path / "net.yaml", VALID.format(name="net"))
+    result = run(tmp_path, "ops", model)
+    assert result.returncode == 0, result.stderr
+    rows = {}
+    for line in result.stdout.splitlines():
+        match = re.match(r"\s*(naive|emitted)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d,]+)\s*$", line)
+        if match:
+            rows[match[1]] = [int(g.replace(",", "")) for g in match.groups()[1:]]
+    assert set(rows) == {"naive", "emitted"}, result.stdout
+
+    # the printed table is the module's OPS
+    compiled = run(tmp_path, "compile", model, "-o", tmp_path / "out")
+    assert compiled.returncode == 0, compiled.stderr
+    ops = import_module(tmp_path / "out" / "net.py", jit=False).OPS
+    for column in ("naive", "emitted"):
+        assert rows[column] == [ops[column][k] for k in ("K", "KT", "Kbox", "flops")]
+    assert rows["emitted"][3] <= rows["naive"][3]
+
+
+def test_check_smooth_model_ok(tmp_path):
+    model = write(tmp_path / "smooth.yaml", SMOOTH)
+    result = run(tmp_path, "check", model, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout
+    assert "MISMATCH" not in result.stdout
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,132 @@
+"""Jacobian, projection and random-vector penalties (paper section 5.4, Algorithm 4)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import batch_for, compile_spec, write_model
+from dbpgen import derive
+from dbpgen.errors import ModelError
+from oracle import Oracle
+from test_gradients import assert_close, mlp
+
+JAC = {"v": "jacobian", "p": "squared_norm", "weight": 0.4}
+RTOL = 1e-10
+
+
+def compare(spec, module, rng, v=None, batch=4, seed=None):
+    oracle = Oracle(spec)
+    params = module.init_params(seed=5)
+    x, y, _ = batch_for(spec, rng, batch)
+    yy = y if spec.get("loss", "none") != "none" else None
+    value, grads = module.value_and_grad(params, x, yy, v=v, seed=seed)
+    ref_value, ref_grads = oracle.value_and_grad(params, x, yy, v=v)
+    assert_close(value, ref_value, RTOL)
+    for k in ref_grads:
+        assert_close(grads[k], ref_grads[k], RTOL)
+    assert_close(module.penalty(params, x, yy, v=v, seed=seed), oracle.penalty(params, x, yy, v=v), RTOL)
+    return module, params, x, yy
+
+
+GRID = [
+    mlp("jac_relu_softmax", ["relu", "relu"], "softmax", "none", JAC, C=3),
+    mlp("jac_relu_softmax_nll", ["relu", {"leaky_relu": 0.1}], "softmax", "nll", JAC, C=3),
+    mlp("jac_relu_identity", ["relu", "relu"], None, "mse", JAC, C=3),
+    mlp("jac_relu_sigmoid", ["Abs(z)", "relu"], "sigmoid", "mse", dict(JAC, p="norm"), C=3),
+    mlp("jac_relu_logits", ["relu", "relu"], "softmax", "nll", dict(JAC, on="logits"), C=3),
+    mlp("jac_relu_general_p", ["relu"], "softmax", "none", dict(JAC, p="(sqrt(s) - 1)**2"), widths=(5,), C=4),
+    mlp("jac_tanh_softmax", ["tanh", "relu"], "softmax", "nll", JAC, C=3),
+    mlp("jac_smooth_identity", ["softplus", "sin"], None, "none", JAC, C=2),
+    mlp("jac_relu_naive", ["relu", "relu"], "softmax", "nll", dict(JAC, algorithm="naive"), C=3),
+]
+
+
+@pytest.mark.parametrize("spec", GRID, ids=[s["name"] for s in GRID])
+def test_jacobian_matches_oracle(spec, tmp_path, rng):
+    compare(spec, compile_spec(spec, tmp_path, jit=False), rng)
+
+
+@pytest.mark.parametrize("spec", GRID[:5], ids=[s["name"] for s in GRID[:5]])
+def test_naive_and_optimized_agree(spec, tmp_path, rng):
+    opt = compile_spec(dict(spec, name=spec["name"] + "_opt"), tmp_path, jit=False)
+    naive = compile_spec(dict(spec, name=spec["name"] + "_naive",
+                              penalty=dict(spec["penalty"], algorithm="naive")), tmp_path, jit=False)
+    assert "Algorithm 4" in opt.EQUATIONS and "Algorithm 4" not in naive.EQUATIONS
+    params = opt.init_params(seed=1)
+    x, y, _ = batch_for(spec, rng)
+    yy = y if spec["loss"] != "none" else None
+    a, ga = opt.value_and_grad(params, x, yy)
+    b, gb = naive.value_and_grad(params, x, yy)
+    assert_close(a, b, 1e-12)
+    for k in ga:
+        assert_close(ga[k], gb[k], 1e-12)
+
+
+def test_optimized_on_a_smooth_network_names_the_activation(tmp_path):
+    spec = mlp("bad_opt", ["relu", "tanh"], "softmax", "none", dict(JAC, algorithm="optimized"))
+    with pytest.raises(ModelError) as err:
+        derive(write_model(spec, tmp_path))
+    assert "penalty.algorithm" in str(err.value) and "layers[1].act 'tanh'" in str(err.value)
+
+
+def test_auto_picks_optimized_only_when_valid(tmp_path):
+    relu = derive(write_model(mlp("a1", ["relu"], "softmax", "none", JAC, widths=(4,)), tmp_path))
+    tanh = derive(write_model(mlp("a2", ["tanh"], "softmax", "none", JAC, widths=(4,)), tmp_path))
+    assert any("Algorithm 4" in n for n in relu.simplifications)
+    assert not any("Algorithm 4" in n for n in tanh.simplifications)
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 4])
+@pytest.mark.parametrize("C", [1, 2, 5, 10])
+def test_operation_counts_match_the_paper(L, C, tmp_path):
+    spec = mlp(f"ops_{L}_{C}", ["relu"] * (L - 1), "softmax", "none", JAC, widths=(4,) * (L - 1), C=C)
+    d = derive(write_model(spec, tmp_path))
+    naive, emitted = d.ops["naive"], d.ops["emitted"]
+    assert naive["K"] + naive["KT"] == L + 3 * C * L - C
+    assert emitted["K"] + emitted["KT"] == 2 * C * L + 2 * L - 1
+    assert naive["Kbox"] == 2 * C * L and emitted["Kbox"] == C * L + L
+
+
+def test_projections_match_oracle_with_given_vectors(tmp_path, rng):
+    spec = mlp("proj", ["relu", "tanh"], "softmax", "nll", {"v": "projections", "count": 3, "weight": 0.5}, C=4)
+    m = compile_spec(spec, tmp_path, jit=False)
+    v = rng.normal(size=(4, 3, 4))
+    compare(spec, m, rng, v=v)
+
+
+def test_projections_are_an_unbiased_frobenius_estimate(tmp_path, rng):
+    spec = mlp("proj_unbiased", ["relu"], None, "none", {"v": "projections", "count": 2, "weight": 1.0},
+               widths=(6,), n_in=5, C=4)
+    m = compile_spec(spec, tmp_path, jit=False)
+    params = m.init_params(seed=0)
+    x = rng.normal(size=(1, 5))
+    J = np.stack([m.jvp(params, x, e[None]) [0] for e in np.eye(5)], axis=1)  # (C, n)
+    exact = np.sum(J ** 2)
+    draws = np.array([m.penalty(params, x, seed=s)[0] for s in range(2000)])
+    mean, se = draws.mean(), draws.std(ddof=1) / np.sqrt(len(draws))
+    assert abs(mean - exact) <= 3 * se, (mean, exact, se)
+
+
+def test_random_is_reproducible_and_matches_oracle(tmp_path, rng):
+    pen = {"v": "random", "iterations": 3, "p": "norm", "weight": 0.3, "seed": 7}
+    spec = mlp("rand", ["relu", "tanh"], "softmax", "nll", pen, C=3)
+    m = compile_spec(spec, tmp_path, jit=False)
+    v0 = rng.normal(size=(4, 3))
+    compare(spec, m, rng, v=v0)
+    params = m.init_params()
+    x = rng.normal(size=(4, 3))
+    y = np.eye(3)[[0, 1, 2, 0]]
+    assert m.value_and_grad(params, x, y)[0] == m.value_and_grad(params, x, y)[0]
+    assert m.value_and_grad(params, x, y, seed=1)[0] != m.value_and_grad(params, x, y, seed=2)[0]
+
+
+def test_power_iterations_reach_the_spectral_norm(tmp_path, rng):
+    pen = {"v": "random", "iterations": 200, "p": "norm"}
+    spec = mlp("spectral", ["relu"], None, "none", pen, widths=(7,), n_in=5, C=3)
+    m = compile_spec(spec, tmp_path, jit=False)
+    params = m.init_params(seed=3)
+    x = rng.normal(size=(2, 5))
+    R = m.penalty(params, x, seed=0)
+    for b in range(2):
+        J = np.stack([m.jvp(params, x[b:b + 1], e[None])[0] for e in np.eye(5)], axis=1)
+        assert R[b] == pytest.approx(np.linalg.norm(J, 2), rel=1e-8)

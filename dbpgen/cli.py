@@ -13,7 +13,7 @@ from .errors import ModelError
 def _compile(args) -> int:
     from .compiler import compile_file
 
-    path = compile_file(args.model, args.output, simplified=not args.naive)
+    path = compile_file(args.model, args.output, simplified=not args.naive, count_ops=args.count_ops)
     print(path)
     return 0
 
@@ -41,10 +41,11 @@ def _ops(args) -> int:
 
     compiled = build(load_model(args.model))
     table = compiled.ops
-    print(f"{'':10}{'K':>6}{'K^T':>6}{'K^box':>7}{'flops/sample':>16}")
+    memory = compiled.peak_bytes(args.batch)
+    print(f"{'':10}{'K':>6}{'K^T':>6}{'K^box':>7}{'flops/sample':>16}{f'peak bytes (B={args.batch})':>24}")
     for column in ("naive", "emitted"):
         c = table[column]
-        print(f"{column:10}{c['K']:>6}{c['KT']:>6}{c['Kbox']:>7}{c['flops']:>16,}")
+        print(f"{column:10}{c['K']:>6}{c['KT']:>6}{c['Kbox']:>7}{c['flops']:>16,}{memory[column]:>24,}")
     for note in compiled.programs["value_and_grad"].fired:
         print(f"- {note}")
     return 0
@@ -65,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("model")
     c.add_argument("-o", "--output", default="generated", help="output folder (default: generated)")
     c.add_argument("--naive", action="store_true", help="emit the unsimplified program (for comparison)")
+    c.add_argument("--count-ops", action="store_true",
+                   help="emit plain-Python kernels that count K, K^T, K^box calls in COUNTS")
     c.set_defaults(run=_compile)
     e = sub.add_parser("equations", help="print the derived, simplified recursions")
     e.add_argument("model")
@@ -73,6 +76,7 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(run=_equations)
     o = sub.add_parser("ops", help="linear-operation counts: naive vs emitted")
     o.add_argument("model")
+    o.add_argument("--batch", type=int, default=128, help="batch size for the peak-memory column")
     o.set_defaults(run=_ops)
     k = sub.add_parser("check", help="emitted gradients vs central differences (float64)")
     k.add_argument("model")

@@ -67,6 +67,10 @@ def _lines(nodes, printer: NumbaPrinter, shapes: dict, indent: str = ""):
             yield from _lines(node.body, printer, shapes, indent + "    ")
             for acc in node.accums:
                 yield f"{indent}    {acc.target.name} += {printer.doprint(acc.expr)}", acc.eq
+        elif node.expr.is_Number:  # only in unsimplified programs: keep it an array
+            zeros = _zeros(shapes[node.target.name])
+            value = printer.doprint(node.expr)
+            yield f"{indent}{node.target.name} = {zeros}{'' if node.expr == 0 else f' + {value}'}", node.eq
         else:
             yield f"{indent}{node.target.name} = {printer.doprint(node.expr)}", node.eq
 
@@ -88,7 +92,8 @@ def kernel(program: Program, printer: NumbaPrinter, shapes: dict) -> dict:
             "labels": [label for label, _ in program.outputs]}
 
 
-def render(model: Model, programs: dict[str, Program], naive: dict[str, Program], ops: dict) -> str:
+def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: dict,
+           count_ops: bool = False) -> str:
     printer = NumbaPrinter(model.dtype, {l.index: l.op.kind for l in model.layers})
     kernels = {name: kernel(p, printer, program_shapes(model, p, n_vectors(model)))
                for name, p in programs.items()}
@@ -104,6 +109,10 @@ def render(model: Model, programs: dict[str, Program], naive: dict[str, Program]
         "op_kinds": sorted({l.op.kind for l in model.layers}),
         "equations": equations_text(model, programs["value_and_grad"]),
         "ops": pprint.pformat(ops, sort_dicts=True, width=88),
+        "peak_bytes": pprint.pformat(peak_bytes, sort_dicts=True, width=88),
+        "count_ops": count_ops,
+        # count mode runs plain Python so that operator kernels can count their calls
+        "jit": "" if count_ops else "@numba.njit(cache=True)",
         "weight": repr(float(pen.weight)) if pen else "0.0",
         "v_kind": pen.v if pen else None,
         "v_index": pen.index if pen else None,

@@ -9,15 +9,21 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sympy as sp
+
 from .codegen import render
 from .derive import derive_programs, naive_value_and_grad
 from .errors import ModelError
 from .ir import Model
 from .model import load_model
+from .memory import peak_live_bytes
 from .ops import ops_table
 from .passes import simplify
 from .printer import CodegenError
-from .program import Program
+from .program import Program, map_exprs
+
+
+MEMORY_BATCH = 128  # batch size at which modules report PEAK_BYTES
 
 
 @dataclass
@@ -31,11 +37,21 @@ class Compiled:
     def ops(self) -> dict:
         return ops_table(self.model, self.naive["value_and_grad"], self.programs["value_and_grad"])
 
-    def source(self) -> str:
+    def peak_bytes(self, batch: int = MEMORY_BATCH) -> dict:
+        """Peak live intermediate bytes of value_and_grad's schedule at a batch size."""
+        return {"batch": batch,
+                "emitted": peak_live_bytes(self.model, self.programs["value_and_grad"], batch),
+                "naive": peak_live_bytes(self.model, self.naive["value_and_grad"], batch)}
+
+    def source(self, count_ops: bool = False) -> str:
         try:
-            return render(self.model, self.programs, self.naive, self.ops)
+            return render(self.model, self.programs, self.ops, self.peak_bytes(), count_ops)
         except CodegenError as exc:
             raise ModelError(self.model.source, "layers", str(exc)) from None
+
+
+def _drop_distributions(expr):
+    return sp.sympify(expr).replace(sp.DiracDelta, lambda *args: sp.S.Zero)
 
 
 def build(model: Model, simplified: bool = True) -> Compiled:
@@ -46,19 +62,19 @@ def build(model: Model, simplified: bool = True) -> Compiled:
         stages[name] = [("derive", program)]
         programs[name] = simplify(program, stages[name]) if simplified else program
     naive = dict(derived, value_and_grad=naive_value_and_grad(model))
-    if not simplified:
-        programs = dict(naive)
+    if not simplified:  # emit the naive programs as they are, DiracDelta read as 0 a.e.
+        programs = {name: map_exprs(p, _drop_distributions) for name, p in naive.items()}
     return Compiled(model, naive, programs, stages)
 
 
 def compile_file(path: str | os.PathLike, out_dir: str | os.PathLike = "generated",
-                 simplified: bool = True, dtype: str | None = None) -> Path:
+                 simplified: bool = True, dtype: str | None = None, count_ops: bool = False) -> Path:
     """Emit <out_dir>/<name>.py; on any error the previous module stays untouched."""
     model = load_model(path)
     if dtype:
         from dataclasses import replace
         model = replace(model, dtype=dtype)
-    text = build(model, simplified).source()
+    text = build(model, simplified).source(count_ops)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{model.name}.py"

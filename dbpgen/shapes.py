@@ -82,6 +82,27 @@ def nbytes(shape: Shape, batch: int, itemsize: int) -> int:
     return size
 
 
+# Quantities of the paper that live in layer j's space X_j (x_0's space for j = 0).
+_SPACE_STEMS = {"x", "z", "xi", "zeta", "q", "h", "eta", "gamma", "delta", "dg", "ddg", "etahat", "gammahat"}
+
+
+def named_shape(name: str, model: Model) -> Shape | None:
+    """Shape of a paper quantity from its name (xi2 lives in X_2), for constant statements."""
+    digits = name[len(name.rstrip("0123456789")):]
+    stem = name[: len(name) - len(digits)]
+    if stem not in _SPACE_STEMS or not digits:
+        return None
+    j = int(digits)
+    space = model.input_shape if j == 0 else model.layers[j - 1].out_shape
+    return (BATCH_AXIS,) + tuple(space)
+
+
+def _target_shape(target: sp.Symbol, expr: sp.Expr, known: dict, model: Model) -> Shape:
+    if expr.is_Number:
+        return named_shape(target.name, model) or ()
+    return shape_of(expr, known, model)
+
+
 def program_shapes(model: Model, program, n_vectors: int = 1) -> dict[str, Shape]:
     """Shapes of every input and target of a program, loop bodies included."""
     from .program import Loop
@@ -91,10 +112,10 @@ def program_shapes(model: Model, program, n_vectors: int = 1) -> dict[str, Shape
         if isinstance(node, Loop):
             local = dict(known, **{node.index.name: ()})
             for stmt in node.body:
-                local[stmt.target.name] = shape_of(stmt.expr, local, model)
+                local[stmt.target.name] = _target_shape(stmt.target, stmt.expr, local, model)
             for acc in node.accums:
                 known[acc.target.name] = shape_of(acc.expr, local, model)
             known.update({k: v for k, v in local.items() if k not in known})
         else:
-            known[node.target.name] = shape_of(node.expr, known, model)
+            known[node.target.name] = _target_shape(node.target, node.expr, known, model)
     return known

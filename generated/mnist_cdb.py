@@ -30,7 +30,6 @@ input-space argument first; lam = penalty weight, B = batch size.
   dg2 = Heaviside(z2)                                         # g'_2 (9), SymPy
   z3 = b3 + K_3(W3, x2)                                       # (8)
   x3 = Softmax(z3)                                            # (8)
-
 [backward]
   zeta3 = x3*RowSum(y) - y                                    # (43)
   xi2 = K^T_3(W3, zeta3)                                      # (16)
@@ -40,7 +39,6 @@ input-space argument first; lam = penalty weight, B = batch size.
   xi0 = K^T_1(W1, zeta1)                                      # (16)
   s = <xi0, xi0>                                              # s = ||xi_0||^2
   R = s                                                       # (10)
-
 [backward-backward]
   q0 = 2*xi0                                                  # q_0 = grad p(xi_0) = 2 p'(s) xi_0
   h1 = K_1(W1, q0)                                            # (20)
@@ -48,17 +46,14 @@ input-space argument first; lam = penalty weight, B = batch size.
   h2 = K_2(W2, q1)                                            # (20)
   q2 = dg2*h2                                                 # (21)
   h3 = K_3(W3, q2)                                            # (20)
-
 [forward-backward]
   eta3 = (h3*x3 - x3*<h3, x3>)*RowSum(y)                      # (44)
   gamma2 = K^T_3(W3, eta3)                                    # (30)
   eta2 = dg2*gamma2                                           # (28)
   gamma1 = K^T_2(W2, eta2)                                    # (30)
   eta1 = dg1*gamma1                                           # (28)
-
 [loss]
   J = Σ_b(R*lam + LogSumExp(z3)*RowSum(y) - RowSum(y*z3))/B   # J = (1/B) sum_b [l + lam R]
-
 [gradients]
   dW1 = lam*K^□_1(q0, zeta1)/B + K^□_1(x0, eta1*lam + zeta1)/B  # (31), (32)
   db1 = Σ_b(eta1*lam + zeta1)/B                               # (31), (33)
@@ -76,6 +71,7 @@ input-space argument first; lam = penalty weight, B = batch size.
 
 OPS = {'emitted': {'K': 6, 'KT': 5, 'Kbox': 6, 'flops': 2824192},
  'naive': {'K': 6, 'KT': 5, 'Kbox': 9, 'flops': 3361792}}
+PEAK_BYTES = {'batch': 128, 'emitted': 4526088, 'naive': 5028864}
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
 
@@ -150,6 +146,14 @@ def _sigmoid(z):
 @numba.njit(cache=True)
 def _softplus(z):
     return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
+
+
+@numba.njit(cache=True)
+def _onehot(x0, C, i):
+    # e_i for every sample (Jacobian penalties, paper section 5.4)
+    out = np.zeros((x0.shape[0], C), dtype=x0.dtype)
+    out[:, i] = 1
+    return out
 
 # -- derived programs -----------------------------------------------------------------
 
@@ -311,36 +315,43 @@ def _per_sample(a, name, batch, required):
     return a
 
 
-def _direction(v, batch):
-    """The v of R = p((dx_L/dx_0)^* v) for this model's penalty (loss_gradient)."""
+def _unit_rows(a):
+    norm = np.sqrt(np.sum(a * a, axis=-1, keepdims=True))
+    return a / np.where(norm > 0, norm, 1)
+
+
+def _direction(params, x0, v, seed):
+    """The v of R = p((dx_L/dx_0)^* v) for this model's penalty (loss_gradient), held constant."""
+    batch = x0.shape[0]
     return _per_sample(v, "v", batch, False)
 
 
-def _call(kernel, names, params, x0, y=None, v=None, u=None):
+def _call(kernel, names, params, **arrays):
     values = dict(zip(PARAMS, _unpack(params)))
-    values.update(x0=x0, y=y, v=v, u=u, lam=DTYPE(WEIGHT))
+    values.update(arrays, lam=DTYPE(WEIGHT))
     return kernel(*[values[n] for n in names])
 
 
 def forward(params, x):
     """x_L for a batch x of shape (B, *INPUT_SHAPE)."""
-    return _call(_forward, ['W1', 'b1', 'W2', 'b2', 'W3', 'b3', 'x0'], params, _batch(x))[0]
+    return _call(_forward, ['W1', 'b1', 'W2', 'b2', 'W3', 'b3', 'x0'], params, x0=_batch(x))[0]
 
 
-def penalty(params, x, y=None, v=None):
+def penalty(params, x, y=None, v=None, seed=None):
     """Per-sample penalty R = p(xi_0), shape (B,)."""
     x0 = _batch(x)
     y = _per_sample(y, "y", x0.shape[0], True)
-    v = _direction(v, x0.shape[0])
-    return _call(_penalty, ['W1', 'b1', 'W2', 'b2', 'W3', 'b3', 'x0', 'y'], params, x0, y, v)[0].reshape(-1)
+    v = _direction(params, x0, v, seed)
+    out = _call(_penalty, ['W1', 'b1', 'W2', 'b2', 'W3', 'b3', 'x0', 'y'], params, x0=x0, y=y, v=v, V=v)
+    return out[0].reshape(-1)
 
 
 def value_and_grad(params, x, y=None, v=None, seed=None):
     """J = mean_b [l + WEIGHT * R] and its gradients, a dict shaped like params."""
     x0 = _batch(x)
     y = _per_sample(y, "y", x0.shape[0], True)
-    v = _direction(v, x0.shape[0])
-    out = _call(_value_and_grad, ['W1', 'b1', 'W2', 'b2', 'W3', 'b3', 'x0', 'y', 'lam'], params, x0, y, v)
+    v = _direction(params, x0, v, seed)
+    out = _call(_value_and_grad, ['W1', 'b1', 'W2', 'b2', 'W3', 'b3', 'x0', 'y', 'lam'], params, x0=x0, y=y, v=v, V=v)
     return float(out[0][0]), dict(zip(['W1', 'b1', 'W2', 'b2', 'W3', 'b3'], out[1:]))
 
 
@@ -348,11 +359,11 @@ def vjp(params, x, v):
     """(dx_L/dx_0)^* v per sample: shape (B, *INPUT_SHAPE)."""
     x0 = _batch(x)
     v = _per_sample(v, "v", x0.shape[0], True)
-    return _call(_vjp, ['W1', 'b1', 'W2', 'b2', 'W3', 'b3', 'x0', 'v'], params, x0, v=v)[0]
+    return _call(_vjp, ['W1', 'b1', 'W2', 'b2', 'W3', 'b3', 'x0', 'v'], params, x0=x0, v=v)[0]
 
 
 def jvp(params, x, u):
     """(dx_L/dx_0) u per sample: shape (B, N_OUTPUTS)."""
     x0 = _batch(x)
     u = _batch(u)
-    return _call(_jvp, ['W1', 'b1', 'W2', 'b2', 'W3', 'b3', 'x0', 'u'], params, x0, u=u)[0]
+    return _call(_jvp, ['W1', 'b1', 'W2', 'b2', 'W3', 'b3', 'x0', 'u'], params, x0=x0, u=u)[0]

@@ -130,3 +130,68 @@ def test_power_iterations_reach_the_spectral_norm(tmp_path, rng):
     for b in range(2):
         J = np.stack([m.jvp(params, x[b:b + 1], e[None])[0] for e in np.eye(5)], axis=1)
         assert R[b] == pytest.approx(np.linalg.norm(J, 2), rel=1e-8)
+
+
+def _count_module(spec, tmp_path, naive=False):
+    from conftest import import_module
+    from dbpgen.compiler import compile_file
+
+    out = compile_file(write_model(spec, tmp_path), tmp_path / ("naive" if naive else "emitted"),
+                       simplified=not naive, count_ops=True)
+    return import_module(out, jit=False)
+
+
+@pytest.mark.parametrize("L,C", [(1, 1), (2, 3), (3, 5), (4, 10)])
+@pytest.mark.parametrize("naive", [False, True], ids=["emitted", "naive"])
+def test_measured_operation_counts_equal_reported(L, C, naive, tmp_path, rng):
+    """`dbpgen compile --count-ops`: the kernels count their own calls."""
+    spec = mlp(f"cnt_{L}_{C}", ["relu"] * (L - 1), "softmax", "nll", JAC, widths=(3,) * (L - 1), C=C)
+    m = _count_module(spec, tmp_path, naive)
+    x, y, _ = batch_for(spec, rng, 3)
+    m.reset_counts()
+    m.value_and_grad(m.init_params(), x, y)
+    column = m.OPS["naive" if naive else "emitted"]
+    assert m.COUNTS == {k: column[k] for k in ("K", "KT", "Kbox")}
+
+
+@pytest.mark.parametrize("spec", [
+    mlp("cnt_cdb", ["relu", "relu"], "softmax", "nll", {"v": "loss_gradient"}),
+    mlp("cnt_node", ["relu", "relu"], None, "mse", {"v": "output"}),
+    mlp("cnt_tanh", ["tanh", "tanh"], None, "mse", {"v": "output"}),
+], ids=lambda s: s["name"])
+def test_measured_counts_for_single_vector_penalties(spec, tmp_path, rng):
+    for naive in (False, True):
+        m = _count_module(spec, tmp_path, naive)
+        x, y, _ = batch_for(spec, rng, 3)
+        m.reset_counts()
+        m.value_and_grad(m.init_params(), x, y)
+        column = m.OPS["naive" if naive else "emitted"]
+        assert m.COUNTS == {k: column[k] for k in ("K", "KT", "Kbox")}
+
+
+def _jacobian_net(C):
+    return mlp(f"mem_{C}", ["relu", "relu"], "softmax", "none", JAC, widths=(1024, 1024), n_in=256, C=C)
+
+
+def test_reported_peak_memory_is_flat_in_C(tmp_path):
+    small = derive(write_model(_jacobian_net(10), tmp_path)).compiled.peak_bytes(8)
+    large = derive(write_model(_jacobian_net(100), tmp_path)).compiled.peak_bytes(8)
+    assert large["emitted"] <= 1.10 * small["emitted"]
+
+
+def test_measured_peak_memory_is_flat_in_C(tmp_path, rng):
+    """Peak traced allocation of the emitted program (run as Python, which NumPy reports to
+    tracemalloc), less the returned gradients, for C = 10 and C = 100."""
+    import tracemalloc
+
+    peaks = {}
+    for C in (10, 100):
+        m = compile_spec(_jacobian_net(C), tmp_path, jit=False)
+        params = m.init_params()
+        x = rng.normal(size=(8, 256))
+        tracemalloc.start()
+        _, grads = m.value_and_grad(params, x)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        peaks[C] = peak - sum(g.nbytes for g in grads.values())
+    assert peaks[100] <= 1.10 * peaks[10], peaks

@@ -59,6 +59,19 @@ def _check(args) -> int:
     return 0 if ok else 1
 
 
+def _bench(args) -> int:
+    from . import bench
+
+    against = [p for p in args.against.split(",") if p] if args.against else []
+    unknown = set(against) - set(bench.PEERS)
+    if unknown:
+        raise ModelError(args.model, "--against", f"unknown peer(s) {sorted(unknown)}; choose from {bench.PEERS}")
+    for batch in args.batch:
+        rows = bench.run(args.model, batch, against, args.dtype, args.naive, args.seconds)
+        print(bench.report(args.model, batch, rows, args.dtype or "model's"))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dbpgen", description="Double-backpropagation compiler.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -84,6 +97,14 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--rtol", type=float, default=1e-5)
     k.set_defaults(run=_check)
+    n = sub.add_parser("bench", help="time value_and_grad against PyTorch, JAX, PyTensor")
+    n.add_argument("model")
+    n.add_argument("--batch", type=int, nargs="+", default=[128])
+    n.add_argument("--against", default="torch,jax,pytensor", help="comma-separated peers")
+    n.add_argument("--dtype", choices=["float32", "float64"], default=None)
+    n.add_argument("--naive", action="store_true", help="also time the unsimplified program")
+    n.add_argument("--seconds", type=float, default=1.0, help="time budget per measurement")
+    n.set_defaults(run=_bench)
     return p
 
 

@@ -1,0 +1,345 @@
+"""`dbpgen bench`: the emitted module side by side with PyTorch, JAX and PyTensor.
+
+Same model, parameters, data, dtype and thread count for everyone; warm-up (compilation)
+excluded; medians of repeated `value_and_grad` calls. Peers are written as their users
+would write them: PyTorch eager with create_graph=True, jax.jit(jax.value_and_grad(...)),
+PyTensor's NUMBA mode; per-sample input gradients come from the gradient of the batch sum
+(samples are independent). Peers that are not installed are reported and skipped.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+
+import numpy as np
+import sympy as sp
+
+from .compiler import build, load_generated
+from .ir import S, Model
+from .model import load_model
+
+PEERS = ("torch", "jax", "pytensor")
+BUILTIN = ("identity", "relu", "tanh", "sigmoid", "softplus", "elu", "silu", "sin", "softmax")
+
+
+class Unsupported(Exception):
+    pass
+
+
+def median_ms(fn, seconds: float = 1.0, min_runs: int = 5) -> float:
+    """Median wall time of fn() in milliseconds, after two warm-up calls."""
+    fn(), fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        if len(times) >= 2000:
+            break
+    return 1e3 * statistics.median(times)
+
+
+def problem(model: Model, batch: int, seed: int = 0):
+    """Parameters, inputs, targets and a direction v, in the model's dtype."""
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(model.dtype)
+    C = model.n_outputs
+    x = rng.standard_normal((batch,) + tuple(model.input_shape)).astype(dtype)
+    y = (np.eye(C)[rng.integers(0, C, batch)] if model.loss == "nll" else rng.standard_normal((batch, C)))
+    v = rng.standard_normal((batch, C))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return x, y.astype(dtype), v.astype(dtype)
+
+
+def _activation_name(act) -> str:
+    name = act.name.split("(")[0]
+    if name not in BUILTIN + ("leaky_relu",):
+        raise Unsupported(f"activation {act.name!r}")
+    return name
+
+
+def _alpha(act) -> float:
+    return float(act.name[len("leaky_relu("):-1]) if "(" in act.name else 0.01
+
+
+def _p_function(model: Model, sqrt):
+    p = model.penalty.p
+    if p == S:
+        return lambda s: s
+    if p == sp.sqrt(S):
+        return sqrt
+    if p == (sp.sqrt(S) - 1) ** 2:
+        return lambda s: (sqrt(s) - 1) ** 2
+    raise Unsupported(f"p = {p}")
+
+
+def _check_penalty(model: Model):
+    pen = model.penalty
+    if pen and pen.v not in ("loss_gradient", "output", "given", "random", "jacobian"):
+        raise Unsupported(f"v: {pen.v}")
+
+
+# -- dbpgen ------------------------------------------------------------------------
+
+
+def dbpgen_module(model: Model, naive: bool = False):
+    """The emitted (or, with naive, the unsimplified) module, jitted."""
+    tmp = tempfile.mkdtemp(prefix="dbpgen-bench-")
+    path = os.path.join(tmp, f"{model.name}.py")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(build(model, simplified=not naive).source())
+    return load_generated(path)
+
+
+def dbpgen_runner(model: Model, module, params, x, y, v):
+    yy = y if model.loss != "none" else None
+    vv = v if model.penalty and model.penalty.v in ("given", "random") else None
+    return lambda: module.value_and_grad(params, x, yy, v=vv)
+
+
+# -- PyTorch -----------------------------------------------------------------------
+
+
+def torch_runner(model: Model, params, x, y, v):
+    import torch
+
+    F = torch.nn.functional
+    acts = {"identity": lambda z: z, "relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+            "softplus": F.softplus, "elu": F.elu, "silu": F.silu, "sin": torch.sin,
+            "softmax": lambda z: torch.softmax(z, dim=1)}
+    _check_penalty(model)
+    fns = []
+    for layer in model.layers:
+        name = _activation_name(layer.act)
+        fns.append((lambda z, a=_alpha(layer.act): F.leaky_relu(z, a)) if name == "leaky_relu" else acts[name])
+    tp = {k: torch.tensor(a, requires_grad=True) for k, a in params.items()}
+    tx, ty, tv = torch.tensor(x), torch.tensor(y), torch.tensor(v)
+    pen = model.penalty
+    p = _p_function(model, torch.sqrt) if pen else None
+    lam = pen.weight if pen else 0.0
+
+    def value_and_grad():
+        x0 = tx.clone().requires_grad_(True)
+        h = x0
+        for layer, g in zip(model.layers, fns):
+            z = h @ tp[f"W{layer.index}"].T + (tp[f"b{layer.index}"] if layer.op.bias else 0)
+            h = g(z)
+        out = z if pen and pen.on_logits else h
+        if model.loss == "mse":
+            loss = ((h - ty) ** 2).sum(1)
+        elif model.loss == "nll":
+            loss = -(ty * torch.log_softmax(z, dim=1)).sum(1)
+        else:
+            loss = torch.zeros(x0.shape[0], dtype=x0.dtype)
+        J = loss
+        if pen:
+            J = J + lam * _torch_penalty(torch, pen, out, loss, x0, tv, p, model.n_outputs)
+        J = J.mean()
+        grads = torch.autograd.grad(J, list(tp.values()))
+        return J.item(), grads
+
+    return value_and_grad
+
+
+def _torch_penalty(torch, pen, out, loss, x0, tv, p, C):
+    def sq(v_out):
+        g = torch.autograd.grad(v_out, x0, create_graph=True)[0]
+        return p((g * g).sum(1))
+
+    if pen.v == "loss_gradient":
+        return sq(loss.sum())
+    if pen.v == "output":
+        return sq(out[:, pen.index].sum())
+    if pen.v == "jacobian":
+        return sum(sq(out[:, i].sum()) for i in range(C))
+    return sq((out * tv).sum())
+
+
+# -- JAX ---------------------------------------------------------------------------
+
+
+def jax_runner(model: Model, params, x, y, v):
+    import jax
+    import jax.numpy as jnp
+
+    if model.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    nn = jax.nn
+    acts = {"identity": lambda z: z, "relu": nn.relu, "tanh": jnp.tanh, "sigmoid": nn.sigmoid,
+            "softplus": nn.softplus, "elu": nn.elu, "silu": nn.silu, "sin": jnp.sin,
+            "softmax": lambda z: nn.softmax(z, axis=-1)}
+    _check_penalty(model)
+    fns = []
+    for layer in model.layers:
+        name = _activation_name(layer.act)
+        fns.append((lambda z, a=_alpha(layer.act): nn.leaky_relu(z, a)) if name == "leaky_relu" else acts[name])
+    pen = model.penalty
+    p = _p_function(model, jnp.sqrt) if pen else None
+    lam = pen.weight if pen else 0.0
+
+    def net(prm, x0):
+        h = x0
+        for layer, g in zip(model.layers, fns):
+            z = h @ prm[f"W{layer.index}"].T + (prm[f"b{layer.index}"] if layer.op.bias else 0)
+            h = g(z)
+        return z, h
+
+    def loss_of(prm, x0, yy):
+        z, h = net(prm, x0)
+        if model.loss == "mse":
+            return ((h - yy) ** 2).sum(1)
+        if model.loss == "nll":
+            return -(yy * nn.log_softmax(z, axis=1)).sum(1)
+        return jnp.zeros(x0.shape[0], dtype=x0.dtype)
+
+    def out_of(prm, x0):
+        z, h = net(prm, x0)
+        return z if pen and pen.on_logits else h
+
+    def objective(prm, x0, yy, vv):
+        J = loss_of(prm, x0, yy)
+        if pen:
+            def sq(f):
+                g = jax.grad(lambda xx: f(xx).sum())(x0)
+                return p((g * g).sum(1))
+
+            if pen.v == "loss_gradient":
+                R = sq(lambda xx: loss_of(prm, xx, yy))
+            elif pen.v == "output":
+                R = sq(lambda xx: out_of(prm, xx)[:, pen.index])
+            elif pen.v == "jacobian":
+                jac = jax.vmap(jax.jacrev(lambda xi: out_of(prm, xi[None])[0]))(x0)  # (B, C, n)
+                R = p((jac * jac).sum(2)).sum(1)
+            else:
+                R = sq(lambda xx: (out_of(prm, xx) * vv).sum(1))
+            J = J + lam * R
+        return J.mean()
+
+    f = jax.jit(jax.value_and_grad(objective))
+    jp = {k: jnp.asarray(a) for k, a in params.items()}
+    jx, jy, jv = jnp.asarray(x), jnp.asarray(y), jnp.asarray(v)
+
+    def value_and_grad():
+        value, grads = f(jp, jx, jy, jv)
+        jax.block_until_ready(grads)
+        return value, grads
+
+    return value_and_grad
+
+
+# -- PyTensor ----------------------------------------------------------------------
+
+
+def pytensor_runner(model: Model, params, x, y, v):
+    import pytensor
+    import pytensor.tensor as pt
+
+    _check_penalty(model)
+    acts = {"identity": lambda z: z, "relu": lambda z: pt.maximum(z, 0), "tanh": pt.tanh,
+            "sigmoid": pt.sigmoid, "softplus": pt.softplus, "sin": pt.sin,
+            "elu": lambda z: pt.switch(z > 0, z, pt.expm1(z)), "silu": lambda z: z * pt.sigmoid(z),
+            "softmax": lambda z: pt.special.softmax(z, axis=1)}
+    names = list(params)
+    sym = {k: pt.tensor(k, shape=a.shape, dtype=model.dtype) for k, a in params.items()}
+    x0 = pt.matrix("x", dtype=model.dtype)
+    yy = pt.matrix("y", dtype=model.dtype)
+    vv = pt.matrix("v", dtype=model.dtype)
+    h = x0
+    for layer in model.layers:
+        name = _activation_name(layer.act)
+        z = h @ sym[f"W{layer.index}"].T + (sym[f"b{layer.index}"] if layer.op.bias else 0)
+        h = (pt.switch(z > 0, z, _alpha(layer.act) * z) if name == "leaky_relu" else acts[name](z))
+    pen = model.penalty
+    out = z if pen and pen.on_logits else h
+    if model.loss == "mse":
+        loss = ((h - yy) ** 2).sum(1)
+    elif model.loss == "nll":
+        loss = -(yy * pt.special.log_softmax(z, axis=1)).sum(1)
+    else:
+        loss = pt.zeros((x0.shape[0],), dtype=model.dtype)
+    J = loss
+    if pen:
+        p = _p_function(model, pt.sqrt)
+
+        def sq(scalar):
+            g = pytensor.grad(scalar, x0)
+            return p((g * g).sum(1))
+
+        if pen.v == "loss_gradient":
+            R = sq(loss.sum())
+        elif pen.v == "output":
+            R = sq(out[:, pen.index].sum())
+        elif pen.v == "jacobian":
+            R = sum(sq(out[:, i].sum()) for i in range(model.n_outputs))
+        else:
+            R = sq((out * vv).sum())
+        J = J + pen.weight * R
+    J = J.mean()
+    grads = pytensor.grad(J, [sym[k] for k in names])
+    f = pytensor.function([sym[k] for k in names] + [x0, yy, vv], [J] + grads, mode="NUMBA",
+                          on_unused_input="ignore")
+    args = [params[k] for k in names] + [x, y, v]
+    return lambda: f(*args)
+
+
+RUNNERS = {"torch": torch_runner, "jax": jax_runner, "pytensor": pytensor_runner}
+
+
+def gemm_gflops(model: Model, batch: int) -> float:
+    """What NumPy's own matmul reaches on this machine for the model's largest dense layer."""
+    layer = max(model.layers, key=lambda l: l.op.flops(l.in_shape))
+    n_in, n_out = layer.in_shape[0], layer.op.out
+    dtype = np.dtype(model.dtype)
+    a = np.random.default_rng(0).standard_normal((batch, n_in)).astype(dtype)
+    w = np.random.default_rng(1).standard_normal((n_out, n_in)).astype(dtype)
+    ms = median_ms(lambda: a @ w.T, seconds=0.5)
+    return 2 * batch * n_in * n_out / (ms * 1e6)
+
+
+def run(path, batch: int, against=PEERS, dtype: str | None = None, naive: bool = False,
+        seconds: float = 1.0) -> list[dict]:
+    """Rows of {name, ms, ratio, note}; the first row is dbpgen."""
+    model = load_model(path)
+    if dtype:
+        model = replace(model, dtype=dtype)
+    x, y, v = problem(model, batch)
+    rows = []
+    module = dbpgen_module(model)
+    params = module.init_params(seed=0)
+    ms = median_ms(dbpgen_runner(model, module, params, x, y, v), seconds)
+    flops = module.OPS["emitted"]["flops"] * batch
+    rows.append({"name": "dbpgen", "ms": ms, "gflops": flops / (ms * 1e6)})
+    if naive:
+        fn = dbpgen_runner(model, dbpgen_module(model, naive=True), params, x, y, v)
+        rows.append({"name": "dbpgen --naive", "ms": median_ms(fn, seconds)})
+    for peer in against:
+        try:
+            fn = RUNNERS[peer](model, params, x, y, v)
+            rows.append({"name": peer, "ms": median_ms(fn, seconds)})
+        except ImportError:
+            rows.append({"name": peer, "ms": None, "note": "not installed"})
+        except Unsupported as exc:
+            rows.append({"name": peer, "ms": None, "note": f"unsupported: {exc}"})
+    rows[0]["roofline"] = rows[0]["gflops"] / gemm_gflops(model, batch)
+    for row in rows:
+        if row["ms"]:
+            row["ratio"] = rows[0]["ms"] / row["ms"]
+    return rows
+
+
+def report(path, batch: int, rows: list[dict], dtype: str) -> str:
+    lines = [f"{path}  batch={batch}  dtype={dtype}  threads={os.environ.get('OMP_NUM_THREADS', 'default')}",
+             f"{'':16}{'median ms':>12}{'dbpgen / peer':>16}"]
+    for row in rows:
+        if row["ms"] is None:
+            lines.append(f"{row['name']:16}{'-':>12}    {row['note']}")
+        else:
+            lines.append(f"{row['name']:16}{row['ms']:>12.3f}{row.get('ratio', 1.0):>16.2f}")
+    top = rows[0]
+    lines.append(f"dbpgen achieves {top['gflops']:.2f} GFLOP/s on K, K^T, K^box = "
+                 f"{100 * top['roofline']:.0f}% of NumPy's matmul on the largest layer")
+    return "\n".join(lines)

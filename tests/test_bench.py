@@ -1,0 +1,50 @@
+"""The benchmark harness (not a timing test: benchmarks run on demand, `dbpgen bench`)."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from conftest import SHARED
+from dbpgen import bench
+from dbpgen.cli import main
+from dbpgen.model import load_model
+
+
+def test_harness_smoke(capsys):
+    assert main(["bench", str(SHARED / "benchmarks" / "sine_cdb.yaml"), "--batch", "16",
+                 "--against", "", "--seconds", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "dbpgen" in out and "GFLOP/s" in out and "median ms" in out
+
+
+def test_unknown_peer_is_a_clear_error(capsys):
+    assert main(["bench", str(SHARED / "benchmarks" / "sine_cdb.yaml"), "--against", "tensorflow"]) == 2
+    assert "--against" in capsys.readouterr().err
+
+
+INSTALLED = [p for p in bench.PEERS if importlib.util.find_spec(p if p != "pytensor" else "pytensor")]
+
+
+@pytest.mark.skipif(not INSTALLED, reason="no peer installed (pip install '.[bench]')")
+@pytest.mark.parametrize("name", ["sine_cdb", "tanh_node", "mnist_cdb", "mnist_jac"])
+def test_peers_compute_the_same_objective(name):
+    """The peers are benchmarked on the same problem: same J and gradients as dbpgen."""
+    model = load_model(SHARED / "benchmarks" / f"{name}.yaml")
+    x, y, v = bench.problem(model, 8)
+    module = bench.dbpgen_module(model)
+    params = module.init_params(seed=0)
+    value, grads = bench.dbpgen_runner(model, module, params, x, y, v)()
+    for peer in INSTALLED:
+        out = bench.RUNNERS[peer](model, params, x, y, v)()
+        if peer == "pytensor":
+            peer_value, peer_grads = out[0], out[1:]
+        else:
+            peer_value, peer_grads = out
+            if isinstance(peer_grads, dict):  # jax sorts dict keys
+                peer_grads = [peer_grads[k] for k in grads]
+        assert float(peer_value) == pytest.approx(value, rel=1e-9), peer
+        for ours, theirs in zip(grads.values(), peer_grads):
+            theirs = np.asarray(theirs.detach() if hasattr(theirs, "detach") else theirs)
+            np.testing.assert_allclose(theirs, ours, rtol=1e-7, atol=1e-12, err_msg=peer)

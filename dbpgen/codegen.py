@@ -18,7 +18,7 @@ from .equations import equations_text
 from .ir import Model
 from .printer import NumbaPrinter
 from .program import BATCH, Loop, Program, walk
-from .shapes import BATCH_AXIS, program_shapes
+from .shapes import BATCH_AXIS, program_shapes, shape_of
 
 TEMPLATE = "module.py.j2"
 
@@ -45,10 +45,12 @@ def environment() -> jinja2.Environment:
 def param_specs(model: Model) -> list[dict]:
     specs = []
     for layer in model.layers:
-        j, fan_in = layer.index, layer.in_shape[0]
+        if not layer.op.has_params:
+            continue
+        j, fan_in = layer.index, layer.op.fan_in(layer.in_shape)
         specs.append({"name": f"W{j}", "shape": layer.op.weight_shape(layer.in_shape), "fan_in": fan_in})
         if layer.op.bias:
-            specs.append({"name": f"b{j}", "shape": layer.out_shape, "fan_in": fan_in})
+            specs.append({"name": f"b{j}", "shape": layer.out_shape[:1], "fan_in": fan_in})
     return specs
 
 
@@ -94,9 +96,11 @@ def kernel(program: Program, printer: NumbaPrinter, shapes: dict) -> dict:
 
 def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: dict,
            count_ops: bool = False) -> str:
-    printer = NumbaPrinter(model.dtype, {l.index: l.op.kind for l in model.layers})
-    kernels = {name: kernel(p, printer, program_shapes(model, p, n_vectors(model)))
-               for name, p in programs.items()}
+    kernels = {}
+    for name, program in programs.items():
+        shapes = program_shapes(model, program, n_vectors(model))
+        printer = NumbaPrinter(model, lambda e, shapes=shapes: shape_of(e, shapes, model))
+        kernels[name] = kernel(program, printer, shapes)
     pen = model.penalty
     context = {
         "version": __version__,

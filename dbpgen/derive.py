@@ -14,7 +14,7 @@ from dataclasses import replace
 import sympy as sp
 
 from .errors import ModelError
-from .functions import BSum, Dot, K, KT, Kbox, LogSumExp, OneHot, Row, RowSum, Softmax
+from .functions import Bias, BiasBox, BSum, Dot, K, KT, Kbox, LogSumExp, OneHot, Row, RowSum, Softmax
 from .ir import S, Z, Model
 from .program import BATCH, LAM, Accum, Loop, Program, Stmt, verify
 
@@ -37,10 +37,29 @@ class _Builder:
 def params(model: Model) -> tuple[sp.Symbol, ...]:
     out = []
     for layer in model.layers:
-        out.append(sym("W", layer.index))
+        if layer.op.has_params:
+            out.append(sym("W", layer.index))
         if layer.op.bias:
             out.append(sym("b", layer.index))
     return tuple(out)
+
+
+def apply_K(model: Model, j: int, x):
+    """K_j(theta_j, x), or K_j(x) for a parameter-free layer."""
+    if model.layers[j - 1].op.has_params:
+        return K(j, sym("W", j), x)
+    return K(j, x)
+
+
+def apply_KT(model: Model, j: int, y):
+    """K_j^T(theta_j, y), or K_j^T(y) for a parameter-free layer."""
+    if model.layers[j - 1].op.has_params:
+        return KT(j, sym("W", j), y)
+    return KT(j, y)
+
+
+def param_layers(model: Model) -> list[int]:
+    return [layer.index for layer in model.layers if layer.op.has_params]
 
 
 # -- per-layer derivative rules ------------------------------------------------------
@@ -81,7 +100,7 @@ def forward(model: Model, b: _Builder, derivatives: bool = True) -> None:
     """z_j = K_j(theta_j, x_{j-1}) + b_j, x_j = g_j(z_j) (eq. 8), plus g'_j and g''_j."""
     for layer in model.layers:
         j = layer.index
-        z = K(j, sym("W", j), sym("x", j - 1)) + (sym("b", j) if layer.op.bias else 0)
+        z = apply_K(model, j, sym("x", j - 1)) + (Bias(j, sym("b", j)) if layer.op.bias else 0)
         b.let(sym("z", j), z, "forward", "(8)")
         if layer.act.is_softmax:
             b.let(sym("x", j), Softmax(sym("z", j)), "forward", "(8)")
@@ -118,7 +137,7 @@ def backward(model: Model, b: _Builder, v, head_identity: bool, phase: str = "ba
     for j in range(L, 0, -1):
         if j < L:
             b.let(sym("zeta", j), g_prime(model, j, sym("xi", j)), phase, "(15)")
-        b.let(sym("xi", j - 1), KT(j, sym("W", j), sym("zeta", j)), phase, "(16)")
+        b.let(sym("xi", j - 1), apply_KT(model, j, sym("zeta", j)), phase, "(16)")
 
 
 def p_prime(p: sp.Expr) -> sp.Expr:
@@ -141,7 +160,7 @@ def backward_backward(model: Model, b: _Builder, q0, head_identity: bool, eq0: s
     L = model.L
     b.let(sym("q", 0), q0, "backward-backward", eq0)
     for j in range(1, L + 1):
-        b.let(sym("h", j), K(j, sym("W", j), sym("q", j - 1)), "backward-backward", "(20)")
+        b.let(sym("h", j), apply_K(model, j, sym("q", j - 1)), "backward-backward", "(20)")
         b.let(sym("q", j), g_prime(model, j, sym("h", j), head_identity and j == L),
               "backward-backward", "(21)")
 
@@ -189,7 +208,7 @@ def forward_backward(model: Model, b: _Builder, head_identity: bool) -> None:
             eta = g_second(model, j, sym("h", j), sym("xi", j)) + g_prime(model, j, sym("gamma", j))
             b.let(sym("eta", j), eta, "forward-backward", "(28)")
         if j > 1:
-            b.let(sym("gamma", j - 1), KT(j, sym("W", j), sym("eta", j)), "forward-backward", "(30)")
+            b.let(sym("gamma", j - 1), apply_KT(model, j, sym("eta", j)), "forward-backward", "(30)")
 
 
 def accumulated_forward_backward(model: Model, b: _Builder) -> None:
@@ -202,7 +221,7 @@ def accumulated_forward_backward(model: Model, b: _Builder) -> None:
         if j < model.L:
             b.let(sym("etahat", j), g_prime(model, j, sym("gammahat", j)), "forward-backward", "(34), summed")
         if j > 1:
-            b.let(sym("gammahat", j - 1), KT(j, sym("W", j), sym("etahat", j)), "forward-backward",
+            b.let(sym("gammahat", j - 1), apply_KT(model, j, sym("etahat", j)), "forward-backward",
                   "(30), summed")
 
 
@@ -212,7 +231,7 @@ def loss_backward(model: Model, b: _Builder) -> None:
     b.let(sym("delta", L), g_prime(model, L, 2 * (sym("x", L) - sym("y")))
           if model.loss == "mse" else RowSum(sym("y")) * sym("x", L) - sym("y"), "loss", "(33)")
     for j in range(L - 1, 0, -1):
-        b.let(sym("delta", j), g_prime(model, j, KT(j + 1, sym("W", j + 1), sym("delta", j + 1))),
+        b.let(sym("delta", j), g_prime(model, j, apply_KT(model, j + 1, sym("delta", j + 1))),
               "loss", "(15)-(16)")
 
 
@@ -232,6 +251,8 @@ def gradients(model: Model, b: _Builder, delta: str | None, penalty_terms=None) 
     outputs = []
     for layer in model.layers:
         j = layer.index
+        if not layer.op.has_params:
+            continue
         dW, db = sp.S.Zero, sp.S.Zero
         if delta:
             dW += Kbox(j, sym("x", j - 1), sym(delta, j))
@@ -242,7 +263,7 @@ def gradients(model: Model, b: _Builder, delta: str | None, penalty_terms=None) 
             db += LAM * pb
         outputs.append((f"W{j}", b.let(sym("dW", j), dW / BATCH, "gradients", "(31), (32)")))
         if layer.op.bias:
-            outputs.append((f"b{j}", b.let(sym("db", j), BSum(db) / BATCH, "gradients", "(31), (33)")))
+            outputs.append((f"b{j}", b.let(sym("db", j), BiasBox(j, db) / BATCH, "gradients", "(31), (33)")))
     return outputs
 
 
@@ -328,6 +349,8 @@ def multi_value_and_grad(model: Model, b: _Builder):
         forward_backward(model, body, head)
         for layer in model.layers:
             j = layer.index
+            if not layer.op.has_params:
+                continue
             pW, pb = single_terms(j)
             accums.append(Accum(sym("gW", j), pW, "(31), summed over i"))
             if layer.op.bias:
@@ -336,7 +359,7 @@ def multi_value_and_grad(model: Model, b: _Builder):
         terms = lambda j: (scale * sym("gW", j), scale * (sym("gb", j) if model.layers[j - 1].op.bias else 0))
         return terms, ()
     eta_out(model, body, head)
-    for j in range(1, L + 1):
+    for j in param_layers(model):
         accums.append(Accum(sym("thetahat", j), Kbox(j, sym("q", j - 1), sym("zeta", j)), "Alg. 4: theta^1_j"))
     accums.append(Accum(sym("etahat", L), sym("eta", L), "Alg. 4: eta_L, summed"))
     b.stmts.append(_vector_loop(model, body, accums, "Alg. 4 (section 5.4): backward and backward-backward per v_i"))

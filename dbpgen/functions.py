@@ -38,30 +38,40 @@ class _Linear(sp.Function):
         return None
 
 
-class _LayerOp(_Linear):
-    """K_j, K_j^T or K_j^box; the first argument is the layer index j."""
+class _LayerOp(sp.Function):
+    """K_j, K_j^T or K_j^box; the first argument is the layer index j.
 
+    Parametrised layers take (j, theta_j, array), parameter-free ones (avgpool,
+    downsample, flatten) just (j, array). Linear in every array argument: zero in, zero out.
+    """
+
+    nargs = (2, 3)
     label = ""
     latex_label = ""
+
+    @classmethod
+    def eval(cls, *args):
+        if any(_is_zero(a) for a in args[1:]):
+            return sp.S.Zero
+        return None
 
     @property
     def layer(self) -> int:
         return int(self.args[0])
 
     def _sympystr(self, printer):
-        j, a, b = self.args
-        return f"{self.label}_{j}({printer._print(a)}, {printer._print(b)})"
+        j, *rest = self.args
+        return f"{self.label}_{j}({', '.join(printer._print(a) for a in rest)})"
 
     def _latex(self, printer):
-        j, a, b = self.args
-        return rf"{self.latex_label}_{{{j}}}\left({printer._print(a)}, {printer._print(b)}\right)"
+        j, *rest = self.args
+        inner = ", ".join(printer._print(a) for a in rest)
+        return rf"{self.latex_label}_{{{j}}}\left({inner}\right)"
 
 
 class K(_LayerOp):
     """K_j(theta_j, x): forward operator of layer j (paper eq. 8)."""
 
-    nargs = 3
-    zero_args = (1, 2)
     label = "K"
     latex_label = "K"
 
@@ -69,8 +79,6 @@ class K(_LayerOp):
 class KT(_LayerOp):
     """K_j^T(theta_j, y): adjoint of K_j in x (paper eq. 5)."""
 
-    nargs = 3
-    zero_args = (1, 2)
     label = "K^T"
     latex_label = "K^{T}"
 
@@ -84,9 +92,33 @@ class Kbox(_LayerOp):
     """
 
     nargs = 3
-    zero_args = (1, 2)
     label = "K^□"
     latex_label = r"K^{\square}"
+
+
+class Bias(sp.Function):
+    """b_j broadcast to layer j's output space (per channel for conv2d)."""
+
+    nargs = 2  # (j, b_j)
+
+    def _sympystr(self, printer):
+        return printer._print(self.args[1])
+
+    def _latex(self, printer):
+        return printer._print(self.args[1])
+
+
+class BiasBox(_Linear):
+    """The adjoint of Bias: sum over the batch (and, for conv2d, over space), eq. (22)."""
+
+    nargs = 2  # (j, array)
+    zero_args = (1,)
+
+    def _sympystr(self, printer):
+        return f"Σ_b({printer._print(self.args[1])})"
+
+    def _latex(self, printer):
+        return rf"\sum_{{b}} {printer._print(self.args[1])}"
 
 
 class Dot(_Linear):
@@ -204,4 +236,4 @@ class Row(sp.Function):
         return rf"{printer._print(self.args[0])}^{{({printer._print(self.args[1])})}}"
 
 
-ARRAY_FUNCTIONS = (K, KT, Kbox, Dot, RowSum, BSum, Softmax, LogSumExp, OneHot, Row)
+ARRAY_FUNCTIONS = (K, KT, Kbox, Bias, BiasBox, Dot, RowSum, BSum, Softmax, LogSumExp, OneHot, Row)

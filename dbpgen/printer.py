@@ -17,10 +17,11 @@ class CodegenError(Exception):
 class NumbaPrinter(NumPyPrinter):
     """Array expressions over a batch; float literals carry the model's dtype."""
 
-    def __init__(self, dtype: str, layer_kinds: dict[int, str]):
+    def __init__(self, model, shape_of=None):
         super().__init__({"fully_qualified_modules": True, "inline": True})
-        self.dtype = dtype
-        self.layer_kinds = layer_kinds
+        self.model = model
+        self.dtype = model.dtype
+        self.shape_of = shape_of  # expr -> shape, for rank-dependent printing
 
     def _module_format(self, fqn, register=True):
         return "np." + fqn.split(".", 1)[1] if fqn.startswith("numpy.") else fqn
@@ -60,8 +61,22 @@ class NumbaPrinter(NumPyPrinter):
     # -- layer operators and reductions: calls of the kernels in the module prelude --
 
     def _layer_call(self, expr, suffix: str) -> str:
-        j, a, b = expr.args
-        return f"_{self.layer_kinds[int(j)]}_{suffix}({self._print(a)}, {self._print(b)})"
+        layer = self.model.layers[expr.layer - 1]
+        args = [self._print(a) for a in expr.args[1:]]
+        args += [str(a) for a in layer.op.kernel_args(suffix, layer.in_shape)]
+        return f"_{layer.op.kind}_{suffix}({', '.join(args)})"
+
+    def _print_Bias(self, expr):
+        layer = self.model.layers[int(expr.args[0]) - 1]
+        b = self._print(expr.args[1])
+        if len(layer.out_shape) == 1:
+            return b
+        return f"{b}.reshape(({', '.join(['-1'] + ['1'] * (len(layer.out_shape) - 1))}))"
+
+    def _print_BiasBox(self, expr):
+        layer = self.model.layers[int(expr.args[0]) - 1]
+        name = "_bsum" if len(layer.out_shape) == 1 else "_bsum_channels"
+        return f"{name}({self._print(expr.args[1])})"
 
     def _print_K(self, expr):
         return self._layer_call(expr, "K")
@@ -73,7 +88,9 @@ class NumbaPrinter(NumPyPrinter):
         return self._layer_call(expr, "Kbox")
 
     def _print_Dot(self, expr):
-        return f"_rowdot({self._print(expr.args[0])}, {self._print(expr.args[1])})"
+        rank = len(self.shape_of(expr.args[0])) if self.shape_of else 2
+        dims = ", ".join(["-1"] + ["1"] * (rank - 1))
+        return f"_rowdot({self._print(expr.args[0])}, {self._print(expr.args[1])}).reshape(({dims}))"
 
     def _call(self, name: str, expr) -> str:
         return f"{name}({', '.join(self._print(a) for a in expr.args)})"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .functions import BSum, Dot, K, Kbox, KT, LogSumExp, OneHot, Row, RowSum, Softmax
+from .functions import Bias, BiasBox, BSum, Dot, K, Kbox, KT, LogSumExp, OneHot, Row, RowSum, Softmax
 from .ir import Model
 
 BATCH_AXIS = "B"
@@ -28,7 +28,8 @@ def input_shapes(model: Model, n_vectors: int = 1) -> dict[str, Shape]:
               "lam": (), "B": ()}
     for layer in model.layers:
         j = layer.index
-        shapes[f"W{j}"] = layer.op.weight_shape(layer.in_shape)
+        if layer.op.has_params:
+            shapes[f"W{j}"] = layer.op.weight_shape(layer.in_shape)
         if layer.op.bias:
             shapes[f"b{j}"] = tuple(layer.out_shape)
     return shapes
@@ -59,8 +60,16 @@ def shape_of(expr: sp.Expr, known: dict[str, Shape], model: Model) -> Shape:
             return layer.op.weight_shape(layer.in_shape)
         space = layer.out_shape if isinstance(expr, K) else layer.in_shape
         return (BATCH_AXIS,) + tuple(space)
-    if isinstance(expr, (Dot, RowSum, LogSumExp)):
+    if isinstance(expr, Dot):  # per-sample scalar, broadcastable against its arguments
+        arg = shape_of(expr.args[0], known, model)
+        return (BATCH_AXIS,) + (1,) * (len(arg) - 1)
+    if isinstance(expr, (RowSum, LogSumExp)):
         return (BATCH_AXIS, 1)
+    if isinstance(expr, Bias):
+        layer = model.layers[int(expr.args[0]) - 1]
+        return (layer.out_shape[0],) + (1,) * (len(layer.out_shape) - 1)
+    if isinstance(expr, BiasBox):
+        return (model.layers[int(expr.args[0]) - 1].out_shape[0],)
     if isinstance(expr, BSum):
         return shape_of(expr.args[0], known, model)[1:]
     if isinstance(expr, OneHot):

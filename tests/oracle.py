@@ -6,10 +6,12 @@ dbpgen generates can be tested against it.  Everything is float64 numpy.
 Double backpropagation here is literal: the penalty calls ``autograd.grad`` to get
 xi_0 = (d out / d x_0)^T v, and ``value_and_grad`` differentiates through that.
 
-Supported model subset: ``dense`` (and the trivial ``flatten``) layers, every
-activation of SPEC section 1, losses mse / nll / none, and penalties with
-v in loss_gradient / output / given (plus jacobian, projections and random, the
-last two only with an explicit v; see ``_xi0_list``).
+Supported models: every layer of SPEC section 1 (``dense``, ``conv2d``, ``avgpool``,
+``downsample``, ``flatten``) on vector or image inputs, every activation, losses
+mse / nll / none, and penalties with v in loss_gradient / output / given (plus
+jacobian, projections and random, the last two only with an explicit v; see
+``_xi0_list``).  The image layers are plain slicing / reshaping / einsum code, so
+autograd differentiates through them as often as needed (double backprop).
 """
 
 import ast
@@ -179,6 +181,57 @@ def nll_of_logits(z_L, y):
 
 
 # --------------------------------------------------------------------------
+# Image layers (batch-first, NCHW), written with differentiable autograd.numpy
+# --------------------------------------------------------------------------
+
+def conv_output_size(n, kernel, stride=1, padding=0, dilation=1):
+    """Output length of torch.nn.Conv2d along one spatial axis."""
+    return (n + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv2d(x, W, b=None, stride=1, padding=0, dilation=1):
+    """Cross-correlation of x (B, Cin, H, W) with W (Cout, Cin, k, k) like torch's Conv2d.
+
+    im2col by slicing: one strided slice of the zero-padded input per kernel offset,
+    stacked to (B, Cin, k*k, Ho, Wo) and contracted with W by einsum.  No in-place
+    writes, so the tape stays differentiable to any order.
+    """
+    B, Cin, H, Wd = x.shape
+    Cout, Cin_w, k, k2 = W.shape
+    assert Cin == Cin_w and k == k2, "conv2d weight does not match the input"
+    if padding:
+        x = anp.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), "constant")
+    Ho = conv_output_size(H, k, stride, padding, dilation)
+    Wo = conv_output_size(Wd, k, stride, padding, dilation)
+    patches = [x[:, :, di * dilation: di * dilation + stride * (Ho - 1) + 1: stride,
+                 dj * dilation: dj * dilation + stride * (Wo - 1) + 1: stride]
+               for di in range(k) for dj in range(k)]
+    cols = anp.stack(patches, axis=2)                       # (B, Cin, k*k, Ho, Wo)
+    z = anp.einsum("bcphw,ocp->bohw", cols, anp.reshape(W, (Cout, Cin, k * k)))
+    if b is not None:
+        z = z + anp.reshape(b, (1, Cout, 1, 1))
+    return z
+
+
+def avgpool2d(x, k):
+    """k-by-k mean with stride k; H and W divisible by k."""
+    B, C, H, Wd = x.shape
+    return anp.mean(anp.reshape(x, (B, C, H // k, k, Wd // k, k)), axis=(3, 5))
+
+
+def space_to_depth(x, k):
+    """torch.nn.PixelUnshuffle(k): out[c*k*k + i*k + j, h, w] = x[c, h*k + i, w*k + j]."""
+    B, C, H, Wd = x.shape
+    blocks = anp.reshape(x, (B, C, H // k, k, Wd // k, k))        # b c h i w j
+    blocks = anp.transpose(blocks, (0, 1, 3, 5, 2, 4))            # b c i j h w
+    return anp.reshape(blocks, (B, C * k * k, H // k, Wd // k))
+
+
+_IMAGE_KINDS = ("conv2d", "avgpool", "downsample")
+_LAYER_KINDS = ("dense", "flatten") + _IMAGE_KINDS
+
+
+# --------------------------------------------------------------------------
 # The oracle
 # --------------------------------------------------------------------------
 
@@ -209,24 +262,80 @@ class Oracle:
 
     # ---- construction -------------------------------------------------
 
+    @staticmethod
+    def _normalise_entry(j, entry):
+        """A layer list item as a dict; a bare string names a parameter-free layer."""
+        if isinstance(entry, str):
+            entry = {entry: None}
+        if not isinstance(entry, dict):
+            raise ValueError(f"layers[{j - 1}]: expected a mapping, got {entry!r}")
+        entry = dict(entry)
+        kinds = [key for key in entry if key in _LAYER_KINDS]
+        unknown = [key for key in entry if key not in _LAYER_KINDS + ("act", "bias")]
+        if len(kinds) != 1 or unknown:
+            raise ValueError(f"layers[{j - 1}]: cannot read layer {entry!r}")
+        return kinds[0], entry
+
     def _parse_layers(self, entries):
-        layers, n_in = [], int(np.prod(self.input_shape))
-        if len(self.input_shape) != 1 and "flatten" not in entries[0]:
-            raise NotImplementedError("oracle supports vector inputs (or flatten first)")
-        for j, entry in enumerate(entries, start=1):
-            entry = {"flatten": None} if entry == "flatten" else dict(entry)
+        layers, shape = [], self.input_shape
+        if len(shape) not in (1, 3):
+            raise ValueError(f"input must be [n] or [C, H, W], got {list(shape)}")
+        for j, raw in enumerate(entries, start=1):
+            kind, entry = self._normalise_entry(j, raw)
             act_field = entry.get("act")
-            layer = {"j": j, "act": activation(act_field),
-                     "softmax": act_field == "softmax", "n_in": n_in}
-            if "dense" in entry:
-                layer.update(kind="dense", n_out=int(entry["dense"]),
-                             bias=bool(entry.get("bias", True)))
-            elif "flatten" in entry:
-                layer.update(kind="flatten", n_out=n_in, bias=False)
+            layer = {"j": j, "kind": kind, "act": activation(act_field),
+                     "softmax": act_field == "softmax", "in_shape": shape,
+                     "n_in": int(np.prod(shape)), "bias": False, "params": False}
+            where = f"layers[{j - 1}].{kind}"
+            if kind == "dense":
+                if len(shape) != 1:
+                    raise ValueError(f"{where}: input must be a vector, got shape {shape}")
+                out_shape = (int(entry["dense"]),)
+                layer.update(params=True, bias=bool(entry.get("bias", True)),
+                             fan_in=shape[0], W_shape=(out_shape[0], shape[0]))
+            elif kind == "flatten":
+                if entry["flatten"] not in (None, {}):
+                    raise ValueError(f"{where}: takes no arguments")
+                out_shape = (int(np.prod(shape)),)
             else:
-                raise NotImplementedError(f"oracle: unsupported layer {entry!r}")
+                if len(shape) != 3:
+                    raise ValueError(f"{where}: input must be an image, got shape {shape}")
+                C, H, Wd = shape
+                if kind == "conv2d":
+                    cfg = dict(entry["conv2d"])
+                    extra = set(cfg) - {"channels", "kernel", "stride", "padding", "dilation"}
+                    if extra:
+                        raise ValueError(f"{where}: unknown keys {sorted(extra)}")
+                    conv = {"channels": int(cfg["channels"]), "kernel": int(cfg["kernel"]),
+                            "stride": int(cfg.get("stride", 1)),
+                            "padding": int(cfg.get("padding", 0)),
+                            "dilation": int(cfg.get("dilation", 1))}
+                    positive = ("channels", "kernel", "stride", "dilation")
+                    if min(conv[key] for key in positive) < 1 or conv["padding"] < 0:
+                        raise ValueError(f"{where}: invalid configuration {cfg!r}")
+                    geometry = {key: conv[key] for key in ("stride", "padding", "dilation")}
+                    Ho = conv_output_size(H, conv["kernel"], **geometry)
+                    Wo = conv_output_size(Wd, conv["kernel"], **geometry)
+                    if Ho < 1 or Wo < 1:
+                        raise ValueError(f"{where}: kernel larger than its input {shape}")
+                    k = conv["kernel"]
+                    out_shape = (conv["channels"], Ho, Wo)
+                    layer.update(params=True, bias=bool(entry.get("bias", True)), conv=geometry,
+                                 fan_in=C * k * k, W_shape=(conv["channels"], C, k, k))
+                else:
+                    k = int(entry[kind])
+                    if k < 1 or H % k or Wd % k:
+                        raise ValueError(f"{where}: {k} does not divide {H}x{Wd}")
+                    layer["k"] = k
+                    out_shape = ((C, H // k, Wd // k) if kind == "avgpool"
+                                 else (C * k * k, H // k, Wd // k))
+            if "bias" in entry and not layer["params"]:
+                raise ValueError(f"layers[{j - 1}]: {kind} has no bias")
+            layer.update(out_shape=out_shape, n_out=int(np.prod(out_shape)))
             layers.append(layer)
-            n_in = layer["n_out"]
+            shape = out_shape
+        if len(shape) != 1:
+            raise ValueError(f"the last layer must output a vector, got shape {shape}")
         return layers
 
     def _parse_penalty(self, pen):
@@ -250,16 +359,20 @@ class Oracle:
             raise ValueError("softmax is allowed on the last layer only")
 
     def init_params(self, seed=0):
-        """PyTorch nn.Linear-style uniform(-k, k), k = 1/sqrt(n_in); W then b per layer."""
+        """PyTorch-style uniform(-k, k), k = 1/sqrt(fan_in); W then b per parametrised layer.
+
+        fan_in is n_in for dense (nn.Linear) and Cin*kernel*kernel for conv2d
+        (nn.Conv2d); parameter-free layers draw nothing.
+        """
         rng, params = np.random.default_rng(seed), {}
         for layer in self.layers:
-            if layer["kind"] != "dense":
+            if not layer["params"]:
                 continue
-            j, n_in, n_out = layer["j"], layer["n_in"], layer["n_out"]
-            k = 1.0 / np.sqrt(n_in)
-            params[f"W{j}"] = rng.uniform(-k, k, (n_out, n_in))
+            j, W_shape = layer["j"], layer["W_shape"]
+            k = 1.0 / np.sqrt(layer["fan_in"])
+            params[f"W{j}"] = rng.uniform(-k, k, W_shape)
             if layer["bias"]:
-                params[f"b{j}"] = rng.uniform(-k, k, n_out)
+                params[f"b{j}"] = rng.uniform(-k, k, W_shape[0])
         return params
 
     # ---- forward and loss ---------------------------------------------
@@ -274,12 +387,19 @@ class Oracle:
 
     @staticmethod
     def _pre_activation(layer, params, h):
-        j = layer["j"]
-        if layer["kind"] == "flatten":
+        j, kind = layer["j"], layer["kind"]
+        if kind == "flatten":
             return anp.reshape(h, (h.shape[0], -1))
+        if kind == "avgpool":
+            return avgpool2d(h, layer["k"])
+        if kind == "downsample":
+            return space_to_depth(h, layer["k"])
+        bias = params[f"b{j}"] if layer["bias"] else None
+        if kind == "conv2d":
+            return conv2d(h, params[f"W{j}"], bias, **layer["conv"])
         z = anp.dot(h, params[f"W{j}"].T)
-        if layer["bias"]:
-            z = z + params[f"b{j}"]
+        if bias is not None:
+            z = z + bias
         return z
 
     def _x_L(self, params, x):

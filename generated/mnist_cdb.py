@@ -96,9 +96,10 @@ def _dense_Kbox(x, y):
 
 @numba.njit(cache=True)
 def _rowdot(a, b):
-    out = np.empty((a.shape[0], 1), dtype=a.dtype)
+    # per-sample inner product over all non-batch axes: shape (B,)
+    out = np.empty(a.shape[0], dtype=a.dtype)
     for i in range(a.shape[0]):
-        out[i, 0] = np.sum(a[i] * b[i])
+        out[i] = np.sum(a[i] * b[i])
     return out
 
 
@@ -115,6 +116,16 @@ def _bsum(a):
     out = np.zeros(a.shape[1:], dtype=a.dtype)
     for i in range(a.shape[0]):
         out += a[i]
+    return out
+
+
+@numba.njit(cache=True)
+def _bsum_channels(a):
+    # the adjoint of a per-channel bias: sum over batch and space
+    out = np.zeros(a.shape[1], dtype=a.dtype)
+    for i in range(a.shape[0]):
+        for c in range(a.shape[1]):
+            out[c] += np.sum(a[i, c])
     return out
 
 
@@ -180,7 +191,7 @@ def _vjp(W1, b1, W2, b2, W3, b3, x0, v):
     z3 = b3 + _dense_K(W3, x2)  # (8)
     x3 = _softmax(z3)  # (8)
     xi3 = v  # Alg. 1: xi_L = v
-    zeta3 = x3*xi3 - x3*_rowdot(x3, xi3)  # (15)
+    zeta3 = x3*xi3 - x3*_rowdot(x3, xi3).reshape((-1, 1))  # (15)
     xi2 = _dense_KT(W3, zeta3)  # (16)
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -205,7 +216,7 @@ def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
     h2 = _dense_K(W2, q1)  # (20)
     q2 = dg2*h2  # (21)
     h3 = _dense_K(W3, q2)  # (20)
-    q3 = h3*x3 - x3*_rowdot(h3, x3)  # (21)
+    q3 = h3*x3 - x3*_rowdot(h3, x3).reshape((-1, 1))  # (21)
     return (q3,)
 
 
@@ -225,7 +236,7 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
     xi1 = _dense_KT(W2, zeta2)  # (16)
     zeta1 = dg1*xi1  # (15)
     xi0 = _dense_KT(W1, zeta1)  # (16)
-    s = _rowdot(xi0, xi0)  # s = ||xi_0||^2
+    s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     R = s  # (10)
     return (R,)
 
@@ -247,7 +258,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     xi1 = _dense_KT(W2, zeta2)  # (16)
     zeta1 = dg1*xi1  # (15)
     xi0 = _dense_KT(W1, zeta1)  # (16)
-    s = _rowdot(xi0, xi0)  # s = ||xi_0||^2
+    s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     R = s  # (10)
     q0 = 2*xi0  # q_0 = grad p(xi_0) = 2 p'(s) xi_0
     h1 = _dense_K(W1, q0)  # (20)
@@ -255,7 +266,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     h2 = _dense_K(W2, q1)  # (20)
     q2 = dg2*h2  # (21)
     h3 = _dense_K(W3, q2)  # (20)
-    eta3 = (h3*x3 - x3*_rowdot(h3, x3))*_rowsum(y)  # (44)
+    eta3 = (h3*x3 - x3*_rowdot(h3, x3).reshape((-1, 1)))*_rowsum(y)  # (44)
     gamma2 = _dense_KT(W3, eta3)  # (30)
     eta2 = dg2*gamma2  # (28)
     gamma1 = _dense_KT(W2, eta2)  # (30)

@@ -107,9 +107,10 @@ def _dense_Kbox(x, y):
 
 @numba.njit(cache=True)
 def _rowdot(a, b):
-    out = np.empty((a.shape[0], 1), dtype=a.dtype)
+    # per-sample inner product over all non-batch axes: shape (B,)
+    out = np.empty(a.shape[0], dtype=a.dtype)
     for i in range(a.shape[0]):
-        out[i, 0] = np.sum(a[i] * b[i])
+        out[i] = np.sum(a[i] * b[i])
     return out
 
 
@@ -126,6 +127,16 @@ def _bsum(a):
     out = np.zeros(a.shape[1:], dtype=a.dtype)
     for i in range(a.shape[0]):
         out += a[i]
+    return out
+
+
+@numba.njit(cache=True)
+def _bsum_channels(a):
+    # the adjoint of a per-channel bias: sum over batch and space
+    out = np.zeros(a.shape[1], dtype=a.dtype)
+    for i in range(a.shape[0]):
+        for c in range(a.shape[1]):
+            out[c] += np.sum(a[i, c])
     return out
 
 
@@ -191,7 +202,7 @@ def _vjp(W1, b1, W2, b2, W3, b3, x0, v):
     z3 = b3 + _dense_K(W3, x2)  # (8)
     x3 = _softmax(z3)  # (8)
     xi3 = v  # Alg. 1: xi_L = v
-    zeta3 = x3*xi3 - x3*_rowdot(x3, xi3)  # (15)
+    zeta3 = x3*xi3 - x3*_rowdot(x3, xi3).reshape((-1, 1))  # (15)
     xi2 = _dense_KT(W3, zeta3)  # (16)
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -216,7 +227,7 @@ def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
     h2 = _dense_K(W2, q1)  # (20)
     q2 = dg2*h2  # (21)
     h3 = _dense_K(W3, q2)  # (20)
-    q3 = h3*x3 - x3*_rowdot(h3, x3)  # (21)
+    q3 = h3*x3 - x3*_rowdot(h3, x3).reshape((-1, 1))  # (21)
     return (q3,)
 
 
@@ -233,13 +244,13 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0):
     R = np.zeros((x0.shape[0], 1), dtype=DTYPE)  # sum over i
     for i in range(10):  # R = scale * sum_i p(J^T v_i)
         xi3 = _onehot(x0, 10, i)  # Alg. 1: xi_L = v
-        zeta3 = x3*xi3 - x3*_rowdot(x3, xi3)  # (15)
+        zeta3 = x3*xi3 - x3*_rowdot(x3, xi3).reshape((-1, 1))  # (15)
         xi2 = _dense_KT(W3, zeta3)  # (16)
         zeta2 = dg2*xi2  # (15)
         xi1 = _dense_KT(W2, zeta2)  # (16)
         zeta1 = dg1*xi1  # (15)
         xi0 = _dense_KT(W1, zeta1)  # (16)
-        s = _rowdot(xi0, xi0)  # s = ||xi_0||^2
+        s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
         Ri = s  # (10)
         R += Ri  # (10), summed over i
     return (R,)
@@ -263,13 +274,13 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
     etahat3 = np.zeros((x0.shape[0], 10), dtype=DTYPE)  # sum over i
     for i in range(10):  # Alg. 4 (section 5.4): backward and backward-backward per v_i
         xi3 = _onehot(x0, 10, i)  # Alg. 1: xi_L = v
-        zeta3 = x3*xi3 - x3*_rowdot(x3, xi3)  # (15)
+        zeta3 = x3*xi3 - x3*_rowdot(x3, xi3).reshape((-1, 1))  # (15)
         xi2 = _dense_KT(W3, zeta3)  # (16)
         zeta2 = dg2*xi2  # (15)
         xi1 = _dense_KT(W2, zeta2)  # (16)
         zeta1 = dg1*xi1  # (15)
         xi0 = _dense_KT(W1, zeta1)  # (16)
-        s = _rowdot(xi0, xi0)  # s = ||xi_0||^2
+        s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
         Ri = s  # (10)
         q0 = 2*xi0  # q_0 = grad p(xi_0) = 2 p'(s) xi_0
         h1 = _dense_K(W1, q0)  # (20)
@@ -277,7 +288,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
         h2 = _dense_K(W2, q1)  # (20)
         q2 = dg2*h2  # (21)
         h3 = _dense_K(W3, q2)  # (20)
-        eta3 = x3*(h3*xi3 - h3*_rowdot(x3, xi3) - xi3*_rowdot(h3, x3)) - x3*_rowdot(x3, h3*xi3 - h3*_rowdot(x3, xi3) - xi3*_rowdot(h3, x3))  # App. B.1, corrected
+        eta3 = x3*(h3*xi3 - h3*_rowdot(x3, xi3).reshape((-1, 1)) - xi3*_rowdot(h3, x3).reshape((-1, 1))) - x3*_rowdot(x3, h3*xi3 - h3*_rowdot(x3, xi3).reshape((-1, 1)) - xi3*_rowdot(h3, x3).reshape((-1, 1))).reshape((-1, 1))  # App. B.1, corrected
         R += Ri  # (10), summed over i
         thetahat1 += _dense_Kbox(q0, zeta1)  # Alg. 4: theta^1_j
         thetahat2 += _dense_Kbox(q1, zeta2)  # Alg. 4: theta^1_j

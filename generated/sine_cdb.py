@@ -99,9 +99,10 @@ def _dense_Kbox(x, y):
 
 @numba.njit(cache=True)
 def _rowdot(a, b):
-    out = np.empty((a.shape[0], 1), dtype=a.dtype)
+    # per-sample inner product over all non-batch axes: shape (B,)
+    out = np.empty(a.shape[0], dtype=a.dtype)
     for i in range(a.shape[0]):
-        out[i, 0] = np.sum(a[i] * b[i])
+        out[i] = np.sum(a[i] * b[i])
     return out
 
 
@@ -118,6 +119,16 @@ def _bsum(a):
     out = np.zeros(a.shape[1:], dtype=a.dtype)
     for i in range(a.shape[0]):
         out += a[i]
+    return out
+
+
+@numba.njit(cache=True)
+def _bsum_channels(a):
+    # the adjoint of a per-channel bias: sum over batch and space
+    out = np.zeros(a.shape[1], dtype=a.dtype)
+    for i in range(a.shape[0]):
+        for c in range(a.shape[1]):
+            out[c] += np.sum(a[i, c])
     return out
 
 
@@ -223,7 +234,7 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
     xi1 = _dense_KT(W2, zeta2)  # (16)
     zeta1 = dg1*xi1  # (15)
     xi0 = _dense_KT(W1, zeta1)  # (16)
-    s = _rowdot(xi0, xi0)  # s = ||xi_0||^2
+    s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     R = s  # (10)
     return (R,)
 
@@ -246,7 +257,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     xi1 = _dense_KT(W2, zeta2)  # (16)
     zeta1 = dg1*xi1  # (15)
     xi0 = _dense_KT(W1, zeta1)  # (16)
-    s = _rowdot(xi0, xi0)  # s = ||xi_0||^2
+    s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     R = s  # (10)
     q0 = 2*xi0  # q_0 = grad p(xi_0) = 2 p'(s) xi_0
     h1 = _dense_K(W1, q0)  # (20)

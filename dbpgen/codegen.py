@@ -79,7 +79,10 @@ def _lines(nodes, printer: NumbaPrinter, shapes: dict, indent: str = ""):
 
 def kernel(program: Program, printer: NumbaPrinter, shapes: dict) -> dict:
     """One @njit function: arguments, commented statements, returned values."""
-    args = [s.name for s in program.used_inputs()]
+    used = program.used_inputs()
+    # x0 always comes along: it is where the batch size is read (an affine network with a
+    # constant v may otherwise not need it)
+    args = [s.name for s in program.inputs if s in used or s.name == "x0"]
     lines = list(_lines(program.stmts, printer, shapes))
     exprs = [item.expr for item in walk(program.stmts)] + [e for _, e in program.outputs]
     if any(BATCH in sp.sympify(e).free_symbols for e in exprs):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
 
+from .shapes import PER_SAMPLE
+
 
 class CodegenError(Exception):
     pass
@@ -88,9 +90,19 @@ class NumbaPrinter(NumPyPrinter):
         return self._layer_call(expr, "Kbox")
 
     def _print_Dot(self, expr):
-        rank = len(self.shape_of(expr.args[0])) if self.shape_of else 2
-        dims = ", ".join(["-1"] + ["1"] * (rank - 1))
-        return f"_rowdot({self._print(expr.args[0])}, {self._print(expr.args[1])}).reshape(({dims}))"
+        return f"_rowdot({self._print(expr.args[0])}, {self._print(expr.args[1])}).reshape((-1, 1))"
+
+    def _print_Mul(self, expr):
+        # a per-sample scalar (B, 1) times an image (B, C, H, W): align it with the batch axis
+        shape = self.shape_of(expr) if self.shape_of else ()
+        if len(shape) > 2:
+            scalars = [f for f in expr.args if self.shape_of(f) == PER_SAMPLE]
+            if scalars:
+                rest = sp.Mul(*[f for f in expr.args if f not in scalars])
+                dims = ", ".join(["-1"] + ["1"] * (len(shape) - 1))
+                prec = sp.printing.precedence.PRECEDENCE["Mul"]
+                return f"({self._print(sp.Mul(*scalars))}).reshape(({dims})) * {self.parenthesize(rest, prec)}"
+        return super()._print_Mul(expr)
 
     def _call(self, name: str, expr) -> str:
         return f"{name}({', '.join(self._print(a) for a in expr.args)})"

@@ -35,8 +35,15 @@ def input_shapes(model: Model, n_vectors: int = 1) -> dict[str, Shape]:
     return shapes
 
 
+PER_SAMPLE = (BATCH_AXIS, 1)
+
+
 def broadcast(*shapes: Shape) -> Shape:
+    """NumPy broadcasting, except that a per-sample scalar (B, 1) aligns with the batch axis
+    of an image (B, C, H, W); the printer reshapes it there."""
     ndim = max((len(s) for s in shapes), default=0)
+    if ndim > 2:
+        shapes = tuple((BATCH_AXIS,) + (1,) * (ndim - 1) if s == PER_SAMPLE else s for s in shapes)
     out = []
     for axis in range(ndim):
         dims = {s[len(s) - ndim + axis] for s in shapes if len(s) - ndim + axis >= 0} - {1}
@@ -60,10 +67,7 @@ def shape_of(expr: sp.Expr, known: dict[str, Shape], model: Model) -> Shape:
             return layer.op.weight_shape(layer.in_shape)
         space = layer.out_shape if isinstance(expr, K) else layer.in_shape
         return (BATCH_AXIS,) + tuple(space)
-    if isinstance(expr, Dot):  # per-sample scalar, broadcastable against its arguments
-        arg = shape_of(expr.args[0], known, model)
-        return (BATCH_AXIS,) + (1,) * (len(arg) - 1)
-    if isinstance(expr, (RowSum, LogSumExp)):
+    if isinstance(expr, (Dot, RowSum, LogSumExp)):
         return (BATCH_AXIS, 1)
     if isinstance(expr, Bias):
         layer = model.layers[int(expr.args[0]) - 1]

@@ -8,6 +8,7 @@ reduces to eta_j = G'_j(z_j) gamma_j (eq. 34) once the zero is propagated.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import sympy as sp
@@ -15,6 +16,7 @@ import sympy as sp
 from ..program import Program, Stmt
 
 
+@functools.lru_cache(maxsize=None)
 def almost_everywhere_zero(expr: sp.Expr) -> bool:
     """Whether SymPy proves expr = 0 up to DiracDelta terms (a null set)."""
     reduced = expr.replace(sp.DiracDelta, lambda *args: sp.S.Zero)

@@ -126,7 +126,7 @@ def torch_runner(model: Model, params, x, y, v):
         x0 = tx.clone().requires_grad_(True)
         h = x0
         for layer, g in zip(model.layers, fns):
-            z = h @ tp[f"W{layer.index}"].T + (tp[f"b{layer.index}"] if layer.op.bias else 0)
+            z = _torch_layer(torch, layer, tp, h)
             h = g(z)
         out = z if pen and pen.on_logits else h
         if model.loss == "mse":
@@ -145,10 +145,42 @@ def torch_runner(model: Model, params, x, y, v):
     return value_and_grad
 
 
+def _torch_layer(torch, layer, prm, h):
+    F, op, j = torch.nn.functional, layer.op, layer.index
+    b = prm.get(f"b{j}")
+    if op.kind == "dense":
+        return h @ prm[f"W{j}"].T + (b if b is not None else 0)
+    if op.kind == "conv2d":
+        return F.conv2d(h, prm[f"W{j}"], b, stride=op.stride, padding=op.padding, dilation=op.dilation)
+    if op.kind == "avgpool":
+        return F.avg_pool2d(h, op.k)
+    if op.kind == "downsample":
+        return F.pixel_unshuffle(h, op.k)
+    return h.flatten(1)
+
+
+def _jax_layer(jax, layer, prm, h):
+    op, j = layer.op, layer.index
+    b = prm.get(f"b{j}")
+    if op.kind == "dense":
+        return h @ prm[f"W{j}"].T + (b if b is not None else 0)
+    if op.kind == "conv2d":
+        z = jax.lax.conv_general_dilated(h, prm[f"W{j}"], (op.stride, op.stride), [(op.padding, op.padding)] * 2,
+                                         rhs_dilation=(op.dilation, op.dilation))
+        return z + (b.reshape(-1, 1, 1) if b is not None else 0)
+    B, C, H, W = h.shape
+    if op.kind == "avgpool":
+        return h.reshape(B, C, H // op.k, op.k, W // op.k, op.k).mean(axis=(3, 5))
+    if op.kind == "downsample":
+        k = op.k
+        return h.reshape(B, C, H // k, k, W // k, k).transpose(0, 1, 3, 5, 2, 4).reshape(B, C * k * k, H // k, W // k)
+    return h.reshape(B, -1)
+
+
 def _torch_penalty(torch, pen, out, loss, x0, tv, p, C):
     def sq(v_out):
         g = torch.autograd.grad(v_out, x0, create_graph=True)[0]
-        return p((g * g).sum(1))
+        return p((g * g).flatten(1).sum(1))
 
     if pen.v == "loss_gradient":
         return sq(loss.sum())
@@ -184,7 +216,7 @@ def jax_runner(model: Model, params, x, y, v):
     def net(prm, x0):
         h = x0
         for layer, g in zip(model.layers, fns):
-            z = h @ prm[f"W{layer.index}"].T + (prm[f"b{layer.index}"] if layer.op.bias else 0)
+            z = _jax_layer(jax, layer, prm, h)
             h = g(z)
         return z, h
 
@@ -205,7 +237,7 @@ def jax_runner(model: Model, params, x, y, v):
         if pen:
             def sq(f):
                 g = jax.grad(lambda xx: f(xx).sum())(x0)
-                return p((g * g).sum(1))
+                return p((g * g).reshape(g.shape[0], -1).sum(1))
 
             if pen.v == "loss_gradient":
                 R = sq(lambda xx: loss_of(prm, xx, yy))
@@ -239,6 +271,8 @@ def pytensor_runner(model: Model, params, x, y, v):
     import pytensor.tensor as pt
 
     _check_penalty(model)
+    if any(layer.op.kind != "dense" for layer in model.layers):
+        raise Unsupported("image layers (not wired up for PyTensor)")
     acts = {"identity": lambda z: z, "relu": lambda z: pt.maximum(z, 0), "tanh": pt.tanh,
             "sigmoid": pt.sigmoid, "softplus": pt.softplus, "sin": pt.sin,
             "elu": lambda z: pt.switch(z > 0, z, pt.expm1(z)), "silu": lambda z: z * pt.sigmoid(z),
@@ -289,15 +323,24 @@ def pytensor_runner(model: Model, params, x, y, v):
 RUNNERS = {"torch": torch_runner, "jax": jax_runner, "pytensor": pytensor_runner}
 
 
+def gemm_shape(layer, batch: int) -> tuple[int, int, int]:
+    """(M, K, N) of the GEMM that one application of a layer amounts to, over the batch."""
+    op = layer.op
+    if op.kind == "conv2d":
+        _, Ho, Wo = op.out_shape(layer.in_shape)
+        return op.out, layer.in_shape[0] * op.kernel * op.kernel, Ho * Wo * batch
+    return batch, layer.in_shape[0], op.out
+
+
 def gemm_gflops(model: Model, batch: int) -> float:
-    """What NumPy's own matmul reaches on this machine for the model's largest dense layer."""
-    layer = max(model.layers, key=lambda l: l.op.flops(l.in_shape))
-    n_in, n_out = layer.in_shape[0], layer.op.out
+    """What NumPy's own matmul reaches on this machine for the model's largest layer."""
+    layer = max((l for l in model.layers if l.op.has_params), key=lambda l: l.op.flops(l.in_shape))
+    M, K, N = gemm_shape(layer, batch)
     dtype = np.dtype(model.dtype)
-    a = np.random.default_rng(0).standard_normal((batch, n_in)).astype(dtype)
-    w = np.random.default_rng(1).standard_normal((n_out, n_in)).astype(dtype)
-    ms = median_ms(lambda: a @ w.T, seconds=0.5)
-    return 2 * batch * n_in * n_out / (ms * 1e6)
+    a = np.random.default_rng(0).standard_normal((M, K)).astype(dtype)
+    b = np.random.default_rng(1).standard_normal((N, K)).astype(dtype)
+    ms = median_ms(lambda: a @ b.T, seconds=0.5)
+    return 2 * M * K * N / (ms * 1e6)
 
 
 def run(path, batch: int, against=PEERS, dtype: str | None = None, naive: bool = False,

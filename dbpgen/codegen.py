@@ -120,6 +120,8 @@ def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: di
         "count_ops": count_ops,
         # count mode runs plain Python so that operator kernels can count their calls
         "jit": "" if count_ops else "@numba.njit(cache=True)",
+        "program_jit": "" if count_ops or not all(l.op.small_kernels for l in model.layers)
+        else "@numba.njit(cache=True)",
         "weight": repr(float(pen.weight)) if pen else "0.0",
         "v_kind": pen.v if pen else None,
         "v_index": pen.index if pen else None,

@@ -36,6 +36,8 @@ class Dense:
     bias: bool = True
     kind: str = field(default="dense", init=False)
     has_params: bool = field(default=True, init=False)
+    # small kernels: programs calling them are jitted whole (LLVM inlines every call site)
+    small_kernels: bool = field(default=True, init=False)
 
     def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         return (self.out,)
@@ -67,6 +69,9 @@ class Conv2d:
     bias: bool = True
     kind: str = field(default="conv2d", init=False)
     has_params: bool = field(default=True, init=False)
+    # im2col + GEMM kernels are large: inlined at every call site they cost minutes of LLVM
+    # time, so programs with conv2d run as Python calling the jitted kernels
+    small_kernels: bool = field(default=False, init=False)
 
     def out_shape(self, in_shape):
         _, H, W = in_shape
@@ -100,6 +105,7 @@ class AvgPool:
     bias: bool = field(default=False, init=False)
     kind: str = field(default="avgpool", init=False)
     has_params: bool = field(default=False, init=False)
+    small_kernels: bool = field(default=True, init=False)
 
     def out_shape(self, in_shape):
         C, H, W = in_shape
@@ -120,6 +126,7 @@ class Downsample:
     bias: bool = field(default=False, init=False)
     kind: str = field(default="downsample", init=False)
     has_params: bool = field(default=False, init=False)
+    small_kernels: bool = field(default=True, init=False)
 
     def out_shape(self, in_shape):
         C, H, W = in_shape
@@ -139,6 +146,7 @@ class Flatten:
     bias: bool = field(default=False, init=False)
     kind: str = field(default="flatten", init=False)
     has_params: bool = field(default=False, init=False)
+    small_kernels: bool = field(default=True, init=False)
 
     def out_shape(self, in_shape):
         return (_size(in_shape),)

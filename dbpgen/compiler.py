@@ -60,7 +60,7 @@ def build(model: Model, simplified: bool = True) -> Compiled:
     programs = {}
     for name, program in derived.items():
         stages[name] = [("derive", program)]
-        programs[name] = simplify(program, stages[name]) if simplified else program
+        programs[name] = simplify(program, stages[name], model) if simplified else program
     naive = dict(derived, value_and_grad=naive_value_and_grad(model))
     if not simplified:  # emit the naive programs as they are, DiracDelta read as 0 a.e.
         programs = {name: map_exprs(p, _drop_distributions) for name, p in naive.items()}

@@ -237,3 +237,34 @@ class Row(sp.Function):
 
 
 ARRAY_FUNCTIONS = (K, KT, Kbox, Bias, BiasBox, Dot, RowSum, BSum, Softmax, LogSumExp, OneHot, Row)
+
+
+class Gram(sp.Function):
+    """G_j = W_j W_j^T of a dense layer: K_j(W_j, K_j^T(W_j, .)) as one matrix (per call)."""
+
+    nargs = 2  # (j, W_j)
+
+    def _latex(self, printer):
+        w = printer._print(self.args[1])
+        return rf"{w} {w}^{{T}}"
+
+
+class GramMul(_Linear):
+    """a G: K_j(W_j, K_j^T(W_j, a)) through the Gram matrix (G is symmetric)."""
+
+    nargs = 2  # (a, G)
+    zero_args = (0,)
+
+
+class GramBox(_Linear):
+    """sum_b y_b a_b^T over the batch, N_j x N_j: K^box_j(q_0, zeta_1) before W_j."""
+
+    nargs = 2  # (a, y)
+    zero_args = (0, 1)
+
+
+class GramOut(_Linear):
+    """M W_j: turns an accumulated GramBox into the K^box_j it stands for."""
+
+    nargs = 2  # (M, W_j)
+    zero_args = (0,)

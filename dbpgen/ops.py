@@ -6,14 +6,23 @@ from .program import Program, count_ops
 
 
 def op_counts(model: Model, program: Program) -> dict:
-    """Applications of each operator in one call, and their flops for one sample."""
+    """Applications of each operator in one call, and their flops for one sample.
+
+    Gram-contraction products (passes/gram.py) add 2 N_1^2 flops per sample each; their
+    once-per-call products (W_1 W_1^T, M W_1) are reported as flops_per_call.
+    """
     counts = count_ops(program)
     flops = 0
-    for layers in counts.values():
-        for j in layers:
+    for kind in ("K", "KT", "Kbox"):
+        for j in counts[kind]:
             layer = model.layers[j - 1]
             flops += layer.op.flops(layer.in_shape)
-    return {"K": len(counts["K"]), "KT": len(counts["KT"]), "Kbox": len(counts["Kbox"]), "flops": flops}
+    out = {"K": len(counts["K"]), "KT": len(counts["KT"]), "Kbox": len(counts["Kbox"]), "flops": flops}
+    if counts["gram_sample"] or counts["gram_call"]:
+        n1, n0 = model.layers[0].op.out, model.layers[0].in_shape[0]
+        out["flops"] += 2 * n1 * n1 * counts["gram_sample"]
+        out["flops_per_call"] = 2 * n1 * n1 * n0 * counts["gram_call"]
+    return out
 
 
 def ops_table(model: Model, naive: Program, emitted: Program) -> dict:

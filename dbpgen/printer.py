@@ -119,6 +119,18 @@ class NumbaPrinter(NumPyPrinter):
     def _print_LogSumExp(self, expr):
         return self._call("_logsumexp", expr)
 
+    def _print_Gram(self, expr):
+        return f"_gram({self._print(expr.args[1])})"
+
+    def _print_GramMul(self, expr):
+        return self._call("_gram_mul", expr)
+
+    def _print_GramBox(self, expr):
+        return self._call("_gram_box", expr)
+
+    def _print_GramOut(self, expr):
+        return self._call("_gram_out", expr)
+
     def _print_OneHot(self, expr):
         return f"_onehot(x0, {int(expr.args[1])}, {self._print(expr.args[0])})"
 

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Union
 
 import sympy as sp
 
-from .functions import BSum, K, KT, Kbox
+from .functions import BSum, Gram, GramBox, GramMul, GramOut, K, KT, Kbox
 
 PHASES = ("forward", "backward", "backward-backward", "forward-backward", "loss", "gradients")
 
@@ -143,7 +143,7 @@ def substitute(program: Program, mapping: dict) -> Program:
 
 def count_ops(program: Program) -> dict[str, list[int]]:
     """Layer index of every K, K^T and K^box application in one call (loops unrolled)."""
-    counts = {"K": [], "KT": [], "Kbox": []}
+    counts = {"K": [], "KT": [], "Kbox": [], "gram_sample": 0, "gram_call": 0}
     names = {K: "K", KT: "KT", Kbox: "Kbox"}
     items = list(trips(program.stmts)) + [(sp.sympify(e), 1) for _, e in program.outputs]
     for item, times in items:
@@ -152,6 +152,10 @@ def count_ops(program: Program) -> dict[str, list[int]]:
             kind = names.get(type(node))
             if kind:
                 counts[kind].extend([node.layer] * times)
+            elif isinstance(node, (GramMul, GramBox)):
+                counts["gram_sample"] += times
+            elif isinstance(node, (Gram, GramOut)):
+                counts["gram_call"] += times
     return counts
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .functions import Bias, BiasBox, BSum, Dot, K, Kbox, KT, LogSumExp, OneHot, Row, RowSum, Softmax
+from .functions import Bias, BiasBox, Gram, GramBox, GramMul, GramOut, BSum, Dot, K, Kbox, KT, LogSumExp, OneHot, Row, RowSum, Softmax
 from .ir import Model
 
 BATCH_AXIS = "B"
@@ -76,6 +76,13 @@ def shape_of(expr: sp.Expr, known: dict[str, Shape], model: Model) -> Shape:
         return (model.layers[int(expr.args[0]) - 1].out_shape[0],)
     if isinstance(expr, BSum):
         return shape_of(expr.args[0], known, model)[1:]
+    if isinstance(expr, (Gram, GramBox)):
+        n = model.layers[0].op.out
+        return (n, n)
+    if isinstance(expr, GramMul):
+        return shape_of(expr.args[0], known, model)
+    if isinstance(expr, GramOut):
+        return shape_of(expr.args[1], known, model)
     if isinstance(expr, OneHot):
         return (BATCH_AXIS, int(expr.args[1]))
     if isinstance(expr, Row):

@@ -169,6 +169,29 @@ def _onehot(x0, C, i):
     out[:, i] = 1
     return out
 
+
+# -- the Gram contraction of a dense input layer (dbpgen/passes/gram.py) --
+
+
+@numba.njit(cache=True)
+def _gram(W):
+    return W @ W.T
+
+
+@numba.njit(cache=True)
+def _gram_mul(a, G):
+    return a @ G
+
+
+@numba.njit(cache=True)
+def _gram_box(a, y):
+    return y.T @ a
+
+
+@numba.njit(cache=True)
+def _gram_out(M, W):
+    return M @ W
+
 # -- derived programs -----------------------------------------------------------------
 
 

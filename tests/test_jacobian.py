@@ -195,3 +195,17 @@ def test_measured_peak_memory_is_flat_in_C(tmp_path, rng):
         tracemalloc.stop()
         peaks[C] = peak - sum(g.nbytes for g in grads.values())
     assert peaks[100] <= 1.10 * peaks[10], peaks
+
+
+@pytest.mark.parametrize("pen", [JAC, dict(JAC, p="(sqrt(s) - 1)**2"), {"v": "projections", "count": 4}],
+                         ids=["jacobian", "general_p", "projections"])
+def test_gram_contraction_of_a_wide_input_layer(pen, tmp_path, rng):
+    """Beyond the paper: xi_0, h_1 and K^box_1 through W_1 W_1^T when N_1 << n_0."""
+    spec = mlp("gram_" + pen["v"], ["leaky_relu", "leaky_relu"], "softmax", "nll", pen, widths=(4, 3), n_in=40, C=3)
+    m = compile_spec(spec, tmp_path, jit=False)
+    assert "Gram contraction" in m.EQUATIONS
+    assert m.OPS["emitted"]["K"] + m.OPS["emitted"]["KT"] < 2 * 3 * 3 + 2 * 3 - 1 + 2
+    v = rng.normal(size=(4, 4, 3)) if pen["v"] == "projections" else None
+    compare(spec, m, rng, v=v)
+    narrow = derive(write_model(mlp("narrow", ["relu"], "softmax", "nll", JAC, widths=(8,), n_in=3), tmp_path))
+    assert not any("Gram" in n for n in narrow.simplifications)

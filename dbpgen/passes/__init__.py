@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..program import Program, verify
 from .constants import propagate_constants
 from .dead_code import eliminate_dead_code
+from .gram import contract_input_gram
 from .merge import merge_weight_adjoints
 from .second_derivative import vanish_second_derivatives
 
@@ -12,17 +13,20 @@ PIPELINE = (
     vanish_second_derivatives,
     # eta_L = 0 and its cascade, g' = 1 of identities (section 5.3, App. B.3)
     propagate_constants,
+    # K_1 K_1^T through W_1 W_1^T inside per-vector loops, where it saves flops
+    contract_input_gram,
     # K^box(x, a) + lam K^box(x, b) = K^box(x, a + lam b) (eq. 31-32)
     merge_weight_adjoints,
     # statements no output needs (the forward-backward pass after the cascade)
     eliminate_dead_code,
 )
+NEEDS_MODEL = (contract_input_gram,)
 
 
-def simplify(program: Program, stages: list | None = None) -> Program:
+def simplify(program: Program, stages: list | None = None, model=None) -> Program:
     """Run PIPELINE; if `stages` is a list, append (pass name, program) after each pass."""
     for step in PIPELINE:
-        program = verify(step(program))
+        program = verify(step(program, model) if step in NEEDS_MODEL else step(program))
         if stages is not None:
             stages.append((step.__name__, program))
     return program

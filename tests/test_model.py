@@ -87,8 +87,10 @@ def test_benchmarks_load(name):
 
 
 def test_defaults(tmp_path):
-    model = load(tmp_path, variant(loss=DELETE))
-    assert (model.dtype, model.loss, model.penalty) == ("float64", "none", None)
+    model = load(tmp_path, variant(loss=DELETE, penalty={"v": "given"}))
+    assert (model.dtype, model.loss) == ("float64", "none")
+    pen = model.penalty
+    assert (pen.p_name, pen.p, pen.weight, pen.on_logits) == ("squared_norm", S, 1.0, False)
     assert model.layers[1].act.name == "identity" and model.layers[1].act.expr == Z
     assert model.layers[0].op.bias is True
 

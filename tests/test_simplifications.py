@@ -102,5 +102,5 @@ def test_no_merge_without_a_loss(tmp_path):
 def test_stages_are_recorded_in_pipeline_order(tmp_path):
     d = derivation(mlp("m", ["relu"], None, "mse", NODE, widths=(3,)), tmp_path)
     assert [name for name, _ in d.stages] == [
-        "derive", "vanish_second_derivatives", "propagate_constants", "merge_weight_adjoints",
-        "eliminate_dead_code"]
+        "derive", "vanish_second_derivatives", "propagate_constants", "contract_input_gram",
+        "merge_weight_adjoints", "eliminate_dead_code"]

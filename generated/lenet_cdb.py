@@ -142,128 +142,111 @@ def _avgpool_KT(y, k):
 # Ho = (H + 2 padding - dilation (k - 1) - 1) // stride + 1 (Wo likewise).
 # Per sample: im2col into a (Cin k k, Ho Wo) buffer that stays in cache, then one GEMM
 # against the (Cout, Cin k k) filter matrix, written straight into the output (np.dot with
-# out).  The batch is split into one contiguous chunk per thread (numba.prange over the
-# chunks; a plain loop when the kernels run as plain Python), each chunk with its own
-# im2col / padding buffers, and K^box with its own partial sum, added up at the end: no
-# two threads write the same memory.  The per-sample GEMMs are too small for OpenBLAS to
-# thread them itself, so the chunks do not oversubscribe the cores.  The im2col gather and
-# col2im scatter move one 2-d strided block per filter tap: quick under numba, quick to
-# compile, and vectorized when the kernels run as plain Python. --
-
-
-@numba.njit(cache=True)
-def _conv2d_chunks(B):
-    # the number of batch chunks: one per thread, at most one per sample
-    return max(1, min(B, numba.get_num_threads()))
+# out).  Rows are gathered / scattered with 1-d strided slices: as fast as scalar loops
+# under numba, quick to compile, and vectorized when the kernels run as plain Python. --
 
 
 @numba.njit(cache=True)
 def _conv2d_pad(x, b, padding, xp):
     # the interior of the zero-bordered (Cin, H + 2 padding, Wd + 2 padding) xp = x[b]
-    H, Wd = x.shape[2], x.shape[3]
-    xp[:, padding:padding + H, padding:padding + Wd] = x[b]
+    Cin, H, Wd = x.shape[1], x.shape[2], x.shape[3]
+    for c in range(Cin):
+        for h in range(H):
+            xp[c, padding + h, padding:padding + Wd] = x[b, c, h]
 
 
 @numba.njit(cache=True)
 def _conv2d_im2col(img, k, stride, dilation, Ho, Wo, cols):
     # cols[(c k + i) k + j, oh Wo + ow] = img[c, oh stride + i dilation, ow stride + j dilation]
     Cin = img.shape[0]
-    hspan = stride * (Ho - 1) + 1
     wspan = stride * (Wo - 1) + 1
-    cols3 = cols.reshape(Cin * k * k, Ho, Wo)
     for c in range(Cin):
         for i in range(k):
             for j in range(k):
-                r = i * dilation
+                q = (c * k + i) * k + j
                 s = j * dilation
-                cols3[(c * k + i) * k + j] = img[c, r:r + hspan:stride, s:s + wspan:stride]
+                for oh in range(Ho):
+                    cols[q, oh * Wo:(oh + 1) * Wo] = img[c, oh * stride + i * dilation, s:s + wspan:stride]
 
 
 @numba.njit(cache=True)
 def _conv2d_col2im(cols, k, stride, dilation, Ho, Wo, img):
     # the adjoint of _conv2d_im2col: img += the columns scattered back (img is not cleared)
     Cin = img.shape[0]
-    hspan = stride * (Ho - 1) + 1
     wspan = stride * (Wo - 1) + 1
-    cols3 = cols.reshape(Cin * k * k, Ho, Wo)
     for c in range(Cin):
         for i in range(k):
             for j in range(k):
-                r = i * dilation
+                q = (c * k + i) * k + j
                 s = j * dilation
-                block = img[c, r:r + hspan:stride, s:s + wspan:stride]
-                block += cols3[(c * k + i) * k + j]
+                for oh in range(Ho):
+                    row = img[c, oh * stride + i * dilation, s:s + wspan:stride]
+                    row += cols[q, oh * Wo:(oh + 1) * Wo]
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True)
 def _conv2d_K(W, x, stride, padding, dilation):
     B, Cin, H, Wd = x.shape
     Cout = W.shape[0]
     k = W.shape[2]
     Ho = (H + 2 * padding - dilation * (k - 1) - 1) // stride + 1
     Wo = (Wd + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-    Wm = np.ascontiguousarray(W).reshape(Cout, Cin * k * k)
-    n = _conv2d_chunks(B)
-    cols = np.empty((n, Cin * k * k, Ho * Wo), dtype=x.dtype)
-    xp = np.zeros((n, Cin, H + 2 * padding, Wd + 2 * padding), dtype=x.dtype)
+    Wm = W.reshape(Cout, Cin * k * k)
+    cols = np.empty((Cin * k * k, Ho * Wo), dtype=x.dtype)
+    xp = np.zeros((Cin, H + 2 * padding, Wd + 2 * padding), dtype=x.dtype)
     out = np.empty((B, Cout, Ho * Wo), dtype=x.dtype)
-    for t in numba.prange(n):
-        for b in range(t * B // n, (t + 1) * B // n):
-            if padding > 0:
-                _conv2d_pad(x, b, padding, xp[t])
-                _conv2d_im2col(xp[t], k, stride, dilation, Ho, Wo, cols[t])
-            else:
-                _conv2d_im2col(x[b], k, stride, dilation, Ho, Wo, cols[t])
-            np.dot(Wm, cols[t], out[b])  # (Cout, Cin k k) @ (Cin k k, Ho Wo)
+    for b in range(B):
+        if padding > 0:
+            _conv2d_pad(x, b, padding, xp)
+            img = xp
+        else:
+            img = x[b]
+        _conv2d_im2col(img, k, stride, dilation, Ho, Wo, cols)
+        np.dot(Wm, cols, out[b])  # (Cout, Cin k k) @ (Cin k k, Ho Wo)
     return out.reshape(B, Cout, Ho, Wo)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True)
 def _conv2d_KT(W, y, stride, padding, dilation, H, Wd):
     B, Cout, Ho, Wo = y.shape
     Cin = W.shape[1]
     k = W.shape[2]
-    WmT = np.ascontiguousarray(W).reshape(Cout, Cin * k * k).T
-    y3 = np.ascontiguousarray(y).reshape(B, Cout, Ho * Wo)
-    n = _conv2d_chunks(B)
-    cols = np.empty((n, Cin * k * k, Ho * Wo), dtype=y.dtype)
-    xp = np.empty((n, Cin, H + 2 * padding, Wd + 2 * padding), dtype=y.dtype)
-    out = np.empty((B, Cin, H, Wd), dtype=y.dtype)
-    for t in numba.prange(n):
-        for b in range(t * B // n, (t + 1) * B // n):
-            np.dot(WmT, y3[b], cols[t])  # (Cin k k, Cout) @ (Cout, Ho Wo)
-            if padding > 0:
-                xp[t].fill(0)
-                _conv2d_col2im(cols[t], k, stride, dilation, Ho, Wo, xp[t])
-                out[b] = xp[t, :, padding:padding + H, padding:padding + Wd]
-            else:
-                out[b].fill(0)
-                _conv2d_col2im(cols[t], k, stride, dilation, Ho, Wo, out[b])
+    WmT = W.reshape(Cout, Cin * k * k).T
+    y3 = y.reshape(B, Cout, Ho * Wo)
+    cols = np.empty((Cin * k * k, Ho * Wo), dtype=y.dtype)
+    xp = np.zeros((Cin, H + 2 * padding, Wd + 2 * padding), dtype=y.dtype)
+    out = np.zeros((B, Cin, H, Wd), dtype=y.dtype)
+    for b in range(B):
+        np.dot(WmT, y3[b], cols)  # (Cin k k, Cout) @ (Cout, Ho Wo)
+        if padding > 0:
+            xp.fill(0)
+            _conv2d_col2im(cols, k, stride, dilation, Ho, Wo, xp)
+            for c in range(Cin):
+                for h in range(H):
+                    out[b, c, h] = xp[c, padding + h, padding:padding + Wd]
+        else:
+            _conv2d_col2im(cols, k, stride, dilation, Ho, Wo, out[b])
     return out
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True)
 def _conv2d_Kbox(x, y, stride, padding, dilation, k):
     B, Cin, H, Wd = x.shape
     Cout, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
-    y3 = np.ascontiguousarray(y).reshape(B, Cout, Ho * Wo)
-    n = _conv2d_chunks(B)
-    cols = np.empty((n, Cin * k * k, Ho * Wo), dtype=x.dtype)
-    xp = np.zeros((n, Cin, H + 2 * padding, Wd + 2 * padding), dtype=x.dtype)
-    part = np.zeros((n, Cout, Cin * k * k), dtype=x.dtype)  # one partial sum per chunk
-    term = np.empty((n, Cout, Cin * k * k), dtype=x.dtype)
-    for t in numba.prange(n):
-        for b in range(t * B // n, (t + 1) * B // n):
-            if padding > 0:
-                _conv2d_pad(x, b, padding, xp[t])
-                _conv2d_im2col(xp[t], k, stride, dilation, Ho, Wo, cols[t])
-            else:
-                _conv2d_im2col(x[b], k, stride, dilation, Ho, Wo, cols[t])
-            np.dot(y3[b], cols[t].T, term[t])  # (Cout, Ho Wo) @ (Ho Wo, Cin k k)
-            part[t] += term[t]
-    grad = part[0]
-    for t in range(1, n):
-        grad += part[t]
+    y3 = y.reshape(B, Cout, Ho * Wo)
+    cols = np.empty((Cin * k * k, Ho * Wo), dtype=x.dtype)
+    xp = np.zeros((Cin, H + 2 * padding, Wd + 2 * padding), dtype=x.dtype)
+    grad = np.zeros((Cout, Cin * k * k), dtype=x.dtype)
+    term = np.empty((Cout, Cin * k * k), dtype=x.dtype)
+    for b in range(B):
+        if padding > 0:
+            _conv2d_pad(x, b, padding, xp)
+            img = xp
+        else:
+            img = x[b]
+        _conv2d_im2col(img, k, stride, dilation, Ho, Wo, cols)
+        np.dot(y3[b], cols.T, term)  # (Cout, Ho Wo) @ (Ho Wo, Cin k k)
+        grad += term
     return grad.reshape(Cout, Cin, k, k)
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --

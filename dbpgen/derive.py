@@ -106,11 +106,15 @@ def forward(model: Model, b: _Builder, derivatives: bool = True) -> None:
             b.let(sym("x", j), Softmax(sym("z", j)), "forward", "(8)")
             continue
         expr = layer.act.expr
-        b.let(sym("x", j), expr.subs(Z, sym("z", j)), "forward", "(8)")
+        g_of_z = expr.subs(Z, sym("z", j))
+        b.let(sym("x", j), g_of_z, "forward", "(8)")
         if derivatives:
+            # reuse x_j = g_j(z_j) where g_j' and g_j'' contain it (tanh' = 1 - x^2)
+            reuse = {} if g_of_z.is_Symbol else {g_of_z: sym("x", j)}
             d1 = sp.diff(expr, Z)
-            b.let(sym("dg", j), d1.subs(Z, sym("z", j)), "forward", f"g'_{j} (9), SymPy")
-            b.let(sym("ddg", j), sp.diff(d1, Z).subs(Z, sym("z", j)), "forward", f"g''_{j} (9), SymPy")
+            b.let(sym("dg", j), d1.subs(Z, sym("z", j)).xreplace(reuse), "forward", f"g'_{j} (9), SymPy")
+            b.let(sym("ddg", j), sp.diff(d1, Z).subs(Z, sym("z", j)).xreplace(reuse), "forward",
+                  f"g''_{j} (9), SymPy")
 
 
 def loss_gradient_out(model: Model):

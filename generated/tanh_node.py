@@ -24,12 +24,12 @@ input-space argument first; lam = penalty weight, B = batch size.
 [forward]
   z1 = b1 + K_1(W1, x0)                                       # (8)
   x1 = tanh(z1)                                               # (8)
-  dg1 = 1 - tanh(z1)**2                                       # g'_1 (9), SymPy
-  ddg1 = -(2 - 2*tanh(z1)**2)*tanh(z1)                        # g''_1 (9), SymPy
+  dg1 = 1 - x1**2                                             # g'_1 (9), SymPy
+  ddg1 = -x1*(2 - 2*x1**2)                                    # g''_1 (9), SymPy
   z2 = b2 + K_2(W2, x1)                                       # (8)
   x2 = tanh(z2)                                               # (8)
-  dg2 = 1 - tanh(z2)**2                                       # g'_2 (9), SymPy
-  ddg2 = -(2 - 2*tanh(z2)**2)*tanh(z2)                        # g''_2 (9), SymPy
+  dg2 = 1 - x2**2                                             # g'_2 (9), SymPy
+  ddg2 = -x2*(2 - 2*x2**2)                                    # g''_2 (9), SymPy
   z3 = b3 + K_3(W3, x2)                                       # (8)
   x3 = z3                                                     # (8)
 [backward]
@@ -210,9 +210,10 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
 def _vjp(W1, b1, W2, b2, W3, x0, v):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.tanh(z1)  # (8)
-    dg1 = 1 - np.tanh(z1)**2  # g'_1 (9), SymPy
+    dg1 = 1 - x1**2  # g'_1 (9), SymPy
     z2 = b2 + _dense_K(W2, x1)  # (8)
-    dg2 = 1 - np.tanh(z2)**2  # g'_2 (9), SymPy
+    x2 = np.tanh(z2)  # (8)
+    dg2 = 1 - x2**2  # g'_2 (9), SymPy
     xi3 = v  # Alg. 1: xi_L = v
     zeta3 = xi3  # (15)
     xi2 = _dense_KT(W3, zeta3)  # (16)
@@ -227,9 +228,10 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
 def _jvp(W1, b1, W2, b2, W3, x0, u):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.tanh(z1)  # (8)
-    dg1 = 1 - np.tanh(z1)**2  # g'_1 (9), SymPy
+    dg1 = 1 - x1**2  # g'_1 (9), SymPy
     z2 = b2 + _dense_K(W2, x1)  # (8)
-    dg2 = 1 - np.tanh(z2)**2  # g'_2 (9), SymPy
+    x2 = np.tanh(z2)  # (8)
+    dg2 = 1 - x2**2  # g'_2 (9), SymPy
     q0 = u  # q_0 = u
     h1 = _dense_K(W1, q0)  # (20)
     q1 = dg1*h1  # (21)
@@ -244,9 +246,10 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
 def _penalty(W1, b1, W2, b2, W3, x0, v):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.tanh(z1)  # (8)
-    dg1 = 1 - np.tanh(z1)**2  # g'_1 (9), SymPy
+    dg1 = 1 - x1**2  # g'_1 (9), SymPy
     z2 = b2 + _dense_K(W2, x1)  # (8)
-    dg2 = 1 - np.tanh(z2)**2  # g'_2 (9), SymPy
+    x2 = np.tanh(z2)  # (8)
+    dg2 = 1 - x2**2  # g'_2 (9), SymPy
     xi3 = v  # Alg. 1: xi_L = v
     zeta3 = xi3  # (15)
     xi2 = _dense_KT(W3, zeta3)  # (16)
@@ -264,12 +267,12 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
     B = x0.shape[0]  # batch size
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.tanh(z1)  # (8)
-    dg1 = 1 - np.tanh(z1)**2  # g'_1 (9), SymPy
-    ddg1 = -(2 - 2*np.tanh(z1)**2)*np.tanh(z1)  # g''_1 (9), SymPy
+    dg1 = 1 - x1**2  # g'_1 (9), SymPy
+    ddg1 = -x1*(2 - 2*x1**2)  # g''_1 (9), SymPy
     z2 = b2 + _dense_K(W2, x1)  # (8)
     x2 = np.tanh(z2)  # (8)
-    dg2 = 1 - np.tanh(z2)**2  # g'_2 (9), SymPy
-    ddg2 = -(2 - 2*np.tanh(z2)**2)*np.tanh(z2)  # g''_2 (9), SymPy
+    dg2 = 1 - x2**2  # g'_2 (9), SymPy
+    ddg2 = -x2*(2 - 2*x2**2)  # g''_2 (9), SymPy
     z3 = b3 + _dense_K(W3, x2)  # (8)
     x3 = z3  # (8)
     xi3 = v  # Alg. 1: xi_L = v

@@ -145,17 +145,21 @@ def _count_module(spec, tmp_path, naive=False):
     return import_module(out, jit=False)
 
 
-@pytest.mark.parametrize("L,C", [(1, 1), (2, 3), (3, 5), (4, 10)])
-@pytest.mark.parametrize("naive", [False, True], ids=["emitted", "naive"])
-def test_measured_operation_counts_equal_reported(L, C, naive, tmp_path, rng):
-    """`dbpgen compile --count-ops`: the kernels count their own calls."""
-    spec = mlp(f"cnt_{L}_{C}", ["relu"] * (L - 1), "softmax", "nll", JAC, widths=(3,) * (L - 1), C=C)
+def assert_measured_counts_equal_reported(spec, tmp_path, naive, rng):
     m = _count_module(spec, tmp_path, naive)
     x, y, _ = batch_for(spec, rng, 3)
     m.reset_counts()
     m.value_and_grad(m.init_params(), x, y)
     column = m.OPS["naive" if naive else "emitted"]
     assert m.COUNTS == {k: column[k] for k in ("K", "KT", "Kbox")}
+
+
+@pytest.mark.parametrize("L,C", [(1, 1), (2, 3), (3, 5), (4, 10)])
+@pytest.mark.parametrize("naive", [False, True], ids=["emitted", "naive"])
+def test_measured_operation_counts_equal_reported(L, C, naive, tmp_path, rng):
+    """`dbpgen compile --count-ops`: the kernels count their own calls."""
+    spec = mlp(f"cnt_{L}_{C}", ["relu"] * (L - 1), "softmax", "nll", JAC, widths=(3,) * (L - 1), C=C)
+    assert_measured_counts_equal_reported(spec, tmp_path, naive, rng)
 
 
 @pytest.mark.parametrize("spec", [
@@ -165,12 +169,7 @@ def test_measured_operation_counts_equal_reported(L, C, naive, tmp_path, rng):
 ], ids=lambda s: s["name"])
 def test_measured_counts_for_single_vector_penalties(spec, tmp_path, rng):
     for naive in (False, True):
-        m = _count_module(spec, tmp_path, naive)
-        x, y, _ = batch_for(spec, rng, 3)
-        m.reset_counts()
-        m.value_and_grad(m.init_params(), x, y)
-        column = m.OPS["naive" if naive else "emitted"]
-        assert m.COUNTS == {k: column[k] for k in ("K", "KT", "Kbox")}
+        assert_measured_counts_equal_reported(spec, tmp_path, naive, rng)
 
 
 def _jacobian_net(C):

@@ -6,6 +6,7 @@ which API pieces a model needs); the templates in `templates/` only print it.
 from __future__ import annotations
 
 import pprint
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -105,6 +106,9 @@ def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: di
         printer = NumbaPrinter(model, lambda e, shapes=shapes: shape_of(e, shapes, model))
         kernels[name] = kernel(program, printer, shapes)
     pen = model.penalty
+    # only the helper kernels some program calls are printed (no dead code in the module)
+    called = {name for k in kernels.values() for line in [l for l, _ in k["lines"]] + k["returns"]
+              for name in re.findall(r"\b(_[a-z0-9_]+)\(", line)}
     context = {
         "version": __version__,
         "model": model,
@@ -118,6 +122,7 @@ def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: di
         "ops": pprint.pformat(ops, sort_dicts=True, width=88),
         "peak_bytes": pprint.pformat(peak_bytes, sort_dicts=True, width=88),
         "count_ops": count_ops,
+        "helpers": sorted(called),
         # count mode runs plain Python so that operator kernels can count their calls
         "jit": "" if count_ops else "@numba.njit(cache=True)",
         "program_jit": "" if count_ops or not all(l.op.small_kernels for l in model.layers)

@@ -338,46 +338,6 @@ def _logsumexp(z):
     return out
 
 
-@numba.njit(cache=True)
-def _sigmoid(z):
-    e = np.exp(-np.abs(z))
-    return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
-
-
-@numba.njit(cache=True)
-def _softplus(z):
-    return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
-
-
-@numba.njit(cache=True)
-def _onehot(x0, C, i):
-    # e_i for every sample (Jacobian penalties, paper section 5.4)
-    out = np.zeros((x0.shape[0], C), dtype=x0.dtype)
-    out[:, i] = 1
-    return out
-
-
-# -- the Gram contraction of a dense input layer (dbpgen/passes/gram.py) --
-
-
-@numba.njit(cache=True)
-def _gram(W):
-    return W @ W.T
-
-
-@numba.njit(cache=True)
-def _gram_mul(a, G):
-    return a @ G
-
-
-@numba.njit(cache=True)
-def _gram_box(a, y):
-    return y.T @ a
-
-
-@numba.njit(cache=True)
-def _gram_out(M, W):
-    return M @ W
 
 # -- derived programs -----------------------------------------------------------------
 

@@ -121,28 +121,10 @@ def _rowdot(a, b):
 
 
 @numba.njit(cache=True)
-def _rowsum(a):
-    out = np.empty((a.shape[0], 1), dtype=a.dtype)
-    for i in range(a.shape[0]):
-        out[i, 0] = np.sum(a[i])
-    return out
-
-
-@numba.njit(cache=True)
 def _bsum(a):
     out = np.zeros(a.shape[1:], dtype=a.dtype)
     for i in range(a.shape[0]):
         out += a[i]
-    return out
-
-
-@numba.njit(cache=True)
-def _bsum_channels(a):
-    # the adjoint of a per-channel bias: sum over batch and space
-    out = np.zeros(a.shape[1], dtype=a.dtype)
-    for i in range(a.shape[0]):
-        for c in range(a.shape[1]):
-            out[c] += np.sum(a[i, c])
     return out
 
 
@@ -154,26 +136,6 @@ def _softmax(z):
         e = np.exp(z[i] - np.max(z[i]))
         out[i] = e / np.sum(e)
     return out
-
-
-@numba.njit(cache=True)
-def _logsumexp(z):
-    out = np.empty((z.shape[0], 1), dtype=z.dtype)
-    for i in range(z.shape[0]):
-        m = np.max(z[i])
-        out[i, 0] = m + np.log(np.sum(np.exp(z[i] - m)))
-    return out
-
-
-@numba.njit(cache=True)
-def _sigmoid(z):
-    e = np.exp(-np.abs(z))
-    return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
-
-
-@numba.njit(cache=True)
-def _softplus(z):
-    return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
 
 
 @numba.njit(cache=True)
@@ -205,6 +167,8 @@ def _gram_box(a, y):
 @numba.njit(cache=True)
 def _gram_out(M, W):
     return M @ W
+
+
 
 # -- derived programs -----------------------------------------------------------------
 

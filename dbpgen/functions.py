@@ -236,9 +236,6 @@ class Row(sp.Function):
         return rf"{printer._print(self.args[0])}^{{({printer._print(self.args[1])})}}"
 
 
-ARRAY_FUNCTIONS = (K, KT, Kbox, Bias, BiasBox, Dot, RowSum, BSum, Softmax, LogSumExp, OneHot, Row)
-
-
 class Gram(sp.Function):
     """G_j = W_j W_j^T of a dense layer: K_j(W_j, K_j^T(W_j, .)) as one matrix (per call)."""
 
@@ -255,6 +252,9 @@ class GramMul(_Linear):
     nargs = 2  # (a, G)
     zero_args = (0,)
 
+    def _latex(self, printer):
+        return rf"{printer._print(self.args[1])} {printer._print(self.args[0])}"
+
 
 class GramBox(_Linear):
     """sum_b y_b a_b^T over the batch, N_j x N_j: K^box_j(q_0, zeta_1) before W_j."""
@@ -262,9 +262,15 @@ class GramBox(_Linear):
     nargs = 2  # (a, y)
     zero_args = (0, 1)
 
+    def _latex(self, printer):
+        return rf"\sum_{{b}} {printer._print(self.args[1])} {printer._print(self.args[0])}^{{T}}"
+
 
 class GramOut(_Linear):
     """M W_j: turns an accumulated GramBox into the K^box_j it stands for."""
 
     nargs = 2  # (M, W_j)
     zero_args = (0,)
+
+    def _latex(self, printer):
+        return rf"{printer._print(self.args[0])} {printer._print(self.args[1])}"

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Union
 
 import sympy as sp
 
-from .functions import BSum, Gram, GramBox, GramMul, GramOut, K, KT, Kbox
+from .functions import Gram, GramBox, GramMul, GramOut, K, KT, Kbox
 
 PHASES = ("forward", "backward", "backward-backward", "forward-backward", "loss", "gradients")
 
@@ -116,8 +116,9 @@ class Program:
             for item in node.body if isinstance(node, Loop) else (node,):
                 groups.setdefault(item.phase, []).append(sp.Eq(item.target, item.expr, evaluate=False))
             if isinstance(node, Loop):
+                last = node.body[-1].phase if node.body else node.phase
                 for acc in node.accums:
-                    groups.setdefault(node.phase, []).append(
+                    groups.setdefault(last, []).append(
                         sp.Eq(acc.target, sp.Add(acc.target, acc.expr, evaluate=False), evaluate=False))
         return groups
 
@@ -190,8 +191,3 @@ def verify(program: Program) -> Program:
     for label, expr in program.outputs:
         _check_uses(f"{program.name}: output {label}", expr, known)
     return program
-
-
-def is_batch_reduced(expr: sp.Expr) -> bool:
-    """Whether an expression is already summed over the batch (a gradient-shaped value)."""
-    return any(isinstance(n, (Kbox, BSum)) for n in sp.preorder_traversal(expr))

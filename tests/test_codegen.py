@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ast
-import shutil
 from pathlib import Path
 
 import numpy as np

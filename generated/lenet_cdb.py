@@ -103,37 +103,37 @@ PEAK_BYTES = {'batch': 128, 'emitted': 24689664, 'naive': 41073664}
 # -- avgpool: K x = the k x k mean with stride k (torch avg_pool2d(x, k); rows and columns
 # beyond the last full window are dropped, so K^T is its adjoint when k divides H and W),
 # K^T y = y / k^2 spread over each k x k block.  Parameter-free: no K^box.
-# One 1-d strided slice per (batch, channel, output row, kernel offset). --
+# numba.prange over the batch (a plain loop when run as plain Python); per sample one
+# 3-d strided slice per kernel offset (i, j), covering every channel at once. --
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, parallel=True)
 def _avgpool_K(x, k):
     B, C, H, Wd = x.shape
     Ho = H // k
     Wo = Wd // k
-    out = np.zeros((B, C, Ho, Wo), dtype=x.dtype)
-    for b in range(B):
-        for c in range(C):
-            for oh in range(Ho):
-                row = out[b, c, oh]
-                for i in range(k):
-                    for j in range(k):
-                        row += x[b, c, oh * k + i, j:j + k * Wo:k]
-    out /= k * k
+    out = np.empty((B, C, Ho, Wo), dtype=x.dtype)
+    for b in numba.prange(B):
+        ob = out[b]
+        ob[:] = x[b, :, 0:k * Ho:k, 0:k * Wo:k]
+        for i in range(k):
+            for j in range(k):
+                if i > 0 or j > 0:
+                    ob += x[b, :, i:i + k * Ho:k, j:j + k * Wo:k]
+        ob /= k * k
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, parallel=True)
 def _avgpool_KT(y, k):
     B, C, Ho, Wo = y.shape
     out = np.empty((B, C, Ho * k, Wo * k), dtype=y.dtype)
-    for b in range(B):
-        for c in range(C):
-            for oh in range(Ho):
-                for i in range(k):
-                    for j in range(k):
-                        out[b, c, oh * k + i, j::k] = y[b, c, oh]
-    out /= k * k
+    for b in numba.prange(B):
+        yb = y[b].copy()
+        yb /= k * k
+        for i in range(k):
+            for j in range(k):
+                out[b, :, i::k, j::k] = yb
     return out
 
 # -- conv2d: K(W, x) = W * x (cross-correlation, zero padding, no bias), K^T(W, y) = the
@@ -142,112 +142,158 @@ def _avgpool_KT(y, k):
 # Ho = (H + 2 padding - dilation (k - 1) - 1) // stride + 1 (Wo likewise).
 # Per sample: im2col into a (Cin k k, Ho Wo) buffer that stays in cache, then one GEMM
 # against the (Cout, Cin k k) filter matrix, written straight into the output (np.dot with
-# out).  Rows are gathered / scattered with 1-d strided slices: as fast as scalar loops
-# under numba, quick to compile, and vectorized when the kernels run as plain Python. --
+# out).  The im2col gather and col2im scatter move one 2-d strided block per filter tap:
+# quick under numba, quick to compile, and vectorized when run as plain Python.
+# Threads: K, K^T and K^box split the batch into up to 8 contiguous chunks and run
+# the chunks under numba.prange (a plain loop when run as plain Python).  Each chunk has
+# its own im2col / padding buffers and K^box its own partial sum, added up at the end, so
+# no two threads write the same memory.  The per-sample GEMMs are far below OpenBLAS's
+# threading threshold, so each runs on its caller's thread: no oversubscription.  The
+# parallel functions only allocate and dispatch; the work is in the serial *_chunk
+# helpers, which keeps numba's parfor compile time down. --
 
 
 @numba.njit(cache=True)
-def _conv2d_pad(x, b, padding, xp):
-    # the interior of the zero-bordered (Cin, H + 2 padding, Wd + 2 padding) xp = x[b]
-    Cin, H, Wd = x.shape[1], x.shape[2], x.shape[3]
-    for c in range(Cin):
-        for h in range(H):
-            xp[c, padding + h, padding:padding + Wd] = x[b, c, h]
+def _conv2d_chunks(B):
+    # the number of batch chunks, at most one per sample; a constant rather than
+    # numba.get_num_threads() (a ctypes call that would stop Numba caching these kernels):
+    # prange hands the chunks to however many threads there are
+    return max(1, min(B, 8))
 
 
 @numba.njit(cache=True)
 def _conv2d_im2col(img, k, stride, dilation, Ho, Wo, cols):
     # cols[(c k + i) k + j, oh Wo + ow] = img[c, oh stride + i dilation, ow stride + j dilation]
     Cin = img.shape[0]
+    hspan = stride * (Ho - 1) + 1
     wspan = stride * (Wo - 1) + 1
+    cols3 = cols.reshape(Cin * k * k, Ho, Wo)
     for c in range(Cin):
         for i in range(k):
             for j in range(k):
-                q = (c * k + i) * k + j
+                r = i * dilation
                 s = j * dilation
-                for oh in range(Ho):
-                    cols[q, oh * Wo:(oh + 1) * Wo] = img[c, oh * stride + i * dilation, s:s + wspan:stride]
+                cols3[(c * k + i) * k + j] = img[c, r:r + hspan:stride, s:s + wspan:stride]
 
 
 @numba.njit(cache=True)
 def _conv2d_col2im(cols, k, stride, dilation, Ho, Wo, img):
     # the adjoint of _conv2d_im2col: img += the columns scattered back (img is not cleared)
     Cin = img.shape[0]
+    hspan = stride * (Ho - 1) + 1
     wspan = stride * (Wo - 1) + 1
+    cols3 = cols.reshape(Cin * k * k, Ho, Wo)
     for c in range(Cin):
         for i in range(k):
             for j in range(k):
-                q = (c * k + i) * k + j
+                r = i * dilation
                 s = j * dilation
-                for oh in range(Ho):
-                    row = img[c, oh * stride + i * dilation, s:s + wspan:stride]
-                    row += cols[q, oh * Wo:(oh + 1) * Wo]
+                block = img[c, r:r + hspan:stride, s:s + wspan:stride]
+                block += cols3[(c * k + i) * k + j]
 
 
 @numba.njit(cache=True)
+def _conv2d_gather(x, b, k, stride, padding, dilation, Ho, Wo, xp, cols):
+    # cols = im2col of sample b, zero padded through xp (whose border stays zero)
+    if padding > 0:
+        H, Wd = x.shape[2], x.shape[3]
+        xp[:, padding:padding + H, padding:padding + Wd] = x[b]
+        _conv2d_im2col(xp, k, stride, dilation, Ho, Wo, cols)
+    else:
+        _conv2d_im2col(x[b], k, stride, dilation, Ho, Wo, cols)
+
+
+@numba.njit(cache=True)
+def _conv2d_K_chunk(Wm, x, b0, b1, k, stride, padding, dilation, Ho, Wo, xp, cols, out):
+    xp.fill(0)
+    for b in range(b0, b1):
+        _conv2d_gather(x, b, k, stride, padding, dilation, Ho, Wo, xp, cols)
+        np.dot(Wm, cols, out[b])  # (Cout, Cin k k) @ (Cin k k, Ho Wo)
+
+
+@numba.njit(cache=True, parallel=True)
 def _conv2d_K(W, x, stride, padding, dilation):
     B, Cin, H, Wd = x.shape
     Cout = W.shape[0]
     k = W.shape[2]
     Ho = (H + 2 * padding - dilation * (k - 1) - 1) // stride + 1
     Wo = (Wd + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-    Wm = W.reshape(Cout, Cin * k * k)
-    cols = np.empty((Cin * k * k, Ho * Wo), dtype=x.dtype)
-    xp = np.zeros((Cin, H + 2 * padding, Wd + 2 * padding), dtype=x.dtype)
+    Wm = np.ascontiguousarray(W).reshape(Cout, Cin * k * k)
+    n = _conv2d_chunks(B)
+    cols = np.empty((n, Cin * k * k, Ho * Wo), dtype=x.dtype)
+    xp = np.empty((n, Cin, H + 2 * padding, Wd + 2 * padding), dtype=x.dtype)
     out = np.empty((B, Cout, Ho * Wo), dtype=x.dtype)
-    for b in range(B):
-        if padding > 0:
-            _conv2d_pad(x, b, padding, xp)
-            img = xp
-        else:
-            img = x[b]
-        _conv2d_im2col(img, k, stride, dilation, Ho, Wo, cols)
-        np.dot(Wm, cols, out[b])  # (Cout, Cin k k) @ (Cin k k, Ho Wo)
+    for t in numba.prange(n):
+        _conv2d_K_chunk(Wm, x, t * B // n, (t + 1) * B // n, k, stride, padding, dilation,
+                        Ho, Wo, xp[t], cols[t], out)
     return out.reshape(B, Cout, Ho, Wo)
 
 
 @numba.njit(cache=True)
-def _conv2d_KT(W, y, stride, padding, dilation, H, Wd):
-    B, Cout, Ho, Wo = y.shape
-    Cin = W.shape[1]
-    k = W.shape[2]
-    WmT = W.reshape(Cout, Cin * k * k).T
-    y3 = y.reshape(B, Cout, Ho * Wo)
-    cols = np.empty((Cin * k * k, Ho * Wo), dtype=y.dtype)
-    xp = np.zeros((Cin, H + 2 * padding, Wd + 2 * padding), dtype=y.dtype)
-    out = np.zeros((B, Cin, H, Wd), dtype=y.dtype)
-    for b in range(B):
+def _conv2d_KT_chunk(WmT, y3, b0, b1, k, stride, padding, dilation, Ho, Wo, xp, cols, out):
+    H, Wd = out.shape[2], out.shape[3]
+    for b in range(b0, b1):
         np.dot(WmT, y3[b], cols)  # (Cin k k, Cout) @ (Cout, Ho Wo)
         if padding > 0:
             xp.fill(0)
             _conv2d_col2im(cols, k, stride, dilation, Ho, Wo, xp)
-            for c in range(Cin):
-                for h in range(H):
-                    out[b, c, h] = xp[c, padding + h, padding:padding + Wd]
+            out[b] = xp[:, padding:padding + H, padding:padding + Wd]
         else:
+            out[b].fill(0)
             _conv2d_col2im(cols, k, stride, dilation, Ho, Wo, out[b])
+
+
+@numba.njit(cache=True, parallel=True)
+def _conv2d_KT(W, y, stride, padding, dilation, H, Wd):
+    B, Cout, Ho, Wo = y.shape
+    Cin = W.shape[1]
+    k = W.shape[2]
+    WmT = np.ascontiguousarray(W).reshape(Cout, Cin * k * k).T
+    y3 = np.ascontiguousarray(y).reshape(B, Cout, Ho * Wo)
+    n = _conv2d_chunks(B)
+    cols = np.empty((n, Cin * k * k, Ho * Wo), dtype=y.dtype)
+    xp = np.empty((n, Cin, H + 2 * padding, Wd + 2 * padding), dtype=y.dtype)
+    out = np.empty((B, Cin, H, Wd), dtype=y.dtype)
+    for t in numba.prange(n):
+        _conv2d_KT_chunk(WmT, y3, t * B // n, (t + 1) * B // n, k, stride, padding, dilation,
+                         Ho, Wo, xp[t], cols[t], out)
     return out
 
 
 @numba.njit(cache=True)
+def _conv2d_Kbox_chunk(x, y3, b0, b1, k, stride, padding, dilation, Ho, Wo, xp, cols, term, grad):
+    # grad = sum over samples b0 <= b < b1 of y3[b] @ im2col(x[b])^T
+    grad.fill(0)
+    xp.fill(0)
+    for b in range(b0, b1):
+        _conv2d_gather(x, b, k, stride, padding, dilation, Ho, Wo, xp, cols)
+        np.dot(y3[b], cols.T, term)  # (Cout, Ho Wo) @ (Ho Wo, Cin k k)
+        grad += term
+
+
+@numba.njit(cache=True, parallel=True)
 def _conv2d_Kbox(x, y, stride, padding, dilation, k):
     B, Cin, H, Wd = x.shape
     Cout, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
-    y3 = y.reshape(B, Cout, Ho * Wo)
-    cols = np.empty((Cin * k * k, Ho * Wo), dtype=x.dtype)
-    xp = np.zeros((Cin, H + 2 * padding, Wd + 2 * padding), dtype=x.dtype)
-    grad = np.zeros((Cout, Cin * k * k), dtype=x.dtype)
-    term = np.empty((Cout, Cin * k * k), dtype=x.dtype)
-    for b in range(B):
-        if padding > 0:
-            _conv2d_pad(x, b, padding, xp)
-            img = xp
-        else:
-            img = x[b]
-        _conv2d_im2col(img, k, stride, dilation, Ho, Wo, cols)
-        np.dot(y3[b], cols.T, term)  # (Cout, Ho Wo) @ (Ho Wo, Cin k k)
-        grad += term
-    return grad.reshape(Cout, Cin, k, k)
+    y3 = np.ascontiguousarray(y).reshape(B, Cout, Ho * Wo)
+    n = _conv2d_chunks(B)
+    cols = np.empty((n, Cin * k * k, Ho * Wo), dtype=x.dtype)
+    xp = np.empty((n, Cin, H + 2 * padding, Wd + 2 * padding), dtype=x.dtype)
+    term = np.empty((n, Cout, Cin * k * k), dtype=x.dtype)
+    part = np.empty((n, Cout, Cin * k * k), dtype=x.dtype)  # one partial sum per chunk
+    for t in numba.prange(n):
+        _conv2d_Kbox_chunk(x, y3, t * B // n, (t + 1) * B // n, k, stride, padding, dilation,
+                           Ho, Wo, xp[t], cols[t], term[t], part[t])
+    return _conv2d_sum(part).reshape(Cout, Cin, k, k)
+
+
+@numba.njit(cache=True)
+def _conv2d_sum(part):
+    # part[0] + part[1] + ..., in chunk order
+    grad = part[0].copy()
+    for t in range(1, part.shape[0]):
+        grad += part[t]
+    return grad
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
 

@@ -350,7 +350,10 @@ def test_float32_close_to_float64():
 
 # -- the template format -------------------------------------------------------------------
 
-ALLOWED_JINJA = {"{{ jit }}", "{% if count_ops %}", "{% endif %}"}
+# the batch-parallel kernels: the same jit variable with parallel=True added (empty when
+# jit is empty, so the plain-Python rendering is unchanged)
+PARALLEL_JIT = '{{ jit | replace(")", ", parallel=True)") }}'
+ALLOWED_JINJA = {"{{ jit }}", PARALLEL_JIT, "{% if count_ops %}", "{% endif %}"}
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -360,7 +363,8 @@ def test_template_uses_only_the_jit_and_count_ops_blocks(op):
         if re.search(r"\{[{%#]|[}%#]\}", line):
             assert line.strip() in ALLOWED_JINJA, line
     functions = re.findall(r"^def (\w+)\(", text, flags=re.M)
-    decorated = re.findall(r"^\{\{ jit \}\}\ndef (\w+)\(", text, flags=re.M)
+    jit_lines = "|".join(re.escape(j) for j in ("{{ jit }}", PARALLEL_JIT))
+    decorated = re.findall(rf"^(?:{jit_lines})\ndef (\w+)\(", text, flags=re.M)
     assert functions and functions == decorated  # every function is preceded by {{ jit }}
     for kind in ("K", "KT", "Kbox"):
         if f"def _{op}_{kind}(" in text:
@@ -377,3 +381,40 @@ def test_count_ops_counts_each_application():
         after = ns["COUNTS"]
         assert after[kind] == before[kind] + 1, name
         assert sum(after.values()) == sum(before.values()) + 1, name  # helpers do not count
+
+
+@pytest.mark.parametrize("jit", ["@numba.njit(cache=True)", "@numba.njit(cache=False)", ""])
+def test_parallel_jit_line_renders(jit):
+    rendered = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(PARALLEL_JIT).render(jit=jit)
+    assert rendered == (jit[:-1] + ", parallel=True)" if jit else "")
+
+
+def test_parallel_kernels_do_not_depend_on_the_thread_count():
+    """The batch-parallel kernels split the batch into one chunk per thread (K^box with a
+    partial sum per chunk): the same results, up to rounding, for every thread count,
+    including uneven chunks (B = 5) and more threads than samples (B = 1)."""
+    ns = ops("jit")
+    rng = np.random.default_rng(11)
+    calls = []
+    for B in (5, 1):
+        for s, p, d in ((1, 0, 1), (2, 1, 2)):
+            c = dict(B=B, Cin=3, Cout=4, k=3, s=s, p=p, d=d, H=11, Wd=10, seed=B)
+            W, x, y = conv_arrays(c)
+            calls += [("_conv2d_K", (W, x, s, p, d)), ("_conv2d_KT", (W, y, s, p, d, 11, 10)),
+                      ("_conv2d_Kbox", (x, y, s, p, d, 3))]
+        xp, yp = rng.normal(size=(B, 3, 8, 6)), rng.normal(size=(B, 3, 4, 3))
+        calls += [("_avgpool_K", (xp, 2)), ("_avgpool_KT", (yp, 2)),
+                  ("_downsample_K", (xp, 2)), ("_downsample_KT", (rng.normal(size=(B, 12, 4, 3)), 2))]
+    threads = numba.get_num_threads()
+    counts = sorted({1, 2, threads} & set(range(1, numba.config.NUMBA_NUM_THREADS + 1)))
+    results = {}
+    try:
+        for n in counts:
+            numba.set_num_threads(n)
+            results[n] = [ns[name](*args) for name, args in calls]
+    finally:
+        numba.set_num_threads(threads)
+    for n in counts:
+        for (name, _), a, b in zip(calls, results[n], results[1]):
+            close(a, b)
+            assert a.flags.c_contiguous, name

@@ -1,8 +1,8 @@
 """The compiler driver: load, derive, simplify, render, write atomically."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
-import itertools
 import os
 import sys
 import tempfile
@@ -89,15 +89,14 @@ def compile_file(path: str | os.PathLike, out_dir: str | os.PathLike = "generate
     return target
 
 
-_loaded = itertools.count()
-
-
 def load_generated(path: str | os.PathLike, jit: bool = True):
     """Import a generated module from its file; jit=False runs its kernels as plain Python."""
     import numba
 
-    path = Path(path)
-    name = f"_dbpgen_{path.stem}_{next(_loaded)}"
+    path = Path(path).resolve()
+    # a stable name per file and mode: Numba's on-disk cache records the module name
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    name = f"_dbpgen_{path.stem}_{digest}_{'jit' if jit else 'py'}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     previous = numba.config.DISABLE_JIT

@@ -103,8 +103,9 @@ PEAK_BYTES = {'batch': 128, 'emitted': 24689664, 'naive': 41073664}
 # -- avgpool: K x = the k x k mean with stride k (torch avg_pool2d(x, k); rows and columns
 # beyond the last full window are dropped, so K^T is its adjoint when k divides H and W),
 # K^T y = y / k^2 spread over each k x k block.  Parameter-free: no K^box.
-# numba.prange over the batch (a plain loop when run as plain Python); per sample one
-# 3-d strided slice per kernel offset (i, j), covering every channel at once. --
+# numba.prange over the batch (a plain loop when run as plain Python), scalar loops inside:
+# about as fast under numba as strided 3-d slices and several times quicker to compile
+# (slow as plain Python, which only the tests' small shapes use). --
 
 
 @numba.njit(cache=True, parallel=True)
@@ -114,13 +115,16 @@ def _avgpool_K(x, k):
     Wo = Wd // k
     out = np.empty((B, C, Ho, Wo), dtype=x.dtype)
     for b in numba.prange(B):
-        ob = out[b]
-        ob[:] = x[b, :, 0:k * Ho:k, 0:k * Wo:k]
-        for i in range(k):
-            for j in range(k):
-                if i > 0 or j > 0:
-                    ob += x[b, :, i:i + k * Ho:k, j:j + k * Wo:k]
-        ob /= k * k
+        for c in range(C):
+            for oh in range(Ho):
+                for ow in range(Wo):
+                    acc = x[b, c, oh * k, ow * k]
+                    for j in range(1, k):
+                        acc += x[b, c, oh * k, ow * k + j]
+                    for i in range(1, k):
+                        for j in range(k):
+                            acc += x[b, c, oh * k + i, ow * k + j]
+                    out[b, c, oh, ow] = acc / (k * k)
     return out
 
 
@@ -129,11 +133,13 @@ def _avgpool_KT(y, k):
     B, C, Ho, Wo = y.shape
     out = np.empty((B, C, Ho * k, Wo * k), dtype=y.dtype)
     for b in numba.prange(B):
-        yb = y[b].copy()
-        yb /= k * k
-        for i in range(k):
-            for j in range(k):
-                out[b, :, i::k, j::k] = yb
+        for c in range(C):
+            for oh in range(Ho):
+                for i in range(k):
+                    for ow in range(Wo):
+                        v = y[b, c, oh, ow] / (k * k)
+                        for j in range(k):
+                            out[b, c, oh * k + i, ow * k + j] = v
     return out
 
 # -- conv2d: K(W, x) = W * x (cross-correlation, zero padding, no bias), K^T(W, y) = the
@@ -142,23 +148,26 @@ def _avgpool_KT(y, k):
 # Ho = (H + 2 padding - dilation (k - 1) - 1) // stride + 1 (Wo likewise).
 # Per sample: im2col into a (Cin k k, Ho Wo) buffer that stays in cache, then one GEMM
 # against the (Cout, Cin k k) filter matrix, written straight into the output (np.dot with
-# out).  The im2col gather and col2im scatter move one 2-d strided block per filter tap:
-# quick under numba, quick to compile, and vectorized when run as plain Python.
-# Threads: K, K^T and K^box split the batch into up to 8 contiguous chunks and run
-# the chunks under numba.prange (a plain loop when run as plain Python).  Each chunk has
-# its own im2col / padding buffers and K^box its own partial sum, added up at the end, so
-# no two threads write the same memory.  The per-sample GEMMs are far below OpenBLAS's
-# threading threshold, so each runs on its caller's thread: no oversubscription.  The
-# parallel functions only allocate and dispatch; the work is in the serial *_chunk
-# helpers, which keeps numba's parfor compile time down. --
+# out).  The im2col gather and col2im scatter move one 2-d strided block per filter tap
+# (vectorized when run as plain Python); the copy is np.positive(src, dst), because an
+# array-to-array slice assignment drags seconds of LLVM time per signature (its error
+# message formatting) into every function that calls it.  The cold padding copies are
+# scalar loops for the same reason.
+# Threads: the batch is cut into _conv2d_chunks(B) contiguous chunks that numba.prange
+# spreads over the threads (a plain loop when run as plain Python).  Each chunk allocates
+# its own im2col / padding buffers and K^box writes one partial sum per chunk, added up in
+# chunk order at the end: no two threads write the same memory, and the result does not
+# depend on the number of threads.  The chunk count is a constant: numba.get_num_threads()
+# in a kernel would make it uncacheable.  The per-sample GEMMs are far below OpenBLAS's
+# threading threshold, so each runs on its caller's thread (no oversubscription).  The
+# parallel functions only allocate and dispatch to the serial *_chunk helpers: numba
+# re-optimizes every callee linked into a parallel function, so those are kept lean. --
 
 
 @numba.njit(cache=True)
 def _conv2d_chunks(B):
-    # the number of batch chunks, at most one per sample; a constant rather than
-    # numba.get_num_threads() (a ctypes call that would stop Numba caching these kernels):
-    # prange hands the chunks to however many threads there are
-    return max(1, min(B, 8))
+    # 16 chunks (at most one per sample, at least one): balanced on 1, 2, 4, 8 or 16 threads
+    return max(1, min(B, 16))
 
 
 @numba.njit(cache=True)
@@ -173,7 +182,7 @@ def _conv2d_im2col(img, k, stride, dilation, Ho, Wo, cols):
             for j in range(k):
                 r = i * dilation
                 s = j * dilation
-                cols3[(c * k + i) * k + j] = img[c, r:r + hspan:stride, s:s + wspan:stride]
+                np.positive(img[c, r:r + hspan:stride, s:s + wspan:stride], cols3[(c * k + i) * k + j])
 
 
 @numba.njit(cache=True)
@@ -196,16 +205,22 @@ def _conv2d_col2im(cols, k, stride, dilation, Ho, Wo, img):
 def _conv2d_gather(x, b, k, stride, padding, dilation, Ho, Wo, xp, cols):
     # cols = im2col of sample b, zero padded through xp (whose border stays zero)
     if padding > 0:
-        H, Wd = x.shape[2], x.shape[3]
-        xp[:, padding:padding + H, padding:padding + Wd] = x[b]
-        _conv2d_im2col(xp, k, stride, dilation, Ho, Wo, cols)
+        Cin, H, Wd = x.shape[1], x.shape[2], x.shape[3]
+        for c in range(Cin):
+            for h in range(H):
+                for w in range(Wd):
+                    xp[c, padding + h, padding + w] = x[b, c, h, w]
+        img = xp
     else:
-        _conv2d_im2col(x[b], k, stride, dilation, Ho, Wo, cols)
+        img = x[b]
+    _conv2d_im2col(img, k, stride, dilation, Ho, Wo, cols)
 
 
 @numba.njit(cache=True)
-def _conv2d_K_chunk(Wm, x, b0, b1, k, stride, padding, dilation, Ho, Wo, xp, cols, out):
-    xp.fill(0)
+def _conv2d_K_chunk(Wm, x, b0, b1, k, stride, padding, dilation, Ho, Wo, out):
+    Cin, H, Wd = x.shape[1], x.shape[2], x.shape[3]
+    cols = np.empty((Cin * k * k, Ho * Wo), dtype=x.dtype)
+    xp = np.zeros((Cin, H + 2 * padding, Wd + 2 * padding), dtype=x.dtype)
     for b in range(b0, b1):
         _conv2d_gather(x, b, k, stride, padding, dilation, Ho, Wo, xp, cols)
         np.dot(Wm, cols, out[b])  # (Cout, Cin k k) @ (Cin k k, Ho Wo)
@@ -219,25 +234,27 @@ def _conv2d_K(W, x, stride, padding, dilation):
     Ho = (H + 2 * padding - dilation * (k - 1) - 1) // stride + 1
     Wo = (Wd + 2 * padding - dilation * (k - 1) - 1) // stride + 1
     Wm = np.ascontiguousarray(W).reshape(Cout, Cin * k * k)
-    n = _conv2d_chunks(B)
-    cols = np.empty((n, Cin * k * k, Ho * Wo), dtype=x.dtype)
-    xp = np.empty((n, Cin, H + 2 * padding, Wd + 2 * padding), dtype=x.dtype)
     out = np.empty((B, Cout, Ho * Wo), dtype=x.dtype)
+    n = _conv2d_chunks(B)
     for t in numba.prange(n):
-        _conv2d_K_chunk(Wm, x, t * B // n, (t + 1) * B // n, k, stride, padding, dilation,
-                        Ho, Wo, xp[t], cols[t], out)
+        _conv2d_K_chunk(Wm, x, t * B // n, (t + 1) * B // n, k, stride, padding, dilation, Ho, Wo, out)
     return out.reshape(B, Cout, Ho, Wo)
 
 
 @numba.njit(cache=True)
-def _conv2d_KT_chunk(WmT, y3, b0, b1, k, stride, padding, dilation, Ho, Wo, xp, cols, out):
-    H, Wd = out.shape[2], out.shape[3]
+def _conv2d_KT_chunk(WmT, y3, b0, b1, k, stride, padding, dilation, Ho, Wo, out):
+    Cin, H, Wd = out.shape[1], out.shape[2], out.shape[3]
+    cols = np.empty((WmT.shape[0], Ho * Wo), dtype=out.dtype)
+    xp = np.empty((Cin, H + 2 * padding, Wd + 2 * padding), dtype=out.dtype)
     for b in range(b0, b1):
         np.dot(WmT, y3[b], cols)  # (Cin k k, Cout) @ (Cout, Ho Wo)
         if padding > 0:
             xp.fill(0)
             _conv2d_col2im(cols, k, stride, dilation, Ho, Wo, xp)
-            out[b] = xp[:, padding:padding + H, padding:padding + Wd]
+            for c in range(Cin):
+                for h in range(H):
+                    for w in range(Wd):
+                        out[b, c, h, w] = xp[c, padding + h, padding + w]
         else:
             out[b].fill(0)
             _conv2d_col2im(cols, k, stride, dilation, Ho, Wo, out[b])
@@ -250,21 +267,21 @@ def _conv2d_KT(W, y, stride, padding, dilation, H, Wd):
     k = W.shape[2]
     WmT = np.ascontiguousarray(W).reshape(Cout, Cin * k * k).T
     y3 = np.ascontiguousarray(y).reshape(B, Cout, Ho * Wo)
-    n = _conv2d_chunks(B)
-    cols = np.empty((n, Cin * k * k, Ho * Wo), dtype=y.dtype)
-    xp = np.empty((n, Cin, H + 2 * padding, Wd + 2 * padding), dtype=y.dtype)
     out = np.empty((B, Cin, H, Wd), dtype=y.dtype)
+    n = _conv2d_chunks(B)
     for t in numba.prange(n):
-        _conv2d_KT_chunk(WmT, y3, t * B // n, (t + 1) * B // n, k, stride, padding, dilation,
-                         Ho, Wo, xp[t], cols[t], out)
+        _conv2d_KT_chunk(WmT, y3, t * B // n, (t + 1) * B // n, k, stride, padding, dilation, Ho, Wo, out)
     return out
 
 
 @numba.njit(cache=True)
-def _conv2d_Kbox_chunk(x, y3, b0, b1, k, stride, padding, dilation, Ho, Wo, xp, cols, term, grad):
-    # grad = sum over samples b0 <= b < b1 of y3[b] @ im2col(x[b])^T
+def _conv2d_Kbox_chunk(x, y3, b0, b1, k, stride, padding, dilation, Ho, Wo, grad):
+    # grad = the sum over b0 <= b < b1 of y3[b] @ im2col(x[b])^T
+    Cin, H, Wd = x.shape[1], x.shape[2], x.shape[3]
+    cols = np.empty((Cin * k * k, Ho * Wo), dtype=x.dtype)
+    xp = np.zeros((Cin, H + 2 * padding, Wd + 2 * padding), dtype=x.dtype)
+    term = np.empty_like(grad)
     grad.fill(0)
-    xp.fill(0)
     for b in range(b0, b1):
         _conv2d_gather(x, b, k, stride, padding, dilation, Ho, Wo, xp, cols)
         np.dot(y3[b], cols.T, term)  # (Cout, Ho Wo) @ (Ho Wo, Cin k k)
@@ -273,17 +290,13 @@ def _conv2d_Kbox_chunk(x, y3, b0, b1, k, stride, padding, dilation, Ho, Wo, xp, 
 
 @numba.njit(cache=True, parallel=True)
 def _conv2d_Kbox(x, y, stride, padding, dilation, k):
-    B, Cin, H, Wd = x.shape
+    B, Cin = x.shape[0], x.shape[1]
     Cout, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
     y3 = np.ascontiguousarray(y).reshape(B, Cout, Ho * Wo)
     n = _conv2d_chunks(B)
-    cols = np.empty((n, Cin * k * k, Ho * Wo), dtype=x.dtype)
-    xp = np.empty((n, Cin, H + 2 * padding, Wd + 2 * padding), dtype=x.dtype)
-    term = np.empty((n, Cout, Cin * k * k), dtype=x.dtype)
     part = np.empty((n, Cout, Cin * k * k), dtype=x.dtype)  # one partial sum per chunk
     for t in numba.prange(n):
-        _conv2d_Kbox_chunk(x, y3, t * B // n, (t + 1) * B // n, k, stride, padding, dilation,
-                           Ho, Wo, xp[t], cols[t], term[t], part[t])
+        _conv2d_Kbox_chunk(x, y3, t * B // n, (t + 1) * B // n, k, stride, padding, dilation, Ho, Wo, part[t])
     return _conv2d_sum(part).reshape(Cout, Cin, k, k)
 
 

@@ -630,9 +630,9 @@ def _direction(params, x0, v, seed):
     return _per_sample(v, "v", batch, False)
 
 
-def _call(kernel, names, params, **arrays):
+def _call(kernel, names, params, weight=None, **arrays):
     values = dict(zip(PARAMS, _unpack(params)))
-    values.update(arrays, lam=DTYPE(WEIGHT))
+    values.update(arrays, lam=DTYPE(WEIGHT if weight is None else weight))
     return kernel(*[values[n] for n in names])
 
 
@@ -650,12 +650,15 @@ def penalty(params, x, y=None, v=None, seed=None):
     return out[0].reshape(-1)
 
 
-def value_and_grad(params, x, y=None, v=None, seed=None):
-    """J = mean_b [l + WEIGHT * R] and its gradients, a dict shaped like params."""
+def value_and_grad(params, x, y=None, v=None, seed=None, weight=None):
+    """J = mean_b [l + weight * R] and its gradients, a dict shaped like params.
+
+    weight (lambda) defaults to the model's WEIGHT; weight=0 gives the loss alone.
+    """
     x0 = _batch(x)
     y = _per_sample(y, "y", x0.shape[0], True)
     v = _direction(params, x0, v, seed)
-    out = _call(_value_and_grad, ['W1', 'b1', 'W3', 'b3', 'W6', 'b6', 'x0', 'y', 'lam'], params, x0=x0, y=y, v=v, V=v)
+    out = _call(_value_and_grad, ['W1', 'b1', 'W3', 'b3', 'W6', 'b6', 'x0', 'y', 'lam'], params, weight, x0=x0, y=y, v=v, V=v)
     return float(out[0][0]), dict(zip(['W1', 'b1', 'W3', 'b3', 'W6', 'b6'], out[1:]))
 
 

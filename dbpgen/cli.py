@@ -1,4 +1,4 @@
-"""Command line: dbpgen compile | equations | ops | check (SPEC section 3).
+"""Command line: dbpgen compile | equations | ops | check | bench | train (SPEC section 3).
 
 Bad input prints one line naming the file and the field and exits with status 2.
 """
@@ -72,6 +72,51 @@ def _bench(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    import time
+
+    from .compiler import compile_file, load_generated
+    from .model import load_model
+    from .train import load_data, load_params, save_params, train
+
+    model = load_model(args.model)
+    checks = (("--epochs", args.epochs, args.epochs >= 0, "a non-negative integer"),
+              ("--batch-size", args.batch_size, args.batch_size >= 1, "a positive integer"),
+              ("--lazy", args.lazy, args.lazy >= 1, "a positive integer"),
+              ("--lr", args.lr, args.lr is None or args.lr > 0, "a positive number"),
+              ("--momentum", args.momentum, args.momentum >= 0, "a non-negative number"),
+              ("--weight-decay", args.weight_decay, args.weight_decay >= 0, "a non-negative number"),
+              ("--weight", args.weight, args.weight is None or args.weight >= 0, "a non-negative number"))
+    for flag, value, ok, wanted in checks:
+        if not ok:
+            raise ModelError(args.model, flag, f"must be {wanted}, got {value}")
+    if args.nesterov and (args.optimizer != "sgd" or args.momentum <= 0):
+        raise ModelError(args.model, "--nesterov", "needs --optimizer sgd and a --momentum > 0")
+    if args.momentum and args.optimizer != "sgd":
+        raise ModelError(args.model, "--momentum", "only --optimizer sgd takes a momentum")
+    if args.lazy > 1 and (model.penalty is None or model.loss == "none"):
+        raise ModelError(args.model, "--lazy", "lazy regularization needs both a loss and a penalty")
+    module = load_generated(compile_file(args.model, args.module_dir))
+    x, y, v = load_data(args.data, module)
+    if y is None and model.loss != "none":
+        raise ModelError(args.data, "y", f"missing array (loss: {model.loss} needs labels)")
+    if v is None and model.penalty is not None and model.penalty.v == "given":
+        raise ModelError(args.data, "v", "missing array (penalty v: given needs one direction per sample)")
+    params = load_params(args.init, module) if args.init else None
+    options = {"weight_decay": args.weight_decay}
+    if args.optimizer == "sgd":
+        options.update(momentum=args.momentum, nesterov=args.nesterov)
+    out = args.output or f"{model.name}_params.npz"
+    start = time.perf_counter()
+    result = train(module, x, y, params, optimizer=args.optimizer, lr=args.lr, epochs=args.epochs,
+                   batch_size=args.batch_size, seed=args.seed, lazy=args.lazy, weight=args.weight, v=v,
+                   progress=not args.quiet, **options)
+    save_params(out, result.params)
+    print(f"{model.name}: {args.epochs} epochs, {result.steps} steps ({result.regularized_steps} with the penalty), "
+          f"{time.perf_counter() - start:.1f} s; J = {result.objective:.6g}, loss = {result.loss:.6g} -> {out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dbpgen", description="Double-backpropagation compiler.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -105,6 +150,25 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--naive", action="store_true", help="also time the unsimplified program")
     n.add_argument("--seconds", type=float, default=1.0, help="time budget per measurement")
     n.set_defaults(run=_bench)
+    t = sub.add_parser("train", help="train with the emitted value_and_grad; save params as .npz")
+    t.add_argument("model")
+    t.add_argument("--data", required=True, help=".npz with x (N, *input), y (N, C) and, for v: given, v")
+    t.add_argument("-o", "--output", default=None, help="params .npz to write (default: <name>_params.npz)")
+    t.add_argument("--init", default=None, help="start from these params (.npz, e.g. from save_params)")
+    t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3, as torch.optim)")
+    t.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    t.add_argument("--nesterov", action="store_true", help="SGD Nesterov momentum")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="L2 term added to the gradient, as torch.optim")
+    t.add_argument("--epochs", type=int, default=100)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--seed", type=int, default=0, help="initial params, shuffling, random directions")
+    t.add_argument("--lazy", type=int, default=1,
+                   help="apply the penalty every k-th step, weighted k * lambda (lazy regularization)")
+    t.add_argument("--weight", type=float, default=None, help="penalty weight lambda (default: the model's)")
+    t.add_argument("--module-dir", default="generated", help="where to compile the module (default: generated)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(run=_train)
     return p
 
 

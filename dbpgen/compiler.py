@@ -78,6 +78,8 @@ def compile_file(path: str | os.PathLike, out_dir: str | os.PathLike = "generate
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{model.name}.py"
+    if target.is_file() and target.read_bytes() == text.encode("utf-8"):
+        return target  # unchanged: keep its mtime, so Numba's on-disk cache stays valid
     fd, tmp = tempfile.mkstemp(prefix=f".{model.name}.", suffix=".tmp", dir=out)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -77,7 +77,7 @@ def _train(args) -> int:
 
     from .compiler import compile_file, load_generated
     from .model import load_model
-    from .train import load_data, load_params, save_params, train
+    from .train import load_data, load_params, loss_only_module, save_params, train
 
     model = load_model(args.model)
     checks = (("--epochs", args.epochs, args.epochs >= 0, "a non-negative integer"),
@@ -97,6 +97,7 @@ def _train(args) -> int:
     if args.lazy > 1 and (model.penalty is None or model.loss == "none"):
         raise ModelError(args.model, "--lazy", "lazy regularization needs both a loss and a penalty")
     module = load_generated(compile_file(args.model, args.module_dir))
+    loss_module = loss_only_module(args.model, args.module_dir) if args.lazy > 1 else None
     x, y, v = load_data(args.data, module)
     if y is None and model.loss != "none":
         raise ModelError(args.data, "y", f"missing array (loss: {model.loss} needs labels)")
@@ -110,7 +111,7 @@ def _train(args) -> int:
     start = time.perf_counter()
     result = train(module, x, y, params, optimizer=args.optimizer, lr=args.lr, epochs=args.epochs,
                    batch_size=args.batch_size, seed=args.seed, lazy=args.lazy, weight=args.weight, v=v,
-                   progress=not args.quiet, **options)
+                   progress=not args.quiet, loss_module=loss_module, **options)
     save_params(out, result.params)
     print(f"{model.name}: {args.epochs} epochs, {result.steps} steps ({result.regularized_steps} with the penalty), "
           f"{time.perf_counter() - start:.1f} s; J = {result.objective:.6g}, loss = {result.loss:.6g} -> {out}")
@@ -164,7 +165,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--seed", type=int, default=0, help="initial params, shuffling, random directions")
     t.add_argument("--lazy", type=int, default=1,
-                   help="apply the penalty every k-th step, weighted k * lambda (lazy regularization)")
+                   help="apply the penalty every k-th step, weighted k * lambda (lazy regularization); "
+                        "the other steps run <name>_loss, the network compiled without its penalty")
     t.add_argument("--weight", type=float, default=None, help="penalty weight lambda (default: the model's)")
     t.add_argument("--module-dir", default="generated", help="where to compile the module (default: generated)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

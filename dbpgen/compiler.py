@@ -74,6 +74,12 @@ def compile_file(path: str | os.PathLike, out_dir: str | os.PathLike = "generate
     if dtype:
         from dataclasses import replace
         model = replace(model, dtype=dtype)
+    return compile_model(model, out_dir, simplified, count_ops)
+
+
+def compile_model(model: Model, out_dir: str | os.PathLike = "generated", simplified: bool = True,
+                  count_ops: bool = False) -> Path:
+    """Emit <out_dir>/<model.name>.py for a loaded (possibly modified) model."""
     text = build(model, simplified).source(count_ops)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

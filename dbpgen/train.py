@@ -6,10 +6,13 @@
 
 Lazy regularization (StyleGAN2, Karras et al. 2020, section 3.1): with `lazy=k`, steps
 0, k, 2k, ... (counted over the whole run) take the gradient of l + k * lambda * R, the
-other steps the gradient of l alone (value_and_grad with weight=0). Over k steps the
-penalty's expected gradient is the same as with lazy=1, at a k-th of the double
-backpropagations. Unlike StyleGAN2 the penalty step is combined with that step's loss
-step rather than a separate optimizer step, and Adam's betas and lr are not rescaled.
+other steps the gradient of l alone: from `loss_module` (the same network compiled
+without its penalty, see `loss_only_module`; plain backpropagation) or, without one,
+from value_and_grad with weight=0 (the same numbers at the cost of a double
+backpropagation). Over k steps the penalty's expected gradient is the same as with
+lazy=1, at a k-th of the double backpropagations. Unlike StyleGAN2 the penalty step is
+combined with that step's loss step rather than a separate optimizer step, and Adam's
+betas and lr are not rescaled.
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ def evaluate(module, params: dict, x, y=None, v=None, batch_size: int = 1024, we
 def train(module, x, y=None, params: dict | None = None, *, optimizer: str | Optimizer = "adam",
           lr: float | None = None, epochs: int = 100, batch_size: int = 64, seed: int = 0,
           lazy: int = 1, weight: float | None = None, v=None, shuffle: bool = True,
-          progress: bool = True, **optimizer_options) -> TrainResult:
+          progress: bool = True, loss_module=None, **optimizer_options) -> TrainResult:
     """Train `module`'s objective J = mean [l + weight R] with mini-batches.
 
     params: initial parameters (default module.init_params(seed)); they are copied.
@@ -63,6 +66,8 @@ def train(module, x, y=None, params: dict | None = None, *, optimizer: str | Opt
     weight: the penalty weight lambda (default: the model's WEIGHT).
     v: per-sample directions (N, C) for `v: given` models, batched with x.
     progress: a tqdm bar over epochs showing the running objective.
+    loss_module: the same network without its penalty (loss_only_module), for the loss-only
+    steps of lazy regularization.
     """
     from tqdm.auto import tqdm
 
@@ -102,10 +107,12 @@ def train(module, x, y=None, params: dict | None = None, *, optimizer: str | Opt
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
             regularize = result.steps % lazy == 0
-            step_weight = lam * lazy if regularize else 0.0
-            value, grads = module.value_and_grad(
-                params, x[idx], None if y is None else y[idx], v=None if v is None else v[idx],
-                seed=int(rng.integers(2 ** 31)), weight=step_weight)
+            yb, vb, step_seed = None if y is None else y[idx], None if v is None else v[idx], int(rng.integers(2 ** 31))
+            if regularize or loss_module is None:
+                value, grads = module.value_and_grad(params, x[idx], yb, v=vb, seed=step_seed,
+                                                     weight=lam * lazy if regularize else 0.0)
+            else:
+                value, grads = loss_module.value_and_grad(params, x[idx], yb)
             opt.step(grads)
             values.append(value)
             result.steps += 1
@@ -116,6 +123,19 @@ def train(module, x, y=None, params: dict | None = None, *, optimizer: str | Opt
     result.objective = evaluate(module, params, x, y, v, weight=lam)
     result.loss = evaluate(module, params, x, y, v, weight=0.0)
     return result
+
+
+def loss_only_module(model_path, out_dir="generated"):
+    """Compile and load <name>_loss: the model file's network and loss without its penalty."""
+    from dataclasses import replace
+
+    from .compiler import compile_model, load_generated
+    from .model import load_model
+
+    model = load_model(model_path)
+    if model.loss == "none":
+        raise ModelError(str(model_path), "loss", "a model without a loss has no loss-only steps")
+    return load_generated(compile_model(replace(model, name=f"{model.name}_loss", penalty=None), out_dir))
 
 
 # -- files ----------------------------------------------------------------------------

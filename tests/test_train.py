@@ -12,7 +12,8 @@ from dbpgen import cli
 from dbpgen.compiler import load_generated
 from dbpgen.errors import ModelError
 from dbpgen.optim import SGD, Adam
-from dbpgen.train import evaluate, load_data, load_params, params_from_state_dict, save_params, train
+from dbpgen.train import (evaluate, load_data, load_params, loss_only_module, params_from_state_dict, save_params,
+                          train)
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +203,28 @@ def test_lazy_regularization_applies_the_penalty_every_k_steps(cdb, lazy):
     assert result.objective > result.loss
 
 
+def test_lazy_regularization_with_a_loss_only_module(cdb, mse, tmp_path):
+    """The penalty's module runs on steps 0, k, 2k, ... only; the loss-only module on the others."""
+    x, y = sine_data(100)
+    rec, rec_loss = Recorder(cdb), Recorder(mse)
+    result = train(rec, x, y, lr=1e-2, epochs=3, batch_size=10, lazy=4, progress=False, loss_module=rec_loss)
+    assert rec.weights[:-2] == [4 * cdb.WEIGHT] * 8 and rec.weights[-2:] == [cdb.WEIGHT, 0.0]
+    assert len(rec_loss.weights) == 22 and result.regularized_steps == 8
+    # the same numbers as weight=0 on the penalty's module
+    same = train(cdb, x, y, lr=1e-2, epochs=3, batch_size=10, lazy=4, progress=False)
+    for k in same.params:
+        np.testing.assert_allclose(result.params[k], same.params[k], rtol=1e-12, atol=1e-14)
+    # the sibling is compiled from the model file without its penalty
+    sibling = loss_only_module(ROOT / "examples" / "sine_cdb.yaml", tmp_path)
+    assert sibling.__file__.endswith("sine_cdb_loss.py") and sibling.WEIGHT == 0.0
+    params = cdb.init_params(seed=1)
+    j, g = sibling.value_and_grad(params, x, y)
+    j0, g0 = cdb.value_and_grad(params, x, y, weight=0)
+    assert j == pytest.approx(j0, rel=1e-13)
+    with pytest.raises(ModelError, match="loss: a model without a loss"):
+        loss_only_module(ROOT / "examples" / "sine_node.yaml", tmp_path)
+
+
 def test_lazy_regularization_trains_the_penalty_too(cdb):
     """Noisy labels keep l's gradient, and so R_cdb, away from 0: the penalty has work to do."""
     rng = np.random.default_rng(0)
@@ -280,7 +303,9 @@ def test_cli_train_matches_the_python_api(tmp_path, capsys):
     assert "65 steps (33 with the penalty)" in printed.out and str(out) in printed.out
     assert printed.err == ""  # --quiet: no progress bar
     module = load_generated(tmp_path / "gen" / "sine_cdb.py")
-    expected = train(module, x, y, lr=0.01, epochs=5, batch_size=16, seed=3, lazy=2, progress=False)
+    assert (tmp_path / "gen" / "sine_cdb_loss.py").exists()  # --lazy: loss-only steps run the sibling
+    expected = train(module, x, y, lr=0.01, epochs=5, batch_size=16, seed=3, lazy=2, progress=False,
+                     loss_module=load_generated(tmp_path / "gen" / "sine_cdb_loss.py"))
     trained = load_params(out, module)
     for k in expected.params:
         np.testing.assert_array_equal(trained[k], expected.params[k])

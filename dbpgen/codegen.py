@@ -13,7 +13,7 @@ from pathlib import Path
 import jinja2
 import sympy as sp
 
-from . import __version__
+from . import __version__, lanes
 from .derive import n_vectors, params as param_symbols
 from .equations import equations_text
 from .ir import Model
@@ -98,13 +98,29 @@ def kernel(program: Program, printer: NumbaPrinter, shapes: dict) -> dict:
             "labels": [label for label, _ in program.outputs]}
 
 
+def _unpack_line(names: list[str]) -> str:
+    if not names:
+        return "_unpack(params)  # a model without parameters"
+    return f"{', '.join(names)}{',' if len(names) == 1 else ''} = _unpack(params)"
+
+
 def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: dict,
            count_ops: bool = False) -> str:
+    # count mode runs plain Python so that operator kernels can count their calls; conv
+    # programs run as Python that calls the jitted operator kernels
+    program_jit = "" if count_ops or not all(l.op.small_kernels for l in model.layers) \
+        else "@numba.njit(cache=True)"
     kernels = {}
     for name, program in programs.items():
         shapes = program_shapes(model, program, n_vectors(model))
+        if not count_ops and lanes.eligible(model, program, shapes):
+            try:
+                kernels[name] = lanes.kernel(model, program, shapes)
+                continue
+            except lanes.Unsupported:
+                pass  # printed with whole-batch arrays below
         printer = NumbaPrinter(model, lambda e, shapes=shapes: shape_of(e, shapes, model))
-        kernels[name] = kernel(program, printer, shapes)
+        kernels[name] = dict(kernel(program, printer, shapes), jit=program_jit)
     pen = model.penalty
     # only the helper kernels some program calls are printed (no dead code in the module)
     called = {name for k in kernels.values() for line in [l for l, _ in k["lines"]] + k["returns"]
@@ -116,6 +132,7 @@ def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: di
         "template": TEMPLATE,
         "params": param_specs(model),
         "param_names": [s.name for s in param_symbols(model)],
+        "unpack": _unpack_line([s.name for s in param_symbols(model)]),
         "kernels": kernels,
         "op_kinds": sorted({l.op.kind for l in model.layers}),
         "equations": equations_text(model, programs["value_and_grad"]),
@@ -123,10 +140,7 @@ def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: di
         "peak_bytes": pprint.pformat(peak_bytes, sort_dicts=True, width=88),
         "count_ops": count_ops,
         "helpers": sorted(called),
-        # count mode runs plain Python so that operator kernels can count their calls
         "jit": "" if count_ops else "@numba.njit(cache=True)",
-        "program_jit": "" if count_ops or not all(l.op.small_kernels for l in model.layers)
-        else "@numba.njit(cache=True)",
         "weight": repr(float(pen.weight)) if pen else "0.0",
         "v_kind": pen.v if pen else None,
         "v_index": pen.index if pen else None,

@@ -310,15 +310,15 @@ def _direction(params, x0, v, seed):
     return _per_sample(v, "v", batch, False)
 
 
-def _call(kernel, names, params, weight=None, **arrays):
-    values = dict(zip(PARAMS, _unpack(params)))
-    values.update(arrays, lam=DTYPE(WEIGHT if weight is None else weight))
-    return kernel(*[values[n] for n in names])
+def _lam(weight):
+    return DTYPE(WEIGHT if weight is None else weight)
 
 
 def forward(params, x):
     """x_L for a batch x of shape (B, *INPUT_SHAPE)."""
-    return _call(_forward, ['W1', 'b1', 'W2', 'b2', 'W3', 'b3', 'x0'], params, x0=_batch(x))[0]
+    x0 = _batch(x)
+    W1, b1, W2, b2, W3, b3 = _unpack(params)
+    return _forward(W1, b1, W2, b2, W3, b3, x0)[0]
 
 
 def penalty(params, x, y=None, v=None, seed=None):
@@ -326,7 +326,8 @@ def penalty(params, x, y=None, v=None, seed=None):
     x0 = _batch(x)
     y = _per_sample(y, "y", x0.shape[0], True)
     v = _direction(params, x0, v, seed)
-    out = _call(_penalty, ['W1', 'b1', 'W2', 'b2', 'W3', 'b3', 'x0', 'y'], params, x0=x0, y=y, v=v, V=v)
+    W1, b1, W2, b2, W3, b3 = _unpack(params)
+    out = _penalty(W1, b1, W2, b2, W3, b3, x0, y)
     return out[0].reshape(-1)
 
 
@@ -337,8 +338,9 @@ def value_and_grad(params, x, y=None, v=None, seed=None, weight=None):
     """
     x0 = _batch(x)
     y = _per_sample(y, "y", x0.shape[0], True)
-    v = _direction(params, x0, v, seed)
-    out = _call(_value_and_grad, ['W1', 'b1', 'W2', 'b2', 'W3', 'b3', 'x0', 'y', 'lam'], params, weight, x0=x0, y=y, v=v, V=v)
+    W1, b1, W2, b2, W3, b3 = _unpack(params)
+    lam = _lam(weight)
+    out = _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam)
     return float(out[0][0]), dict(zip(['W1', 'b1', 'W2', 'b2', 'W3', 'b3'], out[1:]))
 
 
@@ -346,11 +348,13 @@ def vjp(params, x, v):
     """(dx_L/dx_0)^* v per sample: shape (B, *INPUT_SHAPE)."""
     x0 = _batch(x)
     v = _per_sample(v, "v", x0.shape[0], True)
-    return _call(_vjp, ['W1', 'b1', 'W2', 'b2', 'W3', 'b3', 'x0', 'v'], params, x0=x0, v=v)[0]
+    W1, b1, W2, b2, W3, b3 = _unpack(params)
+    return _vjp(W1, b1, W2, b2, W3, b3, x0, v)[0]
 
 
 def jvp(params, x, u):
     """(dx_L/dx_0) u per sample: shape (B, N_OUTPUTS)."""
     x0 = _batch(x)
     u = _batch(u)
-    return _call(_jvp, ['W1', 'b1', 'W2', 'b2', 'W3', 'b3', 'x0', 'u'], params, x0=x0, u=u)[0]
+    W1, b1, W2, b2, W3, b3 = _unpack(params)
+    return _jvp(W1, b1, W2, b2, W3, b3, x0, u)[0]

@@ -97,142 +97,542 @@ def _dense_Kbox(x, y):
 # -- per-sample reductions and numerically careful coordinate-wise kernels --
 
 
-@numba.njit(cache=True)
-def _rowdot(a, b):
-    # per-sample inner product over all non-batch axes: shape (B,)
-    out = np.empty(a.shape[0], dtype=a.dtype)
-    for i in range(a.shape[0]):
-        out[i] = np.sum(a[i] * b[i])
-    return out
-
-
-@numba.njit(cache=True)
-def _rowsum(a):
-    out = np.empty((a.shape[0], 1), dtype=a.dtype)
-    for i in range(a.shape[0]):
-        out[i, 0] = np.sum(a[i])
-    return out
-
-
-@numba.njit(cache=True)
-def _bsum(a):
-    out = np.zeros(a.shape[1:], dtype=a.dtype)
-    for i in range(a.shape[0]):
-        out += a[i]
-    return out
-
-
 
 # -- derived programs -----------------------------------------------------------------
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _forward(W1, b1, W2, b2, W3, b3, x0):
-    z1 = b1 + _dense_K(W1, x0)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    z2 = b2 + _dense_K(W2, x1)  # (8)
-    x2 = np.maximum(0, z2)  # (8)
-    z3 = b3 + _dense_K(W3, x2)  # (8)
+    B = x0.shape[0]  # batch size
+    ws = np.empty((28, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    x0_t = ws[0:1]  # x0 by chunk, samples last
+    z1 = ws[1:9]
+    x1 = ws[9:17]
+    z2 = ws[17:22]
+    x2 = ws[22:27]
+    z3 = ws[27:28]
     x3 = z3  # (8)
-    return (x3,)
+    out_out = np.empty((B, 1), dtype=DTYPE)  # out, samples first
+    kr0 = np.empty(64, dtype=DTYPE)  # a row of K or K^T
+    for c0 in range(0, B, 64):  # chunks of 64 samples
+        nb = min(64, B - c0)  # samples in this chunk
+        for i in range(1):  # chunk of x0, transposed
+            for b in range(nb):
+                x0_t[i, b] = x0[c0 + b, i]
+        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+            for b in range(nb):
+                kr0[b] = 0.0
+            for k in range(1):
+                w = W1[i, k]
+                for b in range(nb):
+                    kr0[b] += w * x0_t[k, b]
+            for b in range(nb):
+                z1[i, b] = kr0[b] + b1[i]
+                x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
+        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+            for b in range(nb):
+                kr0[b] = 0.0
+            for k in range(8):
+                w = W2[i, k]
+                for b in range(nb):
+                    kr0[b] += w * x1[k, b]
+            for b in range(nb):
+                z2[i, b] = kr0[b] + b2[i]
+                x2[i, b] = max(0, z2[i, b])  # x2 = Max(0, z2), (8)
+        for i in range(1):  # z3 = b3 + K_3(W3, x2), (8)
+            for b in range(nb):
+                kr0[b] = 0.0
+            for k in range(5):
+                w = W3[i, k]
+                for b in range(nb):
+                    kr0[b] += w * x2[k, b]
+            for b in range(nb):
+                z3[i, b] = kr0[b] + b3[0]
+        for i in range(1):  # out back to samples first
+            for b in range(nb):
+                out_out[c0 + b, i] = z3[i, b]
+    return (out_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _vjp(W1, b1, W2, b2, W3, x0, v):
-    z1 = b1 + _dense_K(W1, x0)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
-    z2 = b2 + _dense_K(W2, x1)  # (8)
-    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
-    xi3 = v  # Alg. 1: xi_L = v
-    zeta3 = xi3  # (15)
-    xi2 = _dense_KT(W3, zeta3)  # (16)
-    zeta2 = dg2*xi2  # (15)
-    xi1 = _dense_KT(W2, zeta2)  # (16)
-    zeta1 = dg1*xi1  # (15)
-    xi0 = _dense_KT(W1, zeta1)  # (16)
-    return (xi0,)
+    B = x0.shape[0]  # batch size
+    ws = np.empty((63, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    x0_t = ws[0:1]  # x0 by chunk, samples last
+    v_t = ws[1:2]  # v by chunk, samples last
+    z1 = ws[2:10]
+    x1 = ws[10:18]
+    dg1 = ws[18:26]
+    z2 = ws[26:31]
+    dg2 = ws[31:36]
+    xi3 = v_t  # Alg. 1: xi_L = v
+    zeta3 = v_t  # (15)
+    xi2 = ws[36:41]
+    zeta2 = ws[41:46]
+    xi1 = ws[46:54]
+    zeta1 = ws[54:62]
+    xi0 = ws[62:63]
+    xi0_out = np.empty((B, 1), dtype=DTYPE)  # xi0, samples first
+    kr0 = np.empty(64, dtype=DTYPE)  # a row of K or K^T
+    for c0 in range(0, B, 64):  # chunks of 64 samples
+        nb = min(64, B - c0)  # samples in this chunk
+        for i in range(1):  # chunk of x0, transposed
+            for b in range(nb):
+                x0_t[i, b] = x0[c0 + b, i]
+        for i in range(1):  # chunk of v, transposed
+            for b in range(nb):
+                v_t[i, b] = v[c0 + b, i]
+        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+            for b in range(nb):
+                kr0[b] = 0.0
+            for k in range(1):
+                w = W1[i, k]
+                for b in range(nb):
+                    kr0[b] += w * x0_t[k, b]
+            for b in range(nb):
+                z1[i, b] = kr0[b] + b1[i]
+                x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
+                dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
+        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+            for b in range(nb):
+                kr0[b] = 0.0
+            for k in range(8):
+                w = W2[i, k]
+                for b in range(nb):
+                    kr0[b] += w * x1[k, b]
+            for b in range(nb):
+                z2[i, b] = kr0[b] + b2[i]
+                dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g'_2 (9), SymPy
+        for i in range(5):  # xi2 = K^T_3(W3, zeta3), (16)
+            for b in range(nb):
+                xi2[i, b] = 0.0
+            for k in range(1):
+                w = W3[k, i]
+                for b in range(nb):
+                    xi2[i, b] += w * v_t[k, b]
+            for b in range(nb):
+                zeta2[i, b] = dg2[i, b]*xi2[i, b]  # zeta2 = dg2*xi2, (15)
+        for i in range(8):  # xi1 = K^T_2(W2, zeta2), (16)
+            for b in range(nb):
+                xi1[i, b] = 0.0
+            for k in range(5):
+                w = W2[k, i]
+                for b in range(nb):
+                    xi1[i, b] += w * zeta2[k, b]
+            for b in range(nb):
+                zeta1[i, b] = dg1[i, b]*xi1[i, b]  # zeta1 = dg1*xi1, (15)
+        for i in range(1):  # xi0 = K^T_1(W1, zeta1), (16)
+            for b in range(nb):
+                xi0[i, b] = 0.0
+            for k in range(8):
+                w = W1[k, i]
+                for b in range(nb):
+                    xi0[i, b] += w * zeta1[k, b]
+        for i in range(1):  # xi0 back to samples first
+            for b in range(nb):
+                xi0_out[c0 + b, i] = xi0[i, b]
+    return (xi0_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _jvp(W1, b1, W2, b2, W3, x0, u):
-    z1 = b1 + _dense_K(W1, x0)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
-    z2 = b2 + _dense_K(W2, x1)  # (8)
-    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
-    q0 = u  # q_0 = u
-    h1 = _dense_K(W1, q0)  # (20)
-    q1 = dg1*h1  # (21)
-    h2 = _dense_K(W2, q1)  # (20)
-    q2 = dg2*h2  # (21)
-    h3 = _dense_K(W3, q2)  # (20)
+    B = x0.shape[0]  # batch size
+    ws = np.empty((63, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    x0_t = ws[0:1]  # x0 by chunk, samples last
+    u_t = ws[1:2]  # u by chunk, samples last
+    z1 = ws[2:10]
+    x1 = ws[10:18]
+    dg1 = ws[18:26]
+    z2 = ws[26:31]
+    dg2 = ws[31:36]
+    q0 = u_t  # q_0 = u
+    h1 = ws[36:44]
+    q1 = ws[44:52]
+    h2 = ws[52:57]
+    q2 = ws[57:62]
+    h3 = ws[62:63]
     q3 = h3  # (21)
-    return (q3,)
+    Ju_out = np.empty((B, 1), dtype=DTYPE)  # Ju, samples first
+    kr0 = np.empty(64, dtype=DTYPE)  # a row of K or K^T
+    for c0 in range(0, B, 64):  # chunks of 64 samples
+        nb = min(64, B - c0)  # samples in this chunk
+        for i in range(1):  # chunk of x0, transposed
+            for b in range(nb):
+                x0_t[i, b] = x0[c0 + b, i]
+        for i in range(1):  # chunk of u, transposed
+            for b in range(nb):
+                u_t[i, b] = u[c0 + b, i]
+        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+            for b in range(nb):
+                kr0[b] = 0.0
+            for k in range(1):
+                w = W1[i, k]
+                for b in range(nb):
+                    kr0[b] += w * x0_t[k, b]
+            for b in range(nb):
+                z1[i, b] = kr0[b] + b1[i]
+                x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
+                dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
+        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+            for b in range(nb):
+                kr0[b] = 0.0
+            for k in range(8):
+                w = W2[i, k]
+                for b in range(nb):
+                    kr0[b] += w * x1[k, b]
+            for b in range(nb):
+                z2[i, b] = kr0[b] + b2[i]
+                dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g'_2 (9), SymPy
+        for i in range(8):  # h1 = K_1(W1, q0), (20)
+            for b in range(nb):
+                h1[i, b] = 0.0
+            for k in range(1):
+                w = W1[i, k]
+                for b in range(nb):
+                    h1[i, b] += w * u_t[k, b]
+            for b in range(nb):
+                q1[i, b] = dg1[i, b]*h1[i, b]  # q1 = dg1*h1, (21)
+        for i in range(5):  # h2 = K_2(W2, q1), (20)
+            for b in range(nb):
+                h2[i, b] = 0.0
+            for k in range(8):
+                w = W2[i, k]
+                for b in range(nb):
+                    h2[i, b] += w * q1[k, b]
+            for b in range(nb):
+                q2[i, b] = dg2[i, b]*h2[i, b]  # q2 = dg2*h2, (21)
+        for i in range(1):  # h3 = K_3(W3, q2), (20)
+            for b in range(nb):
+                h3[i, b] = 0.0
+            for k in range(5):
+                w = W3[i, k]
+                for b in range(nb):
+                    h3[i, b] += w * q2[k, b]
+        for i in range(1):  # Ju back to samples first
+            for b in range(nb):
+                Ju_out[c0 + b, i] = h3[i, b]
+    return (Ju_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
-    z1 = b1 + _dense_K(W1, x0)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
-    z2 = b2 + _dense_K(W2, x1)  # (8)
-    x2 = np.maximum(0, z2)  # (8)
-    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
-    z3 = b3 + _dense_K(W3, x2)  # (8)
+    B = x0.shape[0]  # batch size
+    ws = np.empty((71, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    x0_t = ws[0:1]  # x0 by chunk, samples last
+    y_t = ws[1:2]  # y by chunk, samples last
+    z1 = ws[2:10]
+    x1 = ws[10:18]
+    dg1 = ws[18:26]
+    z2 = ws[26:31]
+    x2 = ws[31:36]
+    dg2 = ws[36:41]
+    z3 = ws[41:42]
     x3 = z3  # (8)
-    xi3 = 2*x3 - 2*y  # Alg. 1: xi_L = v
+    xi3 = ws[42:43]
     zeta3 = xi3  # (15)
-    xi2 = _dense_KT(W3, zeta3)  # (16)
-    zeta2 = dg2*xi2  # (15)
-    xi1 = _dense_KT(W2, zeta2)  # (16)
-    zeta1 = dg1*xi1  # (15)
-    xi0 = _dense_KT(W1, zeta1)  # (16)
-    s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
+    xi2 = ws[43:48]
+    zeta2 = ws[48:53]
+    xi1 = ws[53:61]
+    zeta1 = ws[61:69]
+    xi0 = ws[69:70]
+    s = ws[70:71]
     R = s  # (10)
-    return (R,)
+    R_out = np.empty((B, 1), dtype=DTYPE)  # R, samples first
+    kr0 = np.empty(64, dtype=DTYPE)  # a row of K or K^T
+    for c0 in range(0, B, 64):  # chunks of 64 samples
+        nb = min(64, B - c0)  # samples in this chunk
+        for i in range(1):  # chunk of x0, transposed
+            for b in range(nb):
+                x0_t[i, b] = x0[c0 + b, i]
+        for i in range(1):  # chunk of y, transposed
+            for b in range(nb):
+                y_t[i, b] = y[c0 + b, i]
+        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+            for b in range(nb):
+                kr0[b] = 0.0
+            for k in range(1):
+                w = W1[i, k]
+                for b in range(nb):
+                    kr0[b] += w * x0_t[k, b]
+            for b in range(nb):
+                z1[i, b] = kr0[b] + b1[i]
+                x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
+                dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
+        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+            for b in range(nb):
+                kr0[b] = 0.0
+            for k in range(8):
+                w = W2[i, k]
+                for b in range(nb):
+                    kr0[b] += w * x1[k, b]
+            for b in range(nb):
+                z2[i, b] = kr0[b] + b2[i]
+                x2[i, b] = max(0, z2[i, b])  # x2 = Max(0, z2), (8)
+                dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g'_2 (9), SymPy
+        for i in range(1):  # z3 = b3 + K_3(W3, x2), (8)
+            for b in range(nb):
+                kr0[b] = 0.0
+            for k in range(5):
+                w = W3[i, k]
+                for b in range(nb):
+                    kr0[b] += w * x2[k, b]
+            for b in range(nb):
+                z3[i, b] = kr0[b] + b3[0]
+                xi3[i, b] = 2*z3[0, b] - 2*y_t[0, b]  # xi3 = 2*x3 - 2*y, Alg. 1: xi_L = v
+        for i in range(5):  # xi2 = K^T_3(W3, zeta3), (16)
+            for b in range(nb):
+                xi2[i, b] = 0.0
+            for k in range(1):
+                w = W3[k, i]
+                for b in range(nb):
+                    xi2[i, b] += w * xi3[k, b]
+            for b in range(nb):
+                zeta2[i, b] = dg2[i, b]*xi2[i, b]  # zeta2 = dg2*xi2, (15)
+        for i in range(8):  # xi1 = K^T_2(W2, zeta2), (16)
+            for b in range(nb):
+                xi1[i, b] = 0.0
+            for k in range(5):
+                w = W2[k, i]
+                for b in range(nb):
+                    xi1[i, b] += w * zeta2[k, b]
+            for b in range(nb):
+                zeta1[i, b] = dg1[i, b]*xi1[i, b]  # zeta1 = dg1*xi1, (15)
+        for i in range(1):  # xi0 = K^T_1(W1, zeta1), (16)
+            for b in range(nb):
+                xi0[i, b] = 0.0
+            for k in range(8):
+                w = W1[k, i]
+                for b in range(nb):
+                    xi0[i, b] += w * zeta1[k, b]
+        for b in range(nb):  # s = <xi0, xi0>, s = ||xi_0||^2
+            s[0, b] = 0.0
+        for k in range(1):
+            for b in range(nb):
+                s[0, b] += xi0[0, b]**2
+        for i in range(1):  # R back to samples first
+            for b in range(nb):
+                R_out[c0 + b, i] = s[i, b]
+    return (R_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     B = x0.shape[0]  # batch size
-    z1 = b1 + _dense_K(W1, x0)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
-    z2 = b2 + _dense_K(W2, x1)  # (8)
-    x2 = np.maximum(0, z2)  # (8)
-    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
-    z3 = b3 + _dense_K(W3, x2)  # (8)
+    ws = np.empty((141, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    x0_t = ws[0:1]  # x0 by chunk, samples last
+    y_t = ws[1:2]  # y by chunk, samples last
+    z1 = ws[2:10]
+    x1 = ws[10:18]
+    dg1 = ws[18:26]
+    z2 = ws[26:31]
+    x2 = ws[31:36]
+    dg2 = ws[36:41]
+    z3 = ws[41:42]
     x3 = z3  # (8)
-    xi3 = 2*x3 - 2*y  # Alg. 1: xi_L = v
+    xi3 = ws[42:43]
     zeta3 = xi3  # (15)
-    xi2 = _dense_KT(W3, zeta3)  # (16)
-    zeta2 = dg2*xi2  # (15)
-    xi1 = _dense_KT(W2, zeta2)  # (16)
-    zeta1 = dg1*xi1  # (15)
-    xi0 = _dense_KT(W1, zeta1)  # (16)
-    s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
+    xi2 = ws[43:48]
+    zeta2 = ws[48:53]
+    xi1 = ws[53:61]
+    zeta1 = ws[61:69]
+    xi0 = ws[69:70]
+    s = ws[70:71]
     R = s  # (10)
-    q0 = 2*xi0  # q_0 = grad p(xi_0) = 2 p'(s) xi_0
-    h1 = _dense_K(W1, q0)  # (20)
-    q1 = dg1*h1  # (21)
-    h2 = _dense_K(W2, q1)  # (20)
-    q2 = dg2*h2  # (21)
-    h3 = _dense_K(W3, q2)  # (20)
+    q0 = ws[71:72]
+    h1 = ws[72:80]
+    q1 = ws[80:88]
+    h2 = ws[88:93]
+    q2 = ws[93:98]
+    h3 = ws[98:99]
     q3 = h3  # (21)
-    gamma3 = 2*q3  # (29), App. B
+    gamma3 = ws[99:100]
     eta3 = gamma3  # App. B.3
-    gamma2 = _dense_KT(W3, eta3)  # (30)
-    eta2 = dg2*gamma2  # (28)
-    gamma1 = _dense_KT(W2, eta2)  # (30)
-    eta1 = dg1*gamma1  # (28)
-    J = _bsum(R*lam + _rowsum((x3 - y)**2))/B  # J = (1/B) sum_b [l + lam R]
-    dW1 = lam*_dense_Kbox(q0, zeta1)/B + _dense_Kbox(x0, eta1*lam + zeta1)/B  # (31), (32)
-    db1 = _bsum(eta1*lam + zeta1)/B  # (31), (33)
-    dW2 = lam*_dense_Kbox(q1, zeta2)/B + _dense_Kbox(x1, eta2*lam + zeta2)/B  # (31), (32)
-    db2 = _bsum(eta2*lam + zeta2)/B  # (31), (33)
-    dW3 = lam*_dense_Kbox(q2, zeta3)/B + _dense_Kbox(x2, eta3*lam + zeta3)/B  # (31), (32)
-    db3 = _bsum(eta3*lam + zeta3)/B  # (31), (33)
+    gamma2 = ws[100:105]
+    eta2 = ws[105:110]
+    gamma1 = ws[110:118]
+    eta1 = ws[118:126]
+    J = np.zeros((1,), dtype=DTYPE)  # sum over the batch, J = (1/B) sum_b [l + lam R]
+    t0_ = ws[126:127]
+    dW1 = np.zeros((8, 1), dtype=DTYPE)  # sum over the batch, (31), (32)
+    t1_ = ws[127:135]
+    db1 = np.zeros((8,), dtype=DTYPE)  # sum over the batch, (31), (33)
+    dW2 = np.zeros((5, 8), dtype=DTYPE)  # sum over the batch, (31), (32)
+    t2_ = ws[135:140]
+    db2 = np.zeros((5,), dtype=DTYPE)  # sum over the batch, (31), (33)
+    dW3 = np.zeros((1, 5), dtype=DTYPE)  # sum over the batch, (31), (32)
+    t3_ = ws[140:141]
+    db3 = np.zeros((1,), dtype=DTYPE)  # sum over the batch, (31), (33)
+    kr0 = np.empty(64, dtype=DTYPE)  # a row of K or K^T
+    for c0 in range(0, B, 64):  # chunks of 64 samples
+        nb = min(64, B - c0)  # samples in this chunk
+        for i in range(1):  # chunk of x0, transposed
+            for b in range(nb):
+                x0_t[i, b] = x0[c0 + b, i]
+        for i in range(1):  # chunk of y, transposed
+            for b in range(nb):
+                y_t[i, b] = y[c0 + b, i]
+        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+            for b in range(nb):
+                kr0[b] = 0.0
+            for k in range(1):
+                w = W1[i, k]
+                for b in range(nb):
+                    kr0[b] += w * x0_t[k, b]
+            for b in range(nb):
+                z1[i, b] = kr0[b] + b1[i]
+                x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
+                dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
+        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+            for b in range(nb):
+                kr0[b] = 0.0
+            for k in range(8):
+                w = W2[i, k]
+                for b in range(nb):
+                    kr0[b] += w * x1[k, b]
+            for b in range(nb):
+                z2[i, b] = kr0[b] + b2[i]
+                x2[i, b] = max(0, z2[i, b])  # x2 = Max(0, z2), (8)
+                dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g'_2 (9), SymPy
+        for i in range(1):  # z3 = b3 + K_3(W3, x2), (8)
+            for b in range(nb):
+                kr0[b] = 0.0
+            for k in range(5):
+                w = W3[i, k]
+                for b in range(nb):
+                    kr0[b] += w * x2[k, b]
+            for b in range(nb):
+                z3[i, b] = kr0[b] + b3[0]
+                xi3[i, b] = 2*z3[0, b] - 2*y_t[0, b]  # xi3 = 2*x3 - 2*y, Alg. 1: xi_L = v
+        for i in range(5):  # xi2 = K^T_3(W3, zeta3), (16)
+            for b in range(nb):
+                xi2[i, b] = 0.0
+            for k in range(1):
+                w = W3[k, i]
+                for b in range(nb):
+                    xi2[i, b] += w * xi3[k, b]
+            for b in range(nb):
+                zeta2[i, b] = dg2[i, b]*xi2[i, b]  # zeta2 = dg2*xi2, (15)
+        for i in range(8):  # xi1 = K^T_2(W2, zeta2), (16)
+            for b in range(nb):
+                xi1[i, b] = 0.0
+            for k in range(5):
+                w = W2[k, i]
+                for b in range(nb):
+                    xi1[i, b] += w * zeta2[k, b]
+            for b in range(nb):
+                zeta1[i, b] = dg1[i, b]*xi1[i, b]  # zeta1 = dg1*xi1, (15)
+        for i in range(1):  # xi0 = K^T_1(W1, zeta1), (16)
+            for b in range(nb):
+                xi0[i, b] = 0.0
+            for k in range(8):
+                w = W1[k, i]
+                for b in range(nb):
+                    xi0[i, b] += w * zeta1[k, b]
+        for b in range(nb):  # s = <xi0, xi0>, s = ||xi_0||^2
+            s[0, b] = 0.0
+        for k in range(1):
+            for b in range(nb):
+                s[0, b] += xi0[0, b]**2
+        for i in range(1):  # q0 = 2*xi0, q_0 = grad p(xi_0) = 2 p'(s) xi_0
+            for b in range(nb):
+                q0[i, b] = 2*xi0[0, b]
+        for i in range(8):  # h1 = K_1(W1, q0), (20)
+            for b in range(nb):
+                h1[i, b] = 0.0
+            for k in range(1):
+                w = W1[i, k]
+                for b in range(nb):
+                    h1[i, b] += w * q0[k, b]
+            for b in range(nb):
+                q1[i, b] = dg1[i, b]*h1[i, b]  # q1 = dg1*h1, (21)
+        for i in range(5):  # h2 = K_2(W2, q1), (20)
+            for b in range(nb):
+                h2[i, b] = 0.0
+            for k in range(8):
+                w = W2[i, k]
+                for b in range(nb):
+                    h2[i, b] += w * q1[k, b]
+            for b in range(nb):
+                q2[i, b] = dg2[i, b]*h2[i, b]  # q2 = dg2*h2, (21)
+        for i in range(1):  # h3 = K_3(W3, q2), (20)
+            for b in range(nb):
+                h3[i, b] = 0.0
+            for k in range(5):
+                w = W3[i, k]
+                for b in range(nb):
+                    h3[i, b] += w * q2[k, b]
+            for b in range(nb):
+                gamma3[i, b] = 2*h3[0, b]  # gamma3 = 2*q3, (29), App. B
+        for i in range(5):  # gamma2 = K^T_3(W3, eta3), (30)
+            for b in range(nb):
+                gamma2[i, b] = 0.0
+            for k in range(1):
+                w = W3[k, i]
+                for b in range(nb):
+                    gamma2[i, b] += w * gamma3[k, b]
+            for b in range(nb):
+                eta2[i, b] = dg2[i, b]*gamma2[i, b]  # eta2 = dg2*gamma2, (28)
+        for i in range(8):  # gamma1 = K^T_2(W2, eta2), (30)
+            for b in range(nb):
+                gamma1[i, b] = 0.0
+            for k in range(5):
+                w = W2[k, i]
+                for b in range(nb):
+                    gamma1[i, b] += w * eta2[k, b]
+            for b in range(nb):
+                eta1[i, b] = dg1[i, b]*gamma1[i, b]  # eta1 = dg1*gamma1, (28)
+        for b in range(nb):  # t0_ = RowSum((x3 - y)**2), operand, computed once
+            t0_[0, b] = 0.0
+        for k in range(1):
+            for b in range(nb):
+                t0_[0, b] += (z3[0, b] - y_t[0, b])**2
+        for i in range(1):  # J += Σ_b(R*lam + RowSum((x3 - y)**2))/B, J = (1/B) sum_b [l + lam R]
+            acc = 0.0
+            for b in range(nb):
+                acc += (1.0 / B) * (s[0, b]*lam + t0_[0, b])
+            J[i] += acc
+        for i in range(8):  # t1_ = eta1*lam + zeta1, operand, computed once
+            for b in range(nb):
+                t1_[i, b] = eta1[i, b]*lam + zeta1[i, b]
+        for i in range(8):  # dW1 += lam*K^□_1(q0, zeta1)/B + K^□_1(x0, eta1*lam + zeta1)/B, (31), (32)
+            for k in range(1):
+                acc = 0.0
+                for b in range(nb):
+                    acc += (1.0 / B) * (t1_[i, b] * x0_t[k, b]) + (lam/B) * (zeta1[i, b] * q0[k, b])
+                dW1[i, k] += acc
+        for i in range(8):  # db1 += Σ_b(eta1*lam + zeta1)/B, (31), (33)
+            acc = 0.0
+            for b in range(nb):
+                acc += (1.0 / B) * (eta1[i, b]*lam + zeta1[i, b])
+            db1[i] += acc
+        for i in range(5):  # t2_ = eta2*lam + zeta2, operand, computed once
+            for b in range(nb):
+                t2_[i, b] = eta2[i, b]*lam + zeta2[i, b]
+        for i in range(5):  # dW2 += lam*K^□_2(q1, zeta2)/B + K^□_2(x1, eta2*lam + zeta2)/B, (31), (32)
+            for k in range(8):
+                acc = 0.0
+                for b in range(nb):
+                    acc += (1.0 / B) * (t2_[i, b] * x1[k, b]) + (lam/B) * (zeta2[i, b] * q1[k, b])
+                dW2[i, k] += acc
+        for i in range(5):  # db2 += Σ_b(eta2*lam + zeta2)/B, (31), (33)
+            acc = 0.0
+            for b in range(nb):
+                acc += (1.0 / B) * (eta2[i, b]*lam + zeta2[i, b])
+            db2[i] += acc
+        for i in range(1):  # t3_ = eta3*lam + zeta3, operand, computed once
+            for b in range(nb):
+                t3_[i, b] = gamma3[0, b]*lam + xi3[0, b]
+        for i in range(1):  # dW3 += lam*K^□_3(q2, zeta3)/B + K^□_3(x2, eta3*lam + zeta3)/B, (31), (32)
+            for k in range(5):
+                acc = 0.0
+                for b in range(nb):
+                    acc += (1.0 / B) * (t3_[i, b] * x2[k, b]) + (lam/B) * (xi3[i, b] * q2[k, b])
+                dW3[i, k] += acc
+        for i in range(1):  # db3 += Σ_b(eta3*lam + zeta3)/B, (31), (33)
+            acc = 0.0
+            for b in range(nb):
+                acc += (1.0 / B) * (gamma3[0, b]*lam + xi3[0, b])
+            db3[i] += acc
     return (J, dW1, db1, dW2, db2, dW3, db3,)
 
 
@@ -289,15 +689,15 @@ def _direction(params, x0, v, seed):
     return _per_sample(v, "v", batch, False)
 
 
-def _call(kernel, names, params, weight=None, **arrays):
-    values = dict(zip(PARAMS, _unpack(params)))
-    values.update(arrays, lam=DTYPE(WEIGHT if weight is None else weight))
-    return kernel(*[values[n] for n in names])
+def _lam(weight):
+    return DTYPE(WEIGHT if weight is None else weight)
 
 
 def forward(params, x):
     """x_L for a batch x of shape (B, *INPUT_SHAPE)."""
-    return _call(_forward, ['W1', 'b1', 'W2', 'b2', 'W3', 'b3', 'x0'], params, x0=_batch(x))[0]
+    x0 = _batch(x)
+    W1, b1, W2, b2, W3, b3 = _unpack(params)
+    return _forward(W1, b1, W2, b2, W3, b3, x0)[0]
 
 
 def penalty(params, x, y=None, v=None, seed=None):
@@ -305,7 +705,8 @@ def penalty(params, x, y=None, v=None, seed=None):
     x0 = _batch(x)
     y = _per_sample(y, "y", x0.shape[0], True)
     v = _direction(params, x0, v, seed)
-    out = _call(_penalty, ['W1', 'b1', 'W2', 'b2', 'W3', 'b3', 'x0', 'y'], params, x0=x0, y=y, v=v, V=v)
+    W1, b1, W2, b2, W3, b3 = _unpack(params)
+    out = _penalty(W1, b1, W2, b2, W3, b3, x0, y)
     return out[0].reshape(-1)
 
 
@@ -316,8 +717,9 @@ def value_and_grad(params, x, y=None, v=None, seed=None, weight=None):
     """
     x0 = _batch(x)
     y = _per_sample(y, "y", x0.shape[0], True)
-    v = _direction(params, x0, v, seed)
-    out = _call(_value_and_grad, ['W1', 'b1', 'W2', 'b2', 'W3', 'b3', 'x0', 'y', 'lam'], params, weight, x0=x0, y=y, v=v, V=v)
+    W1, b1, W2, b2, W3, b3 = _unpack(params)
+    lam = _lam(weight)
+    out = _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam)
     return float(out[0][0]), dict(zip(['W1', 'b1', 'W2', 'b2', 'W3', 'b3'], out[1:]))
 
 
@@ -325,11 +727,13 @@ def vjp(params, x, v):
     """(dx_L/dx_0)^* v per sample: shape (B, *INPUT_SHAPE)."""
     x0 = _batch(x)
     v = _per_sample(v, "v", x0.shape[0], True)
-    return _call(_vjp, ['W1', 'b1', 'W2', 'b2', 'W3', 'x0', 'v'], params, x0=x0, v=v)[0]
+    W1, b1, W2, b2, W3, b3 = _unpack(params)
+    return _vjp(W1, b1, W2, b2, W3, x0, v)[0]
 
 
 def jvp(params, x, u):
     """(dx_L/dx_0) u per sample: shape (B, N_OUTPUTS)."""
     x0 = _batch(x)
     u = _batch(u)
-    return _call(_jvp, ['W1', 'b1', 'W2', 'b2', 'W3', 'x0', 'u'], params, x0=x0, u=u)[0]
+    W1, b1, W2, b2, W3, b3 = _unpack(params)
+    return _jvp(W1, b1, W2, b2, W3, x0, u)[0]

@@ -30,18 +30,29 @@ class Unsupported(Exception):
     pass
 
 
-def median_ms(fn, seconds: float = 1.0, min_runs: int = 5) -> float:
-    """Median wall time of fn() in milliseconds, after two warm-up calls."""
-    fn(), fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < seconds:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-        if len(times) >= 2000:
-            break
-    return 1e3 * statistics.median(times)
+def interleaved_ms(fns: dict, seconds: float = 1.0, rounds: int = 5, min_runs: int = 5,
+                   settle: float = 0.3) -> dict:
+    """Median wall time in ms of each fn, measured in turns: every round gives each one a
+    burst of seconds / rounds, so slow drift of a shared machine is spread over all
+    contenders instead of landing on one. Between bursts everyone sleeps `settle` seconds:
+    thread pools (OpenMP, OpenBLAS, Eigen) spin-wait after their work and would otherwise
+    steal the cores of whoever runs next."""
+    for fn in fns.values():
+        fn(), fn()
+    times = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            time.sleep(settle)
+            start = time.perf_counter()
+            burst = 0
+            while burst < min_runs or time.perf_counter() - start < seconds / rounds:
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+                burst += 1
+                if burst >= 200:
+                    break
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def problem(model: Model, batch: int, seed: int = 0):
@@ -333,15 +344,14 @@ def gemm_shape(layer, batch: int) -> tuple[int, int, int]:
     return batch, layer.in_shape[0], op.out
 
 
-def gemm_gflops(model: Model, batch: int) -> float:
-    """What NumPy's own matmul reaches on this machine for the model's largest layer."""
+def gemm_runner(model: Model, batch: int):
+    """NumPy's own matmul on the model's largest layer, and its flop count."""
     layer = max((l for l in model.layers if l.op.has_params), key=lambda l: l.op.flops(l.in_shape))
     M, K, N = gemm_shape(layer, batch)
     dtype = np.dtype(model.dtype)
     a = np.random.default_rng(0).standard_normal((M, K)).astype(dtype)
     b = np.random.default_rng(1).standard_normal((N, K)).astype(dtype)
-    ms = median_ms(lambda: a @ b.T, seconds=0.5)
-    return 2 * M * K * N / (ms * 1e6)
+    return (lambda: a @ b.T), 2 * M * K * N
 
 
 def run(path, batch: int, against=PEERS, dtype: str | None = None, naive: bool = False,
@@ -351,27 +361,30 @@ def run(path, batch: int, against=PEERS, dtype: str | None = None, naive: bool =
     if dtype:
         model = replace(model, dtype=dtype)
     x, y, v = problem(model, batch)
-    rows = []
     module = dbpgen_module(model)
     # the derivation leaves ~10^5 SymPy objects behind; keep the collector off them while timing
     gc.collect()
     gc.freeze()
     params = module.init_params(seed=0)
-    ms = median_ms(dbpgen_runner(model, module, params, x, y, v), seconds)
-    flops = module.OPS["emitted"]["flops"] * batch
-    rows.append({"name": "dbpgen", "ms": ms, "gflops": flops / (ms * 1e6)})
+    fns = {"dbpgen": dbpgen_runner(model, module, params, x, y, v)}
+    notes = {}
     if naive:
-        fn = dbpgen_runner(model, dbpgen_module(model, naive=True), params, x, y, v)
-        rows.append({"name": "dbpgen --naive", "ms": median_ms(fn, seconds)})
+        fns["dbpgen --naive"] = dbpgen_runner(model, dbpgen_module(model, naive=True), params, x, y, v)
     for peer in against:
         try:
-            fn = RUNNERS[peer](model, params, x, y, v)
-            rows.append({"name": peer, "ms": median_ms(fn, seconds)})
+            fns[peer] = RUNNERS[peer](model, params, x, y, v)
         except ImportError:
-            rows.append({"name": peer, "ms": None, "note": "not installed"})
+            notes[peer] = "not installed"
         except Unsupported as exc:
-            rows.append({"name": peer, "ms": None, "note": f"unsupported: {exc}"})
-    rows[0]["roofline"] = rows[0]["gflops"] / gemm_gflops(model, batch)
+            notes[peer] = f"unsupported: {exc}"
+    gemm, gemm_flops = gemm_runner(model, batch)
+    fns["numpy matmul"] = gemm
+    ms = interleaved_ms(fns, seconds)
+    flops = module.OPS["emitted"]["flops"] * batch
+    rows = [{"name": "dbpgen", "ms": ms["dbpgen"], "gflops": flops / (ms["dbpgen"] * 1e6)}]
+    rows += [{"name": name, "ms": ms[name]} for name in fns if name not in ("dbpgen", "numpy matmul")]
+    rows += [{"name": peer, "ms": None, "note": note} for peer, note in notes.items()]
+    rows[0]["roofline"] = rows[0]["gflops"] / (gemm_flops / (ms["numpy matmul"] * 1e6))
     for row in rows:
         if row["ms"]:
             row["ratio"] = rows[0]["ms"] / row["ms"]

@@ -22,6 +22,8 @@ def _latex_names(program: Program) -> dict:
             names[s] = rf"g'_{{{digits}}}"
         elif stem == "ddg":
             names[s] = rf"g''_{{{digits}}}"
+        elif stem == "eps":
+            names[s] = rf"\varepsilon_{{{digits}}}"
         elif stem in ("dW", "db"):
             names[s] = rf"\nabla_{{{stem[1]}_{{{digits}}}}} J"
     names[sp.Symbol("lam", real=True)] = r"\lambda"

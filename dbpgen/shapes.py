@@ -103,7 +103,7 @@ def nbytes(shape: Shape, batch: int, itemsize: int) -> int:
 
 
 # Quantities of the paper that live in layer j's space X_j (x_0's space for j = 0).
-_SPACE_STEMS = {"x", "z", "xi", "zeta", "q", "h", "eta", "gamma", "delta", "dg", "ddg", "etahat", "gammahat"}
+_SPACE_STEMS = {"x", "z", "xi", "zeta", "q", "h", "eta", "gamma", "delta", "dg", "ddg", "etahat", "gammahat", "eps"}
 
 
 def named_shape(name: str, model: Model) -> Shape | None:

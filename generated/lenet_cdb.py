@@ -79,11 +79,11 @@ input-space argument first; lam = penalty weight, B = batch size.
 [loss]
   J = Σ_b(R*lam + LogSumExp(z6)*RowSum(y) - RowSum(y*z6))/B   # J = (1/B) sum_b [l + lam R]
 [gradients]
-  dW1 = lam*K^□_1(q0, zeta1)/B + K^□_1(x0, eta1*lam + zeta1)/B  # (31), (32)
+  dW1 = K^□_1(q0, lam*zeta1/B) + K^□_1(x0, (eta1*lam + zeta1)/B)  # (31), (32)
   db1 = Σ_b(eta1*lam + zeta1)/B                               # (31), (33)
-  dW3 = lam*K^□_3(q2, zeta3)/B + K^□_3(x2, eta3*lam + zeta3)/B  # (31), (32)
+  dW3 = K^□_3(q2, lam*zeta3/B) + K^□_3(x2, (eta3*lam + zeta3)/B)  # (31), (32)
   db3 = Σ_b(eta3*lam + zeta3)/B                               # (31), (33)
-  dW6 = lam*K^□_6(q5, zeta6)/B + K^□_6(x5, eta6*lam + zeta6)/B  # (31), (32)
+  dW6 = K^□_6(q5, lam*zeta6/B) + K^□_6(x5, (eta6*lam + zeta6)/B)  # (31), (32)
   db6 = Σ_b(eta6*lam + zeta6)/B                               # (31), (33)
 
 [simplifications]
@@ -346,9 +346,14 @@ def _flatten_KT(y, C, H, Wd):
 @numba.njit(cache=True)
 def _rowdot(a, b):
     # per-sample inner product over all non-batch axes: shape (B,)
+    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
+    b2 = np.ascontiguousarray(b).reshape((b.shape[0], -1))
     out = np.empty(a.shape[0], dtype=a.dtype)
-    for i in range(a.shape[0]):
-        out[i] = np.sum(a[i] * b[i])
+    for i in range(a2.shape[0]):
+        acc = 0.0
+        for k in range(a2.shape[1]):
+            acc += a2[i, k] * b2[i, k]
+        out[i] = acc
     return out
 
 
@@ -565,11 +570,11 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     gamma1 = _avgpool_KT(eta2, 2)  # (30)
     eta1 = dg1*gamma1  # (28)
     J = _bsum(R*lam + _logsumexp(z6)*_rowsum(y) - _rowsum(y*z6))/B  # J = (1/B) sum_b [l + lam R]
-    dW1 = lam*_conv2d_Kbox(q0, zeta1, 1, 0, 1, 5)/B + _conv2d_Kbox(x0, eta1*lam + zeta1, 1, 0, 1, 5)/B  # (31), (32)
+    dW1 = _conv2d_Kbox(q0, lam*zeta1/B, 1, 0, 1, 5) + _conv2d_Kbox(x0, (eta1*lam + zeta1)/B, 1, 0, 1, 5)  # (31), (32)
     db1 = _bsum_channels(eta1*lam + zeta1)/B  # (31), (33)
-    dW3 = lam*_conv2d_Kbox(q2, zeta3, 1, 0, 1, 5)/B + _conv2d_Kbox(x2, eta3*lam + zeta3, 1, 0, 1, 5)/B  # (31), (32)
+    dW3 = _conv2d_Kbox(q2, lam*zeta3/B, 1, 0, 1, 5) + _conv2d_Kbox(x2, (eta3*lam + zeta3)/B, 1, 0, 1, 5)  # (31), (32)
     db3 = _bsum_channels(eta3*lam + zeta3)/B  # (31), (33)
-    dW6 = lam*_dense_Kbox(q5, zeta6)/B + _dense_Kbox(x5, eta6*lam + zeta6)/B  # (31), (32)
+    dW6 = _dense_Kbox(q5, lam*zeta6/B) + _dense_Kbox(x5, (eta6*lam + zeta6)/B)  # (31), (32)
     db6 = _bsum(eta6*lam + zeta6)/B  # (31), (33)
     return (J, dW1, db1, dW3, db3, dW6, db6,)
 

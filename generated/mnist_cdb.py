@@ -55,11 +55,11 @@ input-space argument first; lam = penalty weight, B = batch size.
 [loss]
   J = Σ_b(R*lam + LogSumExp(z3)*RowSum(y) - RowSum(y*z3))/B   # J = (1/B) sum_b [l + lam R]
 [gradients]
-  dW1 = lam*K^□_1(q0, zeta1)/B + K^□_1(x0, eta1*lam + zeta1)/B  # (31), (32)
+  dW1 = K^□_1(q0, lam*zeta1/B) + K^□_1(x0, (eta1*lam + zeta1)/B)  # (31), (32)
   db1 = Σ_b(eta1*lam + zeta1)/B                               # (31), (33)
-  dW2 = lam*K^□_2(q1, zeta2)/B + K^□_2(x1, eta2*lam + zeta2)/B  # (31), (32)
+  dW2 = K^□_2(q1, lam*zeta2/B) + K^□_2(x1, (eta2*lam + zeta2)/B)  # (31), (32)
   db2 = Σ_b(eta2*lam + zeta2)/B                               # (31), (33)
-  dW3 = lam*K^□_3(q2, zeta3)/B + K^□_3(x2, eta3*lam + zeta3)/B  # (31), (32)
+  dW3 = K^□_3(q2, lam*zeta3/B) + K^□_3(x2, (eta3*lam + zeta3)/B)  # (31), (32)
   db3 = Σ_b(eta3*lam + zeta3)/B                               # (31), (33)
 
 [simplifications]
@@ -97,9 +97,14 @@ def _dense_Kbox(x, y):
 @numba.njit(cache=True)
 def _rowdot(a, b):
     # per-sample inner product over all non-batch axes: shape (B,)
+    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
+    b2 = np.ascontiguousarray(b).reshape((b.shape[0], -1))
     out = np.empty(a.shape[0], dtype=a.dtype)
-    for i in range(a.shape[0]):
-        out[i] = np.sum(a[i] * b[i])
+    for i in range(a2.shape[0]):
+        acc = 0.0
+        for k in range(a2.shape[1]):
+            acc += a2[i, k] * b2[i, k]
+        out[i] = acc
     return out
 
 
@@ -245,11 +250,11 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     gamma1 = _dense_KT(W2, eta2)  # (30)
     eta1 = dg1*gamma1  # (28)
     J = _bsum(R*lam + _logsumexp(z3)*_rowsum(y) - _rowsum(y*z3))/B  # J = (1/B) sum_b [l + lam R]
-    dW1 = lam*_dense_Kbox(q0, zeta1)/B + _dense_Kbox(x0, eta1*lam + zeta1)/B  # (31), (32)
+    dW1 = _dense_Kbox(q0, lam*zeta1/B) + _dense_Kbox(x0, (eta1*lam + zeta1)/B)  # (31), (32)
     db1 = _bsum(eta1*lam + zeta1)/B  # (31), (33)
-    dW2 = lam*_dense_Kbox(q1, zeta2)/B + _dense_Kbox(x1, eta2*lam + zeta2)/B  # (31), (32)
+    dW2 = _dense_Kbox(q1, lam*zeta2/B) + _dense_Kbox(x1, (eta2*lam + zeta2)/B)  # (31), (32)
     db2 = _bsum(eta2*lam + zeta2)/B  # (31), (33)
-    dW3 = lam*_dense_Kbox(q2, zeta3)/B + _dense_Kbox(x2, eta3*lam + zeta3)/B  # (31), (32)
+    dW3 = _dense_Kbox(q2, lam*zeta3/B) + _dense_Kbox(x2, (eta3*lam + zeta3)/B)  # (31), (32)
     db3 = _bsum(eta3*lam + zeta3)/B  # (31), (33)
     return (J, dW1, db1, dW2, db2, dW3, db3,)
 

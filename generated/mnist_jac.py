@@ -66,11 +66,11 @@ input-space argument first; lam = penalty weight, B = batch size.
 [loss]
   J = Σ_b(R*lam)/B                                            # J = (1/B) sum_b [l + lam R]
 [gradients]
-  dW1 = lam*(thetahat1 + K^□_1(x0, etahat1))/B                # (31), (32)
+  dW1 = K^□_1(x0, etahat1*lam/B) + lam*thetahat1/B            # (31), (32)
   db1 = Σ_b(etahat1*lam)/B                                    # (31), (33)
-  dW2 = lam*(thetahat2 + K^□_2(x1, etahat2))/B                # (31), (32)
+  dW2 = K^□_2(x1, etahat2*lam/B) + lam*thetahat2/B            # (31), (32)
   db2 = Σ_b(etahat2*lam)/B                                    # (31), (33)
-  dW3 = lam*(thetahat3 + K^□_3(x2, etahat3))/B                # (31), (32)
+  dW3 = K^□_3(x2, etahat3*lam/B) + lam*thetahat3/B            # (31), (32)
   db3 = Σ_b(etahat3*lam)/B                                    # (31), (33)
 
 [simplifications]
@@ -114,9 +114,14 @@ def _dense_Kbox(x, y):
 @numba.njit(cache=True)
 def _rowdot(a, b):
     # per-sample inner product over all non-batch axes: shape (B,)
+    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
+    b2 = np.ascontiguousarray(b).reshape((b.shape[0], -1))
     out = np.empty(a.shape[0], dtype=a.dtype)
-    for i in range(a.shape[0]):
-        out[i] = np.sum(a[i] * b[i])
+    for i in range(a2.shape[0]):
+        acc = 0.0
+        for k in range(a2.shape[1]):
+            acc += a2[i, k] * b2[i, k]
+        out[i] = acc
     return out
 
 
@@ -293,11 +298,11 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
     gammahat1 = _dense_KT(W2, etahat2)  # (30), summed
     etahat1 = dg1*gammahat1  # (34), summed
     J = _bsum(R*lam)/B  # J = (1/B) sum_b [l + lam R]
-    dW1 = lam*(thetahat1 + _dense_Kbox(x0, etahat1))/B  # (31), (32)
+    dW1 = _dense_Kbox(x0, etahat1*lam/B) + lam*thetahat1/B  # (31), (32)
     db1 = _bsum(etahat1*lam)/B  # (31), (33)
-    dW2 = lam*(thetahat2 + _dense_Kbox(x1, etahat2))/B  # (31), (32)
+    dW2 = _dense_Kbox(x1, etahat2*lam/B) + lam*thetahat2/B  # (31), (32)
     db2 = _bsum(etahat2*lam)/B  # (31), (33)
-    dW3 = lam*(thetahat3 + _dense_Kbox(x2, etahat3))/B  # (31), (32)
+    dW3 = _dense_Kbox(x2, etahat3*lam/B) + lam*thetahat3/B  # (31), (32)
     db3 = _bsum(etahat3*lam)/B  # (31), (33)
     return (J, dW1, db1, dW2, db2, dW3, db3,)
 

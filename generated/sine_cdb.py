@@ -58,11 +58,11 @@ input-space argument first; lam = penalty weight, B = batch size.
 [loss]
   J = Σ_b(R*lam + RowSum((x3 - y)**2))/B                      # J = (1/B) sum_b [l + lam R]
 [gradients]
-  dW1 = lam*K^□_1(q0, zeta1)/B + K^□_1(x0, eta1*lam + zeta1)/B  # (31), (32)
+  dW1 = K^□_1(q0, lam*zeta1/B) + K^□_1(x0, (eta1*lam + zeta1)/B)  # (31), (32)
   db1 = Σ_b(eta1*lam + zeta1)/B                               # (31), (33)
-  dW2 = lam*K^□_2(q1, zeta2)/B + K^□_2(x1, eta2*lam + zeta2)/B  # (31), (32)
+  dW2 = K^□_2(q1, lam*zeta2/B) + K^□_2(x1, (eta2*lam + zeta2)/B)  # (31), (32)
   db2 = Σ_b(eta2*lam + zeta2)/B                               # (31), (33)
-  dW3 = lam*K^□_3(q2, zeta3)/B + K^□_3(x2, eta3*lam + zeta3)/B  # (31), (32)
+  dW3 = K^□_3(q2, lam*zeta3/B) + K^□_3(x2, (eta3*lam + zeta3)/B)  # (31), (32)
   db3 = Σ_b(eta3*lam + zeta3)/B                               # (31), (33)
 
 [simplifications]
@@ -418,7 +418,7 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
 @numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     B = x0.shape[0]  # batch size
-    ws = np.empty((141, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    ws = np.empty((155, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
     x0_t = ws[0:1]  # x0 by chunk, samples last
     y_t = ws[1:2]  # y by chunk, samples last
     z1 = ws[2:10]
@@ -455,12 +455,15 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     t0_ = ws[126:127]
     dW1 = np.zeros((8, 1), dtype=DTYPE)  # sum over the batch, (31), (32)
     t1_ = ws[127:135]
+    t2_ = ws[135:143]
     db1 = np.zeros((8,), dtype=DTYPE)  # sum over the batch, (31), (33)
     dW2 = np.zeros((5, 8), dtype=DTYPE)  # sum over the batch, (31), (32)
-    t2_ = ws[135:140]
+    t3_ = ws[143:148]
+    t4_ = ws[148:153]
     db2 = np.zeros((5,), dtype=DTYPE)  # sum over the batch, (31), (33)
     dW3 = np.zeros((1, 5), dtype=DTYPE)  # sum over the batch, (31), (32)
-    t3_ = ws[140:141]
+    t5_ = ws[153:154]
+    t6_ = ws[154:155]
     db3 = np.zeros((1,), dtype=DTYPE)  # sum over the batch, (31), (33)
     kr0 = np.empty(64, dtype=DTYPE)  # a row of K or K^T
     for c0 in range(0, B, 64):  # chunks of 64 samples
@@ -591,42 +594,45 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
             for b in range(nb):
                 acc += (1.0 / B) * (s[0, b]*lam + t0_[0, b])
             J[i] += acc
-        for i in range(8):  # t1_ = eta1*lam + zeta1, operand, computed once
+        for i in range(8):  # t1_ = lam*zeta1/B, operand, computed once
             for b in range(nb):
-                t1_[i, b] = eta1[i, b]*lam + zeta1[i, b]
-        for i in range(8):  # dW1 += lam*K^□_1(q0, zeta1)/B + K^□_1(x0, eta1*lam + zeta1)/B, (31), (32)
+                t1_[i, b] = lam*zeta1[i, b]/B
+                t2_[i, b] = (eta1[i, b]*lam + zeta1[i, b])/B  # t2_ = (eta1*lam + zeta1)/B, operand, computed once
+        for i in range(8):  # dW1 += K^□_1(q0, lam*zeta1/B) + K^□_1(x0, (eta1*lam + zeta1)/B), (31), (32)
             for k in range(1):
                 acc = 0.0
                 for b in range(nb):
-                    acc += (1.0 / B) * (t1_[i, b] * x0_t[k, b]) + (lam/B) * (zeta1[i, b] * q0[k, b])
+                    acc += t1_[i, b] * q0[k, b] + t2_[i, b] * x0_t[k, b]
                 dW1[i, k] += acc
         for i in range(8):  # db1 += Σ_b(eta1*lam + zeta1)/B, (31), (33)
             acc = 0.0
             for b in range(nb):
                 acc += (1.0 / B) * (eta1[i, b]*lam + zeta1[i, b])
             db1[i] += acc
-        for i in range(5):  # t2_ = eta2*lam + zeta2, operand, computed once
+        for i in range(5):  # t3_ = lam*zeta2/B, operand, computed once
             for b in range(nb):
-                t2_[i, b] = eta2[i, b]*lam + zeta2[i, b]
-        for i in range(5):  # dW2 += lam*K^□_2(q1, zeta2)/B + K^□_2(x1, eta2*lam + zeta2)/B, (31), (32)
+                t3_[i, b] = lam*zeta2[i, b]/B
+                t4_[i, b] = (eta2[i, b]*lam + zeta2[i, b])/B  # t4_ = (eta2*lam + zeta2)/B, operand, computed once
+        for i in range(5):  # dW2 += K^□_2(q1, lam*zeta2/B) + K^□_2(x1, (eta2*lam + zeta2)/B), (31), (32)
             for k in range(8):
                 acc = 0.0
                 for b in range(nb):
-                    acc += (1.0 / B) * (t2_[i, b] * x1[k, b]) + (lam/B) * (zeta2[i, b] * q1[k, b])
+                    acc += t3_[i, b] * q1[k, b] + t4_[i, b] * x1[k, b]
                 dW2[i, k] += acc
         for i in range(5):  # db2 += Σ_b(eta2*lam + zeta2)/B, (31), (33)
             acc = 0.0
             for b in range(nb):
                 acc += (1.0 / B) * (eta2[i, b]*lam + zeta2[i, b])
             db2[i] += acc
-        for i in range(1):  # t3_ = eta3*lam + zeta3, operand, computed once
+        for i in range(1):  # t5_ = lam*zeta3/B, operand, computed once
             for b in range(nb):
-                t3_[i, b] = gamma3[0, b]*lam + xi3[0, b]
-        for i in range(1):  # dW3 += lam*K^□_3(q2, zeta3)/B + K^□_3(x2, eta3*lam + zeta3)/B, (31), (32)
+                t5_[i, b] = lam*xi3[0, b]/B
+                t6_[i, b] = (gamma3[0, b]*lam + xi3[0, b])/B  # t6_ = (eta3*lam + zeta3)/B, operand, computed once
+        for i in range(1):  # dW3 += K^□_3(q2, lam*zeta3/B) + K^□_3(x2, (eta3*lam + zeta3)/B), (31), (32)
             for k in range(5):
                 acc = 0.0
                 for b in range(nb):
-                    acc += (1.0 / B) * (t3_[i, b] * x2[k, b]) + (lam/B) * (xi3[i, b] * q2[k, b])
+                    acc += t5_[i, b] * q2[k, b] + t6_[i, b] * x2[k, b]
                 dW3[i, k] += acc
         for i in range(1):  # db3 += Σ_b(eta3*lam + zeta3)/B, (31), (33)
             acc = 0.0

@@ -36,11 +36,11 @@ input-space argument first; lam = penalty weight, B = batch size.
   delta1 = dg1*K^T_2(W2, delta2)                              # (15)-(16)
   J = Σ_b(RowSum((x3 - y)**2))/B                              # J = (1/B) sum_b [l + lam R]
 [gradients]
-  dW1 = K^□_1(x0, delta1)/B                                   # (31), (32)
+  dW1 = K^□_1(x0, delta1/B)                                   # (31), (32)
   db1 = Σ_b(delta1)/B                                         # (31), (33)
-  dW2 = K^□_2(x1, delta2)/B                                   # (31), (32)
+  dW2 = K^□_2(x1, delta2/B)                                   # (31), (32)
   db2 = Σ_b(delta2)/B                                         # (31), (33)
-  dW3 = K^□_3(x2, delta3)/B                                   # (31), (32)
+  dW3 = K^□_3(x2, delta3/B)                                   # (31), (32)
   db3 = Σ_b(delta3)/B                                         # (31), (33)
 
 [simplifications]
@@ -294,7 +294,7 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
 @numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y):
     B = x0.shape[0]  # batch size
-    ws = np.empty((57, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    ws = np.empty((71, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
     x0_t = ws[0:1]  # x0 by chunk, samples last
     y_t = ws[1:2]  # y by chunk, samples last
     z1 = ws[2:10]
@@ -311,10 +311,13 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y):
     J = np.zeros((1,), dtype=DTYPE)  # sum over the batch, J = (1/B) sum_b [l + lam R]
     t0_ = ws[56:57]
     dW1 = np.zeros((8, 1), dtype=DTYPE)  # sum over the batch, (31), (32)
+    t1_ = ws[57:65]
     db1 = np.zeros((8,), dtype=DTYPE)  # sum over the batch, (31), (33)
     dW2 = np.zeros((5, 8), dtype=DTYPE)  # sum over the batch, (31), (32)
+    t2_ = ws[65:70]
     db2 = np.zeros((5,), dtype=DTYPE)  # sum over the batch, (31), (33)
     dW3 = np.zeros((1, 5), dtype=DTYPE)  # sum over the batch, (31), (32)
+    t3_ = ws[70:71]
     db3 = np.zeros((1,), dtype=DTYPE)  # sum over the batch, (31), (33)
     kr0 = np.empty(64, dtype=DTYPE)  # a row of K or K^T
     for c0 in range(0, B, 64):  # chunks of 64 samples
@@ -385,33 +388,42 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y):
             for b in range(nb):
                 acc += (1.0 / B) * (t0_[0, b])
             J[i] += acc
-        for i in range(8):  # dW1 += K^□_1(x0, delta1)/B, (31), (32)
+        for i in range(8):  # t1_ = delta1/B, operand, computed once
+            for b in range(nb):
+                t1_[i, b] = delta1[i, b]/B
+        for i in range(8):  # dW1 += K^□_1(x0, delta1/B), (31), (32)
             for k in range(1):
                 acc = 0.0
                 for b in range(nb):
-                    acc += (1.0 / B) * (delta1[i, b] * x0_t[k, b])
+                    acc += t1_[i, b] * x0_t[k, b]
                 dW1[i, k] += acc
         for i in range(8):  # db1 += Σ_b(delta1)/B, (31), (33)
             acc = 0.0
             for b in range(nb):
                 acc += (1.0 / B) * (delta1[i, b])
             db1[i] += acc
-        for i in range(5):  # dW2 += K^□_2(x1, delta2)/B, (31), (32)
+        for i in range(5):  # t2_ = delta2/B, operand, computed once
+            for b in range(nb):
+                t2_[i, b] = delta2[i, b]/B
+        for i in range(5):  # dW2 += K^□_2(x1, delta2/B), (31), (32)
             for k in range(8):
                 acc = 0.0
                 for b in range(nb):
-                    acc += (1.0 / B) * (delta2[i, b] * x1[k, b])
+                    acc += t2_[i, b] * x1[k, b]
                 dW2[i, k] += acc
         for i in range(5):  # db2 += Σ_b(delta2)/B, (31), (33)
             acc = 0.0
             for b in range(nb):
                 acc += (1.0 / B) * (delta2[i, b])
             db2[i] += acc
-        for i in range(1):  # dW3 += K^□_3(x2, delta3)/B, (31), (32)
+        for i in range(1):  # t3_ = delta3/B, operand, computed once
+            for b in range(nb):
+                t3_[i, b] = delta3[0, b]/B
+        for i in range(1):  # dW3 += K^□_3(x2, delta3/B), (31), (32)
             for k in range(5):
                 acc = 0.0
                 for b in range(nb):
-                    acc += (1.0 / B) * (delta3[i, b] * x2[k, b])
+                    acc += t3_[i, b] * x2[k, b]
                 dW3[i, k] += acc
         for i in range(1):  # db3 += Σ_b(delta3)/B, (31), (33)
             acc = 0.0

@@ -46,9 +46,9 @@ input-space argument first; lam = penalty weight, B = batch size.
 [loss]
   J = Σ_b(R*lam)/B                                            # J = (1/B) sum_b [l + lam R]
 [gradients]
-  dW1 = lam*K^□_1(q0, zeta1)/B                                # (31), (32)
-  dW2 = lam*K^□_2(q1, zeta2)/B                                # (31), (32)
-  dW3 = lam*K^□_3(q2, zeta3)/B                                # (31), (32)
+  dW1 = K^□_1(q0, lam*zeta1/B)                                # (31), (32)
+  dW2 = K^□_2(q1, lam*zeta2/B)                                # (31), (32)
+  dW3 = K^□_3(q2, lam*zeta3/B)                                # (31), (32)
 
 [simplifications]
   - G''_1 = 0: SymPy proves g''_1 = DiracDelta(z1) = 0 almost everywhere (eq. 34)
@@ -390,7 +390,7 @@ def _penalty(W1, b1, W2, b2, W3, x0, v):
 @numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
     B = x0.shape[0]  # batch size
-    ws = np.empty((91, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    ws = np.empty((105, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
     x0_t = ws[0:1]  # x0 by chunk, samples last
     v_t = ws[1:2]  # v by chunk, samples last
     z1 = ws[2:10]
@@ -414,8 +414,11 @@ def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
     q2 = ws[86:91]
     J = np.zeros((1,), dtype=DTYPE)  # sum over the batch, J = (1/B) sum_b [l + lam R]
     dW1 = np.zeros((8, 1), dtype=DTYPE)  # sum over the batch, (31), (32)
+    t0_ = ws[91:99]
     dW2 = np.zeros((5, 8), dtype=DTYPE)  # sum over the batch, (31), (32)
+    t1_ = ws[99:104]
     dW3 = np.zeros((1, 5), dtype=DTYPE)  # sum over the batch, (31), (32)
+    t2_ = ws[104:105]
     kr0 = np.empty(64, dtype=DTYPE)  # a row of K or K^T
     for c0 in range(0, B, 64):  # chunks of 64 samples
         nb = min(64, B - c0)  # samples in this chunk
@@ -502,23 +505,32 @@ def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
             for b in range(nb):
                 acc += (1.0 / B) * (s[0, b]*lam)
             J[i] += acc
-        for i in range(8):  # dW1 += lam*K^□_1(q0, zeta1)/B, (31), (32)
+        for i in range(8):  # t0_ = lam*zeta1/B, operand, computed once
+            for b in range(nb):
+                t0_[i, b] = lam*zeta1[i, b]/B
+        for i in range(8):  # dW1 += K^□_1(q0, lam*zeta1/B), (31), (32)
             for k in range(1):
                 acc = 0.0
                 for b in range(nb):
-                    acc += (lam/B) * (zeta1[i, b] * q0[k, b])
+                    acc += t0_[i, b] * q0[k, b]
                 dW1[i, k] += acc
-        for i in range(5):  # dW2 += lam*K^□_2(q1, zeta2)/B, (31), (32)
+        for i in range(5):  # t1_ = lam*zeta2/B, operand, computed once
+            for b in range(nb):
+                t1_[i, b] = lam*zeta2[i, b]/B
+        for i in range(5):  # dW2 += K^□_2(q1, lam*zeta2/B), (31), (32)
             for k in range(8):
                 acc = 0.0
                 for b in range(nb):
-                    acc += (lam/B) * (zeta2[i, b] * q1[k, b])
+                    acc += t1_[i, b] * q1[k, b]
                 dW2[i, k] += acc
-        for i in range(1):  # dW3 += lam*K^□_3(q2, zeta3)/B, (31), (32)
+        for i in range(1):  # t2_ = lam*zeta3/B, operand, computed once
+            for b in range(nb):
+                t2_[i, b] = lam*v_t[0, b]/B
+        for i in range(1):  # dW3 += K^□_3(q2, lam*zeta3/B), (31), (32)
             for k in range(5):
                 acc = 0.0
                 for b in range(nb):
-                    acc += (lam/B) * (v_t[i, b] * q2[k, b])
+                    acc += t2_[i, b] * q2[k, b]
                 dW3[i, k] += acc
     return (J, dW1, np.zeros((8,), dtype=DTYPE), dW2, np.zeros((5,), dtype=DTYPE), dW3, np.zeros((1,), dtype=DTYPE),)
 

@@ -48,33 +48,32 @@ input-space argument first; lam = penalty weight, B = batch size.
   q1 = dg1*h1                                                 # (21)
   h2 = K_2(W2, q1)                                            # (20)
   q2 = dg2*h2                                                 # (21)
-[forward-backward]
-  eta2 = ddg2*h2*xi2                                          # (28)
-  gamma1 = K^T_2(W2, eta2)                                    # (30)
-  eta1 = ddg1*h1*xi1 + dg1*gamma1                             # (28)
 [loss]
   delta3 = 2*x3 - 2*y                                         # (33)
-  delta2 = dg2*K^T_3(W3, delta3)                              # (15)-(16)
-  delta1 = dg1*K^T_2(W2, delta2)                              # (15)-(16)
   J = Σ_b(R*lam + RowSum((x3 - y)**2))/B                      # J = (1/B) sum_b [l + lam R]
+[forward-backward]
+  eps3 = delta3                                               # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+  eps2 = ddg2*h2*lam*xi2 + dg2*K^T_3(W3, eps3)                # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+  eps1 = ddg1*h1*lam*xi1 + dg1*K^T_2(W2, eps2)                # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
 [gradients]
-  dW1 = lam*K^□_1(q0, zeta1)/B + K^□_1(x0, delta1 + eta1*lam)/B  # (31), (32)
-  db1 = Σ_b(delta1 + eta1*lam)/B                              # (31), (33)
-  dW2 = lam*K^□_2(q1, zeta2)/B + K^□_2(x1, delta2 + eta2*lam)/B  # (31), (32)
-  db2 = Σ_b(delta2 + eta2*lam)/B                              # (31), (33)
-  dW3 = (lam*K^□_3(q2, zeta3) + K^□_3(x2, delta3))/B          # (31), (32)
-  db3 = Σ_b(delta3)/B                                         # (31), (33)
+  dW1 = K^□_1(q0, lam*zeta1/B) + K^□_1(x0, eps1/B)            # (31), (32)
+  db1 = Σ_b(eps1)/B                                           # (31), (33)
+  dW2 = K^□_2(q1, lam*zeta2/B) + K^□_2(x1, eps2/B)            # (31), (32)
+  db2 = Σ_b(eps2)/B                                           # (31), (33)
+  dW3 = K^□_3(q2, lam*zeta3/B) + K^□_3(x2, eps3/B)            # (31), (32)
+  db3 = Σ_b(eps3)/B                                           # (31), (33)
 
 [simplifications]
   - G''_3 = 0: SymPy proves g''_3 = 0 exactly (eq. 34)
   - proven zero and removed: gamma3 [v held constant, App. B], eta3 [App. B.3], gamma2 [eq. 30] (the cascade of section 5.3)
   - merged by bilinearity (eq. 31-32): K^□_1(x0, ·): delta1 + eta1*lam; K^□_2(x1, ·): delta2 + eta2*lam
-  - dead code removed: h3, q3
+  - one backward pass for loss and penalty: eps_j = delta_j + lam eta_j, j = 1..3
+  - dead code removed: h3, q3, eta2, gamma1, eta1, delta2, delta1
 """
 
-OPS = {'emitted': {'K': 5, 'KT': 6, 'Kbox': 6, 'flops': 321536},
+OPS = {'emitted': {'K': 5, 'KT': 5, 'Kbox': 6, 'flops': 288768},
  'naive': {'K': 6, 'KT': 7, 'Kbox': 9, 'flops': 376832}}
-PEAK_BYTES = {'batch': 128, 'emitted': 2049024, 'naive': 2196480}
+PEAK_BYTES = {'batch': 128, 'emitted': 2048008, 'naive': 2196480}
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
 
@@ -100,9 +99,14 @@ def _dense_Kbox(x, y):
 @numba.njit(cache=True)
 def _rowdot(a, b):
     # per-sample inner product over all non-batch axes: shape (B,)
+    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
+    b2 = np.ascontiguousarray(b).reshape((b.shape[0], -1))
     out = np.empty(a.shape[0], dtype=a.dtype)
-    for i in range(a.shape[0]):
-        out[i] = np.sum(a[i] * b[i])
+    for i in range(a2.shape[0]):
+        acc = 0.0
+        for k in range(a2.shape[1]):
+            acc += a2[i, k] * b2[i, k]
+        out[i] = acc
     return out
 
 
@@ -126,7 +130,6 @@ def _bsum(a):
 # -- derived programs -----------------------------------------------------------------
 
 
-@numba.njit(cache=True)
 def _forward(W1, b1, W2, b2, W3, b3, x0):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.tanh(z1)  # (8)
@@ -137,7 +140,6 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
     return (x3,)
 
 
-@numba.njit(cache=True)
 def _vjp(W1, b1, W2, b2, W3, x0, v):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.tanh(z1)  # (8)
@@ -155,7 +157,6 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
     return (xi0,)
 
 
-@numba.njit(cache=True)
 def _jvp(W1, b1, W2, b2, W3, x0, u):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.tanh(z1)  # (8)
@@ -173,7 +174,6 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
     return (q3,)
 
 
-@numba.njit(cache=True)
 def _penalty(W1, b1, W2, b2, W3, x0, v):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.tanh(z1)  # (8)
@@ -193,7 +193,6 @@ def _penalty(W1, b1, W2, b2, W3, x0, v):
     return (R,)
 
 
-@numba.njit(cache=True)
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
     B = x0.shape[0]  # batch size
     z1 = b1 + _dense_K(W1, x0)  # (8)
@@ -220,19 +219,17 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
     q1 = dg1*h1  # (21)
     h2 = _dense_K(W2, q1)  # (20)
     q2 = dg2*h2  # (21)
-    eta2 = ddg2*h2*xi2  # (28)
-    gamma1 = _dense_KT(W2, eta2)  # (30)
-    eta1 = ddg1*h1*xi1 + dg1*gamma1  # (28)
     delta3 = 2*x3 - 2*y  # (33)
-    delta2 = dg2*_dense_KT(W3, delta3)  # (15)-(16)
-    delta1 = dg1*_dense_KT(W2, delta2)  # (15)-(16)
     J = _bsum(R*lam + _rowsum((x3 - y)**2))/B  # J = (1/B) sum_b [l + lam R]
-    dW1 = lam*_dense_Kbox(q0, zeta1)/B + _dense_Kbox(x0, delta1 + eta1*lam)/B  # (31), (32)
-    db1 = _bsum(delta1 + eta1*lam)/B  # (31), (33)
-    dW2 = lam*_dense_Kbox(q1, zeta2)/B + _dense_Kbox(x1, delta2 + eta2*lam)/B  # (31), (32)
-    db2 = _bsum(delta2 + eta2*lam)/B  # (31), (33)
-    dW3 = (lam*_dense_Kbox(q2, zeta3) + _dense_Kbox(x2, delta3))/B  # (31), (32)
-    db3 = _bsum(delta3)/B  # (31), (33)
+    eps3 = delta3  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+    eps2 = ddg2*h2*lam*xi2 + dg2*_dense_KT(W3, eps3)  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+    eps1 = ddg1*h1*lam*xi1 + dg1*_dense_KT(W2, eps2)  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+    dW1 = _dense_Kbox(q0, lam*zeta1/B) + _dense_Kbox(x0, eps1/B)  # (31), (32)
+    db1 = _bsum(eps1)/B  # (31), (33)
+    dW2 = _dense_Kbox(q1, lam*zeta2/B) + _dense_Kbox(x1, eps2/B)  # (31), (32)
+    db2 = _bsum(eps2)/B  # (31), (33)
+    dW3 = _dense_Kbox(q2, lam*zeta3/B) + _dense_Kbox(x2, eps3/B)  # (31), (32)
+    db3 = _bsum(eps3)/B  # (31), (33)
     return (J, dW1, db1, dW2, db2, dW3, db3,)
 
 

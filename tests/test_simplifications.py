@@ -7,7 +7,8 @@ import sympy as sp
 
 from conftest import write_model
 from dbpgen import derive
-from dbpgen.functions import Kbox
+from dbpgen.functions import Kbox, KT
+from dbpgen.program import BATCH, LAM
 from test_gradients import CDB, NODE, mlp
 
 PIECEWISE_LINEAR = ["relu", "leaky_relu", {"leaky_relu": 0.2}, "Max(z, 0.2*z)", "Abs(z)", "identity",
@@ -42,8 +43,8 @@ def test_identity_output_constant_v_cascade_with_piecewise_linear(tmp_path):
     grads = {str(eq.lhs): eq.rhs for eq in d["gradients"]}
     outputs = dict(d.program.outputs)
     assert outputs["b1"] == 0 and outputs["b2"] == 0 and outputs["b3"] == 0
-    for j in (1, 2, 3):  # grad_theta R = K^box(q_{j-1}, zeta_j) only
-        assert grads[f"dW{j}"].atoms(Kbox) == {Kbox(j, sp.Symbol(f"q{j-1}"), sp.Symbol(f"zeta{j}"))}
+    for j in (1, 2, 3):  # grad_theta R = K^box(q_{j-1}, zeta_j) only, lam/B folded in
+        assert grads[f"dW{j}"].atoms(Kbox) == {Kbox(j, sp.Symbol(f"q{j-1}"), LAM * sp.Symbol(f"zeta{j}") / BATCH)}
     ops = d.ops["emitted"]
     # the paper's 3L, less two: h_L = K_L(theta_L, q_{L-1}) only fed eta_L, and with no loss
     # and an identity output nothing needs z_L = K_L(theta_L, x_{L-1}) either
@@ -55,12 +56,30 @@ def test_identity_output_constant_v_smooth_cascade_stops(tmp_path):
     d = derivation(mlp("m", ["tanh", "tanh"], None, "mse", NODE), tmp_path)
     fb = names(d, "forward-backward")
     assert "eta3" not in fb and "gamma2" not in fb
-    assert "eta2" in fb and "eta1" in fb and "gamma1" in fb
+    # eta_2, eta_1 and gamma_1 survive the cascade, then fold into eps_j = delta_j + lam eta_j
+    assert any("proven zero" in n and "gamma2" in n and "gamma1" not in n for n in d.simplifications)
+    assert fb == ["eps3", "eps2", "eps1"]
     counts = d.ops
     L = 3
     assert counts["naive"]["K"] + counts["naive"]["KT"] == 5 * L - 2
-    # gamma_{L-1} = K_L^T(theta_L, 0) vanishes (section 5.3) and h_L becomes dead code
-    assert counts["emitted"]["K"] + counts["emitted"]["KT"] == 5 * L - 4
+    # gamma_{L-1} = K_L^T(theta_L, 0) vanishes (section 5.3), h_L becomes dead code, and one
+    # K^T per layer carries both the loss and the penalty adjoint (gamma_1 .. gamma_{L-2} go)
+    assert counts["emitted"]["K"] + counts["emitted"]["KT"] == 5 * L - 4 - (L - 2)
+
+
+@pytest.mark.parametrize("acts", [["tanh", "tanh"], ["relu", "softplus"], ["sin", "tanh", "elu"]])
+def test_loss_and_penalty_share_one_backward_pass(acts, tmp_path):
+    """eps_j = delta_j + lam eta_j (eq. 28 + 15-16): derived by SymPy, one K^T per layer."""
+    d = derivation(mlp("m", acts, None, "mse", NODE, widths=(3,) * len(acts)), tmp_path)
+    L = len(acts) + 1
+    assert any(n.startswith("one backward pass for loss and penalty") for n in d.simplifications)
+    eqs = {str(eq.lhs): eq.rhs for phase in d.equations.values() for eq in phase}
+    for j in range(1, L):
+        kts = eqs[f"eps{j}"].atoms(KT)
+        assert kts == {KT(j + 1, sp.Symbol(f"W{j + 1}"), sp.Symbol(f"eps{j + 1}"))}
+        assert f"delta{j}" not in eqs and f"eta{j}" not in eqs and f"gamma{j}" not in eqs
+    for j in range(1, L + 1):
+        assert sp.Symbol(f"eps{j}") in eqs[f"dW{j}"].free_symbols
 
 
 @pytest.mark.parametrize("out_act,loss,pen", [
@@ -89,7 +108,10 @@ def test_classical_double_backprop_counts_and_merge(tmp_path):
 
 def test_separate_loss_backward_when_v_is_not_the_loss_gradient(tmp_path):
     d = derivation(mlp("m", ["tanh", "tanh"], "softmax", "nll", NODE), tmp_path)
-    assert [str(e.lhs) for e in d["loss"]][:3] == ["delta3", "delta2", "delta1"]
+    derived = dict(d.stages)["derive"].equations()
+    assert [str(e.lhs) for e in derived["loss"]][:3] == ["delta3", "delta2", "delta1"]
+    # simplified, delta_2 and delta_1 ride along with the penalty's adjoint in eps_j
+    assert [str(e.lhs) for e in d["loss"]] == ["delta3", "J"]
     L = 3
     assert d.ops["naive"]["K"] + d.ops["naive"]["KT"] == 5 * L - 2
 
@@ -103,4 +125,4 @@ def test_stages_are_recorded_in_pipeline_order(tmp_path):
     d = derivation(mlp("m", ["relu"], None, "mse", NODE, widths=(3,)), tmp_path)
     assert [name for name, _ in d.stages] == [
         "derive", "vanish_second_derivatives", "propagate_constants", "contract_input_gram",
-        "merge_weight_adjoints", "eliminate_dead_code"]
+        "merge_weight_adjoints", "fold_loss_adjoint", "eliminate_dead_code"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..program import Program, verify
+from .adjoint import fold_loss_adjoint
 from .constants import propagate_constants
 from .dead_code import eliminate_dead_code
 from .gram import contract_input_gram
@@ -17,6 +18,8 @@ PIPELINE = (
     contract_input_gram,
     # K^box(x, a) + lam K^box(x, b) = K^box(x, a + lam b) (eq. 31-32)
     merge_weight_adjoints,
+    # eps_j = delta_j + lam eta_j: one K^T per layer for loss and penalty ((28) + (15)-(16))
+    fold_loss_adjoint,
     # statements no output needs (the forward-backward pass after the cascade)
     eliminate_dead_code,
 )

@@ -96,6 +96,18 @@ def g_second(model: Model, j: int, h, xi, head_identity: bool = False):
 # -- the passes of the paper ---------------------------------------------------------
 
 
+def _via_first(ddg: sp.Expr, dg: sp.Expr, dg_sym: sp.Symbol) -> sp.Expr:
+    """g'' as g' times a cheaper factor where SymPy finds one (tanh'' = -2 x tanh'), so the
+    emitted code reuses dg_j; never through a division, which could meet 0/0."""
+    if ddg.is_zero or dg.is_constant() or ddg.has(sp.DiracDelta, sp.Heaviside, sp.Piecewise):
+        return ddg
+    ratio = sp.simplify(ddg / dg)
+    if any(p.exp.is_negative for p in ratio.atoms(sp.Pow)):
+        return ddg
+    candidate = dg_sym * ratio
+    return candidate if sp.count_ops(candidate) < sp.count_ops(ddg) else ddg
+
+
 def forward(model: Model, b: _Builder, derivatives: bool = True) -> None:
     """z_j = K_j(theta_j, x_{j-1}) + b_j, x_j = g_j(z_j) (eq. 8), plus g'_j and g''_j."""
     for layer in model.layers:
@@ -112,9 +124,10 @@ def forward(model: Model, b: _Builder, derivatives: bool = True) -> None:
             # reuse x_j = g_j(z_j) where g_j' and g_j'' contain it (tanh' = 1 - x^2)
             reuse = {} if g_of_z.is_Symbol else {g_of_z: sym("x", j)}
             d1 = sp.diff(expr, Z)
-            b.let(sym("dg", j), d1.subs(Z, sym("z", j)).xreplace(reuse), "forward", f"g'_{j} (9), SymPy")
-            b.let(sym("ddg", j), sp.diff(d1, Z).subs(Z, sym("z", j)).xreplace(reuse), "forward",
-                  f"g''_{j} (9), SymPy")
+            dg = d1.subs(Z, sym("z", j)).xreplace(reuse)
+            b.let(sym("dg", j), dg, "forward", f"g'_{j} (9), SymPy")
+            ddg = sp.diff(d1, Z).subs(Z, sym("z", j)).xreplace(reuse)
+            b.let(sym("ddg", j), _via_first(ddg, dg, sym("dg", j)), "forward", f"g''_{j} (9), SymPy")
 
 
 def loss_gradient_out(model: Model):

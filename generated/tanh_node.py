@@ -25,11 +25,11 @@ input-space argument first; lam = penalty weight, B = batch size.
   z1 = b1 + K_1(W1, x0)                                       # (8)
   x1 = tanh(z1)                                               # (8)
   dg1 = 1 - x1**2                                             # g'_1 (9), SymPy
-  ddg1 = -x1*(2 - 2*x1**2)                                    # g''_1 (9), SymPy
+  ddg1 = -2*dg1*x1                                            # g''_1 (9), SymPy
   z2 = b2 + K_2(W2, x1)                                       # (8)
   x2 = tanh(z2)                                               # (8)
   dg2 = 1 - x2**2                                             # g'_2 (9), SymPy
-  ddg2 = -x2*(2 - 2*x2**2)                                    # g''_2 (9), SymPy
+  ddg2 = -2*dg2*x2                                            # g''_2 (9), SymPy
   z3 = b3 + K_3(W3, x2)                                       # (8)
   x3 = z3                                                     # (8)
 [backward]
@@ -198,11 +198,11 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.tanh(z1)  # (8)
     dg1 = 1 - x1**2  # g'_1 (9), SymPy
-    ddg1 = -x1*(2 - 2*x1**2)  # g''_1 (9), SymPy
+    ddg1 = -2*dg1*x1  # g''_1 (9), SymPy
     z2 = b2 + _dense_K(W2, x1)  # (8)
     x2 = np.tanh(z2)  # (8)
     dg2 = 1 - x2**2  # g'_2 (9), SymPy
-    ddg2 = -x2*(2 - 2*x2**2)  # g''_2 (9), SymPy
+    ddg2 = -2*dg2*x2  # g''_2 (9), SymPy
     z3 = b3 + _dense_K(W3, x2)  # (8)
     x3 = z3  # (8)
     xi3 = v  # Alg. 1: xi_L = v

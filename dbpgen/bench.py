@@ -20,6 +20,7 @@ import sympy as sp
 
 from .compiler import build, load_generated
 from .ir import S, Model
+from .errors import ModelError
 from .model import load_model
 
 PEERS = ("torch", "jax", "pytensor")
@@ -53,6 +54,23 @@ def interleaved_ms(fns: dict, seconds: float = 1.0, rounds: int = 5, min_runs: i
                 if burst >= 200:
                     break
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def with_outputs(path, C: int, directory) -> str:
+    """A copy of the model file whose last layer has C outputs (for scaling in C)."""
+    import yaml
+
+    with open(path) as f:
+        spec = yaml.safe_load(f)
+    last = spec["layers"][-1]
+    if "dense" not in last:
+        raise ModelError(str(path), "--outputs", "the last layer must be dense to vary its width")
+    last["dense"] = C
+    spec["name"] = f"{spec['name']}_C{C}"
+    out = os.path.join(directory, f"{spec['name']}.yaml")
+    with open(out, "w") as f:
+        yaml.safe_dump(spec, f, sort_keys=False)
+    return out
 
 
 def problem(model: Model, batch: int, seed: int = 0):
@@ -98,8 +116,19 @@ def _check_penalty(model: Model):
 # -- dbpgen ------------------------------------------------------------------------
 
 
+_modules: dict = {}
+
+
 def dbpgen_module(model: Model, naive: bool = False):
-    """The emitted (or, with naive, the unsimplified) module, jitted."""
+    """The emitted (or, with naive, the unsimplified) module, jitted; one per model and
+    variant in a process, so that a sweep over batch sizes compiles once."""
+    key = (model, naive)
+    if key not in _modules:
+        _modules[key] = _compile_module(model, naive)
+    return _modules[key]
+
+
+def _compile_module(model: Model, naive: bool):
     tmp = tempfile.mkdtemp(prefix="dbpgen-bench-")
     path = os.path.join(tmp, f"{model.name}.py")
     with open(path, "w", encoding="utf-8") as f:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 
 from .errors import ModelError
 
@@ -66,9 +67,14 @@ def _bench(args) -> int:
     unknown = set(against) - set(bench.PEERS)
     if unknown:
         raise ModelError(args.model, "--against", f"unknown peer(s) {sorted(unknown)}; choose from {bench.PEERS}")
-    for batch in args.batch:
-        rows = bench.run(args.model, batch, against, args.dtype, args.naive, args.seconds)
-        print(bench.report(args.model, batch, rows, args.dtype or "model's"))
+    models = [args.model]
+    if args.outputs:
+        models = [bench.with_outputs(args.model, C, tmp) for C in args.outputs
+                  for tmp in [tempfile.mkdtemp(prefix="dbpgen-bench-")]]
+    for model in models:
+        for batch in args.batch:
+            rows = bench.run(model, batch, against, args.dtype, args.naive, args.seconds)
+            print(bench.report(model, batch, rows, args.dtype or "model's"), flush=True)
     return 0
 
 
@@ -150,6 +156,8 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--dtype", choices=["float32", "float64"], default=None)
     n.add_argument("--naive", action="store_true", help="also time the unsimplified program")
     n.add_argument("--seconds", type=float, default=1.0, help="time budget per measurement")
+    n.add_argument("--outputs", type=int, nargs="+", default=None,
+                   help="also vary the output width C (the last dense layer), e.g. 10 20 50 100")
     n.set_defaults(run=_bench)
     t = sub.add_parser("train", help="train with the emitted value_and_grad; save params as .npz")
     t.add_argument("model")

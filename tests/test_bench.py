@@ -48,3 +48,12 @@ def test_peers_compute_the_same_objective(name):
         for ours, theirs in zip(grads.values(), peer_grads):
             theirs = np.asarray(theirs.detach() if hasattr(theirs, "detach") else theirs)
             np.testing.assert_allclose(theirs, ours, rtol=1e-7, atol=1e-12, err_msg=peer)
+
+
+def test_outputs_sweep_rewrites_the_last_layer(tmp_path, capsys):
+    path = bench.with_outputs(SHARED / "benchmarks" / "mnist_jac.yaml", 3, tmp_path)
+    model = load_model(path)
+    assert model.n_outputs == 3 and model.name == "mnist_jac_C3"
+    assert main(["bench", str(SHARED / "benchmarks" / "sine_cdb.yaml"), "--batch", "8", "--against", "",
+                 "--seconds", "0.02", "--outputs", "2"]) == 0
+    assert "sine_cdb_C2" in capsys.readouterr().out

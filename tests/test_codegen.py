@@ -32,7 +32,7 @@ def test_output_is_deterministic_and_standalone(tmp_path):
     tree = ast.parse(first)
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported == {"numpy", "numba"}
+    assert imported - {"ctypes", "os"} == {"numpy", "numba"}  # besides the standard library
     text = first.decode()
     assert "dbpgen" in text.splitlines()[2] and "sha256" in text
 

@@ -140,7 +140,7 @@ def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: di
     pen = model.penalty
     # only the helper kernels some program calls are printed (no dead code in the module)
     called = {name for k in kernels.values() for line in [l for l, _ in k["lines"]] + k["returns"]
-              for name in re.findall(r"\b(_[a-z0-9_]+)\(", line)}
+              for name in re.findall(r"\b(_[A-Za-z0-9_]+)\(", line)}
     context = {
         "version": __version__,
         "model": model,

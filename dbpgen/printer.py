@@ -9,6 +9,7 @@ from __future__ import annotations
 import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
 
+from .functions import Kbox
 from .shapes import PER_SAMPLE
 
 
@@ -88,6 +89,15 @@ class NumbaPrinter(NumPyPrinter):
 
     def _print_Kbox(self, expr):
         return self._layer_call(expr, "Kbox")
+
+    def _print_Add(self, expr, order=None):
+        # the two weight adjoints of a dense layer (eq. 31-32): summed in place
+        boxes = [a for a in expr.args if isinstance(a, Kbox)]
+        if len(expr.args) == 2 and len(boxes) == 2 and boxes[0].layer == boxes[1].layer \
+                and self.model.layers[boxes[0].layer - 1].op.kind == "dense":
+            args = [self._print(a) for box in boxes for a in box.args[1:]]
+            return f"_dense_Kbox2({', '.join(args)})"
+        return super()._print_Add(expr, order=order)
 
     def _print_Dot(self, expr):
         return f"_rowdot({self._print(expr.args[0])}, {self._print(expr.args[1])}).reshape((-1, 1))"

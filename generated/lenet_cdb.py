@@ -380,6 +380,14 @@ def _rowdot(a, b):
 
 
 @numba.njit(cache=True)
+def _dense_Kbox2(x1, y1, x2, y2):
+    # K^box(x1, y1) + K^box(x2, y2), the second added in place: no temporary the size of W
+    out = _dense_Kbox(x1, y1)
+    out += _dense_Kbox(x2, y2)
+    return out
+
+
+@numba.njit(cache=True)
 def _rowsum(a):
     out = np.empty((a.shape[0], 1), dtype=a.dtype)
     for i in range(a.shape[0]):
@@ -596,7 +604,7 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     db1 = _bsum_channels(eta1*lam + zeta1)/B  # (31), (33)
     dW3 = _conv2d_Kbox(q2, lam*zeta3/B, 1, 0, 1, 5) + _conv2d_Kbox(x2, (eta3*lam + zeta3)/B, 1, 0, 1, 5)  # (31), (32)
     db3 = _bsum_channels(eta3*lam + zeta3)/B  # (31), (33)
-    dW6 = _dense_Kbox(q5, lam*zeta6/B) + _dense_Kbox(x5, (eta6*lam + zeta6)/B)  # (31), (32)
+    dW6 = _dense_Kbox2(q5, lam*zeta6/B, x5, (eta6*lam + zeta6)/B)  # (31), (32)
     db6 = _bsum(eta6*lam + zeta6)/B  # (31), (33)
     return (J, dW1, db1, dW3, db3, dW6, db6,)
 

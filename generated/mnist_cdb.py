@@ -131,6 +131,14 @@ def _rowdot(a, b):
 
 
 @numba.njit(cache=True)
+def _dense_Kbox2(x1, y1, x2, y2):
+    # K^box(x1, y1) + K^box(x2, y2), the second added in place: no temporary the size of W
+    out = _dense_Kbox(x1, y1)
+    out += _dense_Kbox(x2, y2)
+    return out
+
+
+@numba.njit(cache=True)
 def _rowsum(a):
     out = np.empty((a.shape[0], 1), dtype=a.dtype)
     for i in range(a.shape[0]):
@@ -272,11 +280,11 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     gamma1 = _dense_KT(W2, eta2)  # (30)
     eta1 = dg1*gamma1  # (28)
     J = _bsum(R*lam + _logsumexp(z3)*_rowsum(y) - _rowsum(y*z3))/B  # J = (1/B) sum_b [l + lam R]
-    dW1 = _dense_Kbox(q0, lam*zeta1/B) + _dense_Kbox(x0, (eta1*lam + zeta1)/B)  # (31), (32)
+    dW1 = _dense_Kbox2(q0, lam*zeta1/B, x0, (eta1*lam + zeta1)/B)  # (31), (32)
     db1 = _bsum(eta1*lam + zeta1)/B  # (31), (33)
-    dW2 = _dense_Kbox(q1, lam*zeta2/B) + _dense_Kbox(x1, (eta2*lam + zeta2)/B)  # (31), (32)
+    dW2 = _dense_Kbox2(q1, lam*zeta2/B, x1, (eta2*lam + zeta2)/B)  # (31), (32)
     db2 = _bsum(eta2*lam + zeta2)/B  # (31), (33)
-    dW3 = _dense_Kbox(q2, lam*zeta3/B) + _dense_Kbox(x2, (eta3*lam + zeta3)/B)  # (31), (32)
+    dW3 = _dense_Kbox2(q2, lam*zeta3/B, x2, (eta3*lam + zeta3)/B)  # (31), (32)
     db3 = _bsum(eta3*lam + zeta3)/B  # (31), (33)
     return (J, dW1, db1, dW2, db2, dW3, db3,)
 

@@ -5,6 +5,7 @@ which API pieces a model needs); the templates in `templates/` only print it.
 """
 from __future__ import annotations
 
+import hashlib
 import pprint
 import re
 from importlib import resources
@@ -167,4 +168,9 @@ def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: di
         "input_shape": tuple(model.input_shape),
         "labels_ok": model.loss == "nll",
     }
-    return environment().get_template(TEMPLATE).render(**context)
+    # the module's fixed name for Numba's cache: a digest of the code itself, so that two
+    # different modules never share it and identical ones may
+    template = environment().get_template(TEMPLATE)
+    draft = template.render(**context, cache_name="")
+    digest = hashlib.sha256(draft.encode()).hexdigest()[:16]
+    return template.render(**context, cache_name=f"_dbpgen_{model.name}_{digest}")

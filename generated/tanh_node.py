@@ -9,9 +9,25 @@ counts.
 """
 import ctypes
 import os
+import sys
 
 import numpy as np
 import numba
+
+# Numba's on-disk cache records the name of the module that compiled a kernel and imports
+# that name again to load it. One fixed name for this code, whatever name the file is
+# imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
+__name__ = "_dbpgen_tanh_node_02067af231262535"
+
+
+class _CachedGlobals:
+    """What Numba's cache finds under __name__: this module's globals (the same dict)."""
+
+    def __init__(self, namespace):
+        self.__dict__ = namespace
+
+
+sys.modules.setdefault(__name__, _CachedGlobals(globals()))
 
 DTYPE = np.float64
 INPUT_SHAPE = (64,)

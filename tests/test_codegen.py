@@ -32,7 +32,7 @@ def test_output_is_deterministic_and_standalone(tmp_path):
     tree = ast.parse(first)
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported - {"ctypes", "os"} == {"numpy", "numba"}  # besides the standard library
+    assert imported - {"ctypes", "os", "sys"} == {"numpy", "numba"}  # besides the standard library
     text = first.decode()
     assert "dbpgen" in text.splitlines()[2] and "sha256" in text
 
@@ -138,3 +138,25 @@ def test_numba_disable_jit_environment_runs_the_same_code(tmp_path, rng):
     assert_close(got["value"], ref_value)
     for k, g in ref_grads.items():
         assert_close(np.array(got[k]), g)
+
+
+def test_numba_cache_loads_under_any_import_name(tmp_path):
+    """The on-disk cache written under one import name loads under another (fresh processes)."""
+    import subprocess
+    import sys
+
+    module = compile_file(ROOT / "examples" / "sine_cdb.yaml", tmp_path)
+    calls = {
+        "importlib": "import importlib.util as u; s = u.spec_from_file_location('{n}', r'{p}'); "
+                     "m = u.module_from_spec(s); s.loader.exec_module(m)",
+        "dbpgen": "from dbpgen.compiler import load_generated; m = load_generated(r'{p}')",
+    }
+    values = []
+    for name, load in [("importlib", "first_name"), ("importlib", "other_name"), ("dbpgen", "")]:
+        code = (calls[name].format(n=load, p=module) + "; import numpy as np; p = m.init_params(0); "
+                "print(m.value_and_grad(p, np.ones((5, 1)), np.zeros((5, 1)))[0])")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        values.append(out.stdout.strip())
+    assert len(set(values)) == 1
+    assert list(tmp_path.glob("__pycache__/*.nbi"))  # the cache exists and was reused

@@ -69,8 +69,8 @@ def _bench(args) -> int:
         raise ModelError(args.model, "--against", f"unknown peer(s) {sorted(unknown)}; choose from {bench.PEERS}")
     models = [args.model]
     if args.outputs:
-        models = [bench.with_outputs(args.model, C, tmp) for C in args.outputs
-                  for tmp in [tempfile.mkdtemp(prefix="dbpgen-bench-")]]
+        tmp = tempfile.mkdtemp(prefix="dbpgen-bench-")
+        models = [bench.with_outputs(args.model, C, tmp) for C in args.outputs]
     for model in models:
         for batch in args.batch:
             rows = bench.run(model, batch, against, args.dtype, args.naive, args.seconds)

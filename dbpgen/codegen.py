@@ -19,9 +19,9 @@ from .derive import n_vectors, params as param_symbols
 from .equations import equations_text
 from .functions import Sigmoid, Softplus
 from .ir import Model
-from .printer import NumbaPrinter
+from .printer import NumbaPrinter, zeros_code
 from .program import BATCH, Loop, Program, walk
-from .shapes import BATCH_AXIS, program_shapes, shape_of
+from .shapes import program_shapes, shape_of
 
 TEMPLATE = "module.py.j2"
 
@@ -57,23 +57,18 @@ def param_specs(model: Model) -> list[dict]:
     return specs
 
 
-def _zeros(shape) -> str:
-    dims = ", ".join("x0.shape[0]" if d == BATCH_AXIS else str(d) for d in shape)
-    return f"np.zeros(({dims}{',' if len(shape) == 1 else ''}), dtype=DTYPE)"
-
-
 def _lines(nodes, printer: NumbaPrinter, shapes: dict, indent: str = ""):
     """(code, comment) pairs; loops open an indented block after their accumulators."""
     for node in nodes:
         if isinstance(node, Loop):
             for acc in node.accums:
-                yield f"{indent}{acc.target.name} = {_zeros(shapes[acc.target.name])}", f"sum over {node.index}"
+                yield f"{indent}{acc.target.name} = {zeros_code(shapes[acc.target.name])}", f"sum over {node.index}"
             yield f"{indent}for {node.index} in range({node.count}):", node.eq
             yield from _lines(node.body, printer, shapes, indent + "    ")
             for acc in node.accums:
                 yield f"{indent}    {acc.target.name} += {printer.doprint(acc.expr)}", acc.eq
         elif node.expr.is_Number:  # only in unsimplified programs: keep it an array
-            zeros = _zeros(shapes[node.target.name])
+            zeros = zeros_code(shapes[node.target.name])
             value = printer.doprint(node.expr)
             yield f"{indent}{node.target.name} = {zeros}{'' if node.expr == 0 else f' + {value}'}", node.eq
         else:
@@ -82,10 +77,7 @@ def _lines(nodes, printer: NumbaPrinter, shapes: dict, indent: str = ""):
 
 def kernel(program: Program, printer: NumbaPrinter, shapes: dict) -> dict:
     """One @njit function: arguments, commented statements, returned values."""
-    used = program.used_inputs()
-    # x0 always comes along: it is where the batch size is read (an affine network with a
-    # constant v may otherwise not need it)
-    args = [s.name for s in program.inputs if s in used or s.name == "x0"]
+    args = program.call_args()
     lines = list(_lines(program.stmts, printer, shapes))
     exprs = [item.expr for item in walk(program.stmts)] + [e for _, e in program.outputs]
     if any(BATCH in sp.sympify(e).free_symbols for e in exprs):
@@ -93,7 +85,7 @@ def kernel(program: Program, printer: NumbaPrinter, shapes: dict) -> dict:
     returns = []
     for label, expr in program.outputs:
         if expr == 0:  # a gradient proven zero (section 5.3): keep the API's shape
-            returns.append(_zeros(shapes[label]))
+            returns.append(zeros_code(shapes[label]))
         else:
             returns.append(printer.doprint(expr))
     return {"name": f"_{program.name}", "args": args, "lines": lines, "returns": returns,

@@ -1,10 +1,8 @@
 """The compiler driver: load, derive, simplify, render, write atomically."""
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,11 +99,9 @@ def load_generated(path: str | os.PathLike, jit: bool = True):
     """Import a generated module from its file; jit=False runs its kernels as plain Python."""
     import numba
 
-    path = Path(path).resolve()
-    # a stable name per file and mode: Numba's on-disk cache records the module name
-    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
-    name = f"_dbpgen_{path.stem}_{digest}_{'jit' if jit else 'py'}"
-    spec = importlib.util.spec_from_file_location(name, path)
+    # the module names itself for Numba's cache (see templates/module.py.j2), so the name
+    # it is imported under here does not matter and it needs no sys.modules entry
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(spec)
     previous = numba.config.DISABLE_JIT
     numba.config.DISABLE_JIT = not jit
@@ -113,5 +109,4 @@ def load_generated(path: str | os.PathLike, jit: bool = True):
         spec.loader.exec_module(module)
     finally:
         numba.config.DISABLE_JIT = previous
-    sys.modules[name] = module
     return module

@@ -26,6 +26,30 @@ def _is_zero(arg: sp.Basic) -> bool:
     return arg.is_zero is True
 
 
+def linear_terms(expr: sp.Expr, kinds: tuple) -> list[tuple[sp.Expr, sp.Expr | None]]:
+    """expr as a sum of coefficient * op with op one of `kinds` (linear functions such as
+    K^box or a batch sum); products are distributed over sums without entering function
+    arguments. A term without exactly one such op comes back as (term, None)."""
+    def distribute(e):
+        if e.is_Add:
+            return [t for arg in e.args for t in distribute(arg)]
+        if e.is_Mul:
+            result = [sp.S.One]
+            for factor in e.args:
+                result = [r * t for r in result for t in distribute(factor)]
+            return result
+        return [e]
+
+    pairs = []
+    for term in distribute(expr):
+        ops = [f for f in sp.Mul.make_args(term) if isinstance(f, kinds)]
+        if len(ops) == 1:
+            pairs.append((sp.Mul(*[f for f in sp.Mul.make_args(term) if f is not ops[0]]), ops[0]))
+        else:
+            pairs.append((term, None))
+    return pairs
+
+
 class _Linear(sp.Function):
     """A function linear in each of its array arguments: zero in, zero out."""
 

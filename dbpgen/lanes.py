@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .functions import Bias, BiasBox, BSum, Dot, K, Kbox, KT, RowSum, Sigmoid, Softplus
+from .functions import Bias, BiasBox, BSum, Dot, K, Kbox, KT, RowSum, Sigmoid, Softplus, linear_terms
 from .ir import Dense, Model
-from .printer import CodegenError, NumbaPrinter
-from .program import BATCH, Loop, Program
+from .printer import CodegenError, NumbaPrinter, zeros_code
+from .program import Loop, Program
 from .shapes import BATCH_AXIS, shape_of
 
 CHUNK = 64       # samples per chunk: every buffer of the sine network stays in L1
@@ -67,20 +67,6 @@ class Unsupported(CodegenError):
     """A program this schedule does not cover: the array lowering prints it instead."""
 
 
-def _linear_terms(expr: sp.Expr, coeff=sp.S.One) -> list:
-    """expr = sum_t c_t Op_t(...) for batch reductions Op_t: the pairs (c_t, Op_t)."""
-    if isinstance(expr, _BATCH_OPS):
-        return [(coeff, expr)]
-    if isinstance(expr, sp.Add):
-        return [t for arg in expr.args for t in _linear_terms(arg, coeff)]
-    if isinstance(expr, sp.Mul):
-        inner = [f for f in expr.args if f.has(*_BATCH_OPS)]
-        if len(inner) == 1:
-            rest = sp.Mul(*[f for f in expr.args if f is not inner[0]])
-            return _linear_terms(inner[0], coeff * rest)
-    raise Unsupported(f"not a sum of batch reductions: {expr}")
-
-
 class LanePrinter(NumbaPrinter):
     """Scalar code for one element (row `row`, sample b) of a coordinate-wise expression."""
 
@@ -106,23 +92,13 @@ class LanePrinter(NumbaPrinter):
     def _print_Bias(self, expr):
         return self._print(expr.args[1])
 
+    MAXIMUM, MINIMUM = "max", "min"
+
+    def _select(self, cond: str, value: str, other: str) -> str:
+        return f"({value} if {cond} else {other})"
+
     def _print_Heaviside(self, expr):
-        return f"({self._literal(1)} if {self._print(expr.args[0])} > 0 else {self._literal(0)})"
-
-    def _print_Piecewise(self, expr):
-        *pieces, (last, cond) = expr.args
-        if cond != sp.true:
-            raise CodegenError(f"Piecewise without a default branch: {expr}")
-        code = self._print(last)
-        for value, cond in reversed(pieces):
-            code = f"({self._print(value)} if {self._print(cond)} else {code})"
-        return code
-
-    def _print_Max(self, expr):
-        return self._nested("max", expr.args)
-
-    def _print_Min(self, expr):
-        return self._nested("min", expr.args)
+        return self._select(f"{self._print(expr.args[0])} > 0", self._literal(1), self._literal(0))
 
     def _print_Abs(self, expr):
         return f"abs({self._print(expr.args[0])})"
@@ -153,8 +129,6 @@ class _Emitter:
         self.allocs: list[tuple[str, str]] = []
         self.inputs: list[tuple[str, str]] = []   # chunk transposes
         self.body: list[tuple[str, str]] = []
-        self.after: list[tuple[str, str]] = []
-        self.accumulated: set[str] = set()
         self.temps = 0
         self.rows = 0  # rows of the workspace handed out so far
         self.scratch = 0  # row buffers kr0, kr1, ... for K rows inside larger expressions
@@ -190,12 +164,15 @@ class _Emitter:
         self.printer.row = row
         return self.printer.doprint(expr)
 
-    def elementwise(self, expr: sp.Expr) -> sp.Expr:
-        """Replace every reduction inside expr by a scratch symbol computed first."""
+    def elementwise(self, expr: sp.Expr, rows: bool = False) -> sp.Expr:
+        """Hoist every reduction inside expr into a buffer computed first. With rows, K and
+        K^T of plain buffers stay (computed row by row where expr is); their operands are
+        still hoisted."""
         def visit(e):
+            if rows and isinstance(e, (K, KT)):
+                return e.func(e.args[0], e.args[1], self.operand(self.elementwise(e.args[2])))
             if isinstance(e, _PER_SAMPLE_OPS):
-                args = [visit(a) for a in e.args]
-                return self.temp(e.func(*args))
+                return self.temp(e.func(*[visit(a) for a in e.args]))
             if isinstance(e, _BATCH_OPS):
                 raise Unsupported(f"batch reduction inside a per-sample expression: {e}")
             if not e.args or isinstance(e, (sp.Symbol, sp.Number)):
@@ -217,7 +194,7 @@ class _Emitter:
             self.buffers[target.name] = self.buffer(target.name, rows)
             self.row_reduction(expr.func(*args), target.name, eq)
             return
-        expr = self.split(expr)
+        expr = self.elementwise(expr, rows=True)
         name = self.buffers[target.name] = self.buffer(target.name, rows)
         ops = [n for n in sp.preorder_traversal(expr) if isinstance(n, (K, KT))]
         comment = f"{target} = {expr}, {eq}"
@@ -247,21 +224,6 @@ class _Emitter:
     def close(self) -> None:
         self.open_rows, self.b_open = None, False
 
-    def split(self, expr: sp.Expr) -> sp.Expr:
-        """Row-wise form: K and K^T of plain buffers stay (computed row by row), their
-        other operands and every per-sample reduction are hoisted into buffers first."""
-        def visit(e):
-            if isinstance(e, (K, KT)):
-                return e.func(e.args[0], e.args[1], self.operand(self.elementwise(e.args[2])))
-            if isinstance(e, (Dot, RowSum)):
-                return self.temp(e)
-            if isinstance(e, _BATCH_OPS):
-                raise Unsupported(f"batch reduction inside a per-sample expression: {e}")
-            if not e.args or isinstance(e, (sp.Symbol, sp.Number)):
-                return e
-            return e.func(*[visit(a) for a in e.args])
-        return visit(expr)
-
     def layer_row(self, expr, out: str) -> None:
         """Row i of K (eq. 8, 20) or K^T (eq. 16, 30) of a dense layer: sum_k w_ik col_k."""
         W, src = expr.args[1], expr.args[2]
@@ -290,14 +252,14 @@ class _Emitter:
     # -- batch reductions ------------------------------------------------------------
     def batch_sum(self, target: sp.Symbol, expr: sp.Expr, eq: str) -> None:
         """target = sum_t c_t Op_t(...) with batch-invariant c_t: accumulated over chunks."""
-        terms = _linear_terms(expr)
-        for coeff, _ in terms:
+        terms = linear_terms(expr, _BATCH_OPS)
+        for coeff, op in terms:
+            if op is None:
+                raise Unsupported(f"not a sum of batch reductions: {expr}")
             if any(self.shapes.get(s.name) != () for s in coeff.free_symbols):
                 raise Unsupported(f"a per-sample coefficient of a batch reduction: {expr}")
         shape = self.shapes[target.name]
-        dims = ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "")
-        self.allocs.append((f"{target.name} = np.zeros(({dims}), dtype=DTYPE)", f"sum over the batch, {eq}"))
-        self.accumulated.add(target.name)
+        self.allocs.append((f"{target.name} = {zeros_code(shape)}", f"sum over the batch, {eq}"))
         if isinstance(terms[0][1], Kbox):
             parts = []
             for coeff, op in terms:
@@ -357,8 +319,7 @@ class _Emitter:
             expr = sp.sympify(expr)
             shape = shape_of(expr, self.shapes, self.model) if expr != 0 else ()
             if expr == 0:
-                dims = ", ".join("B" if d == BATCH_AXIS else str(d) for d in self.shapes[label])
-                returns.append(f"np.zeros(({dims}{',' if len(self.shapes[label]) == 1 else ''}), dtype=DTYPE)")
+                returns.append(zeros_code(self.shapes[label]))
             elif _is_per_sample(shape):
                 sym = self.operand(expr)
                 out = f"{label}_out"
@@ -369,7 +330,7 @@ class _Emitter:
                 returns.append(out)
             else:
                 returns.append(self.array_printer.doprint(expr))
-        args = [s.name for s in program.inputs if s in used or s.name == "x0"]
+        args = program.call_args()
         rows = [(f"kr{n} = np.empty({CHUNK}, dtype=DTYPE)", "a row of K or K^T") for n in range(self.scratch)]
         lines = [("B = x0.shape[0]", "batch size"),
                  (f"ws = np.empty(({self.rows}, {CHUNK}), dtype=DTYPE)", "workspace: one chunk of every per-sample value")]

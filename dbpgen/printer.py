@@ -10,11 +10,17 @@ import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
 
 from .functions import Kbox
-from .shapes import PER_SAMPLE
+from .shapes import BATCH_AXIS, PER_SAMPLE
 
 
 class CodegenError(Exception):
     pass
+
+
+def zeros_code(shape) -> str:
+    """np.zeros of a program shape, the batch axis read from x0."""
+    dims = ", ".join("x0.shape[0]" if d == BATCH_AXIS else str(d) for d in shape)
+    return f"np.zeros(({dims}{',' if len(shape) == 1 else ''}), dtype=DTYPE)"
 
 
 class NumbaPrinter(NumPyPrinter):
@@ -155,6 +161,12 @@ class NumbaPrinter(NumPyPrinter):
 
     # -- coordinate-wise pieces SymPy produces when differentiating activations -----
 
+    # how a subclass printing scalars instead of arrays differs: these three
+    MAXIMUM, MINIMUM = "np.maximum", "np.minimum"
+
+    def _select(self, cond: str, value: str, other: str) -> str:
+        return f"np.where({cond}, {value}, {other})"
+
     def _print_Heaviside(self, expr):
         # H(0) = 0: the subgradient PyTorch uses at relu's kink, and never NaN
         # (a comparison times 1 compiles much faster in Numba than np.where)
@@ -166,7 +178,7 @@ class NumbaPrinter(NumPyPrinter):
             raise CodegenError(f"Piecewise without a default branch: {expr}")
         code = self._print(last)
         for value, cond in reversed(pieces):
-            code = f"np.where({self._print(cond)}, {self._print(value)}, {code})"
+            code = self._select(self._print(cond), self._print(value), code)
         return code
 
     def _print_Relational(self, expr):
@@ -180,10 +192,10 @@ class NumbaPrinter(NumPyPrinter):
         return code
 
     def _print_Max(self, expr):
-        return self._nested("np.maximum", expr.args)
+        return self._nested(self.MAXIMUM, expr.args)
 
     def _print_Min(self, expr):
-        return self._nested("np.minimum", expr.args)
+        return self._nested(self.MINIMUM, expr.args)
 
     def _print_Abs(self, expr):
         return f"np.abs({self._print(expr.args[0])})"

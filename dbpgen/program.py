@@ -109,6 +109,13 @@ class Program:
             used |= sp.sympify(expr).free_symbols
         return tuple(s for s in self.inputs if s in used)
 
+    def call_args(self) -> list[str]:
+        """Argument names of the program's kernel: the inputs it uses, in calling order.
+        x0 always comes along: it is where the batch size is read (an affine network with
+        a constant v may otherwise not need it)."""
+        used = self.used_inputs()
+        return [s.name for s in self.inputs if s in used or s.name == "x0"]
+
     def equations(self) -> dict[str, list[sp.Eq]]:
         """SymPy equations in execution order, grouped by phase; accumulations as a += b."""
         groups: dict[str, list[sp.Eq]] = {}

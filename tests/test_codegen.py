@@ -60,12 +60,12 @@ def test_jitted_matches_oracle_and_plain_python(spec, tmp_path, rng):
         assert_close(a_grads[k], b_grads[k], 1e-13)
 
 
-@pytest.mark.parametrize("spec", JITTED[:2], ids=[s["name"] for s in JITTED[:2]])
-def test_float32_within_1e_4_of_float64(spec, tmp_path, rng):
+def check_float32(spec, tmp_path, rng, batch=8):
+    """The float32 module stays float32 and within 1e-4 of float64; returns it."""
     m64 = compile_spec(dict(spec, name=spec["name"] + "_64"), tmp_path, jit=True)
     m32 = compile_spec(dict(spec, name=spec["name"] + "_32", dtype="float32"), tmp_path, jit=True)
     params = m64.init_params(seed=0)
-    x, y, v = batch_for(spec, rng, batch=8)
+    x, y, v = batch_for(spec, rng, batch=batch)
     value64, grads64 = m64.value_and_grad(params, x, y)
     p32 = {k: a.astype(np.float32) for k, a in params.items()}
     value32, grads32 = m32.value_and_grad(p32, x.astype(np.float32), y.astype(np.float32))
@@ -75,6 +75,12 @@ def test_float32_within_1e_4_of_float64(spec, tmp_path, rng):
         assert_close(grads32[k], g, 1e-4)
     assert m32.forward(p32, x.astype(np.float32)).dtype == np.float32
     assert m32.init_params()["W1"].dtype == np.float32
+    return m32
+
+
+@pytest.mark.parametrize("spec", JITTED[:2], ids=[s["name"] for s in JITTED[:2]])
+def test_float32_within_1e_4_of_float64(spec, tmp_path, rng):
+    check_float32(spec, tmp_path, rng)
 
 
 def test_nll_accepts_class_indices_like_torch(tmp_path, rng):

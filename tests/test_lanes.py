@@ -7,11 +7,11 @@ program, and in float32.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from conftest import batch_for, compile_spec
 from dbpgen import lanes
+from test_codegen import check_float32
 from test_gradients import CDB, NODE, assert_close, check_against_oracle, mlp
 
 GIVEN = {"v": "given", "p": "norm", "weight": 0.2}
@@ -62,16 +62,4 @@ def test_wide_layers_and_softmax_keep_gemm_kernels(tmp_path):
 
 
 def test_fused_float32_stays_float32_and_close(tmp_path, rng):
-    spec = FUSED[1]
-    m64 = compile_spec(dict(spec, name="lanes64"), tmp_path)
-    m32 = compile_spec(dict(spec, name="lanes32", dtype="float32"), tmp_path)
-    assert fused(m32)
-    params = m64.init_params(seed=0)
-    x, y, _ = batch_for(spec, rng, 70)
-    value64, grads64 = m64.value_and_grad(params, x, y)
-    p32 = {k: a.astype(np.float32) for k, a in params.items()}
-    value32, grads32 = m32.value_and_grad(p32, x.astype(np.float32), y.astype(np.float32))
-    assert abs(value32 - value64) <= 1e-4 * max(1.0, abs(value64))
-    for k, g in grads64.items():
-        assert grads32[k].dtype == np.float32
-        assert_close(grads32[k], g, 1e-4)
+    assert fused(check_float32(FUSED[1], tmp_path, rng, batch=70))

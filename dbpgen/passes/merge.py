@@ -12,40 +12,17 @@ from dataclasses import replace
 
 import sympy as sp
 
-from ..functions import Kbox
+from ..functions import Kbox, linear_terms
 from ..program import Program, Stmt
 
 
-def _split(term: sp.Expr):
-    """term = coefficient * Kbox(...), or None if term is not of that form."""
-    boxes = [f for f in sp.Mul.make_args(term) if isinstance(f, Kbox)]
-    if len(boxes) != 1:
-        return None
-    return sp.Mul(*[f for f in sp.Mul.make_args(term) if f is not boxes[0]]), boxes[0]
-
-
-def _terms(expr: sp.Expr) -> list[sp.Expr]:
-    """Distribute products over sums, without entering function arguments."""
-    if expr.is_Add:
-        return [t for arg in expr.args for t in _terms(arg)]
-    if expr.is_Mul:
-        result = [sp.S.One]
-        for factor in expr.args:
-            result = [r * t for r in result for t in _terms(factor)]
-        return result
-    return [expr]
-
-
 def _merge(expr: sp.Expr) -> tuple[sp.Expr, list[str]]:
-    terms = _terms(expr)
     groups: dict = {}
     others = []
-    for term in terms:
-        split = _split(term)
-        if split is None:
-            others.append(term)
+    for coeff, box in linear_terms(expr, (Kbox,)):
+        if box is None:
+            others.append(coeff)
         else:
-            coeff, box = split
             groups.setdefault((box.args[0], box.args[1]), []).append((coeff, box.args[2]))
     merged, notes = [], []
     for (j, a), members in groups.items():

@@ -98,14 +98,25 @@ TRANSCENDENTAL = (sp.exp, sp.log, sp.tanh, sp.sinh, sp.cosh, sp.sin, sp.cos, sp.
                   sp.asinh, sp.erf, Sigmoid, Softplus)
 
 
+# A layer with at least this many flops per sample makes a program GEMM-bound: at batch 32
+# one K application is >= 1 MFLOP (~10 us of BLAS), against ~1 us of interpreter per statement.
+GEMM_BOUND_FLOPS = 1 << 15
+
+
+def gemm_bound(model: Model) -> bool:
+    return any(l.op.has_params and l.op.flops(l.in_shape) >= GEMM_BOUND_FLOPS for l in model.layers)
+
+
 def jit_program(model: Model, program: Program) -> bool:
     """Whether a whole-batch program is one @njit function or Python calling jitted kernels.
 
-    Python when a layer has large kernels (convolutions call their own parallel kernels)
-    or when the program evaluates transcendental functions coordinate-wise (NumPy's SIMD
-    ufuncs beat Numba's scalar libm calls by more than the interpreter costs per statement).
+    Python when a layer has large kernels (convolutions call their own parallel kernels),
+    when the program evaluates transcendental functions coordinate-wise (NumPy's SIMD
+    ufuncs beat Numba's scalar libm calls by more than the interpreter costs per statement),
+    or when it is GEMM-bound: BLAS does the work either way, and jitting the glue costs
+    seconds of LLVM on the first call (6 s for mnist_cdb's value_and_grad) and buys nothing.
     """
-    if not all(l.op.small_kernels for l in model.layers):
+    if not all(l.op.small_kernels for l in model.layers) or gemm_bound(model):
         return False
     return not any(item.expr.has(*TRANSCENDENTAL) for item in walk(program.stmts))
 
@@ -150,6 +161,9 @@ def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: di
         "count_ops": count_ops,
         "helpers": sorted(called),
         "jit": "" if count_ops else "@numba.njit(cache=True)",
+        # a helper that is one array expression (a BLAS call, a ufunc) gains nothing from
+        # @njit when only Python calls it, and would cost seconds of LLVM on the first call
+        "array_jit": "@numba.njit(cache=True)" if any(k["jit"] for k in kernels.values()) else "",
         "weight": repr(float(pen.weight)) if pen else "0.0",
         "v_kind": pen.v if pen else None,
         "v_index": pen.index if pen else None,

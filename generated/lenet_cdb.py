@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_lenet_cdb_87b210b16683f1da"
+__name__ = "_dbpgen_lenet_cdb_48961319d27e017e"
 
 
 class _CachedGlobals:
@@ -347,19 +347,17 @@ def _conv2d_sum(part):
     return grad
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
+# (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
 
 
-@numba.njit(cache=True)
 def _dense_K(W, x):
     return x @ W.T
 
 
-@numba.njit(cache=True)
 def _dense_KT(W, y):
     return y @ W
 
 
-@numba.njit(cache=True)
 def _dense_Kbox(x, y):
     # summed over the batch: sum_b y_b x_b^T, one GEMM
     return y.T @ x
@@ -379,9 +377,10 @@ def _flatten_KT(y, C, H, Wd):
     return y.reshape(y.shape[0], C, H, Wd)
 
 # -- per-sample reductions and numerically careful coordinate-wise kernels --
+# (scalar loops: Numba compiles them in a fraction of the time array expressions take)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath={"reassoc"})
 def _rowdot(a, b):
     # per-sample inner product over all non-batch axes: shape (B,)
     a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
@@ -395,7 +394,6 @@ def _rowdot(a, b):
     return out
 
 
-@numba.njit(cache=True)
 def _dense_Kbox2(x1, y1, x2, y2):
     # K^box(x1, y1) + K^box(x2, y2), the second added in place: no temporary the size of W
     out = _dense_Kbox(x1, y1)
@@ -403,20 +401,26 @@ def _dense_Kbox2(x1, y1, x2, y2):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath={"reassoc"})
 def _rowsum(a):
+    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
     out = np.empty((a.shape[0], 1), dtype=a.dtype)
-    for i in range(a.shape[0]):
-        out[i, 0] = np.sum(a[i])
+    for i in range(a2.shape[0]):
+        acc = 0.0
+        for k in range(a2.shape[1]):
+            acc += a2[i, k]
+        out[i, 0] = acc
     return out
 
 
 @numba.njit(cache=True)
 def _bsum(a):
-    out = np.zeros(a.shape[1:], dtype=a.dtype)
-    for i in range(a.shape[0]):
-        out += a[i]
-    return out
+    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
+    out = np.zeros(a2.shape[1], dtype=a.dtype)
+    for i in range(a2.shape[0]):
+        for k in range(a2.shape[1]):
+            out[k] += a2[i, k]
+    return out.reshape(a.shape[1:])
 
 
 @numba.njit(cache=True)
@@ -434,8 +438,15 @@ def _softmax(z):
     # shifted by the row maximum: exp never overflows
     out = np.empty_like(z)
     for i in range(z.shape[0]):
-        e = np.exp(z[i] - np.max(z[i]))
-        out[i] = e / np.sum(e)
+        m = z[i, 0]
+        for k in range(1, z.shape[1]):
+            m = max(m, z[i, k])
+        acc = 0.0
+        for k in range(z.shape[1]):
+            out[i, k] = np.exp(z[i, k] - m)
+            acc += out[i, k]
+        for k in range(z.shape[1]):
+            out[i, k] /= acc
     return out
 
 
@@ -443,8 +454,13 @@ def _softmax(z):
 def _logsumexp(z):
     out = np.empty((z.shape[0], 1), dtype=z.dtype)
     for i in range(z.shape[0]):
-        m = np.max(z[i])
-        out[i, 0] = m + np.log(np.sum(np.exp(z[i] - m)))
+        m = z[i, 0]
+        for k in range(1, z.shape[1]):
+            m = max(m, z[i, k])
+        acc = 0.0
+        for k in range(z.shape[1]):
+            acc += np.exp(z[i, k] - m)
+        out[i, 0] = m + np.log(acc)
     return out
 
 

@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_jac_4fc17dc8b513fa23"
+__name__ = "_dbpgen_mnist_jac_780adeb666e4ad4f"
 
 
 class _CachedGlobals:
@@ -129,27 +129,26 @@ OPS = {'emitted': {'K': 23,
 PEAK_BYTES = {'batch': 128, 'emitted': 4814856, 'naive': 7714816}
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
+# (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
 
 
-@numba.njit(cache=True)
 def _dense_K(W, x):
     return x @ W.T
 
 
-@numba.njit(cache=True)
 def _dense_KT(W, y):
     return y @ W
 
 
-@numba.njit(cache=True)
 def _dense_Kbox(x, y):
     # summed over the batch: sum_b y_b x_b^T, one GEMM
     return y.T @ x
 
 # -- per-sample reductions and numerically careful coordinate-wise kernels --
+# (scalar loops: Numba compiles them in a fraction of the time array expressions take)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath={"reassoc"})
 def _rowdot(a, b):
     # per-sample inner product over all non-batch axes: shape (B,)
     a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
@@ -165,10 +164,12 @@ def _rowdot(a, b):
 
 @numba.njit(cache=True)
 def _bsum(a):
-    out = np.zeros(a.shape[1:], dtype=a.dtype)
-    for i in range(a.shape[0]):
-        out += a[i]
-    return out
+    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
+    out = np.zeros(a2.shape[1], dtype=a.dtype)
+    for i in range(a2.shape[0]):
+        for k in range(a2.shape[1]):
+            out[k] += a2[i, k]
+    return out.reshape(a.shape[1:])
 
 
 @numba.njit(cache=True)
@@ -176,8 +177,15 @@ def _softmax(z):
     # shifted by the row maximum: exp never overflows
     out = np.empty_like(z)
     for i in range(z.shape[0]):
-        e = np.exp(z[i] - np.max(z[i]))
-        out[i] = e / np.sum(e)
+        m = z[i, 0]
+        for k in range(1, z.shape[1]):
+            m = max(m, z[i, k])
+        acc = 0.0
+        for k in range(z.shape[1]):
+            out[i, k] = np.exp(z[i, k] - m)
+            acc += out[i, k]
+        for k in range(z.shape[1]):
+            out[i, k] /= acc
     return out
 
 
@@ -192,22 +200,18 @@ def _onehot(x0, C, i):
 # -- the Gram contraction of a dense input layer (dbpgen/passes/gram.py) --
 
 
-@numba.njit(cache=True)
 def _gram(W):
     return W @ W.T
 
 
-@numba.njit(cache=True)
 def _gram_mul(a, G):
     return a @ G
 
 
-@numba.njit(cache=True)
 def _gram_box(a, y):
     return y.T @ a
 
 
-@numba.njit(cache=True)
 def _gram_out(M, W):
     return M @ W
 
@@ -216,7 +220,6 @@ def _gram_out(M, W):
 # -- derived programs -----------------------------------------------------------------
 
 
-@numba.njit(cache=True)
 def _forward(W1, b1, W2, b2, W3, b3, x0):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.maximum(0, z1)  # (8)
@@ -227,7 +230,6 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
     return (x3,)
 
 
-@numba.njit(cache=True)
 def _vjp(W1, b1, W2, b2, W3, b3, x0, v):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.maximum(0, z1)  # (8)
@@ -247,7 +249,6 @@ def _vjp(W1, b1, W2, b2, W3, b3, x0, v):
     return (xi0,)
 
 
-@numba.njit(cache=True)
 def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.maximum(0, z1)  # (8)
@@ -267,7 +268,6 @@ def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
     return (q3,)
 
 
-@numba.njit(cache=True)
 def _penalty(W1, b1, W2, b2, W3, b3, x0):
     z1 = b1 + _dense_K(W1, x0)  # (8)
     x1 = np.maximum(0, z1)  # (8)
@@ -292,7 +292,6 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0):
     return (R,)
 
 
-@numba.njit(cache=True)
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
     B = x0.shape[0]  # batch size
     z1 = b1 + _dense_K(W1, x0)  # (8)

@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_cdb_6a63ca15463b3466"
+__name__ = "_dbpgen_sine_cdb_d2044d8c02b38d67"
 
 
 class _CachedGlobals:
@@ -115,6 +115,7 @@ OPS = {'emitted': {'K': 6, 'KT': 5, 'Kbox': 6, 'flops': 620},
 PEAK_BYTES = {'batch': 128, 'emitted': 74752, 'naive': 108544}
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
+# (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
 
 
 @numba.njit(cache=True)
@@ -133,6 +134,7 @@ def _dense_Kbox(x, y):
     return y.T @ x
 
 # -- per-sample reductions and numerically careful coordinate-wise kernels --
+# (scalar loops: Numba compiles them in a fraction of the time array expressions take)
 
 
 
@@ -143,6 +145,8 @@ def _dense_Kbox(x, y):
 def _forward(W1, b1, W2, b2, W3, b3, x0):
     B = x0.shape[0]  # batch size
     ws = np.empty((28, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    n5_ = W2.shape[0]  # a width, read at run time
+    n8_ = W1.shape[0]  # a width, read at run time
     x0_t = ws[0:1]  # x0 by chunk, samples last
     z1 = ws[1:9]
     x1 = ws[9:17]
@@ -157,7 +161,7 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
         for i in range(1):  # chunk of x0, transposed
             for b in range(nb):
                 x0_t[i, b] = x0[c0 + b, i]
-        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+        for i in range(n8_):  # z1 = b1 + K_1(W1, x0), (8)
             for b in range(nb):
                 kr0[b] = 0.0
             for k in range(1):
@@ -167,10 +171,10 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
             for b in range(nb):
                 z1[i, b] = kr0[b] + b1[i]
                 x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
-        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+        for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     kr0[b] += w * x1[k, b]
@@ -180,7 +184,7 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
         for i in range(1):  # z3 = b3 + K_3(W3, x2), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W3[i, k]
                 for b in range(nb):
                     kr0[b] += w * x2[k, b]
@@ -196,6 +200,8 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
 def _vjp(W1, b1, W2, b2, W3, x0, v):
     B = x0.shape[0]  # batch size
     ws = np.empty((63, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    n5_ = W2.shape[0]  # a width, read at run time
+    n8_ = W1.shape[0]  # a width, read at run time
     x0_t = ws[0:1]  # x0 by chunk, samples last
     v_t = ws[1:2]  # v by chunk, samples last
     z1 = ws[2:10]
@@ -220,7 +226,7 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
         for i in range(1):  # chunk of v, transposed
             for b in range(nb):
                 v_t[i, b] = v[c0 + b, i]
-        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+        for i in range(n8_):  # z1 = b1 + K_1(W1, x0), (8)
             for b in range(nb):
                 kr0[b] = 0.0
             for k in range(1):
@@ -231,17 +237,17 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
                 z1[i, b] = kr0[b] + b1[i]
                 x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
                 dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
-        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+        for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     kr0[b] += w * x1[k, b]
             for b in range(nb):
                 z2[i, b] = kr0[b] + b2[i]
                 dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g'_2 (9), SymPy
-        for i in range(5):  # xi2 = K^T_3(W3, zeta3), (16)
+        for i in range(n5_):  # xi2 = K^T_3(W3, zeta3), (16)
             for b in range(nb):
                 xi2[i, b] = 0.0
             for k in range(1):
@@ -250,10 +256,10 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
                     xi2[i, b] += w * v_t[k, b]
             for b in range(nb):
                 zeta2[i, b] = dg2[i, b]*xi2[i, b]  # zeta2 = dg2*xi2, (15)
-        for i in range(8):  # xi1 = K^T_2(W2, zeta2), (16)
+        for i in range(n8_):  # xi1 = K^T_2(W2, zeta2), (16)
             for b in range(nb):
                 xi1[i, b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W2[k, i]
                 for b in range(nb):
                     xi1[i, b] += w * zeta2[k, b]
@@ -262,7 +268,7 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
         for i in range(1):  # xi0 = K^T_1(W1, zeta1), (16)
             for b in range(nb):
                 xi0[i, b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W1[k, i]
                 for b in range(nb):
                     xi0[i, b] += w * zeta1[k, b]
@@ -276,6 +282,8 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
 def _jvp(W1, b1, W2, b2, W3, x0, u):
     B = x0.shape[0]  # batch size
     ws = np.empty((63, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    n5_ = W2.shape[0]  # a width, read at run time
+    n8_ = W1.shape[0]  # a width, read at run time
     x0_t = ws[0:1]  # x0 by chunk, samples last
     u_t = ws[1:2]  # u by chunk, samples last
     z1 = ws[2:10]
@@ -300,7 +308,7 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
         for i in range(1):  # chunk of u, transposed
             for b in range(nb):
                 u_t[i, b] = u[c0 + b, i]
-        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+        for i in range(n8_):  # z1 = b1 + K_1(W1, x0), (8)
             for b in range(nb):
                 kr0[b] = 0.0
             for k in range(1):
@@ -311,17 +319,17 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
                 z1[i, b] = kr0[b] + b1[i]
                 x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
                 dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
-        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+        for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     kr0[b] += w * x1[k, b]
             for b in range(nb):
                 z2[i, b] = kr0[b] + b2[i]
                 dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g'_2 (9), SymPy
-        for i in range(8):  # h1 = K_1(W1, q0), (20)
+        for i in range(n8_):  # h1 = K_1(W1, q0), (20)
             for b in range(nb):
                 h1[i, b] = 0.0
             for k in range(1):
@@ -330,10 +338,10 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
                     h1[i, b] += w * u_t[k, b]
             for b in range(nb):
                 q1[i, b] = dg1[i, b]*h1[i, b]  # q1 = dg1*h1, (21)
-        for i in range(5):  # h2 = K_2(W2, q1), (20)
+        for i in range(n5_):  # h2 = K_2(W2, q1), (20)
             for b in range(nb):
                 h2[i, b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     h2[i, b] += w * q1[k, b]
@@ -342,7 +350,7 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
         for i in range(1):  # h3 = K_3(W3, q2), (20)
             for b in range(nb):
                 h3[i, b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W3[i, k]
                 for b in range(nb):
                     h3[i, b] += w * q2[k, b]
@@ -356,6 +364,8 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
 def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
     B = x0.shape[0]  # batch size
     ws = np.empty((71, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    n5_ = W2.shape[0]  # a width, read at run time
+    n8_ = W1.shape[0]  # a width, read at run time
     x0_t = ws[0:1]  # x0 by chunk, samples last
     y_t = ws[1:2]  # y by chunk, samples last
     z1 = ws[2:10]
@@ -385,7 +395,7 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
         for i in range(1):  # chunk of y, transposed
             for b in range(nb):
                 y_t[i, b] = y[c0 + b, i]
-        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+        for i in range(n8_):  # z1 = b1 + K_1(W1, x0), (8)
             for b in range(nb):
                 kr0[b] = 0.0
             for k in range(1):
@@ -396,10 +406,10 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
                 z1[i, b] = kr0[b] + b1[i]
                 x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
                 dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
-        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+        for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     kr0[b] += w * x1[k, b]
@@ -410,14 +420,14 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
         for i in range(1):  # z3 = b3 + K_3(W3, x2), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W3[i, k]
                 for b in range(nb):
                     kr0[b] += w * x2[k, b]
             for b in range(nb):
                 z3[i, b] = kr0[b] + b3[0]
                 xi3[i, b] = 2*z3[0, b] - 2*y_t[0, b]  # xi3 = 2*x3 - 2*y, Alg. 1: xi_L = v
-        for i in range(5):  # xi2 = K^T_3(W3, zeta3), (16)
+        for i in range(n5_):  # xi2 = K^T_3(W3, zeta3), (16)
             for b in range(nb):
                 xi2[i, b] = 0.0
             for k in range(1):
@@ -426,10 +436,10 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
                     xi2[i, b] += w * xi3[k, b]
             for b in range(nb):
                 zeta2[i, b] = dg2[i, b]*xi2[i, b]  # zeta2 = dg2*xi2, (15)
-        for i in range(8):  # xi1 = K^T_2(W2, zeta2), (16)
+        for i in range(n8_):  # xi1 = K^T_2(W2, zeta2), (16)
             for b in range(nb):
                 xi1[i, b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W2[k, i]
                 for b in range(nb):
                     xi1[i, b] += w * zeta2[k, b]
@@ -438,7 +448,7 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
         for i in range(1):  # xi0 = K^T_1(W1, zeta1), (16)
             for b in range(nb):
                 xi0[i, b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W1[k, i]
                 for b in range(nb):
                     xi0[i, b] += w * zeta1[k, b]
@@ -457,6 +467,8 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     B = x0.shape[0]  # batch size
     ws = np.empty((155, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    n5_ = W2.shape[0]  # a width, read at run time
+    n8_ = W1.shape[0]  # a width, read at run time
     x0_t = ws[0:1]  # x0 by chunk, samples last
     y_t = ws[1:2]  # y by chunk, samples last
     z1 = ws[2:10]
@@ -512,7 +524,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
         for i in range(1):  # chunk of y, transposed
             for b in range(nb):
                 y_t[i, b] = y[c0 + b, i]
-        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+        for i in range(n8_):  # z1 = b1 + K_1(W1, x0), (8)
             for b in range(nb):
                 kr0[b] = 0.0
             for k in range(1):
@@ -523,10 +535,10 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
                 z1[i, b] = kr0[b] + b1[i]
                 x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
                 dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
-        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+        for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     kr0[b] += w * x1[k, b]
@@ -537,14 +549,14 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
         for i in range(1):  # z3 = b3 + K_3(W3, x2), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W3[i, k]
                 for b in range(nb):
                     kr0[b] += w * x2[k, b]
             for b in range(nb):
                 z3[i, b] = kr0[b] + b3[0]
                 xi3[i, b] = 2*z3[0, b] - 2*y_t[0, b]  # xi3 = 2*x3 - 2*y, Alg. 1: xi_L = v
-        for i in range(5):  # xi2 = K^T_3(W3, zeta3), (16)
+        for i in range(n5_):  # xi2 = K^T_3(W3, zeta3), (16)
             for b in range(nb):
                 xi2[i, b] = 0.0
             for k in range(1):
@@ -553,10 +565,10 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
                     xi2[i, b] += w * xi3[k, b]
             for b in range(nb):
                 zeta2[i, b] = dg2[i, b]*xi2[i, b]  # zeta2 = dg2*xi2, (15)
-        for i in range(8):  # xi1 = K^T_2(W2, zeta2), (16)
+        for i in range(n8_):  # xi1 = K^T_2(W2, zeta2), (16)
             for b in range(nb):
                 xi1[i, b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W2[k, i]
                 for b in range(nb):
                     xi1[i, b] += w * zeta2[k, b]
@@ -565,7 +577,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
         for i in range(1):  # xi0 = K^T_1(W1, zeta1), (16)
             for b in range(nb):
                 xi0[i, b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W1[k, i]
                 for b in range(nb):
                     xi0[i, b] += w * zeta1[k, b]
@@ -577,7 +589,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
         for i in range(1):  # q0 = 2*xi0, q_0 = grad p(xi_0) = 2 p'(s) xi_0
             for b in range(nb):
                 q0[i, b] = 2*xi0[0, b]
-        for i in range(8):  # h1 = K_1(W1, q0), (20)
+        for i in range(n8_):  # h1 = K_1(W1, q0), (20)
             for b in range(nb):
                 h1[i, b] = 0.0
             for k in range(1):
@@ -586,10 +598,10 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
                     h1[i, b] += w * q0[k, b]
             for b in range(nb):
                 q1[i, b] = dg1[i, b]*h1[i, b]  # q1 = dg1*h1, (21)
-        for i in range(5):  # h2 = K_2(W2, q1), (20)
+        for i in range(n5_):  # h2 = K_2(W2, q1), (20)
             for b in range(nb):
                 h2[i, b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     h2[i, b] += w * q1[k, b]
@@ -598,13 +610,13 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
         for i in range(1):  # h3 = K_3(W3, q2), (20)
             for b in range(nb):
                 h3[i, b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W3[i, k]
                 for b in range(nb):
                     h3[i, b] += w * q2[k, b]
             for b in range(nb):
                 gamma3[i, b] = 2*h3[0, b]  # gamma3 = 2*q3, (29), App. B
-        for i in range(5):  # gamma2 = K^T_3(W3, eta3), (30)
+        for i in range(n5_):  # gamma2 = K^T_3(W3, eta3), (30)
             for b in range(nb):
                 gamma2[i, b] = 0.0
             for k in range(1):
@@ -613,10 +625,10 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
                     gamma2[i, b] += w * gamma3[k, b]
             for b in range(nb):
                 eta2[i, b] = dg2[i, b]*gamma2[i, b]  # eta2 = dg2*gamma2, (28)
-        for i in range(8):  # gamma1 = K^T_2(W2, eta2), (30)
+        for i in range(n8_):  # gamma1 = K^T_2(W2, eta2), (30)
             for b in range(nb):
                 gamma1[i, b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W2[k, i]
                 for b in range(nb):
                     gamma1[i, b] += w * eta2[k, b]
@@ -632,32 +644,32 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
             for b in range(nb):
                 acc += (1.0 / B) * (s[0, b]*lam + t0_[0, b])
             J[i] += acc
-        for i in range(8):  # t1_ = lam*zeta1/B, operand, computed once
+        for i in range(n8_):  # t1_ = lam*zeta1/B, operand, computed once
             for b in range(nb):
                 t1_[i, b] = lam*zeta1[i, b]/B
                 t2_[i, b] = (eta1[i, b]*lam + zeta1[i, b])/B  # t2_ = (eta1*lam + zeta1)/B, operand, computed once
-        for i in range(8):  # dW1 += K^□_1(q0, lam*zeta1/B) + K^□_1(x0, (eta1*lam + zeta1)/B), (31), (32)
+        for i in range(n8_):  # dW1 += K^□_1(q0, lam*zeta1/B) + K^□_1(x0, (eta1*lam + zeta1)/B), (31), (32)
             for k in range(1):
                 acc = 0.0
                 for b in range(nb):
                     acc += t1_[i, b] * q0[k, b] + t2_[i, b] * x0_t[k, b]
                 dW1[i, k] += acc
-        for i in range(8):  # db1 += Σ_b(eta1*lam + zeta1)/B, (31), (33)
+        for i in range(n8_):  # db1 += Σ_b(eta1*lam + zeta1)/B, (31), (33)
             acc = 0.0
             for b in range(nb):
                 acc += (1.0 / B) * (eta1[i, b]*lam + zeta1[i, b])
             db1[i] += acc
-        for i in range(5):  # t3_ = lam*zeta2/B, operand, computed once
+        for i in range(n5_):  # t3_ = lam*zeta2/B, operand, computed once
             for b in range(nb):
                 t3_[i, b] = lam*zeta2[i, b]/B
                 t4_[i, b] = (eta2[i, b]*lam + zeta2[i, b])/B  # t4_ = (eta2*lam + zeta2)/B, operand, computed once
-        for i in range(5):  # dW2 += K^□_2(q1, lam*zeta2/B) + K^□_2(x1, (eta2*lam + zeta2)/B), (31), (32)
-            for k in range(8):
+        for i in range(n5_):  # dW2 += K^□_2(q1, lam*zeta2/B) + K^□_2(x1, (eta2*lam + zeta2)/B), (31), (32)
+            for k in range(n8_):
                 acc = 0.0
                 for b in range(nb):
                     acc += t3_[i, b] * q1[k, b] + t4_[i, b] * x1[k, b]
                 dW2[i, k] += acc
-        for i in range(5):  # db2 += Σ_b(eta2*lam + zeta2)/B, (31), (33)
+        for i in range(n5_):  # db2 += Σ_b(eta2*lam + zeta2)/B, (31), (33)
             acc = 0.0
             for b in range(nb):
                 acc += (1.0 / B) * (eta2[i, b]*lam + zeta2[i, b])
@@ -667,7 +679,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
                 t5_[i, b] = lam*xi3[0, b]/B
                 t6_[i, b] = (gamma3[0, b]*lam + xi3[0, b])/B  # t6_ = (eta3*lam + zeta3)/B, operand, computed once
         for i in range(1):  # dW3 += K^□_3(q2, lam*zeta3/B) + K^□_3(x2, (eta3*lam + zeta3)/B), (31), (32)
-            for k in range(5):
+            for k in range(n5_):
                 acc = 0.0
                 for b in range(nb):
                     acc += t5_[i, b] * q2[k, b] + t6_[i, b] * x2[k, b]

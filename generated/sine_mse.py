@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_mse_d8b5d03c9c73583f"
+__name__ = "_dbpgen_sine_mse_1032575d8acc5e6a"
 
 
 class _CachedGlobals:
@@ -92,6 +92,7 @@ OPS = {'emitted': {'K': 3, 'KT': 2, 'Kbox': 3, 'flops': 302},
 PEAK_BYTES = {'batch': 128, 'emitted': 36864, 'naive': 36864}
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
+# (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
 
 
 @numba.njit(cache=True)
@@ -110,6 +111,7 @@ def _dense_Kbox(x, y):
     return y.T @ x
 
 # -- per-sample reductions and numerically careful coordinate-wise kernels --
+# (scalar loops: Numba compiles them in a fraction of the time array expressions take)
 
 
 
@@ -120,6 +122,8 @@ def _dense_Kbox(x, y):
 def _forward(W1, b1, W2, b2, W3, b3, x0):
     B = x0.shape[0]  # batch size
     ws = np.empty((28, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    n5_ = W2.shape[0]  # a width, read at run time
+    n8_ = W1.shape[0]  # a width, read at run time
     x0_t = ws[0:1]  # x0 by chunk, samples last
     z1 = ws[1:9]
     x1 = ws[9:17]
@@ -134,7 +138,7 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
         for i in range(1):  # chunk of x0, transposed
             for b in range(nb):
                 x0_t[i, b] = x0[c0 + b, i]
-        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+        for i in range(n8_):  # z1 = b1 + K_1(W1, x0), (8)
             for b in range(nb):
                 kr0[b] = 0.0
             for k in range(1):
@@ -144,10 +148,10 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
             for b in range(nb):
                 z1[i, b] = kr0[b] + b1[i]
                 x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
-        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+        for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     kr0[b] += w * x1[k, b]
@@ -157,7 +161,7 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
         for i in range(1):  # z3 = b3 + K_3(W3, x2), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W3[i, k]
                 for b in range(nb):
                     kr0[b] += w * x2[k, b]
@@ -173,6 +177,8 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
 def _vjp(W1, b1, W2, b2, W3, x0, v):
     B = x0.shape[0]  # batch size
     ws = np.empty((63, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    n5_ = W2.shape[0]  # a width, read at run time
+    n8_ = W1.shape[0]  # a width, read at run time
     x0_t = ws[0:1]  # x0 by chunk, samples last
     v_t = ws[1:2]  # v by chunk, samples last
     z1 = ws[2:10]
@@ -197,7 +203,7 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
         for i in range(1):  # chunk of v, transposed
             for b in range(nb):
                 v_t[i, b] = v[c0 + b, i]
-        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+        for i in range(n8_):  # z1 = b1 + K_1(W1, x0), (8)
             for b in range(nb):
                 kr0[b] = 0.0
             for k in range(1):
@@ -208,17 +214,17 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
                 z1[i, b] = kr0[b] + b1[i]
                 x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
                 dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
-        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+        for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     kr0[b] += w * x1[k, b]
             for b in range(nb):
                 z2[i, b] = kr0[b] + b2[i]
                 dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g'_2 (9), SymPy
-        for i in range(5):  # xi2 = K^T_3(W3, zeta3), (16)
+        for i in range(n5_):  # xi2 = K^T_3(W3, zeta3), (16)
             for b in range(nb):
                 xi2[i, b] = 0.0
             for k in range(1):
@@ -227,10 +233,10 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
                     xi2[i, b] += w * v_t[k, b]
             for b in range(nb):
                 zeta2[i, b] = dg2[i, b]*xi2[i, b]  # zeta2 = dg2*xi2, (15)
-        for i in range(8):  # xi1 = K^T_2(W2, zeta2), (16)
+        for i in range(n8_):  # xi1 = K^T_2(W2, zeta2), (16)
             for b in range(nb):
                 xi1[i, b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W2[k, i]
                 for b in range(nb):
                     xi1[i, b] += w * zeta2[k, b]
@@ -239,7 +245,7 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
         for i in range(1):  # xi0 = K^T_1(W1, zeta1), (16)
             for b in range(nb):
                 xi0[i, b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W1[k, i]
                 for b in range(nb):
                     xi0[i, b] += w * zeta1[k, b]
@@ -253,6 +259,8 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
 def _jvp(W1, b1, W2, b2, W3, x0, u):
     B = x0.shape[0]  # batch size
     ws = np.empty((63, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    n5_ = W2.shape[0]  # a width, read at run time
+    n8_ = W1.shape[0]  # a width, read at run time
     x0_t = ws[0:1]  # x0 by chunk, samples last
     u_t = ws[1:2]  # u by chunk, samples last
     z1 = ws[2:10]
@@ -277,7 +285,7 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
         for i in range(1):  # chunk of u, transposed
             for b in range(nb):
                 u_t[i, b] = u[c0 + b, i]
-        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+        for i in range(n8_):  # z1 = b1 + K_1(W1, x0), (8)
             for b in range(nb):
                 kr0[b] = 0.0
             for k in range(1):
@@ -288,17 +296,17 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
                 z1[i, b] = kr0[b] + b1[i]
                 x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
                 dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
-        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+        for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     kr0[b] += w * x1[k, b]
             for b in range(nb):
                 z2[i, b] = kr0[b] + b2[i]
                 dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g'_2 (9), SymPy
-        for i in range(8):  # h1 = K_1(W1, q0), (20)
+        for i in range(n8_):  # h1 = K_1(W1, q0), (20)
             for b in range(nb):
                 h1[i, b] = 0.0
             for k in range(1):
@@ -307,10 +315,10 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
                     h1[i, b] += w * u_t[k, b]
             for b in range(nb):
                 q1[i, b] = dg1[i, b]*h1[i, b]  # q1 = dg1*h1, (21)
-        for i in range(5):  # h2 = K_2(W2, q1), (20)
+        for i in range(n5_):  # h2 = K_2(W2, q1), (20)
             for b in range(nb):
                 h2[i, b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     h2[i, b] += w * q1[k, b]
@@ -319,7 +327,7 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
         for i in range(1):  # h3 = K_3(W3, q2), (20)
             for b in range(nb):
                 h3[i, b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W3[i, k]
                 for b in range(nb):
                     h3[i, b] += w * q2[k, b]
@@ -333,6 +341,8 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y):
     B = x0.shape[0]  # batch size
     ws = np.empty((71, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    n5_ = W2.shape[0]  # a width, read at run time
+    n8_ = W1.shape[0]  # a width, read at run time
     x0_t = ws[0:1]  # x0 by chunk, samples last
     y_t = ws[1:2]  # y by chunk, samples last
     z1 = ws[2:10]
@@ -366,7 +376,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y):
         for i in range(1):  # chunk of y, transposed
             for b in range(nb):
                 y_t[i, b] = y[c0 + b, i]
-        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+        for i in range(n8_):  # z1 = b1 + K_1(W1, x0), (8)
             for b in range(nb):
                 kr0[b] = 0.0
             for k in range(1):
@@ -377,10 +387,10 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y):
                 z1[i, b] = kr0[b] + b1[i]
                 x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
                 dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
-        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+        for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     kr0[b] += w * x1[k, b]
@@ -391,14 +401,14 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y):
         for i in range(1):  # z3 = b3 + K_3(W3, x2), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W3[i, k]
                 for b in range(nb):
                     kr0[b] += w * x2[k, b]
             for b in range(nb):
                 z3[i, b] = kr0[b] + b3[0]
                 delta3[i, b] = 2*z3[0, b] - 2*y_t[0, b]  # delta3 = 2*x3 - 2*y, (33)
-        for i in range(5):  # delta2 = dg2*K^T_3(W3, delta3), (15)-(16)
+        for i in range(n5_):  # delta2 = dg2*K^T_3(W3, delta3), (15)-(16)
             for b in range(nb):
                 kr0[b] = 0.0
             for k in range(1):
@@ -407,10 +417,10 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y):
                     kr0[b] += w * delta3[k, b]
             for b in range(nb):
                 delta2[i, b] = dg2[i, b]*kr0[b]
-        for i in range(8):  # delta1 = dg1*K^T_2(W2, delta2), (15)-(16)
+        for i in range(n8_):  # delta1 = dg1*K^T_2(W2, delta2), (15)-(16)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W2[k, i]
                 for b in range(nb):
                     kr0[b] += w * delta2[k, b]
@@ -426,30 +436,30 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y):
             for b in range(nb):
                 acc += (1.0 / B) * (t0_[0, b])
             J[i] += acc
-        for i in range(8):  # t1_ = delta1/B, operand, computed once
+        for i in range(n8_):  # t1_ = delta1/B, operand, computed once
             for b in range(nb):
                 t1_[i, b] = delta1[i, b]/B
-        for i in range(8):  # dW1 += K^□_1(x0, delta1/B), (31), (32)
+        for i in range(n8_):  # dW1 += K^□_1(x0, delta1/B), (31), (32)
             for k in range(1):
                 acc = 0.0
                 for b in range(nb):
                     acc += t1_[i, b] * x0_t[k, b]
                 dW1[i, k] += acc
-        for i in range(8):  # db1 += Σ_b(delta1)/B, (31), (33)
+        for i in range(n8_):  # db1 += Σ_b(delta1)/B, (31), (33)
             acc = 0.0
             for b in range(nb):
                 acc += (1.0 / B) * (delta1[i, b])
             db1[i] += acc
-        for i in range(5):  # t2_ = delta2/B, operand, computed once
+        for i in range(n5_):  # t2_ = delta2/B, operand, computed once
             for b in range(nb):
                 t2_[i, b] = delta2[i, b]/B
-        for i in range(5):  # dW2 += K^□_2(x1, delta2/B), (31), (32)
-            for k in range(8):
+        for i in range(n5_):  # dW2 += K^□_2(x1, delta2/B), (31), (32)
+            for k in range(n8_):
                 acc = 0.0
                 for b in range(nb):
                     acc += t2_[i, b] * x1[k, b]
                 dW2[i, k] += acc
-        for i in range(5):  # db2 += Σ_b(delta2)/B, (31), (33)
+        for i in range(n5_):  # db2 += Σ_b(delta2)/B, (31), (33)
             acc = 0.0
             for b in range(nb):
                 acc += (1.0 / B) * (delta2[i, b])
@@ -458,7 +468,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y):
             for b in range(nb):
                 t3_[i, b] = delta3[0, b]/B
         for i in range(1):  # dW3 += K^□_3(x2, delta3/B), (31), (32)
-            for k in range(5):
+            for k in range(n5_):
                 acc = 0.0
                 for b in range(nb):
                     acc += t3_[i, b] * x2[k, b]

@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_node_646a7ea468d656e2"
+__name__ = "_dbpgen_sine_node_f79fc016deec5d86"
 
 
 class _CachedGlobals:
@@ -101,6 +101,7 @@ OPS = {'emitted': {'K': 4, 'KT': 3, 'Kbox': 3, 'flops': 404},
 PEAK_BYTES = {'batch': 128, 'emitted': 46080, 'naive': 107520}
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
+# (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
 
 
 @numba.njit(cache=True)
@@ -119,6 +120,7 @@ def _dense_Kbox(x, y):
     return y.T @ x
 
 # -- per-sample reductions and numerically careful coordinate-wise kernels --
+# (scalar loops: Numba compiles them in a fraction of the time array expressions take)
 
 
 
@@ -129,6 +131,8 @@ def _dense_Kbox(x, y):
 def _forward(W1, b1, W2, b2, W3, b3, x0):
     B = x0.shape[0]  # batch size
     ws = np.empty((28, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    n5_ = W2.shape[0]  # a width, read at run time
+    n8_ = W1.shape[0]  # a width, read at run time
     x0_t = ws[0:1]  # x0 by chunk, samples last
     z1 = ws[1:9]
     x1 = ws[9:17]
@@ -143,7 +147,7 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
         for i in range(1):  # chunk of x0, transposed
             for b in range(nb):
                 x0_t[i, b] = x0[c0 + b, i]
-        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+        for i in range(n8_):  # z1 = b1 + K_1(W1, x0), (8)
             for b in range(nb):
                 kr0[b] = 0.0
             for k in range(1):
@@ -153,10 +157,10 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
             for b in range(nb):
                 z1[i, b] = kr0[b] + b1[i]
                 x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
-        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+        for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     kr0[b] += w * x1[k, b]
@@ -166,7 +170,7 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
         for i in range(1):  # z3 = b3 + K_3(W3, x2), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W3[i, k]
                 for b in range(nb):
                     kr0[b] += w * x2[k, b]
@@ -182,6 +186,8 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
 def _vjp(W1, b1, W2, b2, W3, x0, v):
     B = x0.shape[0]  # batch size
     ws = np.empty((63, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    n5_ = W2.shape[0]  # a width, read at run time
+    n8_ = W1.shape[0]  # a width, read at run time
     x0_t = ws[0:1]  # x0 by chunk, samples last
     v_t = ws[1:2]  # v by chunk, samples last
     z1 = ws[2:10]
@@ -206,7 +212,7 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
         for i in range(1):  # chunk of v, transposed
             for b in range(nb):
                 v_t[i, b] = v[c0 + b, i]
-        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+        for i in range(n8_):  # z1 = b1 + K_1(W1, x0), (8)
             for b in range(nb):
                 kr0[b] = 0.0
             for k in range(1):
@@ -217,17 +223,17 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
                 z1[i, b] = kr0[b] + b1[i]
                 x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
                 dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
-        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+        for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     kr0[b] += w * x1[k, b]
             for b in range(nb):
                 z2[i, b] = kr0[b] + b2[i]
                 dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g'_2 (9), SymPy
-        for i in range(5):  # xi2 = K^T_3(W3, zeta3), (16)
+        for i in range(n5_):  # xi2 = K^T_3(W3, zeta3), (16)
             for b in range(nb):
                 xi2[i, b] = 0.0
             for k in range(1):
@@ -236,10 +242,10 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
                     xi2[i, b] += w * v_t[k, b]
             for b in range(nb):
                 zeta2[i, b] = dg2[i, b]*xi2[i, b]  # zeta2 = dg2*xi2, (15)
-        for i in range(8):  # xi1 = K^T_2(W2, zeta2), (16)
+        for i in range(n8_):  # xi1 = K^T_2(W2, zeta2), (16)
             for b in range(nb):
                 xi1[i, b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W2[k, i]
                 for b in range(nb):
                     xi1[i, b] += w * zeta2[k, b]
@@ -248,7 +254,7 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
         for i in range(1):  # xi0 = K^T_1(W1, zeta1), (16)
             for b in range(nb):
                 xi0[i, b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W1[k, i]
                 for b in range(nb):
                     xi0[i, b] += w * zeta1[k, b]
@@ -262,6 +268,8 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
 def _jvp(W1, b1, W2, b2, W3, x0, u):
     B = x0.shape[0]  # batch size
     ws = np.empty((63, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    n5_ = W2.shape[0]  # a width, read at run time
+    n8_ = W1.shape[0]  # a width, read at run time
     x0_t = ws[0:1]  # x0 by chunk, samples last
     u_t = ws[1:2]  # u by chunk, samples last
     z1 = ws[2:10]
@@ -286,7 +294,7 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
         for i in range(1):  # chunk of u, transposed
             for b in range(nb):
                 u_t[i, b] = u[c0 + b, i]
-        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+        for i in range(n8_):  # z1 = b1 + K_1(W1, x0), (8)
             for b in range(nb):
                 kr0[b] = 0.0
             for k in range(1):
@@ -297,17 +305,17 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
                 z1[i, b] = kr0[b] + b1[i]
                 x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
                 dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
-        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+        for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     kr0[b] += w * x1[k, b]
             for b in range(nb):
                 z2[i, b] = kr0[b] + b2[i]
                 dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g'_2 (9), SymPy
-        for i in range(8):  # h1 = K_1(W1, q0), (20)
+        for i in range(n8_):  # h1 = K_1(W1, q0), (20)
             for b in range(nb):
                 h1[i, b] = 0.0
             for k in range(1):
@@ -316,10 +324,10 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
                     h1[i, b] += w * u_t[k, b]
             for b in range(nb):
                 q1[i, b] = dg1[i, b]*h1[i, b]  # q1 = dg1*h1, (21)
-        for i in range(5):  # h2 = K_2(W2, q1), (20)
+        for i in range(n5_):  # h2 = K_2(W2, q1), (20)
             for b in range(nb):
                 h2[i, b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     h2[i, b] += w * q1[k, b]
@@ -328,7 +336,7 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
         for i in range(1):  # h3 = K_3(W3, q2), (20)
             for b in range(nb):
                 h3[i, b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W3[i, k]
                 for b in range(nb):
                     h3[i, b] += w * q2[k, b]
@@ -342,6 +350,8 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
 def _penalty(W1, b1, W2, b2, W3, x0, v):
     B = x0.shape[0]  # batch size
     ws = np.empty((64, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    n5_ = W2.shape[0]  # a width, read at run time
+    n8_ = W1.shape[0]  # a width, read at run time
     x0_t = ws[0:1]  # x0 by chunk, samples last
     v_t = ws[1:2]  # v by chunk, samples last
     z1 = ws[2:10]
@@ -368,7 +378,7 @@ def _penalty(W1, b1, W2, b2, W3, x0, v):
         for i in range(1):  # chunk of v, transposed
             for b in range(nb):
                 v_t[i, b] = v[c0 + b, i]
-        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+        for i in range(n8_):  # z1 = b1 + K_1(W1, x0), (8)
             for b in range(nb):
                 kr0[b] = 0.0
             for k in range(1):
@@ -379,17 +389,17 @@ def _penalty(W1, b1, W2, b2, W3, x0, v):
                 z1[i, b] = kr0[b] + b1[i]
                 x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
                 dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
-        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+        for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     kr0[b] += w * x1[k, b]
             for b in range(nb):
                 z2[i, b] = kr0[b] + b2[i]
                 dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g'_2 (9), SymPy
-        for i in range(5):  # xi2 = K^T_3(W3, zeta3), (16)
+        for i in range(n5_):  # xi2 = K^T_3(W3, zeta3), (16)
             for b in range(nb):
                 xi2[i, b] = 0.0
             for k in range(1):
@@ -398,10 +408,10 @@ def _penalty(W1, b1, W2, b2, W3, x0, v):
                     xi2[i, b] += w * v_t[k, b]
             for b in range(nb):
                 zeta2[i, b] = dg2[i, b]*xi2[i, b]  # zeta2 = dg2*xi2, (15)
-        for i in range(8):  # xi1 = K^T_2(W2, zeta2), (16)
+        for i in range(n8_):  # xi1 = K^T_2(W2, zeta2), (16)
             for b in range(nb):
                 xi1[i, b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W2[k, i]
                 for b in range(nb):
                     xi1[i, b] += w * zeta2[k, b]
@@ -410,7 +420,7 @@ def _penalty(W1, b1, W2, b2, W3, x0, v):
         for i in range(1):  # xi0 = K^T_1(W1, zeta1), (16)
             for b in range(nb):
                 xi0[i, b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W1[k, i]
                 for b in range(nb):
                     xi0[i, b] += w * zeta1[k, b]
@@ -429,6 +439,8 @@ def _penalty(W1, b1, W2, b2, W3, x0, v):
 def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
     B = x0.shape[0]  # batch size
     ws = np.empty((105, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    n5_ = W2.shape[0]  # a width, read at run time
+    n8_ = W1.shape[0]  # a width, read at run time
     x0_t = ws[0:1]  # x0 by chunk, samples last
     v_t = ws[1:2]  # v by chunk, samples last
     z1 = ws[2:10]
@@ -466,7 +478,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
         for i in range(1):  # chunk of v, transposed
             for b in range(nb):
                 v_t[i, b] = v[c0 + b, i]
-        for i in range(8):  # z1 = b1 + K_1(W1, x0), (8)
+        for i in range(n8_):  # z1 = b1 + K_1(W1, x0), (8)
             for b in range(nb):
                 kr0[b] = 0.0
             for k in range(1):
@@ -477,17 +489,17 @@ def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
                 z1[i, b] = kr0[b] + b1[i]
                 x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
                 dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
-        for i in range(5):  # z2 = b2 + K_2(W2, x1), (8)
+        for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     kr0[b] += w * x1[k, b]
             for b in range(nb):
                 z2[i, b] = kr0[b] + b2[i]
                 dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g'_2 (9), SymPy
-        for i in range(5):  # xi2 = K^T_3(W3, zeta3), (16)
+        for i in range(n5_):  # xi2 = K^T_3(W3, zeta3), (16)
             for b in range(nb):
                 xi2[i, b] = 0.0
             for k in range(1):
@@ -496,10 +508,10 @@ def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
                     xi2[i, b] += w * v_t[k, b]
             for b in range(nb):
                 zeta2[i, b] = dg2[i, b]*xi2[i, b]  # zeta2 = dg2*xi2, (15)
-        for i in range(8):  # xi1 = K^T_2(W2, zeta2), (16)
+        for i in range(n8_):  # xi1 = K^T_2(W2, zeta2), (16)
             for b in range(nb):
                 xi1[i, b] = 0.0
-            for k in range(5):
+            for k in range(n5_):
                 w = W2[k, i]
                 for b in range(nb):
                     xi1[i, b] += w * zeta2[k, b]
@@ -508,7 +520,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
         for i in range(1):  # xi0 = K^T_1(W1, zeta1), (16)
             for b in range(nb):
                 xi0[i, b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W1[k, i]
                 for b in range(nb):
                     xi0[i, b] += w * zeta1[k, b]
@@ -520,7 +532,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
         for i in range(1):  # q0 = 2*xi0, q_0 = grad p(xi_0) = 2 p'(s) xi_0
             for b in range(nb):
                 q0[i, b] = 2*xi0[0, b]
-        for i in range(8):  # h1 = K_1(W1, q0), (20)
+        for i in range(n8_):  # h1 = K_1(W1, q0), (20)
             for b in range(nb):
                 h1[i, b] = 0.0
             for k in range(1):
@@ -529,10 +541,10 @@ def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
                     h1[i, b] += w * q0[k, b]
             for b in range(nb):
                 q1[i, b] = dg1[i, b]*h1[i, b]  # q1 = dg1*h1, (21)
-        for i in range(5):  # h2 = K_2(W2, q1), (20)
+        for i in range(n5_):  # h2 = K_2(W2, q1), (20)
             for b in range(nb):
                 h2[i, b] = 0.0
-            for k in range(8):
+            for k in range(n8_):
                 w = W2[i, k]
                 for b in range(nb):
                     h2[i, b] += w * q1[k, b]
@@ -543,20 +555,20 @@ def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
             for b in range(nb):
                 acc += (1.0 / B) * (s[0, b]*lam)
             J[i] += acc
-        for i in range(8):  # t0_ = lam*zeta1/B, operand, computed once
+        for i in range(n8_):  # t0_ = lam*zeta1/B, operand, computed once
             for b in range(nb):
                 t0_[i, b] = lam*zeta1[i, b]/B
-        for i in range(8):  # dW1 += K^□_1(q0, lam*zeta1/B), (31), (32)
+        for i in range(n8_):  # dW1 += K^□_1(q0, lam*zeta1/B), (31), (32)
             for k in range(1):
                 acc = 0.0
                 for b in range(nb):
                     acc += t0_[i, b] * q0[k, b]
                 dW1[i, k] += acc
-        for i in range(5):  # t1_ = lam*zeta2/B, operand, computed once
+        for i in range(n5_):  # t1_ = lam*zeta2/B, operand, computed once
             for b in range(nb):
                 t1_[i, b] = lam*zeta2[i, b]/B
-        for i in range(5):  # dW2 += K^□_2(q1, lam*zeta2/B), (31), (32)
-            for k in range(8):
+        for i in range(n5_):  # dW2 += K^□_2(q1, lam*zeta2/B), (31), (32)
+            for k in range(n8_):
                 acc = 0.0
                 for b in range(nb):
                     acc += t1_[i, b] * q1[k, b]
@@ -565,7 +577,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
             for b in range(nb):
                 t2_[i, b] = lam*v_t[0, b]/B
         for i in range(1):  # dW3 += K^□_3(q2, lam*zeta3/B), (31), (32)
-            for k in range(5):
+            for k in range(n5_):
                 acc = 0.0
                 for b in range(nb):
                     acc += t2_[i, b] * q2[k, b]

@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_tanh_node_02067af231262535"
+__name__ = "_dbpgen_tanh_node_8a0033c563eec0aa"
 
 
 class _CachedGlobals:
@@ -114,27 +114,26 @@ OPS = {'emitted': {'K': 5, 'KT': 5, 'Kbox': 6, 'flops': 288768},
 PEAK_BYTES = {'batch': 128, 'emitted': 2048008, 'naive': 2196480}
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
+# (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
 
 
-@numba.njit(cache=True)
 def _dense_K(W, x):
     return x @ W.T
 
 
-@numba.njit(cache=True)
 def _dense_KT(W, y):
     return y @ W
 
 
-@numba.njit(cache=True)
 def _dense_Kbox(x, y):
     # summed over the batch: sum_b y_b x_b^T, one GEMM
     return y.T @ x
 
 # -- per-sample reductions and numerically careful coordinate-wise kernels --
+# (scalar loops: Numba compiles them in a fraction of the time array expressions take)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath={"reassoc"})
 def _rowdot(a, b):
     # per-sample inner product over all non-batch axes: shape (B,)
     a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
@@ -148,7 +147,6 @@ def _rowdot(a, b):
     return out
 
 
-@numba.njit(cache=True)
 def _dense_Kbox2(x1, y1, x2, y2):
     # K^box(x1, y1) + K^box(x2, y2), the second added in place: no temporary the size of W
     out = _dense_Kbox(x1, y1)
@@ -156,20 +154,26 @@ def _dense_Kbox2(x1, y1, x2, y2):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath={"reassoc"})
 def _rowsum(a):
+    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
     out = np.empty((a.shape[0], 1), dtype=a.dtype)
-    for i in range(a.shape[0]):
-        out[i, 0] = np.sum(a[i])
+    for i in range(a2.shape[0]):
+        acc = 0.0
+        for k in range(a2.shape[1]):
+            acc += a2[i, k]
+        out[i, 0] = acc
     return out
 
 
 @numba.njit(cache=True)
 def _bsum(a):
-    out = np.zeros(a.shape[1:], dtype=a.dtype)
-    for i in range(a.shape[0]):
-        out += a[i]
-    return out
+    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
+    out = np.zeros(a2.shape[1], dtype=a.dtype)
+    for i in range(a2.shape[0]):
+        for k in range(a2.shape[1]):
+            out[k] += a2[i, k]
+    return out.reshape(a.shape[1:])
 
 
 

@@ -42,7 +42,30 @@ JITTED = [
     mlp("jit_softmax_nll_cdb", ["relu", "tanh"], "softmax", "nll", CDB),
     mlp("jit_tanh_node", ["tanh", "silu"], None, "mse", NODE),
     mlp("jit_sigmoid_given", [{"leaky_relu": 0.1}, "z*tanh(log(1 + exp(z)))"], "sigmoid", "mse", GIVEN),
+    # wider than the fused kernels take, below the GEMM bound: one jitted whole-batch function
+    mlp("jit_wide_relu_cdb", ["relu", "relu"], None, "mse", CDB, widths=(40, 33)),
 ]
+
+
+def _decorated(text: str, function: str) -> bool:
+    return f"@numba.njit(cache=True)\ndef {function}(" in text
+
+
+def test_schedules_follow_the_shapes(tmp_path):
+    """codegen.jit_program: fused kernels (narrow), one jitted function (small), Python over
+    BLAS (GEMM-bound); helpers that are one BLAS call are jitted only for jitted callers."""
+    wide = compile_spec(mlp("wide", ["relu", "relu"], None, "mse", CDB, widths=(256, 128)), tmp_path, jit=True)
+    text = Path(wide.__file__).read_text()
+    assert "def _value_and_grad(" in text and not _decorated(text, "_value_and_grad")
+    assert "def _dense_K(W, x):" in text and not _decorated(text, "_dense_K")
+    assert _decorated(text, "_bsum")  # loops stay jitted
+    small = compile_spec(mlp("small", ["relu", "relu"], None, "mse", CDB, widths=(40, 33)), tmp_path, jit=True)
+    text = Path(small.__file__).read_text()
+    assert _decorated(text, "_value_and_grad") and _decorated(text, "_dense_K")
+    narrow = (ROOT / "generated" / "sine_cdb.py").read_text()
+    assert "fastmath" in narrow.split("def _value_and_grad(")[0].rsplit("\n", 2)[-2]
+    # widths read at run time, so that LLVM does not unroll every loop over units
+    assert "n8_ = W1.shape[0]" in narrow and "for i in range(n8_):" in narrow
 
 
 @pytest.mark.parametrize("spec", JITTED, ids=[s["name"] for s in JITTED])

@@ -41,7 +41,7 @@ def render_ops(jit: str, count_ops: bool = False) -> dict:
         lstrip_blocks=True,
     )
     source = "\n\n".join(
-        env.get_template(f"ops/{op}.py.j2").render(jit=jit, count_ops=count_ops) for op in OPS
+        env.get_template(f"ops/{op}.py.j2").render(jit=jit, array_jit=jit, count_ops=count_ops) for op in OPS
     )
     namespace = {"np": np, "numba": numba}
     if count_ops:
@@ -353,7 +353,10 @@ def test_float32_close_to_float64():
 # the batch-parallel kernels: the same jit variable with parallel=True added (empty when
 # jit is empty, so the plain-Python rendering is unchanged)
 PARALLEL_JIT = '{{ jit | replace(")", ", parallel=True)") }}'
-ALLOWED_JINJA = {"{{ jit }}", PARALLEL_JIT, "{% if count_ops %}", "{% endif %}"}
+# one-BLAS-call kernels are jitted only when a jitted program calls them (dbpgen/codegen.py)
+ARRAY_JIT = "{% if array_jit %}\n{{ array_jit }}\n{% endif %}"
+ALLOWED_JINJA = {"{{ jit }}", PARALLEL_JIT, "{% if count_ops %}", "{% endif %}", "{% if array_jit %}",
+                 "{{ array_jit }}"}
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -363,9 +366,9 @@ def test_template_uses_only_the_jit_and_count_ops_blocks(op):
         if re.search(r"\{[{%#]|[}%#]\}", line):
             assert line.strip() in ALLOWED_JINJA, line
     functions = re.findall(r"^def (\w+)\(", text, flags=re.M)
-    jit_lines = "|".join(re.escape(j) for j in ("{{ jit }}", PARALLEL_JIT))
+    jit_lines = "|".join(re.escape(j) for j in ("{{ jit }}", PARALLEL_JIT, ARRAY_JIT))
     decorated = re.findall(rf"^(?:{jit_lines})\ndef (\w+)\(", text, flags=re.M)
-    assert functions and functions == decorated  # every function is preceded by {{ jit }}
+    assert functions and functions == decorated  # every function is preceded by a jit line
     for kind in ("K", "KT", "Kbox"):
         if f"def _{op}_{kind}(" in text:
             body = text.split(f"def _{op}_{kind}(", 1)[1].split("\n", 1)[1]

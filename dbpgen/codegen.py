@@ -14,7 +14,7 @@ from pathlib import Path
 import jinja2
 import sympy as sp
 
-from . import __version__, lanes
+from . import __version__, fuse, lanes
 from .derive import n_vectors, params as param_symbols
 from .equations import equations_text
 from .functions import Sigmoid, Softplus
@@ -60,7 +60,9 @@ def param_specs(model: Model) -> list[dict]:
 def _lines(nodes, printer: NumbaPrinter, shapes: dict, indent: str = ""):
     """(code, comment) pairs; loops open an indented block after their accumulators."""
     for node in nodes:
-        if isinstance(node, Loop):
+        if isinstance(node, fuse.Call):
+            yield f"{indent}{node.code()}", node.comment
+        elif isinstance(node, Loop):
             for acc in node.accums:
                 yield f"{indent}{acc.target.name} = {zeros_code(shapes[acc.target.name])}", f"sum over {node.index}"
             yield f"{indent}for {node.index} in range({node.count}):", node.eq
@@ -75,10 +77,11 @@ def _lines(nodes, printer: NumbaPrinter, shapes: dict, indent: str = ""):
             yield f"{indent}{node.target.name} = {printer.doprint(node.expr)}", node.eq
 
 
-def kernel(program: Program, printer: NumbaPrinter, shapes: dict) -> dict:
-    """One @njit function: arguments, commented statements, returned values."""
+def kernel(program: Program, printer: NumbaPrinter, shapes: dict, nodes=None) -> dict:
+    """One function: arguments, commented statements, returned values (nodes: the
+    program's statements as scheduled, default program.stmts)."""
     args = program.call_args()
-    lines = list(_lines(program.stmts, printer, shapes))
+    lines = list(_lines(program.stmts if nodes is None else nodes, printer, shapes))
     exprs = [item.expr for item in walk(program.stmts)] + [e for _, e in program.outputs]
     if any(BATCH in sp.sympify(e).free_symbols for e in exprs):
         lines.insert(0, ("B = x0.shape[0]", "batch size"))
@@ -130,6 +133,7 @@ def _unpack_line(names: list[str]) -> str:
 def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: dict,
            count_ops: bool = False) -> str:
     kernels = {}
+    fused_loops: dict = {}  # one kernel per distinct fused loop of the module
     for name, program in programs.items():
         shapes = program_shapes(model, program, n_vectors(model))
         program_jit = "" if count_ops or not jit_program(model, program) else "@numba.njit(cache=True)"
@@ -139,12 +143,19 @@ def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: di
                 continue
             except lanes.Unsupported:
                 pass  # printed with whole-batch arrays below
+        nodes = None
+        if not count_ops and not program_jit and all(l.op.small_kernels for l in model.layers):
+            # Python over whole-batch arrays: runs of coordinate-wise statements in jitted loops
+            nodes, fused, shapes = fuse.schedule(model, program, shapes, TRANSCENDENTAL, fused_loops)
+            kernels.update((k["name"], k) for k in fused)
         printer = NumbaPrinter(model, lambda e, shapes=shapes: shape_of(e, shapes, model))
-        kernels[name] = dict(kernel(program, printer, shapes), jit=program_jit)
+        kernels[name] = dict(kernel(program, printer, shapes, nodes), jit=program_jit)
     pen = model.penalty
     # only the helper kernels some program calls are printed (no dead code in the module)
-    called = {name for k in kernels.values() for line in [l for l, _ in k["lines"]] + k["returns"]
-              for name in re.findall(r"\b(_[A-Za-z0-9_]+)\(", line)}
+    calls = {name: {c for line in [l for l, _ in k["lines"]] + k["returns"]
+                    for c in re.findall(r"\b(_[A-Za-z0-9_]+)\(", line)} for name, k in kernels.items()}
+    called = set().union(*calls.values())
+    jitted_calls = set().union(*(calls[name] for name, k in kernels.items() if k["jit"]))
     context = {
         "version": __version__,
         "model": model,
@@ -163,7 +174,7 @@ def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: di
         "jit": "" if count_ops else "@numba.njit(cache=True)",
         # a helper that is one array expression (a BLAS call, a ufunc) gains nothing from
         # @njit when only Python calls it, and would cost seconds of LLVM on the first call
-        "array_jit": "@numba.njit(cache=True)" if any(k["jit"] for k in kernels.values()) else "",
+        "array_jit": "@numba.njit(cache=True)" if jitted_calls else "",
         "weight": repr(float(pen.weight)) if pen else "0.0",
         "v_kind": pen.v if pen else None,
         "v_index": pen.index if pen else None,

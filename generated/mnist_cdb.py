@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_cdb_22823546705a9df2"
+__name__ = "_dbpgen_mnist_cdb_7de8aa735b744aef"
 
 
 class _CachedGlobals:
@@ -209,27 +209,88 @@ def _logsumexp(z):
 # -- derived programs -----------------------------------------------------------------
 
 
+@numba.njit(cache=True)
+def _fused0(b1, t0_):
+    x1_out = np.empty_like(t0_)
+    for i in range(t0_.shape[0]):  # samples
+        for k in range(t0_.shape[1]):  # units
+            z1 = t0_[i, k] + b1[k]  # (8)
+            x1 = max(0, z1)  # (8)
+            x1_out[i, k] = x1
+    return (x1_out,)
+
+
+@numba.njit(cache=True)
+def _fused1(b2, t1_):
+    x2_out = np.empty_like(t1_)
+    for i in range(t1_.shape[0]):  # samples
+        for k in range(t1_.shape[1]):  # units
+            z2 = t1_[i, k] + b2[k]  # (8)
+            x2 = max(0, z2)  # (8)
+            x2_out[i, k] = x2
+    return (x2_out,)
+
+
 def _forward(W1, b1, W2, b2, W3, b3, x0):
-    z1 = b1 + _dense_K(W1, x0)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    z2 = b2 + _dense_K(W2, x1)  # (8)
-    x2 = np.maximum(0, z2)  # (8)
-    z3 = b3 + _dense_K(W3, x2)  # (8)
+    t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
+    x1 = _fused0(b1, t0_)[0]  # fused loop: z1, x1; (8)
+    t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
+    x2 = _fused1(b2, t1_)[0]  # fused loop: z2, x2; (8)
+    t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
+    z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
     return (x3,)
 
 
+@numba.njit(cache=True)
+def _fused2(b1, t0_):
+    x1_out = np.empty_like(t0_)
+    dg1_out = np.empty_like(t0_)
+    for i in range(t0_.shape[0]):  # samples
+        for k in range(t0_.shape[1]):  # units
+            z1 = t0_[i, k] + b1[k]  # (8)
+            x1 = max(0, z1)  # (8)
+            x1_out[i, k] = x1
+            dg1 = (1.0 if z1 > 0 else 0.0)  # g'_1 (9), SymPy
+            dg1_out[i, k] = dg1
+    return (x1_out, dg1_out,)
+
+
+@numba.njit(cache=True)
+def _fused3(b2, t1_):
+    x2_out = np.empty_like(t1_)
+    dg2_out = np.empty_like(t1_)
+    for i in range(t1_.shape[0]):  # samples
+        for k in range(t1_.shape[1]):  # units
+            z2 = t1_[i, k] + b2[k]  # (8)
+            x2 = max(0, z2)  # (8)
+            x2_out[i, k] = x2
+            dg2 = (1.0 if z2 > 0 else 0.0)  # g'_2 (9), SymPy
+            dg2_out[i, k] = dg2
+    return (x2_out, dg2_out,)
+
+
+@numba.njit(cache=True)
+def _fused4(t3_, x3, xi3):
+    zeta3_out = np.empty_like(x3)
+    for i in range(x3.shape[0]):  # samples
+        for k in range(x3.shape[1]):  # units
+            zeta3 = -t3_[i, 0]*x3[i, k] + x3[i, k]*xi3[i, k]  # (15)
+            zeta3_out[i, k] = zeta3
+    return (zeta3_out,)
+
+
 def _vjp(W1, b1, W2, b2, W3, b3, x0, v):
-    z1 = b1 + _dense_K(W1, x0)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
-    z2 = b2 + _dense_K(W2, x1)  # (8)
-    x2 = np.maximum(0, z2)  # (8)
-    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
-    z3 = b3 + _dense_K(W3, x2)  # (8)
+    t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
+    t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
+    x2, dg2 = _fused3(b2, t1_)  # fused loop: z2, x2, dg2; (8); g'_2 (9), SymPy
+    t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
+    z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
     xi3 = v  # Alg. 1: xi_L = v
-    zeta3 = x3*xi3 - x3*_rowdot(x3, xi3).reshape((-1, 1))  # (15)
+    t3_ = _rowdot(x3, xi3).reshape((-1, 1))  # zeta3 = x3*xi3 - x3*<x3, xi3>
+    zeta3 = _fused4(t3_, x3, xi3)[0]  # fused loop: zeta3; (15)
     xi2 = _dense_KT(W3, zeta3)  # (16)
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -238,14 +299,23 @@ def _vjp(W1, b1, W2, b2, W3, b3, x0, v):
     return (xi0,)
 
 
+@numba.njit(cache=True)
+def _fused5(h3, t3_, x3):
+    q3_out = np.empty_like(h3)
+    for i in range(h3.shape[0]):  # samples
+        for k in range(h3.shape[1]):  # units
+            q3 = h3[i, k]*x3[i, k] - t3_[i, 0]*x3[i, k]  # (21)
+            q3_out[i, k] = q3
+    return (q3_out,)
+
+
 def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
-    z1 = b1 + _dense_K(W1, x0)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
-    z2 = b2 + _dense_K(W2, x1)  # (8)
-    x2 = np.maximum(0, z2)  # (8)
-    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
-    z3 = b3 + _dense_K(W3, x2)  # (8)
+    t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
+    t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
+    x2, dg2 = _fused3(b2, t1_)  # fused loop: z2, x2, dg2; (8); g'_2 (9), SymPy
+    t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
+    z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
     q0 = u  # q_0 = u
     h1 = _dense_K(W1, q0)  # (20)
@@ -253,20 +323,31 @@ def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
     h2 = _dense_K(W2, q1)  # (20)
     q2 = dg2*h2  # (21)
     h3 = _dense_K(W3, q2)  # (20)
-    q3 = h3*x3 - x3*_rowdot(h3, x3).reshape((-1, 1))  # (21)
+    t3_ = _rowdot(h3, x3).reshape((-1, 1))  # q3 = h3*x3 - x3*<h3, x3>
+    q3 = _fused5(h3, t3_, x3)[0]  # fused loop: q3; (21)
     return (q3,)
 
 
+@numba.njit(cache=True)
+def _fused6(t3_, x3, y):
+    zeta3_out = np.empty_like(x3)
+    for i in range(x3.shape[0]):  # samples
+        for k in range(x3.shape[1]):  # units
+            zeta3 = t3_[i, 0]*x3[i, k] - y[i, k]  # (43)
+            zeta3_out[i, k] = zeta3
+    return (zeta3_out,)
+
+
 def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
-    z1 = b1 + _dense_K(W1, x0)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
-    z2 = b2 + _dense_K(W2, x1)  # (8)
-    x2 = np.maximum(0, z2)  # (8)
-    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
-    z3 = b3 + _dense_K(W3, x2)  # (8)
+    t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
+    t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
+    x2, dg2 = _fused3(b2, t1_)  # fused loop: z2, x2, dg2; (8); g'_2 (9), SymPy
+    t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
+    z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
-    zeta3 = x3*_rowsum(y) - y  # (43)
+    t3_ = _rowsum(y)  # zeta3 = x3*RowSum(y) - y
+    zeta3 = _fused6(t3_, x3, y)[0]  # fused loop: zeta3; (43)
     xi2 = _dense_KT(W3, zeta3)  # (16)
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -277,17 +358,68 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
     return (R,)
 
 
+@numba.njit(cache=True)
+def _fused7(h3, t3_, t4_, x3):
+    eta3_out = np.empty_like(h3)
+    for i in range(h3.shape[0]):  # samples
+        for k in range(h3.shape[1]):  # units
+            eta3 = t3_[i, 0]*(h3[i, k]*x3[i, k] - t4_[i, 0]*x3[i, k])  # (44)
+            eta3_out[i, k] = eta3
+    return (eta3_out,)
+
+
+@numba.njit(cache=True)
+def _fused8(B, lam, zeta1, eta1, zeta2, eta2):
+    t5__out = np.empty_like(zeta1)
+    t6__out = np.empty_like(zeta1)
+    t7__out = np.empty_like(zeta1)
+    t8__out = np.empty_like(zeta1)
+    t9__out = np.empty_like(zeta1)
+    t10__out = np.empty_like(zeta1)
+    for i in range(zeta1.shape[0]):  # samples
+        for k in range(zeta1.shape[1]):  # units
+            t5_ = lam*zeta1[i, k]/B  # (31), (32)
+            t5__out[i, k] = t5_
+            t6_ = (eta1[i, k]*lam + zeta1[i, k])/B  # (31), (32)
+            t6__out[i, k] = t6_
+            t7_ = eta1[i, k]*lam + zeta1[i, k]  # (31), (33)
+            t7__out[i, k] = t7_
+            t8_ = lam*zeta2[i, k]/B  # (31), (32)
+            t8__out[i, k] = t8_
+            t9_ = (eta2[i, k]*lam + zeta2[i, k])/B  # (31), (32)
+            t9__out[i, k] = t9_
+            t10_ = eta2[i, k]*lam + zeta2[i, k]  # (31), (33)
+            t10__out[i, k] = t10_
+    return (t5__out, t6__out, t7__out, t8__out, t9__out, t10__out,)
+
+
+@numba.njit(cache=True)
+def _fused9(B, lam, zeta3, eta3):
+    t11__out = np.empty_like(zeta3)
+    t12__out = np.empty_like(zeta3)
+    t13__out = np.empty_like(zeta3)
+    for i in range(zeta3.shape[0]):  # samples
+        for k in range(zeta3.shape[1]):  # units
+            t11_ = lam*zeta3[i, k]/B  # (31), (32)
+            t11__out[i, k] = t11_
+            t12_ = (eta3[i, k]*lam + zeta3[i, k])/B  # (31), (32)
+            t12__out[i, k] = t12_
+            t13_ = eta3[i, k]*lam + zeta3[i, k]  # (31), (33)
+            t13__out[i, k] = t13_
+    return (t11__out, t12__out, t13__out,)
+
+
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     B = x0.shape[0]  # batch size
-    z1 = b1 + _dense_K(W1, x0)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
-    z2 = b2 + _dense_K(W2, x1)  # (8)
-    x2 = np.maximum(0, z2)  # (8)
-    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
-    z3 = b3 + _dense_K(W3, x2)  # (8)
+    t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
+    t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
+    x2, dg2 = _fused3(b2, t1_)  # fused loop: z2, x2, dg2; (8); g'_2 (9), SymPy
+    t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
+    z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
-    zeta3 = x3*_rowsum(y) - y  # (43)
+    t3_ = _rowsum(y)  # zeta3 = x3*RowSum(y) - y
+    zeta3 = _fused6(t3_, x3, y)[0]  # fused loop: zeta3; (43)
     xi2 = _dense_KT(W3, zeta3)  # (16)
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -301,18 +433,21 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     h2 = _dense_K(W2, q1)  # (20)
     q2 = dg2*h2  # (21)
     h3 = _dense_K(W3, q2)  # (20)
-    eta3 = (h3*x3 - x3*_rowdot(h3, x3).reshape((-1, 1)))*_rowsum(y)  # (44)
+    t4_ = _rowdot(h3, x3).reshape((-1, 1))  # eta3 = (h3*x3 - x3*<h3, x3>)*RowSum(y)
+    eta3 = _fused7(h3, t3_, t4_, x3)[0]  # fused loop: eta3; (44)
     gamma2 = _dense_KT(W3, eta3)  # (30)
     eta2 = dg2*gamma2  # (28)
     gamma1 = _dense_KT(W2, eta2)  # (30)
     eta1 = dg1*gamma1  # (28)
     J = _bsum(R*lam + _logsumexp(z3)*_rowsum(y) - _rowsum(y*z3))/B  # J = (1/B) sum_b [l + lam R]
-    dW1 = _dense_Kbox2(q0, lam*zeta1/B, x0, (eta1*lam + zeta1)/B)  # (31), (32)
-    db1 = _bsum(eta1*lam + zeta1)/B  # (31), (33)
-    dW2 = _dense_Kbox2(q1, lam*zeta2/B, x1, (eta2*lam + zeta2)/B)  # (31), (32)
-    db2 = _bsum(eta2*lam + zeta2)/B  # (31), (33)
-    dW3 = _dense_Kbox2(q2, lam*zeta3/B, x2, (eta3*lam + zeta3)/B)  # (31), (32)
-    db3 = _bsum(eta3*lam + zeta3)/B  # (31), (33)
+    t5_, t6_, t7_, t8_, t9_, t10_ = _fused8(B, lam, zeta1, eta1, zeta2, eta2)  # fused loop: t5_, t6_, t7_, t8_, t9_, t10_; (31), (32); (31), (33)
+    t11_, t12_, t13_ = _fused9(B, lam, zeta3, eta3)  # fused loop: t11_, t12_, t13_; (31), (32); (31), (33)
+    dW1 = _dense_Kbox2(q0, t5_, x0, t6_)  # (31), (32)
+    db1 = _bsum(t7_)/B  # (31), (33)
+    dW2 = _dense_Kbox2(q1, t8_, x1, t9_)  # (31), (32)
+    db2 = _bsum(t10_)/B  # (31), (33)
+    dW3 = _dense_Kbox2(q2, t11_, x2, t12_)  # (31), (32)
+    db3 = _bsum(t13_)/B  # (31), (33)
     return (J, dW1, db1, dW2, db2, dW3, db3,)
 
 

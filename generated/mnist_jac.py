@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_jac_780adeb666e4ad4f"
+__name__ = "_dbpgen_mnist_jac_f76f1448385b36ff"
 
 
 class _CachedGlobals:
@@ -220,27 +220,88 @@ def _gram_out(M, W):
 # -- derived programs -----------------------------------------------------------------
 
 
+@numba.njit(cache=True)
+def _fused0(b1, t0_):
+    x1_out = np.empty_like(t0_)
+    for i in range(t0_.shape[0]):  # samples
+        for k in range(t0_.shape[1]):  # units
+            z1 = t0_[i, k] + b1[k]  # (8)
+            x1 = max(0, z1)  # (8)
+            x1_out[i, k] = x1
+    return (x1_out,)
+
+
+@numba.njit(cache=True)
+def _fused1(b2, t1_):
+    x2_out = np.empty_like(t1_)
+    for i in range(t1_.shape[0]):  # samples
+        for k in range(t1_.shape[1]):  # units
+            z2 = t1_[i, k] + b2[k]  # (8)
+            x2 = max(0, z2)  # (8)
+            x2_out[i, k] = x2
+    return (x2_out,)
+
+
 def _forward(W1, b1, W2, b2, W3, b3, x0):
-    z1 = b1 + _dense_K(W1, x0)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    z2 = b2 + _dense_K(W2, x1)  # (8)
-    x2 = np.maximum(0, z2)  # (8)
-    z3 = b3 + _dense_K(W3, x2)  # (8)
+    t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
+    x1 = _fused0(b1, t0_)[0]  # fused loop: z1, x1; (8)
+    t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
+    x2 = _fused1(b2, t1_)[0]  # fused loop: z2, x2; (8)
+    t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
+    z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
     return (x3,)
 
 
+@numba.njit(cache=True)
+def _fused2(b1, t0_):
+    x1_out = np.empty_like(t0_)
+    dg1_out = np.empty_like(t0_)
+    for i in range(t0_.shape[0]):  # samples
+        for k in range(t0_.shape[1]):  # units
+            z1 = t0_[i, k] + b1[k]  # (8)
+            x1 = max(0, z1)  # (8)
+            x1_out[i, k] = x1
+            dg1 = (1.0 if z1 > 0 else 0.0)  # g'_1 (9), SymPy
+            dg1_out[i, k] = dg1
+    return (x1_out, dg1_out,)
+
+
+@numba.njit(cache=True)
+def _fused3(b2, t1_):
+    x2_out = np.empty_like(t1_)
+    dg2_out = np.empty_like(t1_)
+    for i in range(t1_.shape[0]):  # samples
+        for k in range(t1_.shape[1]):  # units
+            z2 = t1_[i, k] + b2[k]  # (8)
+            x2 = max(0, z2)  # (8)
+            x2_out[i, k] = x2
+            dg2 = (1.0 if z2 > 0 else 0.0)  # g'_2 (9), SymPy
+            dg2_out[i, k] = dg2
+    return (x2_out, dg2_out,)
+
+
+@numba.njit(cache=True)
+def _fused4(t3_, x3, xi3):
+    zeta3_out = np.empty_like(x3)
+    for i in range(x3.shape[0]):  # samples
+        for k in range(x3.shape[1]):  # units
+            zeta3 = -t3_[i, 0]*x3[i, k] + x3[i, k]*xi3[i, k]  # (15)
+            zeta3_out[i, k] = zeta3
+    return (zeta3_out,)
+
+
 def _vjp(W1, b1, W2, b2, W3, b3, x0, v):
-    z1 = b1 + _dense_K(W1, x0)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
-    z2 = b2 + _dense_K(W2, x1)  # (8)
-    x2 = np.maximum(0, z2)  # (8)
-    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
-    z3 = b3 + _dense_K(W3, x2)  # (8)
+    t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
+    t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
+    x2, dg2 = _fused3(b2, t1_)  # fused loop: z2, x2, dg2; (8); g'_2 (9), SymPy
+    t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
+    z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
     xi3 = v  # Alg. 1: xi_L = v
-    zeta3 = x3*xi3 - x3*_rowdot(x3, xi3).reshape((-1, 1))  # (15)
+    t3_ = _rowdot(x3, xi3).reshape((-1, 1))  # zeta3 = x3*xi3 - x3*<x3, xi3>
+    zeta3 = _fused4(t3_, x3, xi3)[0]  # fused loop: zeta3; (15)
     xi2 = _dense_KT(W3, zeta3)  # (16)
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -249,14 +310,23 @@ def _vjp(W1, b1, W2, b2, W3, b3, x0, v):
     return (xi0,)
 
 
+@numba.njit(cache=True)
+def _fused5(h3, t3_, x3):
+    q3_out = np.empty_like(h3)
+    for i in range(h3.shape[0]):  # samples
+        for k in range(h3.shape[1]):  # units
+            q3 = h3[i, k]*x3[i, k] - t3_[i, 0]*x3[i, k]  # (21)
+            q3_out[i, k] = q3
+    return (q3_out,)
+
+
 def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
-    z1 = b1 + _dense_K(W1, x0)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
-    z2 = b2 + _dense_K(W2, x1)  # (8)
-    x2 = np.maximum(0, z2)  # (8)
-    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
-    z3 = b3 + _dense_K(W3, x2)  # (8)
+    t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
+    t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
+    x2, dg2 = _fused3(b2, t1_)  # fused loop: z2, x2, dg2; (8); g'_2 (9), SymPy
+    t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
+    z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
     q0 = u  # q_0 = u
     h1 = _dense_K(W1, q0)  # (20)
@@ -264,23 +334,24 @@ def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
     h2 = _dense_K(W2, q1)  # (20)
     q2 = dg2*h2  # (21)
     h3 = _dense_K(W3, q2)  # (20)
-    q3 = h3*x3 - x3*_rowdot(h3, x3).reshape((-1, 1))  # (21)
+    t3_ = _rowdot(h3, x3).reshape((-1, 1))  # q3 = h3*x3 - x3*<h3, x3>
+    q3 = _fused5(h3, t3_, x3)[0]  # fused loop: q3; (21)
     return (q3,)
 
 
 def _penalty(W1, b1, W2, b2, W3, b3, x0):
-    z1 = b1 + _dense_K(W1, x0)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
-    z2 = b2 + _dense_K(W2, x1)  # (8)
-    x2 = np.maximum(0, z2)  # (8)
-    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
-    z3 = b3 + _dense_K(W3, x2)  # (8)
+    t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
+    t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
+    x2, dg2 = _fused3(b2, t1_)  # fused loop: z2, x2, dg2; (8); g'_2 (9), SymPy
+    t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
+    z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
     R = np.zeros((x0.shape[0], 1), dtype=DTYPE)  # sum over i
     for i in range(10):  # R = scale * sum_i p(J^T v_i)
         xi3 = _onehot(x0, 10, i)  # Alg. 1: xi_L = v
-        zeta3 = x3*xi3 - x3*_rowdot(x3, xi3).reshape((-1, 1))  # (15)
+        t3_ = _rowdot(x3, xi3).reshape((-1, 1))  # zeta3 = x3*xi3 - x3*<x3, xi3>
+        zeta3 = _fused4(t3_, x3, xi3)[0]  # fused loop: zeta3; (15)
         xi2 = _dense_KT(W3, zeta3)  # (16)
         zeta2 = dg2*xi2  # (15)
         xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -292,15 +363,77 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0):
     return (R,)
 
 
+@numba.njit(cache=True)
+def _fused6(t9_, x3, xi3):
+    zeta3_out = np.empty_like(x3)
+    for i in range(x3.shape[0]):  # samples
+        for k in range(x3.shape[1]):  # units
+            zeta3 = -t9_[i, 0]*x3[i, k] + x3[i, k]*xi3[i, k]  # (15)
+            zeta3_out[i, k] = zeta3
+    return (zeta3_out,)
+
+
+@numba.njit(cache=True)
+def _fused7(u1, dg1):
+    q1_out = np.empty_like(u1)
+    for i in range(u1.shape[0]):  # samples
+        for k in range(u1.shape[1]):  # units
+            h1 = 2*u1[i, k]  # (20): h_1 = c(s) G zeta_1
+            q1 = dg1[i, k]*h1  # (21)
+            q1_out[i, k] = q1
+    return (q1_out,)
+
+
+@numba.njit(cache=True)
+def _fused8(h3, t10_, t11_, t9_, x3, xi3):
+    eta3_out = np.empty_like(h3)
+    for i in range(h3.shape[0]):  # samples
+        for k in range(h3.shape[1]):  # units
+            eta3 = -t11_[i, 0]*x3[i, k] + x3[i, k]*(-h3[i, k]*t9_[i, 0] + h3[i, k]*xi3[i, k] - t10_[i, 0]*xi3[i, k])  # App. B.1, corrected
+            eta3_out[i, k] = eta3
+    return (eta3_out,)
+
+
+@numba.njit(cache=True)
+def _fused9(B, etahat1, lam, etahat2):
+    t3__out = np.empty_like(etahat1)
+    t4__out = np.empty_like(etahat1)
+    t5__out = np.empty_like(etahat1)
+    t6__out = np.empty_like(etahat1)
+    for i in range(etahat1.shape[0]):  # samples
+        for k in range(etahat1.shape[1]):  # units
+            t3_ = etahat1[i, k]*lam/B  # (31), (32)
+            t3__out[i, k] = t3_
+            t4_ = etahat1[i, k]*lam  # (31), (33)
+            t4__out[i, k] = t4_
+            t5_ = etahat2[i, k]*lam/B  # (31), (32)
+            t5__out[i, k] = t5_
+            t6_ = etahat2[i, k]*lam  # (31), (33)
+            t6__out[i, k] = t6_
+    return (t3__out, t4__out, t5__out, t6__out,)
+
+
+@numba.njit(cache=True)
+def _fused10(B, etahat3, lam):
+    t7__out = np.empty_like(etahat3)
+    t8__out = np.empty_like(etahat3)
+    for i in range(etahat3.shape[0]):  # samples
+        for k in range(etahat3.shape[1]):  # units
+            t7_ = etahat3[i, k]*lam/B  # (31), (32)
+            t7__out[i, k] = t7_
+            t8_ = etahat3[i, k]*lam  # (31), (33)
+            t8__out[i, k] = t8_
+    return (t7__out, t8__out,)
+
+
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
     B = x0.shape[0]  # batch size
-    z1 = b1 + _dense_K(W1, x0)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
-    z2 = b2 + _dense_K(W2, x1)  # (8)
-    x2 = np.maximum(0, z2)  # (8)
-    dg2 = ((z2) > 0) * 1.0  # g'_2 (9), SymPy
-    z3 = b3 + _dense_K(W3, x2)  # (8)
+    t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
+    t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
+    x2, dg2 = _fused3(b2, t1_)  # fused loop: z2, x2, dg2; (8); g'_2 (9), SymPy
+    t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
+    z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
     G1 = _gram(W1)  # G_1 = W_1 W_1^T, once per call
     R = np.zeros((x0.shape[0], 1), dtype=DTYPE)  # sum over i
@@ -310,7 +443,8 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
     etahat3 = np.zeros((x0.shape[0], 10), dtype=DTYPE)  # sum over i
     for i in range(10):  # Alg. 4 (section 5.4): backward and backward-backward per v_i
         xi3 = _onehot(x0, 10, i)  # Alg. 1: xi_L = v
-        zeta3 = x3*xi3 - x3*_rowdot(x3, xi3).reshape((-1, 1))  # (15)
+        t9_ = _rowdot(x3, xi3).reshape((-1, 1))  # zeta3 = x3*xi3 - x3*<x3, xi3>
+        zeta3 = _fused6(t9_, x3, xi3)[0]  # fused loop: zeta3; (15)
         xi2 = _dense_KT(W3, zeta3)  # (16)
         zeta2 = dg2*xi2  # (15)
         xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -318,12 +452,13 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
         u1 = _gram_mul(zeta1, G1)  # (16)+(20): K_1 K_1^T = W_1 W_1^T
         s = _rowdot(u1, zeta1).reshape((-1, 1))  # s = <zeta_1, G zeta_1>
         Ri = s  # (10)
-        h1 = 2*u1  # (20): h_1 = c(s) G zeta_1
-        q1 = dg1*h1  # (21)
+        q1 = _fused7(u1, dg1)[0]  # fused loop: h1, q1; (20): h_1 = c(s) G zeta_1; (21)
         h2 = _dense_K(W2, q1)  # (20)
         q2 = dg2*h2  # (21)
         h3 = _dense_K(W3, q2)  # (20)
-        eta3 = x3*(h3*xi3 - h3*_rowdot(x3, xi3).reshape((-1, 1)) - xi3*_rowdot(h3, x3).reshape((-1, 1))) - x3*_rowdot(x3, h3*xi3 - h3*_rowdot(x3, xi3).reshape((-1, 1)) - xi3*_rowdot(h3, x3).reshape((-1, 1))).reshape((-1, 1))  # App. B.1, corrected
+        t10_ = _rowdot(h3, x3).reshape((-1, 1))  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
+        t11_ = _rowdot(x3, h3*xi3 - h3*_rowdot(x3, xi3).reshape((-1, 1)) - xi3*_rowdot(h3, x3).reshape((-1, 1))).reshape((-1, 1))  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
+        eta3 = _fused8(h3, t10_, t11_, t9_, x3, xi3)[0]  # fused loop: eta3; App. B.1, corrected
         R += Ri  # (10), summed over i
         M1 += _gram_box(zeta1, 2*zeta1)  # Alg. 4: theta^1_1 before W_1
         thetahat2 += _dense_Kbox(q1, zeta2)  # Alg. 4: theta^1_j
@@ -335,12 +470,14 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
     gammahat1 = _dense_KT(W2, etahat2)  # (30), summed
     etahat1 = dg1*gammahat1  # (34), summed
     J = _bsum(R*lam)/B  # J = (1/B) sum_b [l + lam R]
-    dW1 = _dense_Kbox(x0, etahat1*lam/B) + lam*thetahat1/B  # (31), (32)
-    db1 = _bsum(etahat1*lam)/B  # (31), (33)
-    dW2 = _dense_Kbox(x1, etahat2*lam/B) + lam*thetahat2/B  # (31), (32)
-    db2 = _bsum(etahat2*lam)/B  # (31), (33)
-    dW3 = _dense_Kbox(x2, etahat3*lam/B) + lam*thetahat3/B  # (31), (32)
-    db3 = _bsum(etahat3*lam)/B  # (31), (33)
+    t3_, t4_, t5_, t6_ = _fused9(B, etahat1, lam, etahat2)  # fused loop: t3_, t4_, t5_, t6_; (31), (32); (31), (33)
+    t7_, t8_ = _fused10(B, etahat3, lam)  # fused loop: t7_, t8_; (31), (32); (31), (33)
+    dW1 = _dense_Kbox(x0, t3_) + lam*thetahat1/B  # (31), (32)
+    db1 = _bsum(t4_)/B  # (31), (33)
+    dW2 = _dense_Kbox(x1, t5_) + lam*thetahat2/B  # (31), (32)
+    db2 = _bsum(t6_)/B  # (31), (33)
+    dW3 = _dense_Kbox(x2, t7_) + lam*thetahat3/B  # (31), (32)
+    db3 = _bsum(t8_)/B  # (31), (33)
     return (J, dW1, db1, dW2, db2, dW3, db3,)
 
 

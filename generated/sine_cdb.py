@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_cdb_d2044d8c02b38d67"
+__name__ = "_dbpgen_sine_cdb_b79c280fbd4d8b2f"
 
 
 class _CachedGlobals:
@@ -118,17 +118,14 @@ PEAK_BYTES = {'batch': 128, 'emitted': 74752, 'naive': 108544}
 # (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
 
 
-@numba.njit(cache=True)
 def _dense_K(W, x):
     return x @ W.T
 
 
-@numba.njit(cache=True)
 def _dense_KT(W, y):
     return y @ W
 
 
-@numba.njit(cache=True)
 def _dense_Kbox(x, y):
     # summed over the batch: sum_b y_b x_b^T, one GEMM
     return y.T @ x

@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_mse_1032575d8acc5e6a"
+__name__ = "_dbpgen_sine_mse_d16ec3352eb87499"
 
 
 class _CachedGlobals:
@@ -95,17 +95,14 @@ PEAK_BYTES = {'batch': 128, 'emitted': 36864, 'naive': 36864}
 # (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
 
 
-@numba.njit(cache=True)
 def _dense_K(W, x):
     return x @ W.T
 
 
-@numba.njit(cache=True)
 def _dense_KT(W, y):
     return y @ W
 
 
-@numba.njit(cache=True)
 def _dense_Kbox(x, y):
     # summed over the batch: sum_b y_b x_b^T, one GEMM
     return y.T @ x

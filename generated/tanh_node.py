@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_tanh_node_8a0033c563eec0aa"
+__name__ = "_dbpgen_tanh_node_a84f6db732f0b830"
 
 
 class _CachedGlobals:
@@ -180,25 +180,70 @@ def _bsum(a):
 # -- derived programs -----------------------------------------------------------------
 
 
+@numba.njit(cache=True)
+def _fused0(b3, t2_):
+    x3_out = np.empty_like(t2_)
+    for i in range(t2_.shape[0]):  # samples
+        for k in range(t2_.shape[1]):  # units
+            z3 = t2_[i, k] + b3[k]  # (8)
+            x3 = z3  # (8)
+            x3_out[i, k] = x3
+    return (x3_out,)
+
+
 def _forward(W1, b1, W2, b2, W3, b3, x0):
-    z1 = b1 + _dense_K(W1, x0)  # (8)
+    t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
+    z1 = t0_ + b1  # (8)
     x1 = np.tanh(z1)  # (8)
-    z2 = b2 + _dense_K(W2, x1)  # (8)
+    t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
+    z2 = t1_ + b2  # (8)
     x2 = np.tanh(z2)  # (8)
-    z3 = b3 + _dense_K(W3, x2)  # (8)
-    x3 = z3  # (8)
+    t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
+    x3 = _fused0(b3, t2_)[0]  # fused loop: z3, x3; (8)
     return (x3,)
 
 
+@numba.njit(cache=True)
+def _fused1(x1):
+    dg1_out = np.empty_like(x1)
+    for i in range(x1.shape[0]):  # samples
+        for k in range(x1.shape[1]):  # units
+            dg1 = 1 - x1[i, k]**2  # g'_1 (9), SymPy
+            dg1_out[i, k] = dg1
+    return (dg1_out,)
+
+
+@numba.njit(cache=True)
+def _fused2(x2):
+    dg2_out = np.empty_like(x2)
+    for i in range(x2.shape[0]):  # samples
+        for k in range(x2.shape[1]):  # units
+            dg2 = 1 - x2[i, k]**2  # g'_2 (9), SymPy
+            dg2_out[i, k] = dg2
+    return (dg2_out,)
+
+
+@numba.njit(cache=True)
+def _fused3(v):
+    zeta3_out = np.empty_like(v)
+    for i in range(v.shape[0]):  # samples
+        for k in range(v.shape[1]):  # units
+            xi3 = v[i, k]  # Alg. 1: xi_L = v
+            zeta3 = xi3  # (15)
+            zeta3_out[i, k] = zeta3
+    return (zeta3_out,)
+
+
 def _vjp(W1, b1, W2, b2, W3, x0, v):
-    z1 = b1 + _dense_K(W1, x0)  # (8)
+    t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
+    z1 = t0_ + b1  # (8)
     x1 = np.tanh(z1)  # (8)
-    dg1 = 1 - x1**2  # g'_1 (9), SymPy
-    z2 = b2 + _dense_K(W2, x1)  # (8)
+    dg1 = _fused1(x1)[0]  # fused loop: dg1; g'_1 (9), SymPy
+    t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
+    z2 = t1_ + b2  # (8)
     x2 = np.tanh(z2)  # (8)
-    dg2 = 1 - x2**2  # g'_2 (9), SymPy
-    xi3 = v  # Alg. 1: xi_L = v
-    zeta3 = xi3  # (15)
+    dg2 = _fused2(x2)[0]  # fused loop: dg2; g'_2 (9), SymPy
+    zeta3 = _fused3(v)[0]  # fused loop: xi3, zeta3; Alg. 1: xi_L = v; (15)
     xi2 = _dense_KT(W3, zeta3)  # (16)
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -208,12 +253,14 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
 
 
 def _jvp(W1, b1, W2, b2, W3, x0, u):
-    z1 = b1 + _dense_K(W1, x0)  # (8)
+    t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
+    z1 = t0_ + b1  # (8)
     x1 = np.tanh(z1)  # (8)
-    dg1 = 1 - x1**2  # g'_1 (9), SymPy
-    z2 = b2 + _dense_K(W2, x1)  # (8)
+    dg1 = _fused1(x1)[0]  # fused loop: dg1; g'_1 (9), SymPy
+    t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
+    z2 = t1_ + b2  # (8)
     x2 = np.tanh(z2)  # (8)
-    dg2 = 1 - x2**2  # g'_2 (9), SymPy
+    dg2 = _fused2(x2)[0]  # fused loop: dg2; g'_2 (9), SymPy
     q0 = u  # q_0 = u
     h1 = _dense_K(W1, q0)  # (20)
     q1 = dg1*h1  # (21)
@@ -225,14 +272,15 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
 
 
 def _penalty(W1, b1, W2, b2, W3, x0, v):
-    z1 = b1 + _dense_K(W1, x0)  # (8)
+    t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
+    z1 = t0_ + b1  # (8)
     x1 = np.tanh(z1)  # (8)
-    dg1 = 1 - x1**2  # g'_1 (9), SymPy
-    z2 = b2 + _dense_K(W2, x1)  # (8)
+    dg1 = _fused1(x1)[0]  # fused loop: dg1; g'_1 (9), SymPy
+    t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
+    z2 = t1_ + b2  # (8)
     x2 = np.tanh(z2)  # (8)
-    dg2 = 1 - x2**2  # g'_2 (9), SymPy
-    xi3 = v  # Alg. 1: xi_L = v
-    zeta3 = xi3  # (15)
+    dg2 = _fused2(x2)[0]  # fused loop: dg2; g'_2 (9), SymPy
+    zeta3 = _fused3(v)[0]  # fused loop: xi3, zeta3; Alg. 1: xi_L = v; (15)
     xi2 = _dense_KT(W3, zeta3)  # (16)
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -243,20 +291,114 @@ def _penalty(W1, b1, W2, b2, W3, x0, v):
     return (R,)
 
 
+@numba.njit(cache=True)
+def _fused4(x1):
+    dg1_out = np.empty_like(x1)
+    ddg1_out = np.empty_like(x1)
+    for i in range(x1.shape[0]):  # samples
+        for k in range(x1.shape[1]):  # units
+            dg1 = 1 - x1[i, k]**2  # g'_1 (9), SymPy
+            dg1_out[i, k] = dg1
+            ddg1 = -2*dg1*x1[i, k]  # g''_1 (9), SymPy
+            ddg1_out[i, k] = ddg1
+    return (dg1_out, ddg1_out,)
+
+
+@numba.njit(cache=True)
+def _fused5(x2):
+    dg2_out = np.empty_like(x2)
+    ddg2_out = np.empty_like(x2)
+    for i in range(x2.shape[0]):  # samples
+        for k in range(x2.shape[1]):  # units
+            dg2 = 1 - x2[i, k]**2  # g'_2 (9), SymPy
+            dg2_out[i, k] = dg2
+            ddg2 = -2*dg2*x2[i, k]  # g''_2 (9), SymPy
+            ddg2_out[i, k] = ddg2
+    return (dg2_out, ddg2_out,)
+
+
+@numba.njit(cache=True)
+def _fused6(b3, t2_, v):
+    x3_out = np.empty_like(t2_)
+    zeta3_out = np.empty_like(t2_)
+    for i in range(t2_.shape[0]):  # samples
+        for k in range(t2_.shape[1]):  # units
+            z3 = t2_[i, k] + b3[k]  # (8)
+            x3 = z3  # (8)
+            x3_out[i, k] = x3
+            xi3 = v[i, k]  # Alg. 1: xi_L = v
+            zeta3 = xi3  # (15)
+            zeta3_out[i, k] = zeta3
+    return (x3_out, zeta3_out,)
+
+
+@numba.njit(cache=True)
+def _fused7(x3, y):
+    delta3_out = np.empty_like(x3)
+    for i in range(x3.shape[0]):  # samples
+        for k in range(x3.shape[1]):  # units
+            delta3 = 2*x3[i, k] - 2*y[i, k]  # (33)
+            delta3_out[i, k] = delta3
+    return (delta3_out,)
+
+
+@numba.njit(cache=True)
+def _fused8(ddg2, dg2, h2, lam, t3_, xi2):
+    eps2_out = np.empty_like(ddg2)
+    for i in range(ddg2.shape[0]):  # samples
+        for k in range(ddg2.shape[1]):  # units
+            eps2 = ddg2[i, k]*h2[i, k]*lam*xi2[i, k] + dg2[i, k]*t3_[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+            eps2_out[i, k] = eps2
+    return (eps2_out,)
+
+
+@numba.njit(cache=True)
+def _fused9(ddg1, dg1, h1, lam, t4_, xi1, B, zeta1, zeta2, eps2):
+    eps1_out = np.empty_like(ddg1)
+    t5__out = np.empty_like(ddg1)
+    t6__out = np.empty_like(ddg1)
+    t7__out = np.empty_like(ddg1)
+    t8__out = np.empty_like(ddg1)
+    for i in range(ddg1.shape[0]):  # samples
+        for k in range(ddg1.shape[1]):  # units
+            eps1 = ddg1[i, k]*h1[i, k]*lam*xi1[i, k] + dg1[i, k]*t4_[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+            eps1_out[i, k] = eps1
+            t5_ = lam*zeta1[i, k]/B  # (31), (32)
+            t5__out[i, k] = t5_
+            t6_ = eps1/B  # (31), (32)
+            t6__out[i, k] = t6_
+            t7_ = lam*zeta2[i, k]/B  # (31), (32)
+            t7__out[i, k] = t7_
+            t8_ = eps2[i, k]/B  # (31), (32)
+            t8__out[i, k] = t8_
+    return (eps1_out, t5__out, t6__out, t7__out, t8__out,)
+
+
+@numba.njit(cache=True)
+def _fused10(B, lam, zeta3, eps3):
+    t9__out = np.empty_like(zeta3)
+    t10__out = np.empty_like(zeta3)
+    for i in range(zeta3.shape[0]):  # samples
+        for k in range(zeta3.shape[1]):  # units
+            t9_ = lam*zeta3[i, k]/B  # (31), (32)
+            t9__out[i, k] = t9_
+            t10_ = eps3[i, k]/B  # (31), (32)
+            t10__out[i, k] = t10_
+    return (t9__out, t10__out,)
+
+
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
     B = x0.shape[0]  # batch size
-    z1 = b1 + _dense_K(W1, x0)  # (8)
+    t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
+    z1 = t0_ + b1  # (8)
     x1 = np.tanh(z1)  # (8)
-    dg1 = 1 - x1**2  # g'_1 (9), SymPy
-    ddg1 = -2*dg1*x1  # g''_1 (9), SymPy
-    z2 = b2 + _dense_K(W2, x1)  # (8)
+    dg1, ddg1 = _fused4(x1)  # fused loop: dg1, ddg1; g'_1 (9), SymPy; g''_1 (9), SymPy
+    t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
+    z2 = t1_ + b2  # (8)
     x2 = np.tanh(z2)  # (8)
-    dg2 = 1 - x2**2  # g'_2 (9), SymPy
-    ddg2 = -2*dg2*x2  # g''_2 (9), SymPy
-    z3 = b3 + _dense_K(W3, x2)  # (8)
-    x3 = z3  # (8)
-    xi3 = v  # Alg. 1: xi_L = v
-    zeta3 = xi3  # (15)
+    dg2, ddg2 = _fused5(x2)  # fused loop: dg2, ddg2; g'_2 (9), SymPy; g''_2 (9), SymPy
+    t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
+    x3, zeta3 = _fused6(b3, t2_, v)  # fused loop: z3, x3, xi3, zeta3; (8); Alg. 1: xi_L = v; (15)
     xi2 = _dense_KT(W3, zeta3)  # (16)
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -269,16 +411,19 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
     q1 = dg1*h1  # (21)
     h2 = _dense_K(W2, q1)  # (20)
     q2 = dg2*h2  # (21)
-    delta3 = 2*x3 - 2*y  # (33)
+    delta3 = _fused7(x3, y)[0]  # fused loop: delta3; (33)
     J = _bsum(R*lam + _rowsum((x3 - y)**2))/B  # J = (1/B) sum_b [l + lam R]
     eps3 = delta3  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
-    eps2 = ddg2*h2*lam*xi2 + dg2*_dense_KT(W3, eps3)  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
-    eps1 = ddg1*h1*lam*xi1 + dg1*_dense_KT(W2, eps2)  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
-    dW1 = _dense_Kbox2(q0, lam*zeta1/B, x0, eps1/B)  # (31), (32)
+    t3_ = _dense_KT(W3, eps3)  # eps2 = ddg2*h2*lam*xi2 + dg2*K^T_3(W3, eps3)
+    eps2 = _fused8(ddg2, dg2, h2, lam, t3_, xi2)[0]  # fused loop: eps2; eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+    t4_ = _dense_KT(W2, eps2)  # eps1 = ddg1*h1*lam*xi1 + dg1*K^T_2(W2, eps2)
+    eps1, t5_, t6_, t7_, t8_ = _fused9(ddg1, dg1, h1, lam, t4_, xi1, B, zeta1, zeta2, eps2)  # fused loop: eps1, t5_, t6_, t7_, t8_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32)
+    t9_, t10_ = _fused10(B, lam, zeta3, eps3)  # fused loop: t9_, t10_; (31), (32)
+    dW1 = _dense_Kbox2(q0, t5_, x0, t6_)  # (31), (32)
     db1 = _bsum(eps1)/B  # (31), (33)
-    dW2 = _dense_Kbox2(q1, lam*zeta2/B, x1, eps2/B)  # (31), (32)
+    dW2 = _dense_Kbox2(q1, t7_, x1, t8_)  # (31), (32)
     db2 = _bsum(eps2)/B  # (31), (33)
-    dW3 = _dense_Kbox2(q2, lam*zeta3/B, x2, eps3/B)  # (31), (32)
+    dW3 = _dense_Kbox2(q2, t9_, x2, t10_)  # (31), (32)
     db3 = _bsum(eps3)/B  # (31), (33)
     return (J, dW1, db1, dW2, db2, dW3, db3,)
 

@@ -1,0 +1,61 @@
+"""Fused coordinate-wise loops (dbpgen/fuse.py) in programs that run as Python over BLAS.
+
+GEMM-bound models (a layer of >= codegen.GEMM_BOUND_FLOPS per sample) take this schedule;
+their gradients must match the independent autograd oracle, jitted and as plain Python.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, compile_spec
+from dbpgen import codegen
+from test_codegen import check_jit_equals_plain
+from test_gradients import CDB, GIVEN, NODE, WGAN, check_against_oracle, mlp
+
+WIDE = (96, 200)  # 96 x 200 x 2 flops per sample: over the GEMM bound
+assert 2 * WIDE[0] * WIDE[1] >= codegen.GEMM_BOUND_FLOPS
+
+FUSED = [
+    mlp("fused_relu_softmax_cdb", ["relu", "relu"], "softmax", "nll", CDB, widths=WIDE, C=4),
+    mlp("fused_tanh_sigmoid_node", ["tanh", "sigmoid"], None, "mse", NODE, widths=WIDE),
+    mlp("fused_leaky_softplus_given", [{"leaky_relu": 0.1}, "softplus"], "sigmoid", "mse", GIVEN, widths=WIDE),
+    mlp("fused_elu_wgan", ["elu", "z**3/3 + z"], None, "mse", WGAN, widths=WIDE),
+    mlp("fused_relu_nobias_cdb", ["relu", "abs(z)"], None, "mse", CDB, widths=WIDE, bias=False),
+]
+
+
+@pytest.mark.parametrize("spec", FUSED, ids=[s["name"] for s in FUSED])
+def test_fused_programs_match_oracle_and_plain_python(spec, tmp_path, rng):
+    module = compile_spec(spec, tmp_path, jit=True)
+    text = Path(module.__file__).read_text()
+    assert re.search(r"^    .* = _fused\d+\(", text, flags=re.M), "nothing was fused"
+    check_against_oracle(spec, module, rng)
+    check_jit_equals_plain(spec, module, rng)
+
+
+def test_fused_loops_store_only_what_later_statements_read():
+    text = (ROOT / "generated" / "mnist_cdb.py").read_text()
+    program = text.split("def _value_and_grad(", 1)[1].split("\n\n\n", 1)[0]
+    name = re.search(r"x1, dg1 = (_fused\d+)\(b1, t0_\)", program).group(1)
+    kernel = text.split(f"def {name}(", 1)[1].split("\n\n\n", 1)[0]
+    # z1 = b1 + K_1 x0 feeds only x1 = relu(z1) and G'_1: a scalar, never an array
+    assert "z1 = t0_[i, k] + b1[k]" in kernel and "z1_out" not in kernel
+    assert "x1_out[i, k] = x1" in kernel and "dg1_out[i, k] = dg1" in kernel
+    assert f"@numba.njit(cache=True)\ndef {name}(" in text
+    # forward() stores x1 only: its own loop; penalty() needs G'_1 too: value_and_grad's
+    forward = text.split("def _forward(", 1)[1].split("\n\n\n", 1)[0]
+    assert re.search(r"x1 = _fused\d+\(b1, t0_\)\[0\]", forward)
+    assert f"x1, dg1 = {name}(b1, t0_)" in text.split("def _penalty(", 1)[1]
+    # the operands of the weight and bias adjoints (eq. 31-33) of both wide layers: one loop
+    assert re.search(r"t\d+_, t\d+_, t\d+_, t\d+_, t\d+_, t\d+_ = _fused\d+\(B, lam, zeta1, eta1, "
+                     r"zeta2, eta2\)", program)
+    assert len(re.findall(r"^def _fused\d+\(", text, flags=re.M)) == len(set(re.findall(r"^def (_fused\d+)\(", text, flags=re.M)))
+
+
+def test_transcendental_functions_stay_numpy_ufuncs():
+    program = (ROOT / "generated" / "tanh_node.py").read_text().split("def _value_and_grad(", 1)[1]
+    assert "x1 = np.tanh(z1)" in program
+    assert re.search(r"dg1, ddg1 = _fused\d+\(x1\)", program)  # G' and G'' through g': fused

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, compile_spec
 from dbpgen import codegen
-from test_codegen import check_jit_equals_plain
+from test_codegen import check_float32, check_jit_equals_plain
 from test_gradients import CDB, GIVEN, NODE, WGAN, check_against_oracle, mlp
 
 WIDE = (96, 200)  # 96 x 200 x 2 flops per sample: over the GEMM bound
@@ -59,3 +59,9 @@ def test_transcendental_functions_stay_numpy_ufuncs():
     program = (ROOT / "generated" / "tanh_node.py").read_text().split("def _value_and_grad(", 1)[1]
     assert "x1 = np.tanh(z1)" in program
     assert re.search(r"dg1, ddg1 = _fused\d+\(x1\)", program)  # G' and G'' through g': fused
+
+
+@pytest.mark.parametrize("spec", FUSED[:2], ids=[s["name"] for s in FUSED[:2]])
+def test_fused_float32_stays_float32(spec, tmp_path, rng):
+    """Fused loops write float32 arrays, and stay within 1e-4 of the float64 module."""
+    check_float32(spec, tmp_path, rng)

@@ -101,6 +101,14 @@ TRANSCENDENTAL = (sp.exp, sp.log, sp.tanh, sp.sinh, sp.cosh, sp.sin, sp.cos, sp.
                   sp.asinh, sp.erf, Sigmoid, Softplus)
 
 
+NJIT = "@numba.njit(cache=True)"
+
+
+def small_kernels(model: Model) -> bool:
+    """No layer brings its own large (parallel) kernels, as convolutions do."""
+    return all(l.op.small_kernels for l in model.layers)
+
+
 # A layer with at least this many flops per sample makes a program GEMM-bound: at batch 32
 # one K application is >= 1 MFLOP (~10 us of BLAS), against ~1 us of interpreter per statement.
 GEMM_BOUND_FLOPS = 1 << 15
@@ -119,7 +127,7 @@ def jit_program(model: Model, program: Program) -> bool:
     or when it is GEMM-bound: BLAS does the work either way, and jitting the glue costs
     seconds of LLVM on the first call (6 s for mnist_cdb's value_and_grad) and buys nothing.
     """
-    if not all(l.op.small_kernels for l in model.layers) or gemm_bound(model):
+    if not small_kernels(model) or gemm_bound(model):
         return False
     return not any(item.expr.has(*TRANSCENDENTAL) for item in walk(program.stmts))
 
@@ -136,7 +144,7 @@ def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: di
     fused_loops: dict = {}  # one kernel per distinct fused loop of the module
     for name, program in programs.items():
         shapes = program_shapes(model, program, n_vectors(model))
-        program_jit = "" if count_ops or not jit_program(model, program) else "@numba.njit(cache=True)"
+        program_jit = "" if count_ops or not jit_program(model, program) else NJIT
         if not count_ops and lanes.eligible(model, program, shapes):
             try:
                 kernels[name] = lanes.kernel(model, program, shapes)
@@ -144,10 +152,10 @@ def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: di
             except lanes.Unsupported:
                 pass  # printed with whole-batch arrays below
         nodes = None
-        if not count_ops and not program_jit and all(l.op.small_kernels for l in model.layers):
+        if not count_ops and not program_jit and small_kernels(model):
             # Python over whole-batch arrays: runs of coordinate-wise statements in jitted loops
             nodes, fused, shapes = fuse.schedule(model, program, shapes, TRANSCENDENTAL, fused_loops)
-            kernels.update((k["name"], k) for k in fused)
+            kernels.update((k["name"], dict(k, jit=NJIT)) for k in fused)
         printer = NumbaPrinter(model, lambda e, shapes=shapes: shape_of(e, shapes, model))
         kernels[name] = dict(kernel(program, printer, shapes, nodes), jit=program_jit)
     pen = model.penalty
@@ -171,10 +179,10 @@ def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: di
         "peak_bytes": pprint.pformat(peak_bytes, sort_dicts=True, width=88),
         "count_ops": count_ops,
         "helpers": sorted(called),
-        "jit": "" if count_ops else "@numba.njit(cache=True)",
+        "jit": "" if count_ops else NJIT,
         # a helper that is one array expression (a BLAS call, a ufunc) gains nothing from
         # @njit when only Python calls it, and would cost seconds of LLVM on the first call
-        "array_jit": "@numba.njit(cache=True)" if jitted_calls else "",
+        "array_jit": NJIT if jitted_calls else "",
         "weight": repr(float(pen.weight)) if pen else "0.0",
         "v_kind": pen.v if pen else None,
         "v_index": pen.index if pen else None,

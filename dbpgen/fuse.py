@@ -17,23 +17,22 @@ NumPy's SIMD ufuncs beat Numba's scalar libm calls (see codegen.TRANSCENDENTAL).
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import sympy as sp
 
 from .functions import Bias
-from .lanes import _BATCH_OPS, _ELEMENTWISE, LanePrinter
+from .lanes import BATCH_OPS, ELEMENTWISE, LanePrinter
 from .printer import CodegenError
 from .program import Loop, Program, Stmt
 from .shapes import BATCH_AXIS, shape_of
 
-JIT = "@numba.njit(cache=True)"
 LOOP_NAMES = {"i", "k"}  # the fused loops' own indices
 _LEAVES = (sp.Symbol, sp.Number, sp.NumberSymbol, sp.logic.boolalg.BooleanAtom)
 
 
 def _coordinatewise(expr: sp.Expr, transcendental: tuple) -> bool:
-    return all(isinstance(n, _ELEMENTWISE) or n.is_Integer for n in sp.preorder_traversal(expr)) \
+    return all(isinstance(n, ELEMENTWISE) or n.is_Integer for n in sp.preorder_traversal(expr)) \
         and not expr.has(*transcendental)
 
 
@@ -44,9 +43,8 @@ def _operations(expr: sp.Expr) -> int:
 class FusedPrinter(LanePrinter):
     """Scalar code for element (i, k) of a whole-batch (B, n) expression."""
 
-    def __init__(self, model, shapes: dict, width: int):
+    def __init__(self, model, shapes: dict):
         super().__init__(model, shapes, {})
-        self.width = width
         self.local: set[str] = set()  # values of this loop held in scalars
 
     def _print_Symbol(self, expr):
@@ -129,12 +127,12 @@ class _Fuser:
     def _hoist_reductions(self, node: Stmt, out: list) -> sp.Expr:
         """K, K^T, <a, c>, ... inside a coordinate-wise right-hand side become temporaries."""
         expr = node.expr
-        if not isinstance(expr, _ELEMENTWISE):
+        if not isinstance(expr, ELEMENTWISE):
             return expr  # the whole right-hand side is one reduction: nothing to fuse
         mapping = self.reductions
 
         def visit(e):
-            if isinstance(e, _ELEMENTWISE) or e.is_Number:
+            if isinstance(e, ELEMENTWISE) or e.is_Number:
                 for a in e.args:
                     visit(a)
             elif e not in mapping:
@@ -151,7 +149,7 @@ class _Fuser:
 
         def visit(e):
             for a in e.args:
-                if isinstance(e, _BATCH_OPS) and not isinstance(a, _LEAVES) and a.free_symbols \
+                if isinstance(e, BATCH_OPS) and not isinstance(a, _LEAVES) and a.free_symbols \
                         and self.width(shape_of(a, self.shapes, self.model)) is not None \
                         and _coordinatewise(a, self.transcendental):
                     if a not in mapping:
@@ -226,7 +224,7 @@ class _Fuser:
         ref = next((a for a in args if self.width(self.shapes[a]) == width), None)
         if ref is None:
             return stmts  # no whole-batch operand to take the batch size from
-        printer = FusedPrinter(self.model, self.shapes, width)
+        printer = FusedPrinter(self.model, self.shapes)
         lines = [(f"{n}_out = np.empty_like({ref})", None) for n in stored]
         lines.append((f"for i in range({ref}.shape[0]):", "samples"))
         lines.append((f"    for k in range({ref}.shape[1]):", "units"))
@@ -240,18 +238,20 @@ class _Fuser:
         if key not in self.registry:  # programs share identical loops (forward, penalty, ...)
             self.registry[key] = f"_fused{len(self.registry)}"
             self.kernels.append({"name": self.registry[key], "args": args, "lines": lines,
-                                 "returns": returns, "labels": stored, "jit": JIT})
+                                 "returns": returns, "labels": stored})
         name = self.registry[key]
         eqs = "; ".join(dict.fromkeys(s.eq for s in stmts if s.eq))
         call = f"{name}({', '.join(args)})"
         return [Call(stored, call, f"fused loop: {', '.join(defined)}; {eqs}")]
 
 
+@dataclass(frozen=True)
 class Call:
     """A printed call of a fused kernel: targets = kernel(args)."""
 
-    def __init__(self, targets: list[str], call: str, comment: str):
-        self.targets, self.call, self.comment = targets, call, comment
+    targets: list[str]
+    call: str
+    comment: str
 
     def code(self) -> str:
         if len(self.targets) == 1:
@@ -261,8 +261,8 @@ class Call:
 
 def schedule(model, program: Program, shapes: dict, transcendental: tuple, registry: dict):
     """(nodes, kernels, shapes): the program's top-level nodes with fused runs replaced by
-    calls, the fused kernels not already in `registry` (shared by the programs of one
-    module), and shapes including the new temporaries."""
+    calls, the fused kernels (to be jitted) not already in `registry` (shared by the
+    programs of one module), and shapes including the new temporaries."""
     fuser = _Fuser(model, program, shapes, transcendental, registry)
     nodes = fuser.run()
     return nodes, fuser.kernels, fuser.shapes

@@ -31,12 +31,12 @@ FASTMATH = '{"reassoc", "contract", "nsz", "arcp"}'  # sums over samples vectori
 
 LOOP_NAMES = {"i", "k", "b", "c0", "nb", "w", "acc", "DTYPE", "np", "numba", "min", "max", "abs"} | {
     f"kr{n}" for n in range(8)}
-_ELEMENTWISE = (sp.Add, sp.Mul, sp.Pow, sp.Max, sp.Min, sp.Heaviside, sp.Piecewise, sp.Abs, sp.sign,
+ELEMENTWISE = (sp.Add, sp.Mul, sp.Pow, sp.Max, sp.Min, sp.Heaviside, sp.Piecewise, sp.Abs, sp.sign,
                 sp.exp, sp.log, sp.tanh, sp.sinh, sp.cosh, sp.sin, sp.cos, sp.tan, sp.atan, sp.asinh,
                 sp.functions.elementary.piecewise.ExprCondPair, Sigmoid, Softplus, sp.Symbol, sp.Number, sp.NumberSymbol,
                 sp.logic.boolalg.BooleanAtom, sp.core.relational.Relational, Bias)
 _PER_SAMPLE_OPS = (K, KT, Dot, RowSum)
-_BATCH_OPS = (Kbox, BSum, BiasBox)
+BATCH_OPS = (Kbox, BSum, BiasBox)
 
 
 def _is_per_sample(shape) -> bool:
@@ -60,7 +60,7 @@ def eligible(model: Model, program: Program, shapes: dict) -> bool:
         return False
     for node in program.stmts:
         for sub in sp.preorder_traversal(node.expr):
-            if not isinstance(sub, _ELEMENTWISE + _PER_SAMPLE_OPS + _BATCH_OPS) and not sub.is_Integer:
+            if not isinstance(sub, ELEMENTWISE + _PER_SAMPLE_OPS + BATCH_OPS) and not sub.is_Integer:
                 return False
     return True
 
@@ -192,7 +192,7 @@ class _Emitter:
                 return e.func(e.args[0], e.args[1], self.operand(self.elementwise(e.args[2])))
             if isinstance(e, _PER_SAMPLE_OPS):
                 return self.temp(e.func(*[visit(a) for a in e.args]))
-            if isinstance(e, _BATCH_OPS):
+            if isinstance(e, BATCH_OPS):
                 raise Unsupported(f"batch reduction inside a per-sample expression: {e}")
             if not e.args or isinstance(e, (sp.Symbol, sp.Number)):
                 return e
@@ -271,7 +271,7 @@ class _Emitter:
     # -- batch reductions ------------------------------------------------------------
     def batch_sum(self, target: sp.Symbol, expr: sp.Expr, eq: str) -> None:
         """target = sum_t c_t Op_t(...) with batch-invariant c_t: accumulated over chunks."""
-        terms = linear_terms(expr, _BATCH_OPS)
+        terms = linear_terms(expr, BATCH_OPS)
         for coeff, op in terms:
             if op is None:
                 raise Unsupported(f"not a sum of batch reductions: {expr}")
@@ -329,7 +329,7 @@ class _Emitter:
             shape = self.shapes[stmt.target.name]
             if _is_per_sample(shape):
                 self.per_sample(stmt.target, stmt.expr, stmt.eq)
-            elif any(isinstance(n, _BATCH_OPS) for n in sp.preorder_traversal(stmt.expr)):
+            elif any(isinstance(n, BATCH_OPS) for n in sp.preorder_traversal(stmt.expr)):
                 self.batch_sum(stmt.target, stmt.expr, stmt.eq)
             else:
                 raise Unsupported(f"no per-chunk schedule for {stmt.target} = {stmt.expr}")

@@ -60,7 +60,7 @@ def param_specs(model: Model) -> list[dict]:
 def _lines(nodes, printer: NumbaPrinter, shapes: dict, indent: str = ""):
     """(code, comment) pairs; loops open an indented block after their accumulators."""
     for node in nodes:
-        if isinstance(node, fuse.Call):
+        if isinstance(node, (fuse.Call, fuse.Line)):
             yield f"{indent}{node.code()}", node.comment
         elif isinstance(node, Loop):
             for acc in node.accums:
@@ -83,7 +83,8 @@ def kernel(program: Program, printer: NumbaPrinter, shapes: dict, nodes=None) ->
     args = program.call_args()
     lines = list(_lines(program.stmts if nodes is None else nodes, printer, shapes))
     exprs = [item.expr for item in walk(program.stmts)] + [e for _, e in program.outputs]
-    if any(BATCH in sp.sympify(e).free_symbols for e in exprs):
+    if any(BATCH in sp.sympify(e).free_symbols for e in exprs) or \
+            any(isinstance(node, fuse.Line) for node in nodes or ()):
         lines.insert(0, ("B = x0.shape[0]", "batch size"))
     returns = []
     for label, expr in program.outputs:

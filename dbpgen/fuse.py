@@ -21,9 +21,9 @@ from dataclasses import dataclass, replace
 
 import sympy as sp
 
-from .functions import Bias
+from .functions import Bias, BiasBox, BSum, K, Kbox, KT
 from .lanes import BATCH_OPS, ELEMENTWISE, LanePrinter
-from .printer import CodegenError
+from .printer import CodegenError, NumbaPrinter
 from .program import Loop, Program, Stmt
 from .shapes import BATCH_AXIS, shape_of
 
@@ -72,6 +72,7 @@ class _Fuser:
         self.kernels: list[dict] = []
         self.operands: dict = {}    # hoisted operand of a batch reduction -> its temporary
         self.reductions: dict = {}  # hoisted reduction -> its temporary
+        self.placed: dict[str, str] = {}  # value -> the half of a stacked buffer it is written to
 
     def width(self, shape) -> int | None:
         """n for a whole-batch (B, n) value with n > 1, else None."""
@@ -79,10 +80,18 @@ class _Fuser:
             return shape[1]
         return None
 
+    def loop_width(self, node) -> int | None:
+        """The width of the (sample, unit) loop a statement runs in: its target's, or for a
+        batch sum t = BSum(a) (eq. 33), its argument's (the loop accumulates t[k])."""
+        if _accumulates(node):
+            return self.width(shape_of(_batch_sum(node.expr), self.shapes, self.model))
+        return self.width(self.shapes[node.target.name])
+
     def fusable(self, node) -> bool:
-        if not isinstance(node, Stmt) or self.width(self.shapes[node.target.name]) is None:
+        if not isinstance(node, Stmt) or self.loop_width(node) is None:
             return False
-        if not _coordinatewise(node.expr, self.transcendental):
+        expr = _batch_sum(node.expr) if _accumulates(node) else node.expr
+        if not _coordinatewise(expr, self.transcendental):
             return False
         names = {s.name for s in node.expr.free_symbols}
         if names & LOOP_NAMES or not names <= set(self.shapes):  # e.g. Algorithm 4's index i
@@ -144,14 +153,22 @@ class _Fuser:
     def _hoist_arguments(self, node: Stmt, out: list) -> sp.Expr:
         """Coordinate-wise whole-batch arguments of batch reductions (K^box, BSum: eq. 32-33)
         become statements, one per distinct expression: its first use puts it before
-        every later one."""
+        every later one. A batch sum of one becomes a statement of its own, t = BSum(a),
+        which a fused loop accumulates without storing a."""
         mapping = self.operands
+
+        def operand(a) -> bool:
+            return not isinstance(a, _LEAVES) and bool(a.free_symbols) \
+                and self.width(shape_of(a, self.shapes, self.model)) is not None \
+                and _coordinatewise(a, self.transcendental)
 
         def visit(e):
             for a in e.args:
-                if isinstance(e, BATCH_OPS) and not isinstance(a, _LEAVES) and a.free_symbols \
-                        and self.width(shape_of(a, self.shapes, self.model)) is not None \
-                        and _coordinatewise(a, self.transcendental):
+                if _batch_sum(a) is not None and (operand(_batch_sum(a)) or isinstance(
+                        _batch_sum(a), sp.Symbol) and self.width(self.shapes[_batch_sum(a).name])):
+                    if a not in mapping:
+                        mapping[a] = self.temp(a, out, node.eq, node.phase)
+                elif isinstance(e, BATCH_OPS) and operand(a):
                     if a not in mapping:
                         mapping[a] = self.temp(a, out, node.eq, node.phase)
                 elif not isinstance(a, _LEAVES):
@@ -162,8 +179,54 @@ class _Fuser:
 
     # -- 2. grouping and printing ------------------------------------------------------
     def run(self) -> list:
-        nodes = self.hoist(self.program.stmts)
+        nodes = self.stack(self.hoist(self.program.stmts))
         return self.fuse(nodes, [e for _, e in self.program.outputs])
+
+    # -- 2. stacked weight adjoints ---------------------------------------------------------
+    def stack(self, nodes: list) -> list:
+        """dW = K^box(a, y) + K^box(c, u) of a dense layer (eq. 31-32) as one GEMM over the
+        batch-stacked operands [a; c] and [y; u]: one product with twice the inner dimension
+        instead of two and a pass over dW to add them. Each operand is written into its half
+        where it is made (a fused loop, a K or K^T); anything else (an input) is copied."""
+        makers = {n.target.name: n for n in nodes if isinstance(n, Stmt)}
+        inputs = {s.name for s in self.program.inputs}
+        head, out = [], []
+        for node in nodes:
+            boxes = self._stackable(node, makers, inputs)
+            if boxes is None:
+                out.append(node)
+                continue
+            j = boxes[0].layer
+            bufs = (f"S{j}x_", f"S{j}y_")
+            for buf, operands in zip(bufs, ((boxes[0].args[1], boxes[1].args[1]),
+                                            (boxes[0].args[2], boxes[1].args[2]))):
+                width = self.shapes[operands[0].name][1]
+                head.append(Line(f"{buf} = np.empty((2*B, {width}), dtype=x0.dtype)",
+                                 f"[{operands[0]}; {operands[1]}] stacked over the batch", ()))
+                for half, sym in zip(("[:B]", "[B:]"), operands):
+                    self.placed[sym.name] = buf + half
+                    maker = makers.get(sym.name)
+                    if maker is None or not self.fusable(maker) and not _into(maker):
+                        out.append(Line(f"{buf}{half} = {sym.name}", "copied into its half", (sym,)))
+            reads = tuple(a for box in boxes for a in box.args[1:])
+            out.append(Line(f"{node.target.name} = _dense_Kbox({bufs[0]}, {bufs[1]})",
+                            f"{node.eq}, one GEMM over the stacked batch", reads))
+        return head + out
+
+    def _stackable(self, node, makers: dict, inputs: set):
+        if not isinstance(node, Stmt) or node.phase != "gradients" or not node.expr.is_Add \
+                or len(node.expr.args) != 2:
+            return None
+        boxes = node.expr.args
+        if not all(isinstance(b, Kbox) for b in boxes) or boxes[0].layer != boxes[1].layer \
+                or self.model.layers[boxes[0].layer - 1].op.kind != "dense":
+            return None
+        operands = [a for b in boxes for a in b.args[1:]]
+        if not all(isinstance(a, sp.Symbol) and a.name not in self.placed
+                   and (a.name in makers or a.name in inputs) for a in operands) \
+                or len(set(operands)) != 4:
+            return None
+        return boxes
 
     def fuse(self, nodes: list, after: list) -> list:
         """nodes with each run of fusable statements replaced by one call; `after`: the
@@ -175,14 +238,16 @@ class _Fuser:
                 later = [e for n in nodes[index + 1:] for e in self._exprs(n)] + after
                 body = self.fuse(self.hoist(list(node.body)), [a.expr for a in node.accums] + later)
                 node = replace(node, body=tuple(body))
-            if self.fusable(node) and (not group or self.width(self.shapes[group[0][1].target.name])
-                                       == self.width(self.shapes[node.target.name])):
+            if self.fusable(node) and (not group or (
+                    self.loop_width(group[0][1]) == self.loop_width(node)
+                    and not node.expr.free_symbols & {n.target for _, n in group if _accumulates(n)})):
                 group.append((index, node))
                 continue
             out += self.flush(group, used_later)
             group = [(index, node)] if self.fusable(node) else []
             if not group:
-                out.append(node)
+                out.append(self.into(node) if isinstance(node, Stmt) and node.target.name in self.placed
+                           and _into(node) else node)
         out += self.flush(group, used_later)
         return out
 
@@ -190,6 +255,8 @@ class _Fuser:
     def _exprs(node) -> list:
         if isinstance(node, Stmt):
             return [node.expr]
+        if isinstance(node, Line):
+            return list(node.reads)
         if isinstance(node, Loop):
             return [e for n in node.body for e in _Fuser._exprs(n)] + [a.expr for a in node.accums]
         return []  # a fused call: its operands were read before
@@ -206,29 +273,48 @@ class _Fuser:
                 last[sym.name] = len(nodes)
         return last
 
+    def into(self, node: Stmt) -> Line:
+        """A K or K^T whose value goes into a stacked buffer, written there by BLAS."""
+        printer = NumbaPrinter(self.model, lambda e: shape_of(e, self.shapes, self.model))
+        call = printer.doprint(node.expr)
+        assert call.endswith(")") and "(" in call
+        head, rest = call.split("(", 1)
+        return Line(f"{node.target.name} = {head}_into({rest[:-1]}, {self.placed[node.target.name]})",
+                    node.eq, tuple(sorted(node.expr.free_symbols, key=lambda x: x.name)))
+
     def flush(self, group: list, used_later: dict) -> list:
         if not group:
             return []
         stmts = [node for _, node in group]
-        if len(stmts) == 1 and _operations(stmts[0].expr) < 2:
+        if len(stmts) == 1 and _operations(stmts[0].expr) < 2 \
+                and stmts[0].target.name not in self.placed:
             return stmts  # one NumPy operator: nothing to fuse
         end = group[-1][0]
         defined = [s.target.name for s in stmts]
-        stored = [name for name in defined if used_later.get(name, -1) > end]
+        sums = {s.target.name for s in stmts if _accumulates(s)}
+        stored = [name for name in defined
+                  if name in sums or name in self.placed or used_later.get(name, -1) > end]
         args = []
         for s in stmts:
             for sym in sorted(s.expr.free_symbols, key=lambda x: x.name):
                 if sym.name not in defined and sym.name not in args:
                     args.append(sym.name)
-        width = self.width(self.shapes[stmts[0].target.name])
+        width = self.loop_width(stmts[0])
         ref = next((a for a in args if self.width(self.shapes[a]) == width), None)
-        if ref is None:
-            return stmts  # no whole-batch operand to take the batch size from
+        if ref is None:  # no whole-batch operand to take the batch size from
+            return stmts + [Line(f"{self.placed[s.target.name]} = {s.target.name}", "copied into its half",
+                                 (s.target,)) for s in stmts if s.target.name in self.placed]
+        given = [n for n in stored if n in self.placed]  # written into a stacked buffer
+        args += [f"{n}_out" for n in given]
         printer = FusedPrinter(self.model, self.shapes)
-        lines = [(f"{n}_out = np.empty_like({ref})", None) for n in stored]
+        lines = [(f"{n}_out = np.zeros({ref}.shape[1], dtype={ref}.dtype)" if n in sums
+                  else f"{n}_out = np.empty_like({ref})", None) for n in stored if n not in given]
         lines.append((f"for i in range({ref}.shape[0]):", "samples"))
         lines.append((f"    for k in range({ref}.shape[1]):", "units"))
         for s in stmts:
+            if s.target.name in sums:  # a batch sum (eq. 33): accumulated, never stored per sample
+                lines.append((f"        {s.target.name}_out[k] += {printer.doprint(_batch_sum(s.expr))}", f"{s.eq}"))
+                continue
             lines.append((f"        {s.target.name} = {printer.doprint(s.expr)}", f"{s.eq}"))
             printer.local.add(s.target.name)
             if s.target.name in stored:
@@ -241,8 +327,28 @@ class _Fuser:
                                  "returns": returns, "labels": stored})
         name = self.registry[key]
         eqs = "; ".join(dict.fromkeys(s.eq for s in stmts if s.eq))
-        call = f"{name}({', '.join(args)})"
+        values = [self.placed[a[:-4]] if a[:-4] in given and a.endswith("_out") else a for a in args]
+        call = f"{name}({', '.join(values)})"
         return [Call(stored, call, f"fused loop: {', '.join(defined)}; {eqs}")]
+
+
+def _into(node) -> bool:
+    """A dense K or K^T, which BLAS can write into a given array."""
+    return isinstance(node.expr, (K, KT)) and len(node.expr.args) == 3
+
+
+def _batch_sum(expr):
+    """a for a sum over the batch, BSum(a) or a bias adjoint BiasBox(j, a) (eq. 33), else None."""
+    if isinstance(expr, BSum):
+        return expr.args[0]
+    if isinstance(expr, BiasBox):
+        return expr.args[1]
+    return None
+
+
+def _accumulates(node) -> bool:
+    """t = BSum(a): a batch sum of a (B, n) value that a fused loop accumulates."""
+    return isinstance(node, Stmt) and _batch_sum(node.expr) is not None
 
 
 @dataclass(frozen=True)
@@ -257,6 +363,18 @@ class Call:
         if len(self.targets) == 1:
             return f"{self.targets[0]} = {self.call}[0]"
         return f"{', '.join(self.targets)} = {self.call}"
+
+
+@dataclass(frozen=True)
+class Line:
+    """A printed line of the schedule's own (a stacked buffer, a copy into it, its GEMM)."""
+
+    line: str
+    comment: str
+    reads: tuple
+
+    def code(self) -> str:
+        return self.line
 
 
 def schedule(model, program: Program, shapes: dict, transcendental: tuple, registry: dict):

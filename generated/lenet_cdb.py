@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_lenet_cdb_48961319d27e017e"
+__name__ = "_dbpgen_lenet_cdb_aa3307d61d41950b"
 
 
 class _CachedGlobals:
@@ -90,8 +90,7 @@ input-space argument first; lam = penalty weight, B = batch size.
   s = <xi0, xi0>                                              # s = ||xi_0||^2
   R = s                                                       # (10)
 [backward-backward]
-  q0 = 2*xi0                                                  # q_0 = grad p(xi_0) = 2 p'(s) xi_0
-  h1 = K_1(W1, q0)                                            # (20)
+  h1 = 2*K_1(W1, xi0)                                         # (20)
   q1 = dg1*h1                                                 # (21)
   h2 = K_2(q1)                                                # (20)
   q2 = h2                                                     # (21)
@@ -117,7 +116,7 @@ input-space argument first; lam = penalty weight, B = batch size.
 [loss]
   J = Σ_b(R*lam + LogSumExp(z6)*RowSum(y) - RowSum(y*z6))/B   # J = (1/B) sum_b [l + lam R]
 [gradients]
-  dW1 = K^□_1(q0, lam*zeta1/B) + K^□_1(x0, (eta1*lam + zeta1)/B)  # (31), (32)
+  dW1 = K^□_1(x0, (eta1*lam + zeta1)/B) + K^□_1(xi0, 2*lam*zeta1/B)  # (31), (32)
   db1 = Σ_b(eta1*lam + zeta1)/B                               # (31), (33)
   dW3 = K^□_3(q2, lam*zeta3/B) + K^□_3(x2, (eta3*lam + zeta3)/B)  # (31), (32)
   db3 = Σ_b(eta3*lam + zeta3)/B                               # (31), (33)
@@ -131,6 +130,7 @@ input-space argument first; lam = penalty weight, B = batch size.
   - G''_4 = 0: SymPy proves g''_4 = 0 exactly (eq. 34)
   - G''_5 = 0: SymPy proves g''_5 = 0 exactly (eq. 34)
   - merged by bilinearity (eq. 31-32): K^□_1(x0, ·): zeta1 + eta1*lam; K^□_3(x2, ·): zeta3 + eta3*lam; K^□_6(x5, ·): zeta6 + eta6*lam
+  - q0 = 2*xi0: the factor 2 moved into K and K^□ by linearity (eq. 20, 32), q0 is not formed
   - dead code removed: q6
 """
 
@@ -608,8 +608,7 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28)  # (16)
     s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     R = s  # (10)
-    q0 = 2*xi0  # q_0 = grad p(xi_0) = 2 p'(s) xi_0
-    h1 = _conv2d_K(W1, q0, 1, 0, 1)  # (20)
+    h1 = 2*_conv2d_K(W1, xi0, 1, 0, 1)  # (20)
     q1 = dg1*h1  # (21)
     h2 = _avgpool_K(q1, 2)  # (20)
     q2 = h2  # (21)
@@ -632,7 +631,7 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     gamma1 = _avgpool_KT(eta2, 2)  # (30)
     eta1 = dg1*gamma1  # (28)
     J = _bsum(R*lam + _logsumexp(z6)*_rowsum(y) - _rowsum(y*z6))/B  # J = (1/B) sum_b [l + lam R]
-    dW1 = _conv2d_Kbox(q0, lam*zeta1/B, 1, 0, 1, 5) + _conv2d_Kbox(x0, (eta1*lam + zeta1)/B, 1, 0, 1, 5)  # (31), (32)
+    dW1 = _conv2d_Kbox(x0, (eta1*lam + zeta1)/B, 1, 0, 1, 5) + _conv2d_Kbox(xi0, 2*lam*zeta1/B, 1, 0, 1, 5)  # (31), (32)
     db1 = _bsum_channels(eta1*lam + zeta1)/B  # (31), (33)
     dW3 = _conv2d_Kbox(q2, lam*zeta3/B, 1, 0, 1, 5) + _conv2d_Kbox(x2, (eta3*lam + zeta3)/B, 1, 0, 1, 5)  # (31), (32)
     db3 = _bsum_channels(eta3*lam + zeta3)/B  # (31), (33)

@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_cdb_7de8aa735b744aef"
+__name__ = "_dbpgen_mnist_cdb_9b50b512780208c3"
 
 
 class _CachedGlobals:
@@ -78,8 +78,7 @@ input-space argument first; lam = penalty weight, B = batch size.
   s = <xi0, xi0>                                              # s = ||xi_0||^2
   R = s                                                       # (10)
 [backward-backward]
-  q0 = 2*xi0                                                  # q_0 = grad p(xi_0) = 2 p'(s) xi_0
-  h1 = K_1(W1, q0)                                            # (20)
+  h1 = 2*K_1(W1, xi0)                                         # (20)
   q1 = dg1*h1                                                 # (21)
   h2 = K_2(W2, q1)                                            # (20)
   q2 = dg2*h2                                                 # (21)
@@ -93,7 +92,7 @@ input-space argument first; lam = penalty weight, B = batch size.
 [loss]
   J = Σ_b(R*lam + LogSumExp(z3)*RowSum(y) - RowSum(y*z3))/B   # J = (1/B) sum_b [l + lam R]
 [gradients]
-  dW1 = K^□_1(q0, lam*zeta1/B) + K^□_1(x0, (eta1*lam + zeta1)/B)  # (31), (32)
+  dW1 = K^□_1(x0, (eta1*lam + zeta1)/B) + K^□_1(xi0, 2*lam*zeta1/B)  # (31), (32)
   db1 = Σ_b(eta1*lam + zeta1)/B                               # (31), (33)
   dW2 = K^□_2(q1, lam*zeta2/B) + K^□_2(x1, (eta2*lam + zeta2)/B)  # (31), (32)
   db2 = Σ_b(eta2*lam + zeta2)/B                               # (31), (33)
@@ -104,6 +103,7 @@ input-space argument first; lam = penalty weight, B = batch size.
   - G''_1 = 0: SymPy proves g''_1 = DiracDelta(z1) = 0 almost everywhere (eq. 34)
   - G''_2 = 0: SymPy proves g''_2 = DiracDelta(z2) = 0 almost everywhere (eq. 34)
   - merged by bilinearity (eq. 31-32): K^□_1(x0, ·): zeta1 + eta1*lam; K^□_2(x1, ·): zeta2 + eta2*lam; K^□_3(x2, ·): zeta3 + eta3*lam
+  - q0 = 2*xi0: the factor 2 moved into K and K^□ by linearity (eq. 20, 32), q0 is not formed
   - dead code removed: q3
 """
 
@@ -145,11 +145,9 @@ def _rowdot(a, b):
     return out
 
 
-def _dense_Kbox2(x1, y1, x2, y2):
-    # K^box(x1, y1) + K^box(x2, y2), the second added in place: no temporary the size of W
-    out = _dense_Kbox(x1, y1)
-    out += _dense_Kbox(x2, y2)
-    return out
+def _dense_KT_into(W, y, out):
+    # K^T(W, y) written into out, a half of a stacked buffer (only Python calls it)
+    return np.matmul(y, W, out=out)
 
 
 @numba.njit(cache=True, fastmath={"reassoc"})
@@ -359,62 +357,104 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
 
 
 @numba.njit(cache=True)
-def _fused7(h3, t3_, t4_, x3):
+def _fused7(b1, t0_, x1_out):
+    dg1_out = np.empty_like(t0_)
+    for i in range(t0_.shape[0]):  # samples
+        for k in range(t0_.shape[1]):  # units
+            z1 = t0_[i, k] + b1[k]  # (8)
+            x1 = max(0, z1)  # (8)
+            x1_out[i, k] = x1
+            dg1 = (1.0 if z1 > 0 else 0.0)  # g'_1 (9), SymPy
+            dg1_out[i, k] = dg1
+    return (x1_out, dg1_out,)
+
+
+@numba.njit(cache=True)
+def _fused8(b2, t1_, x2_out):
+    dg2_out = np.empty_like(t1_)
+    for i in range(t1_.shape[0]):  # samples
+        for k in range(t1_.shape[1]):  # units
+            z2 = t1_[i, k] + b2[k]  # (8)
+            x2 = max(0, z2)  # (8)
+            x2_out[i, k] = x2
+            dg2 = (1.0 if z2 > 0 else 0.0)  # g'_2 (9), SymPy
+            dg2_out[i, k] = dg2
+    return (x2_out, dg2_out,)
+
+
+@numba.njit(cache=True)
+def _fused9(t4_, dg1, q1_out):
+    for i in range(t4_.shape[0]):  # samples
+        for k in range(t4_.shape[1]):  # units
+            h1 = 2*t4_[i, k]  # (20)
+            q1 = dg1[i, k]*h1  # (21)
+            q1_out[i, k] = q1
+    return (q1_out,)
+
+
+@numba.njit(cache=True)
+def _fused10(dg2, h2, q2_out):
+    for i in range(dg2.shape[0]):  # samples
+        for k in range(dg2.shape[1]):  # units
+            q2 = dg2[i, k]*h2[i, k]  # (21)
+            q2_out[i, k] = q2
+    return (q2_out,)
+
+
+@numba.njit(cache=True)
+def _fused11(h3, t3_, t5_, x3):
     eta3_out = np.empty_like(h3)
     for i in range(h3.shape[0]):  # samples
         for k in range(h3.shape[1]):  # units
-            eta3 = t3_[i, 0]*(h3[i, k]*x3[i, k] - t4_[i, 0]*x3[i, k])  # (44)
+            eta3 = t3_[i, 0]*(h3[i, k]*x3[i, k] - t5_[i, 0]*x3[i, k])  # (44)
             eta3_out[i, k] = eta3
     return (eta3_out,)
 
 
 @numba.njit(cache=True)
-def _fused8(B, lam, zeta1, eta1, zeta2, eta2):
-    t5__out = np.empty_like(zeta1)
-    t6__out = np.empty_like(zeta1)
-    t7__out = np.empty_like(zeta1)
-    t8__out = np.empty_like(zeta1)
-    t9__out = np.empty_like(zeta1)
-    t10__out = np.empty_like(zeta1)
-    for i in range(zeta1.shape[0]):  # samples
-        for k in range(zeta1.shape[1]):  # units
-            t5_ = lam*zeta1[i, k]/B  # (31), (32)
-            t5__out[i, k] = t5_
+def _fused12(B, eta1, lam, zeta1, zeta2, eta2, t6__out, t7__out, t9__out, t10__out):
+    t8__out = np.zeros(eta1.shape[1], dtype=eta1.dtype)
+    t11__out = np.zeros(eta1.shape[1], dtype=eta1.dtype)
+    for i in range(eta1.shape[0]):  # samples
+        for k in range(eta1.shape[1]):  # units
             t6_ = (eta1[i, k]*lam + zeta1[i, k])/B  # (31), (32)
             t6__out[i, k] = t6_
-            t7_ = eta1[i, k]*lam + zeta1[i, k]  # (31), (33)
+            t7_ = 2*lam*zeta1[i, k]/B  # (31), (32)
             t7__out[i, k] = t7_
-            t8_ = lam*zeta2[i, k]/B  # (31), (32)
-            t8__out[i, k] = t8_
-            t9_ = (eta2[i, k]*lam + zeta2[i, k])/B  # (31), (32)
+            t8__out[k] += eta1[i, k]*lam + zeta1[i, k]  # (31), (33)
+            t9_ = lam*zeta2[i, k]/B  # (31), (32)
             t9__out[i, k] = t9_
-            t10_ = eta2[i, k]*lam + zeta2[i, k]  # (31), (33)
+            t10_ = (eta2[i, k]*lam + zeta2[i, k])/B  # (31), (32)
             t10__out[i, k] = t10_
-    return (t5__out, t6__out, t7__out, t8__out, t9__out, t10__out,)
+            t11__out[k] += eta2[i, k]*lam + zeta2[i, k]  # (31), (33)
+    return (t6__out, t7__out, t8__out, t9__out, t10__out, t11__out,)
 
 
 @numba.njit(cache=True)
-def _fused9(B, lam, zeta3, eta3):
-    t11__out = np.empty_like(zeta3)
-    t12__out = np.empty_like(zeta3)
-    t13__out = np.empty_like(zeta3)
+def _fused13(B, lam, zeta3, eta3, t12__out, t13__out):
+    t14__out = np.zeros(zeta3.shape[1], dtype=zeta3.dtype)
     for i in range(zeta3.shape[0]):  # samples
         for k in range(zeta3.shape[1]):  # units
-            t11_ = lam*zeta3[i, k]/B  # (31), (32)
-            t11__out[i, k] = t11_
-            t12_ = (eta3[i, k]*lam + zeta3[i, k])/B  # (31), (32)
+            t12_ = lam*zeta3[i, k]/B  # (31), (32)
             t12__out[i, k] = t12_
-            t13_ = eta3[i, k]*lam + zeta3[i, k]  # (31), (33)
+            t13_ = (eta3[i, k]*lam + zeta3[i, k])/B  # (31), (32)
             t13__out[i, k] = t13_
-    return (t11__out, t12__out, t13__out,)
+            t14__out[k] += eta3[i, k]*lam + zeta3[i, k]  # (31), (33)
+    return (t12__out, t13__out, t14__out,)
 
 
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     B = x0.shape[0]  # batch size
+    S1x_ = np.empty((2*B, 784), dtype=x0.dtype)  # [x0; xi0] stacked over the batch
+    S1y_ = np.empty((2*B, 256), dtype=x0.dtype)  # [t6_; t7_] stacked over the batch
+    S2x_ = np.empty((2*B, 256), dtype=x0.dtype)  # [q1; x1] stacked over the batch
+    S2y_ = np.empty((2*B, 256), dtype=x0.dtype)  # [t9_; t10_] stacked over the batch
+    S3x_ = np.empty((2*B, 256), dtype=x0.dtype)  # [q2; x2] stacked over the batch
+    S3y_ = np.empty((2*B, 10), dtype=x0.dtype)  # [t12_; t13_] stacked over the batch
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
-    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
+    x1, dg1 = _fused7(b1, t0_, S2x_[B:])  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
-    x2, dg2 = _fused3(b2, t1_)  # fused loop: z2, x2, dg2; (8); g'_2 (9), SymPy
+    x2, dg2 = _fused8(b2, t1_, S3x_[B:])  # fused loop: z2, x2, dg2; (8); g'_2 (9), SymPy
     t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
     z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
@@ -424,30 +464,30 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
     zeta1 = dg1*xi1  # (15)
-    xi0 = _dense_KT(W1, zeta1)  # (16)
+    xi0 = _dense_KT_into(W1, zeta1, S1x_[B:])  # (16)
     s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     R = s  # (10)
-    q0 = 2*xi0  # q_0 = grad p(xi_0) = 2 p'(s) xi_0
-    h1 = _dense_K(W1, q0)  # (20)
-    q1 = dg1*h1  # (21)
+    t4_ = _dense_K(W1, xi0)  # h1 = 2*K_1(W1, xi0)
+    q1 = _fused9(t4_, dg1, S2x_[:B])[0]  # fused loop: h1, q1; (20); (21)
     h2 = _dense_K(W2, q1)  # (20)
-    q2 = dg2*h2  # (21)
+    q2 = _fused10(dg2, h2, S3x_[:B])[0]  # fused loop: q2; (21)
     h3 = _dense_K(W3, q2)  # (20)
-    t4_ = _rowdot(h3, x3).reshape((-1, 1))  # eta3 = (h3*x3 - x3*<h3, x3>)*RowSum(y)
-    eta3 = _fused7(h3, t3_, t4_, x3)[0]  # fused loop: eta3; (44)
+    t5_ = _rowdot(h3, x3).reshape((-1, 1))  # eta3 = (h3*x3 - x3*<h3, x3>)*RowSum(y)
+    eta3 = _fused11(h3, t3_, t5_, x3)[0]  # fused loop: eta3; (44)
     gamma2 = _dense_KT(W3, eta3)  # (30)
     eta2 = dg2*gamma2  # (28)
     gamma1 = _dense_KT(W2, eta2)  # (30)
     eta1 = dg1*gamma1  # (28)
     J = _bsum(R*lam + _logsumexp(z3)*_rowsum(y) - _rowsum(y*z3))/B  # J = (1/B) sum_b [l + lam R]
-    t5_, t6_, t7_, t8_, t9_, t10_ = _fused8(B, lam, zeta1, eta1, zeta2, eta2)  # fused loop: t5_, t6_, t7_, t8_, t9_, t10_; (31), (32); (31), (33)
-    t11_, t12_, t13_ = _fused9(B, lam, zeta3, eta3)  # fused loop: t11_, t12_, t13_; (31), (32); (31), (33)
-    dW1 = _dense_Kbox2(q0, t5_, x0, t6_)  # (31), (32)
-    db1 = _bsum(t7_)/B  # (31), (33)
-    dW2 = _dense_Kbox2(q1, t8_, x1, t9_)  # (31), (32)
-    db2 = _bsum(t10_)/B  # (31), (33)
-    dW3 = _dense_Kbox2(q2, t11_, x2, t12_)  # (31), (32)
-    db3 = _bsum(t13_)/B  # (31), (33)
+    t6_, t7_, t8_, t9_, t10_, t11_ = _fused12(B, eta1, lam, zeta1, zeta2, eta2, S1y_[:B], S1y_[B:], S2y_[:B], S2y_[B:])  # fused loop: t6_, t7_, t8_, t9_, t10_, t11_; (31), (32); (31), (33)
+    t12_, t13_, t14_ = _fused13(B, lam, zeta3, eta3, S3y_[:B], S3y_[B:])  # fused loop: t12_, t13_, t14_; (31), (32); (31), (33)
+    S1x_[:B] = x0  # copied into its half
+    dW1 = _dense_Kbox(S1x_, S1y_)  # (31), (32), one GEMM over the stacked batch
+    db1 = t8_/B  # (31), (33)
+    dW2 = _dense_Kbox(S2x_, S2y_)  # (31), (32), one GEMM over the stacked batch
+    db2 = t11_/B  # (31), (33)
+    dW3 = _dense_Kbox(S3x_, S3y_)  # (31), (32), one GEMM over the stacked batch
+    db3 = t14_/B  # (31), (33)
     return (J, dW1, db1, dW2, db2, dW3, db3,)
 
 

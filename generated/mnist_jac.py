@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_jac_f76f1448385b36ff"
+__name__ = "_dbpgen_mnist_jac_06aa5faabfa1b49b"
 
 
 class _CachedGlobals:
@@ -397,32 +397,29 @@ def _fused8(h3, t10_, t11_, t9_, x3, xi3):
 @numba.njit(cache=True)
 def _fused9(B, etahat1, lam, etahat2):
     t3__out = np.empty_like(etahat1)
-    t4__out = np.empty_like(etahat1)
+    t4__out = np.zeros(etahat1.shape[1], dtype=etahat1.dtype)
     t5__out = np.empty_like(etahat1)
-    t6__out = np.empty_like(etahat1)
+    t6__out = np.zeros(etahat1.shape[1], dtype=etahat1.dtype)
     for i in range(etahat1.shape[0]):  # samples
         for k in range(etahat1.shape[1]):  # units
             t3_ = etahat1[i, k]*lam/B  # (31), (32)
             t3__out[i, k] = t3_
-            t4_ = etahat1[i, k]*lam  # (31), (33)
-            t4__out[i, k] = t4_
+            t4__out[k] += etahat1[i, k]*lam  # (31), (33)
             t5_ = etahat2[i, k]*lam/B  # (31), (32)
             t5__out[i, k] = t5_
-            t6_ = etahat2[i, k]*lam  # (31), (33)
-            t6__out[i, k] = t6_
+            t6__out[k] += etahat2[i, k]*lam  # (31), (33)
     return (t3__out, t4__out, t5__out, t6__out,)
 
 
 @numba.njit(cache=True)
 def _fused10(B, etahat3, lam):
     t7__out = np.empty_like(etahat3)
-    t8__out = np.empty_like(etahat3)
+    t8__out = np.zeros(etahat3.shape[1], dtype=etahat3.dtype)
     for i in range(etahat3.shape[0]):  # samples
         for k in range(etahat3.shape[1]):  # units
             t7_ = etahat3[i, k]*lam/B  # (31), (32)
             t7__out[i, k] = t7_
-            t8_ = etahat3[i, k]*lam  # (31), (33)
-            t8__out[i, k] = t8_
+            t8__out[k] += etahat3[i, k]*lam  # (31), (33)
     return (t7__out, t8__out,)
 
 
@@ -473,11 +470,11 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
     t3_, t4_, t5_, t6_ = _fused9(B, etahat1, lam, etahat2)  # fused loop: t3_, t4_, t5_, t6_; (31), (32); (31), (33)
     t7_, t8_ = _fused10(B, etahat3, lam)  # fused loop: t7_, t8_; (31), (32); (31), (33)
     dW1 = _dense_Kbox(x0, t3_) + lam*thetahat1/B  # (31), (32)
-    db1 = _bsum(t4_)/B  # (31), (33)
+    db1 = t4_/B  # (31), (33)
     dW2 = _dense_Kbox(x1, t5_) + lam*thetahat2/B  # (31), (32)
-    db2 = _bsum(t6_)/B  # (31), (33)
+    db2 = t6_/B  # (31), (33)
     dW3 = _dense_Kbox(x2, t7_) + lam*thetahat3/B  # (31), (32)
-    db3 = _bsum(t8_)/B  # (31), (33)
+    db3 = t8_/B  # (31), (33)
     return (J, dW1, db1, dW2, db2, dW3, db3,)
 
 

@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_cdb_b79c280fbd4d8b2f"
+__name__ = "_dbpgen_sine_cdb_019abbee61e454a6"
 
 
 class _CachedGlobals:
@@ -79,8 +79,7 @@ input-space argument first; lam = penalty weight, B = batch size.
   s = <xi0, xi0>                                              # s = ||xi_0||^2
   R = s                                                       # (10)
 [backward-backward]
-  q0 = 2*xi0                                                  # q_0 = grad p(xi_0) = 2 p'(s) xi_0
-  h1 = K_1(W1, q0)                                            # (20)
+  h1 = 2*K_1(W1, xi0)                                         # (20)
   q1 = dg1*h1                                                 # (21)
   h2 = K_2(W2, q1)                                            # (20)
   q2 = dg2*h2                                                 # (21)
@@ -96,7 +95,7 @@ input-space argument first; lam = penalty weight, B = batch size.
 [loss]
   J = Σ_b(R*lam + RowSum((x3 - y)**2))/B                      # J = (1/B) sum_b [l + lam R]
 [gradients]
-  dW1 = K^□_1(q0, lam*zeta1/B) + K^□_1(x0, (eta1*lam + zeta1)/B)  # (31), (32)
+  dW1 = K^□_1(x0, (eta1*lam + zeta1)/B) + K^□_1(xi0, 2*lam*zeta1/B)  # (31), (32)
   db1 = Σ_b(eta1*lam + zeta1)/B                               # (31), (33)
   dW2 = K^□_2(q1, lam*zeta2/B) + K^□_2(x1, (eta2*lam + zeta2)/B)  # (31), (32)
   db2 = Σ_b(eta2*lam + zeta2)/B                               # (31), (33)
@@ -108,6 +107,7 @@ input-space argument first; lam = penalty weight, B = batch size.
   - G''_2 = 0: SymPy proves g''_2 = DiracDelta(z2) = 0 almost everywhere (eq. 34)
   - G''_3 = 0: SymPy proves g''_3 = 0 exactly (eq. 34)
   - merged by bilinearity (eq. 31-32): K^□_1(x0, ·): zeta1 + eta1*lam; K^□_2(x1, ·): zeta2 + eta2*lam; K^□_3(x2, ·): zeta3 + eta3*lam
+  - q0 = 2*xi0: the factor 2 moved into K and K^□ by linearity (eq. 20, 32), q0 is not formed
 """
 
 OPS = {'emitted': {'K': 6, 'KT': 5, 'Kbox': 6, 'flops': 620},
@@ -463,7 +463,7 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
 @numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     B = x0.shape[0]  # batch size
-    ws = np.empty((155, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    ws = np.empty((154, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
     n5_ = W2.shape[0]  # a width, read at run time
     n8_ = W1.shape[0]  # a width, read at run time
     x0_t = ws[0:1]  # x0 by chunk, samples last
@@ -485,32 +485,31 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     xi0 = ws[69:70]
     s = ws[70:71]
     R = s  # (10)
-    q0 = ws[71:72]
-    h1 = ws[72:80]
-    q1 = ws[80:88]
-    h2 = ws[88:93]
-    q2 = ws[93:98]
-    h3 = ws[98:99]
+    h1 = ws[71:79]
+    q1 = ws[79:87]
+    h2 = ws[87:92]
+    q2 = ws[92:97]
+    h3 = ws[97:98]
     q3 = h3  # (21)
-    gamma3 = ws[99:100]
+    gamma3 = ws[98:99]
     eta3 = gamma3  # App. B.3
-    gamma2 = ws[100:105]
-    eta2 = ws[105:110]
-    gamma1 = ws[110:118]
-    eta1 = ws[118:126]
+    gamma2 = ws[99:104]
+    eta2 = ws[104:109]
+    gamma1 = ws[109:117]
+    eta1 = ws[117:125]
     J = np.zeros((1,), dtype=DTYPE)  # sum over the batch, J = (1/B) sum_b [l + lam R]
-    t0_ = ws[126:127]
+    t0_ = ws[125:126]
     dW1 = np.zeros((8, 1), dtype=DTYPE)  # sum over the batch, (31), (32)
-    t1_ = ws[127:135]
-    t2_ = ws[135:143]
+    t1_ = ws[126:134]
+    t2_ = ws[134:142]
     db1 = np.zeros((8,), dtype=DTYPE)  # sum over the batch, (31), (33)
     dW2 = np.zeros((5, 8), dtype=DTYPE)  # sum over the batch, (31), (32)
-    t3_ = ws[143:148]
-    t4_ = ws[148:153]
+    t3_ = ws[142:147]
+    t4_ = ws[147:152]
     db2 = np.zeros((5,), dtype=DTYPE)  # sum over the batch, (31), (33)
     dW3 = np.zeros((1, 5), dtype=DTYPE)  # sum over the batch, (31), (32)
-    t5_ = ws[153:154]
-    t6_ = ws[154:155]
+    t5_ = ws[152:153]
+    t6_ = ws[153:154]
     db3 = np.zeros((1,), dtype=DTYPE)  # sum over the batch, (31), (33)
     kr0 = np.empty(64, dtype=DTYPE)  # a row of K or K^T
     for c0 in range(0, B, 64):  # chunks of 64 samples
@@ -583,17 +582,15 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
         for k in range(1):
             for b in range(nb):
                 s[0, b] += xi0[0, b]**2
-        for i in range(1):  # q0 = 2*xi0, q_0 = grad p(xi_0) = 2 p'(s) xi_0
+        for i in range(n8_):  # h1 = 2*K_1(W1, xi0), (20)
             for b in range(nb):
-                q0[i, b] = 2*xi0[0, b]
-        for i in range(n8_):  # h1 = K_1(W1, q0), (20)
-            for b in range(nb):
-                h1[i, b] = 0.0
+                kr0[b] = 0.0
             for k in range(1):
                 w = W1[i, k]
                 for b in range(nb):
-                    h1[i, b] += w * q0[k, b]
+                    kr0[b] += w * xi0[k, b]
             for b in range(nb):
+                h1[i, b] = 2*kr0[b]
                 q1[i, b] = dg1[i, b]*h1[i, b]  # q1 = dg1*h1, (21)
         for i in range(n5_):  # h2 = K_2(W2, q1), (20)
             for b in range(nb):
@@ -641,15 +638,15 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
             for b in range(nb):
                 acc += (1.0 / B) * (s[0, b]*lam + t0_[0, b])
             J[i] += acc
-        for i in range(n8_):  # t1_ = lam*zeta1/B, operand, computed once
+        for i in range(n8_):  # t1_ = (eta1*lam + zeta1)/B, operand, computed once
             for b in range(nb):
-                t1_[i, b] = lam*zeta1[i, b]/B
-                t2_[i, b] = (eta1[i, b]*lam + zeta1[i, b])/B  # t2_ = (eta1*lam + zeta1)/B, operand, computed once
-        for i in range(n8_):  # dW1 += K^□_1(q0, lam*zeta1/B) + K^□_1(x0, (eta1*lam + zeta1)/B), (31), (32)
+                t1_[i, b] = (eta1[i, b]*lam + zeta1[i, b])/B
+                t2_[i, b] = 2*lam*zeta1[i, b]/B  # t2_ = 2*lam*zeta1/B, operand, computed once
+        for i in range(n8_):  # dW1 += K^□_1(x0, (eta1*lam + zeta1)/B) + K^□_1(xi0, 2*lam*zeta1/B), (31), (32)
             for k in range(1):
                 acc = 0.0
                 for b in range(nb):
-                    acc += t1_[i, b] * q0[k, b] + t2_[i, b] * x0_t[k, b]
+                    acc += t1_[i, b] * x0_t[k, b] + t2_[i, b] * xi0[k, b]
                 dW1[i, k] += acc
         for i in range(n8_):  # db1 += Σ_b(eta1*lam + zeta1)/B, (31), (33)
             acc = 0.0

@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_node_70dca5674c8482de"
+__name__ = "_dbpgen_sine_node_24fc873006543a3c"
 
 
 class _CachedGlobals:
@@ -76,15 +76,14 @@ input-space argument first; lam = penalty weight, B = batch size.
   s = <xi0, xi0>                                              # s = ||xi_0||^2
   R = s                                                       # (10)
 [backward-backward]
-  q0 = 2*xi0                                                  # q_0 = grad p(xi_0) = 2 p'(s) xi_0
-  h1 = K_1(W1, q0)                                            # (20)
+  h1 = 2*K_1(W1, xi0)                                         # (20)
   q1 = dg1*h1                                                 # (21)
   h2 = K_2(W2, q1)                                            # (20)
   q2 = dg2*h2                                                 # (21)
 [loss]
   J = Σ_b(R*lam)/B                                            # J = (1/B) sum_b [l + lam R]
 [gradients]
-  dW1 = K^□_1(q0, lam*zeta1/B)                                # (31), (32)
+  dW1 = K^□_1(xi0, 2*lam*zeta1/B)                             # (31), (32)
   dW2 = K^□_2(q1, lam*zeta2/B)                                # (31), (32)
   dW3 = K^□_3(q2, lam*zeta3/B)                                # (31), (32)
 
@@ -93,6 +92,7 @@ input-space argument first; lam = penalty weight, B = batch size.
   - G''_2 = 0: SymPy proves g''_2 = DiracDelta(z2) = 0 almost everywhere (eq. 34)
   - G''_3 = 0: SymPy proves g''_3 = 0 exactly (eq. 34)
   - proven zero and removed: gamma3 [v held constant, App. B], eta3 [App. B.3], gamma2 [eq. 30], eta2 [eq. 28/34], gamma1 [eq. 30], eta1 [eq. 28/34] (the cascade of section 5.3)
+  - q0 = 2*xi0: the factor 2 moved into K and K^□ by linearity (eq. 20, 32), q0 is not formed
   - dead code removed: x2, z3, x3, h3, q3
 """
 
@@ -435,7 +435,7 @@ def _penalty(W1, b1, W2, b2, W3, x0, v):
 @numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
     B = x0.shape[0]  # batch size
-    ws = np.empty((105, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    ws = np.empty((104, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
     n5_ = W2.shape[0]  # a width, read at run time
     n8_ = W1.shape[0]  # a width, read at run time
     x0_t = ws[0:1]  # x0 by chunk, samples last
@@ -454,18 +454,17 @@ def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
     xi0 = ws[62:63]
     s = ws[63:64]
     R = s  # (10)
-    q0 = ws[64:65]
-    h1 = ws[65:73]
-    q1 = ws[73:81]
-    h2 = ws[81:86]
-    q2 = ws[86:91]
+    h1 = ws[64:72]
+    q1 = ws[72:80]
+    h2 = ws[80:85]
+    q2 = ws[85:90]
     J = np.zeros((1,), dtype=DTYPE)  # sum over the batch, J = (1/B) sum_b [l + lam R]
     dW1 = np.zeros((8, 1), dtype=DTYPE)  # sum over the batch, (31), (32)
-    t0_ = ws[91:99]
+    t0_ = ws[90:98]
     dW2 = np.zeros((5, 8), dtype=DTYPE)  # sum over the batch, (31), (32)
-    t1_ = ws[99:104]
+    t1_ = ws[98:103]
     dW3 = np.zeros((1, 5), dtype=DTYPE)  # sum over the batch, (31), (32)
-    t2_ = ws[104:105]
+    t2_ = ws[103:104]
     kr0 = np.empty(64, dtype=DTYPE)  # a row of K or K^T
     for c0 in range(0, B, 64):  # chunks of 64 samples
         nb = min(64, B - c0)  # samples in this chunk
@@ -526,17 +525,15 @@ def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
         for k in range(1):
             for b in range(nb):
                 s[0, b] += xi0[0, b]**2
-        for i in range(1):  # q0 = 2*xi0, q_0 = grad p(xi_0) = 2 p'(s) xi_0
+        for i in range(n8_):  # h1 = 2*K_1(W1, xi0), (20)
             for b in range(nb):
-                q0[i, b] = 2*xi0[0, b]
-        for i in range(n8_):  # h1 = K_1(W1, q0), (20)
-            for b in range(nb):
-                h1[i, b] = 0.0
+                kr0[b] = 0.0
             for k in range(1):
                 w = W1[i, k]
                 for b in range(nb):
-                    h1[i, b] += w * q0[k, b]
+                    kr0[b] += w * xi0[k, b]
             for b in range(nb):
+                h1[i, b] = 2*kr0[b]
                 q1[i, b] = dg1[i, b]*h1[i, b]  # q1 = dg1*h1, (21)
         for i in range(n5_):  # h2 = K_2(W2, q1), (20)
             for b in range(nb):
@@ -552,14 +549,14 @@ def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
             for b in range(nb):
                 acc += (1.0 / B) * (s[0, b]*lam)
             J[i] += acc
-        for i in range(n8_):  # t0_ = lam*zeta1/B, operand, computed once
+        for i in range(n8_):  # t0_ = 2*lam*zeta1/B, operand, computed once
             for b in range(nb):
-                t0_[i, b] = lam*zeta1[i, b]/B
-        for i in range(n8_):  # dW1 += K^□_1(q0, lam*zeta1/B), (31), (32)
+                t0_[i, b] = 2*lam*zeta1[i, b]/B
+        for i in range(n8_):  # dW1 += K^□_1(xi0, 2*lam*zeta1/B), (31), (32)
             for k in range(1):
                 acc = 0.0
                 for b in range(nb):
-                    acc += t0_[i, b] * q0[k, b]
+                    acc += t0_[i, b] * xi0[k, b]
                 dW1[i, k] += acc
         for i in range(n5_):  # t1_ = lam*zeta2/B, operand, computed once
             for b in range(nb):

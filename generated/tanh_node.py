@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_tanh_node_a84f6db732f0b830"
+__name__ = "_dbpgen_tanh_node_c3eccdf96e76158b"
 
 
 class _CachedGlobals:
@@ -81,8 +81,7 @@ input-space argument first; lam = penalty weight, B = batch size.
   s = <xi0, xi0>                                              # s = ||xi_0||^2
   R = s                                                       # (10)
 [backward-backward]
-  q0 = 2*xi0                                                  # q_0 = grad p(xi_0) = 2 p'(s) xi_0
-  h1 = K_1(W1, q0)                                            # (20)
+  h1 = 2*K_1(W1, xi0)                                         # (20)
   q1 = dg1*h1                                                 # (21)
   h2 = K_2(W2, q1)                                            # (20)
   q2 = dg2*h2                                                 # (21)
@@ -94,7 +93,7 @@ input-space argument first; lam = penalty weight, B = batch size.
   eps2 = ddg2*h2*lam*xi2 + dg2*K^T_3(W3, eps3)                # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
   eps1 = ddg1*h1*lam*xi1 + dg1*K^T_2(W2, eps2)                # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
 [gradients]
-  dW1 = K^□_1(q0, lam*zeta1/B) + K^□_1(x0, eps1/B)            # (31), (32)
+  dW1 = K^□_1(x0, eps1/B) + K^□_1(xi0, 2*lam*zeta1/B)         # (31), (32)
   db1 = Σ_b(eps1)/B                                           # (31), (33)
   dW2 = K^□_2(q1, lam*zeta2/B) + K^□_2(x1, eps2/B)            # (31), (32)
   db2 = Σ_b(eps2)/B                                           # (31), (33)
@@ -106,6 +105,7 @@ input-space argument first; lam = penalty weight, B = batch size.
   - proven zero and removed: gamma3 [v held constant, App. B], eta3 [App. B.3], gamma2 [eq. 30] (the cascade of section 5.3)
   - merged by bilinearity (eq. 31-32): K^□_1(x0, ·): delta1 + eta1*lam; K^□_2(x1, ·): delta2 + eta2*lam
   - one backward pass for loss and penalty: eps_j = delta_j + lam eta_j, j = 1..3
+  - q0 = 2*xi0: the factor 2 moved into K and K^□ by linearity (eq. 20, 32), q0 is not formed
   - dead code removed: h3, q3, eta2, gamma1, eta1, delta2, delta1
 """
 
@@ -147,11 +147,9 @@ def _rowdot(a, b):
     return out
 
 
-def _dense_Kbox2(x1, y1, x2, y2):
-    # K^box(x1, y1) + K^box(x2, y2), the second added in place: no temporary the size of W
-    out = _dense_Kbox(x1, y1)
-    out += _dense_Kbox(x2, y2)
-    return out
+def _dense_KT_into(W, y, out):
+    # K^T(W, y) written into out, a half of a stacked buffer (only Python calls it)
+    return np.matmul(y, W, out=out)
 
 
 @numba.njit(cache=True, fastmath={"reassoc"})
@@ -333,7 +331,28 @@ def _fused6(b3, t2_, v):
 
 
 @numba.njit(cache=True)
-def _fused7(x3, y):
+def _fused7(t3_, dg1, q1_out):
+    h1_out = np.empty_like(t3_)
+    for i in range(t3_.shape[0]):  # samples
+        for k in range(t3_.shape[1]):  # units
+            h1 = 2*t3_[i, k]  # (20)
+            h1_out[i, k] = h1
+            q1 = dg1[i, k]*h1  # (21)
+            q1_out[i, k] = q1
+    return (h1_out, q1_out,)
+
+
+@numba.njit(cache=True)
+def _fused8(dg2, h2, q2_out):
+    for i in range(dg2.shape[0]):  # samples
+        for k in range(dg2.shape[1]):  # units
+            q2 = dg2[i, k]*h2[i, k]  # (21)
+            q2_out[i, k] = q2
+    return (q2_out,)
+
+
+@numba.njit(cache=True)
+def _fused9(x3, y):
     delta3_out = np.empty_like(x3)
     for i in range(x3.shape[0]):  # samples
         for k in range(x3.shape[1]):  # units
@@ -343,52 +362,56 @@ def _fused7(x3, y):
 
 
 @numba.njit(cache=True)
-def _fused8(ddg2, dg2, h2, lam, t3_, xi2):
+def _fused10(ddg2, dg2, h2, lam, t4_, xi2):
     eps2_out = np.empty_like(ddg2)
     for i in range(ddg2.shape[0]):  # samples
         for k in range(ddg2.shape[1]):  # units
-            eps2 = ddg2[i, k]*h2[i, k]*lam*xi2[i, k] + dg2[i, k]*t3_[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+            eps2 = ddg2[i, k]*h2[i, k]*lam*xi2[i, k] + dg2[i, k]*t4_[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
             eps2_out[i, k] = eps2
     return (eps2_out,)
 
 
 @numba.njit(cache=True)
-def _fused9(ddg1, dg1, h1, lam, t4_, xi1, B, zeta1, zeta2, eps2):
-    eps1_out = np.empty_like(ddg1)
-    t5__out = np.empty_like(ddg1)
-    t6__out = np.empty_like(ddg1)
-    t7__out = np.empty_like(ddg1)
-    t8__out = np.empty_like(ddg1)
+def _fused11(ddg1, dg1, h1, lam, t5_, xi1, B, zeta1, zeta2, eps2, t6__out, t7__out, t9__out, t10__out):
+    t8__out = np.zeros(ddg1.shape[1], dtype=ddg1.dtype)
+    t11__out = np.zeros(ddg1.shape[1], dtype=ddg1.dtype)
     for i in range(ddg1.shape[0]):  # samples
         for k in range(ddg1.shape[1]):  # units
-            eps1 = ddg1[i, k]*h1[i, k]*lam*xi1[i, k] + dg1[i, k]*t4_[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
-            eps1_out[i, k] = eps1
-            t5_ = lam*zeta1[i, k]/B  # (31), (32)
-            t5__out[i, k] = t5_
+            eps1 = ddg1[i, k]*h1[i, k]*lam*xi1[i, k] + dg1[i, k]*t5_[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
             t6_ = eps1/B  # (31), (32)
             t6__out[i, k] = t6_
-            t7_ = lam*zeta2[i, k]/B  # (31), (32)
+            t7_ = 2*lam*zeta1[i, k]/B  # (31), (32)
             t7__out[i, k] = t7_
-            t8_ = eps2[i, k]/B  # (31), (32)
-            t8__out[i, k] = t8_
-    return (eps1_out, t5__out, t6__out, t7__out, t8__out,)
+            t8__out[k] += eps1  # (31), (33)
+            t9_ = lam*zeta2[i, k]/B  # (31), (32)
+            t9__out[i, k] = t9_
+            t10_ = eps2[i, k]/B  # (31), (32)
+            t10__out[i, k] = t10_
+            t11__out[k] += eps2[i, k]  # (31), (33)
+    return (t6__out, t7__out, t8__out, t9__out, t10__out, t11__out,)
 
 
 @numba.njit(cache=True)
-def _fused10(B, lam, zeta3, eps3):
-    t9__out = np.empty_like(zeta3)
-    t10__out = np.empty_like(zeta3)
+def _fused12(B, lam, zeta3, eps3, t12__out, t13__out):
+    t14__out = np.zeros(zeta3.shape[1], dtype=zeta3.dtype)
     for i in range(zeta3.shape[0]):  # samples
         for k in range(zeta3.shape[1]):  # units
-            t9_ = lam*zeta3[i, k]/B  # (31), (32)
-            t9__out[i, k] = t9_
-            t10_ = eps3[i, k]/B  # (31), (32)
-            t10__out[i, k] = t10_
-    return (t9__out, t10__out,)
+            t12_ = lam*zeta3[i, k]/B  # (31), (32)
+            t12__out[i, k] = t12_
+            t13_ = eps3[i, k]/B  # (31), (32)
+            t13__out[i, k] = t13_
+            t14__out[k] += eps3[i, k]  # (31), (33)
+    return (t12__out, t13__out, t14__out,)
 
 
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
     B = x0.shape[0]  # batch size
+    S1x_ = np.empty((2*B, 64), dtype=x0.dtype)  # [x0; xi0] stacked over the batch
+    S1y_ = np.empty((2*B, 128), dtype=x0.dtype)  # [t6_; t7_] stacked over the batch
+    S2x_ = np.empty((2*B, 128), dtype=x0.dtype)  # [q1; x1] stacked over the batch
+    S2y_ = np.empty((2*B, 128), dtype=x0.dtype)  # [t9_; t10_] stacked over the batch
+    S3x_ = np.empty((2*B, 128), dtype=x0.dtype)  # [q2; x2] stacked over the batch
+    S3y_ = np.empty((2*B, 8), dtype=x0.dtype)  # [t12_; t13_] stacked over the batch
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
     z1 = t0_ + b1  # (8)
     x1 = np.tanh(z1)  # (8)
@@ -403,28 +426,30 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
     zeta1 = dg1*xi1  # (15)
-    xi0 = _dense_KT(W1, zeta1)  # (16)
+    xi0 = _dense_KT_into(W1, zeta1, S1x_[B:])  # (16)
     s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     R = s  # (10)
-    q0 = 2*xi0  # q_0 = grad p(xi_0) = 2 p'(s) xi_0
-    h1 = _dense_K(W1, q0)  # (20)
-    q1 = dg1*h1  # (21)
+    t3_ = _dense_K(W1, xi0)  # h1 = 2*K_1(W1, xi0)
+    h1, q1 = _fused7(t3_, dg1, S2x_[:B])  # fused loop: h1, q1; (20); (21)
     h2 = _dense_K(W2, q1)  # (20)
-    q2 = dg2*h2  # (21)
-    delta3 = _fused7(x3, y)[0]  # fused loop: delta3; (33)
+    q2 = _fused8(dg2, h2, S3x_[:B])[0]  # fused loop: q2; (21)
+    delta3 = _fused9(x3, y)[0]  # fused loop: delta3; (33)
     J = _bsum(R*lam + _rowsum((x3 - y)**2))/B  # J = (1/B) sum_b [l + lam R]
     eps3 = delta3  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
-    t3_ = _dense_KT(W3, eps3)  # eps2 = ddg2*h2*lam*xi2 + dg2*K^T_3(W3, eps3)
-    eps2 = _fused8(ddg2, dg2, h2, lam, t3_, xi2)[0]  # fused loop: eps2; eps_j = delta_j + lam eta_j: (28) + (15)-(16)
-    t4_ = _dense_KT(W2, eps2)  # eps1 = ddg1*h1*lam*xi1 + dg1*K^T_2(W2, eps2)
-    eps1, t5_, t6_, t7_, t8_ = _fused9(ddg1, dg1, h1, lam, t4_, xi1, B, zeta1, zeta2, eps2)  # fused loop: eps1, t5_, t6_, t7_, t8_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32)
-    t9_, t10_ = _fused10(B, lam, zeta3, eps3)  # fused loop: t9_, t10_; (31), (32)
-    dW1 = _dense_Kbox2(q0, t5_, x0, t6_)  # (31), (32)
-    db1 = _bsum(eps1)/B  # (31), (33)
-    dW2 = _dense_Kbox2(q1, t7_, x1, t8_)  # (31), (32)
-    db2 = _bsum(eps2)/B  # (31), (33)
-    dW3 = _dense_Kbox2(q2, t9_, x2, t10_)  # (31), (32)
-    db3 = _bsum(eps3)/B  # (31), (33)
+    t4_ = _dense_KT(W3, eps3)  # eps2 = ddg2*h2*lam*xi2 + dg2*K^T_3(W3, eps3)
+    eps2 = _fused10(ddg2, dg2, h2, lam, t4_, xi2)[0]  # fused loop: eps2; eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+    t5_ = _dense_KT(W2, eps2)  # eps1 = ddg1*h1*lam*xi1 + dg1*K^T_2(W2, eps2)
+    t6_, t7_, t8_, t9_, t10_, t11_ = _fused11(ddg1, dg1, h1, lam, t5_, xi1, B, zeta1, zeta2, eps2, S1y_[:B], S1y_[B:], S2y_[:B], S2y_[B:])  # fused loop: eps1, t6_, t7_, t8_, t9_, t10_, t11_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
+    t12_, t13_, t14_ = _fused12(B, lam, zeta3, eps3, S3y_[:B], S3y_[B:])  # fused loop: t12_, t13_, t14_; (31), (32); (31), (33)
+    S1x_[:B] = x0  # copied into its half
+    dW1 = _dense_Kbox(S1x_, S1y_)  # (31), (32), one GEMM over the stacked batch
+    db1 = t8_/B  # (31), (33)
+    S2x_[B:] = x1  # copied into its half
+    dW2 = _dense_Kbox(S2x_, S2y_)  # (31), (32), one GEMM over the stacked batch
+    db2 = t11_/B  # (31), (33)
+    S3x_[B:] = x2  # copied into its half
+    dW3 = _dense_Kbox(S3x_, S3y_)  # (31), (32), one GEMM over the stacked batch
+    db3 = t14_/B  # (31), (33)
     return (J, dW1, db1, dW2, db2, dW3, db3,)
 
 

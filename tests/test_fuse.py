@@ -39,19 +39,31 @@ def test_fused_programs_match_oracle_and_plain_python(spec, tmp_path, rng):
 def test_fused_loops_store_only_what_later_statements_read():
     text = (ROOT / "generated" / "mnist_cdb.py").read_text()
     program = text.split("def _value_and_grad(", 1)[1].split("\n\n\n", 1)[0]
-    name = re.search(r"x1, dg1 = (_fused\d+)\(b1, t0_\)", program).group(1)
+    # value_and_grad writes x1 into the lower half of the stacked operand of K^box_2
+    name = re.search(r"x1, dg1 = (_fused\d+)\(b1, t0_, S2x_\[B:\]\)", program).group(1)
     kernel = text.split(f"def {name}(", 1)[1].split("\n\n\n", 1)[0]
     # z1 = b1 + K_1 x0 feeds only x1 = relu(z1) and G'_1: a scalar, never an array
     assert "z1 = t0_[i, k] + b1[k]" in kernel and "z1_out" not in kernel
     assert "x1_out[i, k] = x1" in kernel and "dg1_out[i, k] = dg1" in kernel
+    assert "x1_out = " not in kernel and "dg1_out = np.empty_like(t0_)" in kernel
     assert f"@numba.njit(cache=True)\ndef {name}(" in text
-    # forward() stores x1 only: its own loop; penalty() needs G'_1 too: value_and_grad's
+    # forward() stores x1 only: its own loop; penalty() needs G'_1 too, and its own array
     forward = text.split("def _forward(", 1)[1].split("\n\n\n", 1)[0]
     assert re.search(r"x1 = _fused\d+\(b1, t0_\)\[0\]", forward)
-    assert f"x1, dg1 = {name}(b1, t0_)" in text.split("def _penalty(", 1)[1]
-    # the operands of the weight and bias adjoints (eq. 31-33) of both wide layers: one loop
-    assert re.search(r"t\d+_, t\d+_, t\d+_, t\d+_, t\d+_, t\d+_ = _fused\d+\(B, lam, zeta1, eta1, "
-                     r"zeta2, eta2\)", program)
+    assert re.search(r"x1, dg1 = _fused\d+\(b1, t0_\)", text.split("def _penalty(", 1)[1])
+    # the operands of the weight and bias adjoints (eq. 31-33) of both wide layers: one loop,
+    # which writes the K^box operands into their stacked buffers and sums the bias adjoints
+    call = re.search(r"(t\d+_), (t\d+_), (t\d+_), (t\d+_), (t\d+_), (t\d+_) = (_fused\d+)\(B, eta1, lam, "
+                     r"zeta1, zeta2, eta2, S1y_\[:B\], S1y_\[B:\], S2y_\[:B\], S2y_\[B:\]\)", program)
+    assert call, "the adjoint operands are not fused"
+    sums = [call.group(3), call.group(6)]
+    assert f"db1 = {sums[0]}/B" in program and f"db2 = {sums[1]}/B" in program
+    kernel = text.split(f"def {call.group(7)}(", 1)[1].split("\n\n\n", 1)[0]
+    for t in sums:  # accumulated over the batch in the loop, never stored per sample
+        assert f"{t}_out = np.zeros(eta1.shape[1], dtype=eta1.dtype)" in kernel
+        assert f"{t}_out[k] += eta" in kernel
+    assert "dW1 = _dense_Kbox(S1x_, S1y_)" in program and "dW2 = _dense_Kbox(S2x_, S2y_)" in program
+    assert "xi0 = _dense_KT_into(W1, zeta1, S1x_[B:])" in program and "S1x_[:B] = x0" in program
     assert len(re.findall(r"^def _fused\d+\(", text, flags=re.M)) == len(set(re.findall(r"^def (_fused\d+)\(", text, flags=re.M)))
 
 

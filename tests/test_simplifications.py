@@ -7,9 +7,9 @@ import sympy as sp
 
 from conftest import write_model
 from dbpgen import derive
-from dbpgen.functions import Kbox, KT
+from dbpgen.functions import K, Kbox, KT
 from dbpgen.program import BATCH, LAM
-from test_gradients import CDB, NODE, mlp
+from test_gradients import CDB, GIVEN, NODE, mlp
 
 PIECEWISE_LINEAR = ["relu", "leaky_relu", {"leaky_relu": 0.2}, "Max(z, 0.2*z)", "Abs(z)", "identity",
                     "Max(z, 0) - Max(-z, 0)/3"]
@@ -43,8 +43,10 @@ def test_identity_output_constant_v_cascade_with_piecewise_linear(tmp_path):
     grads = {str(eq.lhs): eq.rhs for eq in d["gradients"]}
     outputs = dict(d.program.outputs)
     assert outputs["b1"] == 0 and outputs["b2"] == 0 and outputs["b3"] == 0
-    for j in (1, 2, 3):  # grad_theta R = K^box(q_{j-1}, zeta_j) only, lam/B folded in
+    for j in (2, 3):  # grad_theta R = K^box(q_{j-1}, zeta_j) only, lam/B folded in
         assert grads[f"dW{j}"].atoms(Kbox) == {Kbox(j, sp.Symbol(f"q{j-1}"), LAM * sp.Symbol(f"zeta{j}") / BATCH)}
+    # q_0 = 2 xi_0 is not formed: its 2 joins lam/B (eq. 32)
+    assert grads["dW1"].atoms(Kbox) == {Kbox(1, sp.Symbol("xi0"), 2 * LAM * sp.Symbol("zeta1") / BATCH)}
     ops = d.ops["emitted"]
     # the paper's 3L, less two: h_L = K_L(theta_L, q_{L-1}) only fed eta_L, and with no loss
     # and an identity output nothing needs z_L = K_L(theta_L, x_{L-1}) either
@@ -125,4 +127,20 @@ def test_stages_are_recorded_in_pipeline_order(tmp_path):
     d = derivation(mlp("m", ["relu"], None, "mse", NODE, widths=(3,)), tmp_path)
     assert [name for name, _ in d.stages] == [
         "derive", "vanish_second_derivatives", "propagate_constants", "contract_input_gram",
-        "merge_weight_adjoints", "fold_loss_adjoint", "eliminate_dead_code"]
+        "merge_weight_adjoints", "fold_loss_adjoint", "fold_constant_scale", "eliminate_dead_code"]
+
+
+def test_constant_factor_of_q0_moves_into_K_and_Kbox(tmp_path):
+    """q_0 = 2 xi_0 (p = squared norm) feeds only K_1 and K^box_1: by linearity the 2 moves
+    into them (eq. 20, 32) and q_0 is not formed; a per-sample factor (p = norm) stays."""
+    d = derivation(mlp("m", ["relu", "tanh"], "softmax", "nll", CDB), tmp_path)
+    eqs = {str(eq.lhs): eq.rhs for phase in d.equations.values() for eq in phase}
+    assert "q0" not in eqs and not any(sp.Symbol("q0") in e.free_symbols for e in eqs.values())
+    W1, xi0, zeta1 = sp.Symbol("W1"), sp.Symbol("xi0"), sp.Symbol("zeta1")
+    assert eqs["h1"] == 2 * K(1, W1, xi0)
+    assert Kbox(1, xi0, 2 * LAM * zeta1 / BATCH) in eqs["dW1"].atoms(Kbox)
+    assert any(n.startswith("q0 = 2*xi0: the factor 2 moved") for n in d.simplifications)
+    given = derivation(mlp("g", ["relu", "tanh"], None, "mse", GIVEN), tmp_path)
+    geqs = {str(eq.lhs): eq.rhs for phase in given.equations.values() for eq in phase}
+    assert "q0" in geqs and sp.Symbol("q0") in geqs["h1"].free_symbols
+    assert not any(n.startswith("q0 =") for n in given.simplifications)

@@ -7,6 +7,7 @@ from .constants import propagate_constants
 from .dead_code import eliminate_dead_code
 from .gram import contract_input_gram
 from .merge import merge_weight_adjoints
+from .scale import fold_constant_scale
 from .second_derivative import vanish_second_derivatives
 
 PIPELINE = (
@@ -20,6 +21,8 @@ PIPELINE = (
     merge_weight_adjoints,
     # eps_j = delta_j + lam eta_j: one K^T per layer for loss and penalty ((28) + (15)-(16))
     fold_loss_adjoint,
+    # q_0 = 2 xi_0: the factor moves into K_1 and K^box_1 (eq. 20, 32), q_0 is not formed
+    fold_constant_scale,
     # statements no output needs (the forward-backward pass after the cascade)
     eliminate_dead_code,
 )

@@ -82,9 +82,10 @@ class _Fuser:
 
     def loop_width(self, node) -> int | None:
         """The width of the (sample, unit) loop a statement runs in: its target's, or for a
-        batch sum t = BSum(a) (eq. 33), its argument's (the loop accumulates t[k])."""
+        batch sum t = BSum(a) (eq. 33), its argument's (the loop accumulates t[k]; a sum of
+        per-sample scalars, such as the objective J, runs over (sample, 1))."""
         if _accumulates(node):
-            return self.width(shape_of(_batch_sum(node.expr), self.shapes, self.model))
+            return _columns(shape_of(_batch_sum(node.expr), self.shapes, self.model))
         return self.width(self.shapes[node.target.name])
 
     def fusable(self, node) -> bool:
@@ -131,11 +132,31 @@ class _Fuser:
                 early += [t for t in temps if not t.expr.free_symbols & results]
                 temps = [t for t in temps if t.expr.free_symbols & results]
             out += temps + [Stmt(node.target, expr, node.phase, node.eq)]
-        return head + early + tail
+        return self._interleave(head, early) + tail
+
+    @staticmethod
+    def _interleave(head: list, early: list) -> list:
+        """Each early operand right after the last statement of head it reads: it then joins
+        the loop that makes its operands (eta_j = G'_j gamma_j and the K^box and bias
+        operands of layer j in one pass, eta_j not stored when nothing else reads it)."""
+        defined = {}
+        for index, node in enumerate(head):
+            for target in ([a.target for a in node.accums] if isinstance(node, Loop) else [node.target]):
+                defined[target] = index
+        after: dict[int, list] = {}
+        for temp in early:
+            at = max((defined[s] for s in temp.expr.free_symbols if s in defined), default=-1)
+            after.setdefault(at, []).append(temp)
+        out = list(after.get(-1, []))
+        for index, node in enumerate(head):
+            out += [node] + after.get(index, [])
+        return out
 
     def _hoist_reductions(self, node: Stmt, out: list) -> sp.Expr:
         """K, K^T, <a, c>, ... inside a coordinate-wise right-hand side become temporaries."""
-        expr = node.expr
+        return self._reduced(node.expr, out, f"{node.target} = {node.expr}", node.phase)
+
+    def _reduced(self, expr: sp.Expr, out: list, eq: str, phase: str) -> sp.Expr:
         if not isinstance(expr, ELEMENTWISE):
             return expr  # the whole right-hand side is one reduction: nothing to fuse
         mapping = self.reductions
@@ -145,7 +166,7 @@ class _Fuser:
                 for a in e.args:
                     visit(a)
             elif e not in mapping:
-                mapping[e] = self.temp(e, out, f"{node.target} = {node.expr}", node.phase)
+                mapping[e] = self.temp(e, out, eq, phase)
 
         visit(expr)
         return expr.xreplace(mapping)
@@ -171,6 +192,12 @@ class _Fuser:
                 elif isinstance(e, BATCH_OPS) and operand(a):
                     if a not in mapping:
                         mapping[a] = self.temp(a, out, node.eq, node.phase)
+                elif isinstance(a, BSum) and a not in mapping and _columns(
+                        shape_of(a.args[0], self.shapes, self.model)) == 1:
+                    # a sum of per-sample scalars (J): their reductions first, then one loop
+                    arg = self._reduced(a.args[0], out, f"{node.target} = {node.expr}", node.phase)
+                    if _coordinatewise(arg, self.transcendental) and arg.free_symbols:
+                        mapping[a] = self.temp(BSum(arg), out, node.eq, node.phase)
                 elif not isinstance(a, _LEAVES):
                     visit(a)
 
@@ -300,7 +327,7 @@ class _Fuser:
                 if sym.name not in defined and sym.name not in args:
                     args.append(sym.name)
         width = self.loop_width(stmts[0])
-        ref = next((a for a in args if self.width(self.shapes[a]) == width), None)
+        ref = next((a for a in args if _columns(self.shapes[a]) == width), None)
         if ref is None:  # no whole-batch operand to take the batch size from
             return stmts + [Line(f"{self.placed[s.target.name]} = {s.target.name}", "copied into its half",
                                  (s.target,)) for s in stmts if s.target.name in self.placed]
@@ -330,6 +357,11 @@ class _Fuser:
         values = [self.placed[a[:-4]] if a[:-4] in given and a.endswith("_out") else a for a in args]
         call = f"{name}({', '.join(values)})"
         return [Call(stored, call, f"fused loop: {', '.join(defined)}; {eqs}")]
+
+
+def _columns(shape) -> int | None:
+    """n for a whole-batch (B, n) value, else None."""
+    return shape[1] if len(shape) == 2 and shape[0] == BATCH_AXIS else None
 
 
 def _into(node) -> bool:

@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_cdb_9b50b512780208c3"
+__name__ = "_dbpgen_mnist_cdb_ae8a05f29cfe5093"
 
 
 class _CachedGlobals:
@@ -160,16 +160,6 @@ def _rowsum(a):
             acc += a2[i, k]
         out[i, 0] = acc
     return out
-
-
-@numba.njit(cache=True)
-def _bsum(a):
-    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
-    out = np.zeros(a2.shape[1], dtype=a.dtype)
-    for i in range(a2.shape[0]):
-        for k in range(a2.shape[1]):
-            out[k] += a2[i, k]
-    return out.reshape(a.shape[1:])
 
 
 @numba.njit(cache=True)
@@ -383,7 +373,43 @@ def _fused8(b2, t1_, x2_out):
 
 
 @numba.njit(cache=True)
-def _fused9(t4_, dg1, q1_out):
+def _fused9(t3_, x3, y, B, lam, t15__out):
+    zeta3_out = np.empty_like(x3)
+    for i in range(x3.shape[0]):  # samples
+        for k in range(x3.shape[1]):  # units
+            zeta3 = t3_[i, 0]*x3[i, k] - y[i, k]  # (43)
+            zeta3_out[i, k] = zeta3
+            t15_ = lam*zeta3/B  # (31), (32)
+            t15__out[i, k] = t15_
+    return (zeta3_out, t15__out,)
+
+
+@numba.njit(cache=True)
+def _fused10(dg2, xi2, B, lam, t12__out):
+    zeta2_out = np.empty_like(dg2)
+    for i in range(dg2.shape[0]):  # samples
+        for k in range(dg2.shape[1]):  # units
+            zeta2 = dg2[i, k]*xi2[i, k]  # (15)
+            zeta2_out[i, k] = zeta2
+            t12_ = lam*zeta2/B  # (31), (32)
+            t12__out[i, k] = t12_
+    return (zeta2_out, t12__out,)
+
+
+@numba.njit(cache=True)
+def _fused11(dg1, xi1, B, lam, t10__out):
+    zeta1_out = np.empty_like(dg1)
+    for i in range(dg1.shape[0]):  # samples
+        for k in range(dg1.shape[1]):  # units
+            zeta1 = dg1[i, k]*xi1[i, k]  # (15)
+            zeta1_out[i, k] = zeta1
+            t10_ = 2*lam*zeta1/B  # (31), (32)
+            t10__out[i, k] = t10_
+    return (zeta1_out, t10__out,)
+
+
+@numba.njit(cache=True)
+def _fused12(t4_, dg1, q1_out):
     for i in range(t4_.shape[0]):  # samples
         for k in range(t4_.shape[1]):  # units
             h1 = 2*t4_[i, k]  # (20)
@@ -393,7 +419,7 @@ def _fused9(t4_, dg1, q1_out):
 
 
 @numba.njit(cache=True)
-def _fused10(dg2, h2, q2_out):
+def _fused13(dg2, h2, q2_out):
     for i in range(dg2.shape[0]):  # samples
         for k in range(dg2.shape[1]):  # units
             q2 = dg2[i, k]*h2[i, k]  # (21)
@@ -402,55 +428,62 @@ def _fused10(dg2, h2, q2_out):
 
 
 @numba.njit(cache=True)
-def _fused11(h3, t3_, t5_, x3):
+def _fused14(h3, t3_, t5_, x3, B, lam, zeta3, t16__out):
     eta3_out = np.empty_like(h3)
+    t17__out = np.zeros(h3.shape[1], dtype=h3.dtype)
     for i in range(h3.shape[0]):  # samples
         for k in range(h3.shape[1]):  # units
             eta3 = t3_[i, 0]*(h3[i, k]*x3[i, k] - t5_[i, 0]*x3[i, k])  # (44)
             eta3_out[i, k] = eta3
-    return (eta3_out,)
+            t16_ = (eta3*lam + zeta3[i, k])/B  # (31), (32)
+            t16__out[i, k] = t16_
+            t17__out[k] += eta3*lam + zeta3[i, k]  # (31), (33)
+    return (eta3_out, t16__out, t17__out,)
 
 
 @numba.njit(cache=True)
-def _fused12(B, eta1, lam, zeta1, zeta2, eta2, t6__out, t7__out, t9__out, t10__out):
-    t8__out = np.zeros(eta1.shape[1], dtype=eta1.dtype)
-    t11__out = np.zeros(eta1.shape[1], dtype=eta1.dtype)
-    for i in range(eta1.shape[0]):  # samples
-        for k in range(eta1.shape[1]):  # units
-            t6_ = (eta1[i, k]*lam + zeta1[i, k])/B  # (31), (32)
-            t6__out[i, k] = t6_
-            t7_ = 2*lam*zeta1[i, k]/B  # (31), (32)
-            t7__out[i, k] = t7_
-            t8__out[k] += eta1[i, k]*lam + zeta1[i, k]  # (31), (33)
-            t9_ = lam*zeta2[i, k]/B  # (31), (32)
-            t9__out[i, k] = t9_
-            t10_ = (eta2[i, k]*lam + zeta2[i, k])/B  # (31), (32)
-            t10__out[i, k] = t10_
-            t11__out[k] += eta2[i, k]*lam + zeta2[i, k]  # (31), (33)
-    return (t6__out, t7__out, t8__out, t9__out, t10__out, t11__out,)
-
-
-@numba.njit(cache=True)
-def _fused13(B, lam, zeta3, eta3, t12__out, t13__out):
-    t14__out = np.zeros(zeta3.shape[1], dtype=zeta3.dtype)
-    for i in range(zeta3.shape[0]):  # samples
-        for k in range(zeta3.shape[1]):  # units
-            t12_ = lam*zeta3[i, k]/B  # (31), (32)
-            t12__out[i, k] = t12_
-            t13_ = (eta3[i, k]*lam + zeta3[i, k])/B  # (31), (32)
+def _fused15(dg2, gamma2, B, lam, zeta2, t13__out):
+    eta2_out = np.empty_like(dg2)
+    t14__out = np.zeros(dg2.shape[1], dtype=dg2.dtype)
+    for i in range(dg2.shape[0]):  # samples
+        for k in range(dg2.shape[1]):  # units
+            eta2 = dg2[i, k]*gamma2[i, k]  # (28)
+            eta2_out[i, k] = eta2
+            t13_ = (eta2*lam + zeta2[i, k])/B  # (31), (32)
             t13__out[i, k] = t13_
-            t14__out[k] += eta3[i, k]*lam + zeta3[i, k]  # (31), (33)
-    return (t12__out, t13__out, t14__out,)
+            t14__out[k] += eta2*lam + zeta2[i, k]  # (31), (33)
+    return (eta2_out, t13__out, t14__out,)
+
+
+@numba.njit(cache=True)
+def _fused16(dg1, gamma1, B, lam, zeta1, t9__out):
+    t11__out = np.zeros(dg1.shape[1], dtype=dg1.dtype)
+    for i in range(dg1.shape[0]):  # samples
+        for k in range(dg1.shape[1]):  # units
+            eta1 = dg1[i, k]*gamma1[i, k]  # (28)
+            t9_ = (eta1*lam + zeta1[i, k])/B  # (31), (32)
+            t9__out[i, k] = t9_
+            t11__out[k] += eta1*lam + zeta1[i, k]  # (31), (33)
+    return (t9__out, t11__out,)
+
+
+@numba.njit(cache=True)
+def _fused17(R, lam, t3_, t6_, t7_):
+    t8__out = np.zeros(R.shape[1], dtype=R.dtype)
+    for i in range(R.shape[0]):  # samples
+        for k in range(R.shape[1]):  # units
+            t8__out[k] += R[i, 0]*lam + t3_[i, 0]*t7_[i, 0] - t6_[i, 0]  # J = (1/B) sum_b [l + lam R]
+    return (t8__out,)
 
 
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     B = x0.shape[0]  # batch size
     S1x_ = np.empty((2*B, 784), dtype=x0.dtype)  # [x0; xi0] stacked over the batch
-    S1y_ = np.empty((2*B, 256), dtype=x0.dtype)  # [t6_; t7_] stacked over the batch
+    S1y_ = np.empty((2*B, 256), dtype=x0.dtype)  # [t9_; t10_] stacked over the batch
     S2x_ = np.empty((2*B, 256), dtype=x0.dtype)  # [q1; x1] stacked over the batch
-    S2y_ = np.empty((2*B, 256), dtype=x0.dtype)  # [t9_; t10_] stacked over the batch
+    S2y_ = np.empty((2*B, 256), dtype=x0.dtype)  # [t12_; t13_] stacked over the batch
     S3x_ = np.empty((2*B, 256), dtype=x0.dtype)  # [q2; x2] stacked over the batch
-    S3y_ = np.empty((2*B, 10), dtype=x0.dtype)  # [t12_; t13_] stacked over the batch
+    S3y_ = np.empty((2*B, 10), dtype=x0.dtype)  # [t15_; t16_] stacked over the batch
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
     x1, dg1 = _fused7(b1, t0_, S2x_[B:])  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
@@ -459,35 +492,36 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
     t3_ = _rowsum(y)  # zeta3 = x3*RowSum(y) - y
-    zeta3 = _fused6(t3_, x3, y)[0]  # fused loop: zeta3; (43)
+    zeta3, t15_ = _fused9(t3_, x3, y, B, lam, S3y_[:B])  # fused loop: zeta3, t15_; (43); (31), (32)
     xi2 = _dense_KT(W3, zeta3)  # (16)
-    zeta2 = dg2*xi2  # (15)
+    zeta2, t12_ = _fused10(dg2, xi2, B, lam, S2y_[:B])  # fused loop: zeta2, t12_; (15); (31), (32)
     xi1 = _dense_KT(W2, zeta2)  # (16)
-    zeta1 = dg1*xi1  # (15)
+    zeta1, t10_ = _fused11(dg1, xi1, B, lam, S1y_[B:])  # fused loop: zeta1, t10_; (15); (31), (32)
     xi0 = _dense_KT_into(W1, zeta1, S1x_[B:])  # (16)
     s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     R = s  # (10)
     t4_ = _dense_K(W1, xi0)  # h1 = 2*K_1(W1, xi0)
-    q1 = _fused9(t4_, dg1, S2x_[:B])[0]  # fused loop: h1, q1; (20); (21)
+    q1 = _fused12(t4_, dg1, S2x_[:B])[0]  # fused loop: h1, q1; (20); (21)
     h2 = _dense_K(W2, q1)  # (20)
-    q2 = _fused10(dg2, h2, S3x_[:B])[0]  # fused loop: q2; (21)
+    q2 = _fused13(dg2, h2, S3x_[:B])[0]  # fused loop: q2; (21)
     h3 = _dense_K(W3, q2)  # (20)
     t5_ = _rowdot(h3, x3).reshape((-1, 1))  # eta3 = (h3*x3 - x3*<h3, x3>)*RowSum(y)
-    eta3 = _fused11(h3, t3_, t5_, x3)[0]  # fused loop: eta3; (44)
+    eta3, t16_, t17_ = _fused14(h3, t3_, t5_, x3, B, lam, zeta3, S3y_[B:])  # fused loop: eta3, t16_, t17_; (44); (31), (32); (31), (33)
     gamma2 = _dense_KT(W3, eta3)  # (30)
-    eta2 = dg2*gamma2  # (28)
+    eta2, t13_, t14_ = _fused15(dg2, gamma2, B, lam, zeta2, S2y_[B:])  # fused loop: eta2, t13_, t14_; (28); (31), (32); (31), (33)
     gamma1 = _dense_KT(W2, eta2)  # (30)
-    eta1 = dg1*gamma1  # (28)
-    J = _bsum(R*lam + _logsumexp(z3)*_rowsum(y) - _rowsum(y*z3))/B  # J = (1/B) sum_b [l + lam R]
-    t6_, t7_, t8_, t9_, t10_, t11_ = _fused12(B, eta1, lam, zeta1, zeta2, eta2, S1y_[:B], S1y_[B:], S2y_[:B], S2y_[B:])  # fused loop: t6_, t7_, t8_, t9_, t10_, t11_; (31), (32); (31), (33)
-    t12_, t13_, t14_ = _fused13(B, lam, zeta3, eta3, S3y_[:B], S3y_[B:])  # fused loop: t12_, t13_, t14_; (31), (32); (31), (33)
+    t9_, t11_ = _fused16(dg1, gamma1, B, lam, zeta1, S1y_[:B])  # fused loop: eta1, t9_, t11_; (28); (31), (32); (31), (33)
+    t6_ = _rowsum(y*z3)  # J = Σ_b(R*lam + LogSumExp(z3)*RowSum(y) - RowSum(y*z3))/B
+    t7_ = _logsumexp(z3)  # J = Σ_b(R*lam + LogSumExp(z3)*RowSum(y) - RowSum(y*z3))/B
+    t8_ = _fused17(R, lam, t3_, t6_, t7_)[0]  # fused loop: t8_; J = (1/B) sum_b [l + lam R]
+    J = t8_/B  # J = (1/B) sum_b [l + lam R]
     S1x_[:B] = x0  # copied into its half
     dW1 = _dense_Kbox(S1x_, S1y_)  # (31), (32), one GEMM over the stacked batch
-    db1 = t8_/B  # (31), (33)
+    db1 = t11_/B  # (31), (33)
     dW2 = _dense_Kbox(S2x_, S2y_)  # (31), (32), one GEMM over the stacked batch
-    db2 = t11_/B  # (31), (33)
+    db2 = t14_/B  # (31), (33)
     dW3 = _dense_Kbox(S3x_, S3y_)  # (31), (32), one GEMM over the stacked batch
-    db3 = t14_/B  # (31), (33)
+    db3 = t17_/B  # (31), (33)
     return (J, dW1, db1, dW2, db2, dW3, db3,)
 
 

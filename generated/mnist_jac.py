@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_jac_06aa5faabfa1b49b"
+__name__ = "_dbpgen_mnist_jac_a7be159dcdfcf614"
 
 
 class _CachedGlobals:
@@ -160,16 +160,6 @@ def _rowdot(a, b):
             acc += a2[i, k] * b2[i, k]
         out[i] = acc
     return out
-
-
-@numba.njit(cache=True)
-def _bsum(a):
-    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
-    out = np.zeros(a2.shape[1], dtype=a.dtype)
-    for i in range(a2.shape[0]):
-        for k in range(a2.shape[1]):
-            out[k] += a2[i, k]
-    return out.reshape(a.shape[1:])
 
 
 @numba.njit(cache=True)
@@ -364,11 +354,11 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0):
 
 
 @numba.njit(cache=True)
-def _fused6(t9_, x3, xi3):
+def _fused6(t10_, x3, xi3):
     zeta3_out = np.empty_like(x3)
     for i in range(x3.shape[0]):  # samples
         for k in range(x3.shape[1]):  # units
-            zeta3 = -t9_[i, 0]*x3[i, k] + x3[i, k]*xi3[i, k]  # (15)
+            zeta3 = -t10_[i, 0]*x3[i, k] + x3[i, k]*xi3[i, k]  # (15)
             zeta3_out[i, k] = zeta3
     return (zeta3_out,)
 
@@ -385,42 +375,62 @@ def _fused7(u1, dg1):
 
 
 @numba.njit(cache=True)
-def _fused8(h3, t10_, t11_, t9_, x3, xi3):
+def _fused8(h3, t10_, t11_, t12_, x3, xi3):
     eta3_out = np.empty_like(h3)
     for i in range(h3.shape[0]):  # samples
         for k in range(h3.shape[1]):  # units
-            eta3 = -t11_[i, 0]*x3[i, k] + x3[i, k]*(-h3[i, k]*t9_[i, 0] + h3[i, k]*xi3[i, k] - t10_[i, 0]*xi3[i, k])  # App. B.1, corrected
+            eta3 = -t12_[i, 0]*x3[i, k] + x3[i, k]*(-h3[i, k]*t10_[i, 0] + h3[i, k]*xi3[i, k] - t11_[i, 0]*xi3[i, k])  # App. B.1, corrected
             eta3_out[i, k] = eta3
     return (eta3_out,)
 
 
 @numba.njit(cache=True)
-def _fused9(B, etahat1, lam, etahat2):
-    t3__out = np.empty_like(etahat1)
-    t4__out = np.zeros(etahat1.shape[1], dtype=etahat1.dtype)
-    t5__out = np.empty_like(etahat1)
-    t6__out = np.zeros(etahat1.shape[1], dtype=etahat1.dtype)
-    for i in range(etahat1.shape[0]):  # samples
-        for k in range(etahat1.shape[1]):  # units
-            t3_ = etahat1[i, k]*lam/B  # (31), (32)
-            t3__out[i, k] = t3_
-            t4__out[k] += etahat1[i, k]*lam  # (31), (33)
-            t5_ = etahat2[i, k]*lam/B  # (31), (32)
-            t5__out[i, k] = t5_
-            t6__out[k] += etahat2[i, k]*lam  # (31), (33)
-    return (t3__out, t4__out, t5__out, t6__out,)
+def _fused9(B, etahat3, lam):
+    t8__out = np.empty_like(etahat3)
+    t9__out = np.zeros(etahat3.shape[1], dtype=etahat3.dtype)
+    for i in range(etahat3.shape[0]):  # samples
+        for k in range(etahat3.shape[1]):  # units
+            t8_ = etahat3[i, k]*lam/B  # (31), (32)
+            t8__out[i, k] = t8_
+            t9__out[k] += etahat3[i, k]*lam  # (31), (33)
+    return (t8__out, t9__out,)
 
 
 @numba.njit(cache=True)
-def _fused10(B, etahat3, lam):
-    t7__out = np.empty_like(etahat3)
-    t8__out = np.zeros(etahat3.shape[1], dtype=etahat3.dtype)
-    for i in range(etahat3.shape[0]):  # samples
-        for k in range(etahat3.shape[1]):  # units
-            t7_ = etahat3[i, k]*lam/B  # (31), (32)
-            t7__out[i, k] = t7_
-            t8__out[k] += etahat3[i, k]*lam  # (31), (33)
-    return (t7__out, t8__out,)
+def _fused10(dg2, gammahat2, B, lam):
+    etahat2_out = np.empty_like(dg2)
+    t6__out = np.empty_like(dg2)
+    t7__out = np.zeros(dg2.shape[1], dtype=dg2.dtype)
+    for i in range(dg2.shape[0]):  # samples
+        for k in range(dg2.shape[1]):  # units
+            etahat2 = dg2[i, k]*gammahat2[i, k]  # (34), summed
+            etahat2_out[i, k] = etahat2
+            t6_ = etahat2*lam/B  # (31), (32)
+            t6__out[i, k] = t6_
+            t7__out[k] += etahat2*lam  # (31), (33)
+    return (etahat2_out, t6__out, t7__out,)
+
+
+@numba.njit(cache=True)
+def _fused11(dg1, gammahat1, B, lam):
+    t4__out = np.empty_like(dg1)
+    t5__out = np.zeros(dg1.shape[1], dtype=dg1.dtype)
+    for i in range(dg1.shape[0]):  # samples
+        for k in range(dg1.shape[1]):  # units
+            etahat1 = dg1[i, k]*gammahat1[i, k]  # (34), summed
+            t4_ = etahat1*lam/B  # (31), (32)
+            t4__out[i, k] = t4_
+            t5__out[k] += etahat1*lam  # (31), (33)
+    return (t4__out, t5__out,)
+
+
+@numba.njit(cache=True)
+def _fused12(R, lam):
+    t3__out = np.zeros(R.shape[1], dtype=R.dtype)
+    for i in range(R.shape[0]):  # samples
+        for k in range(R.shape[1]):  # units
+            t3__out[k] += R[i, 0]*lam  # J = (1/B) sum_b [l + lam R]
+    return (t3__out,)
 
 
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
@@ -440,8 +450,8 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
     etahat3 = np.zeros((x0.shape[0], 10), dtype=DTYPE)  # sum over i
     for i in range(10):  # Alg. 4 (section 5.4): backward and backward-backward per v_i
         xi3 = _onehot(x0, 10, i)  # Alg. 1: xi_L = v
-        t9_ = _rowdot(x3, xi3).reshape((-1, 1))  # zeta3 = x3*xi3 - x3*<x3, xi3>
-        zeta3 = _fused6(t9_, x3, xi3)[0]  # fused loop: zeta3; (15)
+        t10_ = _rowdot(x3, xi3).reshape((-1, 1))  # zeta3 = x3*xi3 - x3*<x3, xi3>
+        zeta3 = _fused6(t10_, x3, xi3)[0]  # fused loop: zeta3; (15)
         xi2 = _dense_KT(W3, zeta3)  # (16)
         zeta2 = dg2*xi2  # (15)
         xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -453,28 +463,28 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
         h2 = _dense_K(W2, q1)  # (20)
         q2 = dg2*h2  # (21)
         h3 = _dense_K(W3, q2)  # (20)
-        t10_ = _rowdot(h3, x3).reshape((-1, 1))  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
-        t11_ = _rowdot(x3, h3*xi3 - h3*_rowdot(x3, xi3).reshape((-1, 1)) - xi3*_rowdot(h3, x3).reshape((-1, 1))).reshape((-1, 1))  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
-        eta3 = _fused8(h3, t10_, t11_, t9_, x3, xi3)[0]  # fused loop: eta3; App. B.1, corrected
+        t11_ = _rowdot(h3, x3).reshape((-1, 1))  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
+        t12_ = _rowdot(x3, h3*xi3 - h3*_rowdot(x3, xi3).reshape((-1, 1)) - xi3*_rowdot(h3, x3).reshape((-1, 1))).reshape((-1, 1))  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
+        eta3 = _fused8(h3, t10_, t11_, t12_, x3, xi3)[0]  # fused loop: eta3; App. B.1, corrected
         R += Ri  # (10), summed over i
         M1 += _gram_box(zeta1, 2*zeta1)  # Alg. 4: theta^1_1 before W_1
         thetahat2 += _dense_Kbox(q1, zeta2)  # Alg. 4: theta^1_j
         thetahat3 += _dense_Kbox(q2, zeta3)  # Alg. 4: theta^1_j
         etahat3 += eta3  # Alg. 4: eta_L, summed
+    t8_, t9_ = _fused9(B, etahat3, lam)  # fused loop: t8_, t9_; (31), (32); (31), (33)
     thetahat1 = _gram_out(M1, W1)  # Alg. 4: theta^1_1 = M W_1
     gammahat2 = _dense_KT(W3, etahat3)  # (30), summed
-    etahat2 = dg2*gammahat2  # (34), summed
+    etahat2, t6_, t7_ = _fused10(dg2, gammahat2, B, lam)  # fused loop: etahat2, t6_, t7_; (34), summed; (31), (32); (31), (33)
     gammahat1 = _dense_KT(W2, etahat2)  # (30), summed
-    etahat1 = dg1*gammahat1  # (34), summed
-    J = _bsum(R*lam)/B  # J = (1/B) sum_b [l + lam R]
-    t3_, t4_, t5_, t6_ = _fused9(B, etahat1, lam, etahat2)  # fused loop: t3_, t4_, t5_, t6_; (31), (32); (31), (33)
-    t7_, t8_ = _fused10(B, etahat3, lam)  # fused loop: t7_, t8_; (31), (32); (31), (33)
-    dW1 = _dense_Kbox(x0, t3_) + lam*thetahat1/B  # (31), (32)
-    db1 = t4_/B  # (31), (33)
-    dW2 = _dense_Kbox(x1, t5_) + lam*thetahat2/B  # (31), (32)
-    db2 = t6_/B  # (31), (33)
-    dW3 = _dense_Kbox(x2, t7_) + lam*thetahat3/B  # (31), (32)
-    db3 = t8_/B  # (31), (33)
+    t4_, t5_ = _fused11(dg1, gammahat1, B, lam)  # fused loop: etahat1, t4_, t5_; (34), summed; (31), (32); (31), (33)
+    t3_ = _fused12(R, lam)[0]  # fused loop: t3_; J = (1/B) sum_b [l + lam R]
+    J = t3_/B  # J = (1/B) sum_b [l + lam R]
+    dW1 = _dense_Kbox(x0, t4_) + lam*thetahat1/B  # (31), (32)
+    db1 = t5_/B  # (31), (33)
+    dW2 = _dense_Kbox(x1, t6_) + lam*thetahat2/B  # (31), (32)
+    db2 = t7_/B  # (31), (33)
+    dW3 = _dense_Kbox(x2, t8_) + lam*thetahat3/B  # (31), (32)
+    db3 = t9_/B  # (31), (33)
     return (J, dW1, db1, dW2, db2, dW3, db3,)
 
 

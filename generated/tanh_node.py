@@ -17,7 +17,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_tanh_node_c3eccdf96e76158b"
+__name__ = "_dbpgen_tanh_node_cbb3c56804bdc052"
 
 
 class _CachedGlobals:
@@ -164,16 +164,6 @@ def _rowsum(a):
     return out
 
 
-@numba.njit(cache=True)
-def _bsum(a):
-    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
-    out = np.zeros(a2.shape[1], dtype=a.dtype)
-    for i in range(a2.shape[0]):
-        for k in range(a2.shape[1]):
-            out[k] += a2[i, k]
-    return out.reshape(a.shape[1:])
-
-
 
 # -- derived programs -----------------------------------------------------------------
 
@@ -316,7 +306,7 @@ def _fused5(x2):
 
 
 @numba.njit(cache=True)
-def _fused6(b3, t2_, v):
+def _fused6(b3, t2_, v, B, lam, t14__out):
     x3_out = np.empty_like(t2_)
     zeta3_out = np.empty_like(t2_)
     for i in range(t2_.shape[0]):  # samples
@@ -327,11 +317,37 @@ def _fused6(b3, t2_, v):
             xi3 = v[i, k]  # Alg. 1: xi_L = v
             zeta3 = xi3  # (15)
             zeta3_out[i, k] = zeta3
-    return (x3_out, zeta3_out,)
+            t14_ = lam*zeta3/B  # (31), (32)
+            t14__out[i, k] = t14_
+    return (x3_out, zeta3_out, t14__out,)
 
 
 @numba.njit(cache=True)
-def _fused7(t3_, dg1, q1_out):
+def _fused7(dg2, xi2, B, lam, t11__out):
+    zeta2_out = np.empty_like(dg2)
+    for i in range(dg2.shape[0]):  # samples
+        for k in range(dg2.shape[1]):  # units
+            zeta2 = dg2[i, k]*xi2[i, k]  # (15)
+            zeta2_out[i, k] = zeta2
+            t11_ = lam*zeta2/B  # (31), (32)
+            t11__out[i, k] = t11_
+    return (zeta2_out, t11__out,)
+
+
+@numba.njit(cache=True)
+def _fused8(dg1, xi1, B, lam, t9__out):
+    zeta1_out = np.empty_like(dg1)
+    for i in range(dg1.shape[0]):  # samples
+        for k in range(dg1.shape[1]):  # units
+            zeta1 = dg1[i, k]*xi1[i, k]  # (15)
+            zeta1_out[i, k] = zeta1
+            t9_ = 2*lam*zeta1/B  # (31), (32)
+            t9__out[i, k] = t9_
+    return (zeta1_out, t9__out,)
+
+
+@numba.njit(cache=True)
+def _fused9(t3_, dg1, q1_out):
     h1_out = np.empty_like(t3_)
     for i in range(t3_.shape[0]):  # samples
         for k in range(t3_.shape[1]):  # units
@@ -343,7 +359,7 @@ def _fused7(t3_, dg1, q1_out):
 
 
 @numba.njit(cache=True)
-def _fused8(dg2, h2, q2_out):
+def _fused10(dg2, h2, q2_out):
     for i in range(dg2.shape[0]):  # samples
         for k in range(dg2.shape[1]):  # units
             q2 = dg2[i, k]*h2[i, k]  # (21)
@@ -352,7 +368,7 @@ def _fused8(dg2, h2, q2_out):
 
 
 @numba.njit(cache=True)
-def _fused9(x3, y):
+def _fused11(x3, y):
     delta3_out = np.empty_like(x3)
     for i in range(x3.shape[0]):  # samples
         for k in range(x3.shape[1]):  # units
@@ -362,56 +378,62 @@ def _fused9(x3, y):
 
 
 @numba.njit(cache=True)
-def _fused10(ddg2, dg2, h2, lam, t4_, xi2):
+def _fused12(R, lam, t4_):
+    t5__out = np.zeros(R.shape[1], dtype=R.dtype)
+    for i in range(R.shape[0]):  # samples
+        for k in range(R.shape[1]):  # units
+            t5__out[k] += R[i, 0]*lam + t4_[i, 0]  # J = (1/B) sum_b [l + lam R]
+    return (t5__out,)
+
+
+@numba.njit(cache=True)
+def _fused13(delta3, B, t15__out):
+    eps3_out = np.empty_like(delta3)
+    t16__out = np.zeros(delta3.shape[1], dtype=delta3.dtype)
+    for i in range(delta3.shape[0]):  # samples
+        for k in range(delta3.shape[1]):  # units
+            eps3 = delta3[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+            eps3_out[i, k] = eps3
+            t15_ = eps3/B  # (31), (32)
+            t15__out[i, k] = t15_
+            t16__out[k] += eps3  # (31), (33)
+    return (eps3_out, t15__out, t16__out,)
+
+
+@numba.njit(cache=True)
+def _fused14(ddg2, dg2, h2, lam, t6_, xi2, B, t12__out):
     eps2_out = np.empty_like(ddg2)
+    t13__out = np.zeros(ddg2.shape[1], dtype=ddg2.dtype)
     for i in range(ddg2.shape[0]):  # samples
         for k in range(ddg2.shape[1]):  # units
-            eps2 = ddg2[i, k]*h2[i, k]*lam*xi2[i, k] + dg2[i, k]*t4_[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+            eps2 = ddg2[i, k]*h2[i, k]*lam*xi2[i, k] + dg2[i, k]*t6_[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
             eps2_out[i, k] = eps2
-    return (eps2_out,)
+            t12_ = eps2/B  # (31), (32)
+            t12__out[i, k] = t12_
+            t13__out[k] += eps2  # (31), (33)
+    return (eps2_out, t12__out, t13__out,)
 
 
 @numba.njit(cache=True)
-def _fused11(ddg1, dg1, h1, lam, t5_, xi1, B, zeta1, zeta2, eps2, t6__out, t7__out, t9__out, t10__out):
-    t8__out = np.zeros(ddg1.shape[1], dtype=ddg1.dtype)
-    t11__out = np.zeros(ddg1.shape[1], dtype=ddg1.dtype)
+def _fused15(ddg1, dg1, h1, lam, t7_, xi1, B, t8__out):
+    t10__out = np.zeros(ddg1.shape[1], dtype=ddg1.dtype)
     for i in range(ddg1.shape[0]):  # samples
         for k in range(ddg1.shape[1]):  # units
-            eps1 = ddg1[i, k]*h1[i, k]*lam*xi1[i, k] + dg1[i, k]*t5_[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
-            t6_ = eps1/B  # (31), (32)
-            t6__out[i, k] = t6_
-            t7_ = 2*lam*zeta1[i, k]/B  # (31), (32)
-            t7__out[i, k] = t7_
-            t8__out[k] += eps1  # (31), (33)
-            t9_ = lam*zeta2[i, k]/B  # (31), (32)
-            t9__out[i, k] = t9_
-            t10_ = eps2[i, k]/B  # (31), (32)
-            t10__out[i, k] = t10_
-            t11__out[k] += eps2[i, k]  # (31), (33)
-    return (t6__out, t7__out, t8__out, t9__out, t10__out, t11__out,)
-
-
-@numba.njit(cache=True)
-def _fused12(B, lam, zeta3, eps3, t12__out, t13__out):
-    t14__out = np.zeros(zeta3.shape[1], dtype=zeta3.dtype)
-    for i in range(zeta3.shape[0]):  # samples
-        for k in range(zeta3.shape[1]):  # units
-            t12_ = lam*zeta3[i, k]/B  # (31), (32)
-            t12__out[i, k] = t12_
-            t13_ = eps3[i, k]/B  # (31), (32)
-            t13__out[i, k] = t13_
-            t14__out[k] += eps3[i, k]  # (31), (33)
-    return (t12__out, t13__out, t14__out,)
+            eps1 = ddg1[i, k]*h1[i, k]*lam*xi1[i, k] + dg1[i, k]*t7_[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+            t8_ = eps1/B  # (31), (32)
+            t8__out[i, k] = t8_
+            t10__out[k] += eps1  # (31), (33)
+    return (t8__out, t10__out,)
 
 
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
     B = x0.shape[0]  # batch size
     S1x_ = np.empty((2*B, 64), dtype=x0.dtype)  # [x0; xi0] stacked over the batch
-    S1y_ = np.empty((2*B, 128), dtype=x0.dtype)  # [t6_; t7_] stacked over the batch
+    S1y_ = np.empty((2*B, 128), dtype=x0.dtype)  # [t8_; t9_] stacked over the batch
     S2x_ = np.empty((2*B, 128), dtype=x0.dtype)  # [q1; x1] stacked over the batch
-    S2y_ = np.empty((2*B, 128), dtype=x0.dtype)  # [t9_; t10_] stacked over the batch
+    S2y_ = np.empty((2*B, 128), dtype=x0.dtype)  # [t11_; t12_] stacked over the batch
     S3x_ = np.empty((2*B, 128), dtype=x0.dtype)  # [q2; x2] stacked over the batch
-    S3y_ = np.empty((2*B, 8), dtype=x0.dtype)  # [t12_; t13_] stacked over the batch
+    S3y_ = np.empty((2*B, 8), dtype=x0.dtype)  # [t14_; t15_] stacked over the batch
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
     z1 = t0_ + b1  # (8)
     x1 = np.tanh(z1)  # (8)
@@ -421,35 +443,36 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
     x2 = np.tanh(z2)  # (8)
     dg2, ddg2 = _fused5(x2)  # fused loop: dg2, ddg2; g'_2 (9), SymPy; g''_2 (9), SymPy
     t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
-    x3, zeta3 = _fused6(b3, t2_, v)  # fused loop: z3, x3, xi3, zeta3; (8); Alg. 1: xi_L = v; (15)
+    x3, zeta3, t14_ = _fused6(b3, t2_, v, B, lam, S3y_[:B])  # fused loop: z3, x3, xi3, zeta3, t14_; (8); Alg. 1: xi_L = v; (15); (31), (32)
     xi2 = _dense_KT(W3, zeta3)  # (16)
-    zeta2 = dg2*xi2  # (15)
+    zeta2, t11_ = _fused7(dg2, xi2, B, lam, S2y_[:B])  # fused loop: zeta2, t11_; (15); (31), (32)
     xi1 = _dense_KT(W2, zeta2)  # (16)
-    zeta1 = dg1*xi1  # (15)
+    zeta1, t9_ = _fused8(dg1, xi1, B, lam, S1y_[B:])  # fused loop: zeta1, t9_; (15); (31), (32)
     xi0 = _dense_KT_into(W1, zeta1, S1x_[B:])  # (16)
     s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     R = s  # (10)
     t3_ = _dense_K(W1, xi0)  # h1 = 2*K_1(W1, xi0)
-    h1, q1 = _fused7(t3_, dg1, S2x_[:B])  # fused loop: h1, q1; (20); (21)
+    h1, q1 = _fused9(t3_, dg1, S2x_[:B])  # fused loop: h1, q1; (20); (21)
     h2 = _dense_K(W2, q1)  # (20)
-    q2 = _fused8(dg2, h2, S3x_[:B])[0]  # fused loop: q2; (21)
-    delta3 = _fused9(x3, y)[0]  # fused loop: delta3; (33)
-    J = _bsum(R*lam + _rowsum((x3 - y)**2))/B  # J = (1/B) sum_b [l + lam R]
-    eps3 = delta3  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
-    t4_ = _dense_KT(W3, eps3)  # eps2 = ddg2*h2*lam*xi2 + dg2*K^T_3(W3, eps3)
-    eps2 = _fused10(ddg2, dg2, h2, lam, t4_, xi2)[0]  # fused loop: eps2; eps_j = delta_j + lam eta_j: (28) + (15)-(16)
-    t5_ = _dense_KT(W2, eps2)  # eps1 = ddg1*h1*lam*xi1 + dg1*K^T_2(W2, eps2)
-    t6_, t7_, t8_, t9_, t10_, t11_ = _fused11(ddg1, dg1, h1, lam, t5_, xi1, B, zeta1, zeta2, eps2, S1y_[:B], S1y_[B:], S2y_[:B], S2y_[B:])  # fused loop: eps1, t6_, t7_, t8_, t9_, t10_, t11_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
-    t12_, t13_, t14_ = _fused12(B, lam, zeta3, eps3, S3y_[:B], S3y_[B:])  # fused loop: t12_, t13_, t14_; (31), (32); (31), (33)
+    q2 = _fused10(dg2, h2, S3x_[:B])[0]  # fused loop: q2; (21)
+    delta3 = _fused11(x3, y)[0]  # fused loop: delta3; (33)
+    t4_ = _rowsum((x3 - y)**2)  # J = Σ_b(R*lam + RowSum((x3 - y)**2))/B
+    t5_ = _fused12(R, lam, t4_)[0]  # fused loop: t5_; J = (1/B) sum_b [l + lam R]
+    J = t5_/B  # J = (1/B) sum_b [l + lam R]
+    eps3, t15_, t16_ = _fused13(delta3, B, S3y_[B:])  # fused loop: eps3, t15_, t16_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
+    t6_ = _dense_KT(W3, eps3)  # eps2 = ddg2*h2*lam*xi2 + dg2*K^T_3(W3, eps3)
+    eps2, t12_, t13_ = _fused14(ddg2, dg2, h2, lam, t6_, xi2, B, S2y_[B:])  # fused loop: eps2, t12_, t13_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
+    t7_ = _dense_KT(W2, eps2)  # eps1 = ddg1*h1*lam*xi1 + dg1*K^T_2(W2, eps2)
+    t8_, t10_ = _fused15(ddg1, dg1, h1, lam, t7_, xi1, B, S1y_[:B])  # fused loop: eps1, t8_, t10_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
     S1x_[:B] = x0  # copied into its half
     dW1 = _dense_Kbox(S1x_, S1y_)  # (31), (32), one GEMM over the stacked batch
-    db1 = t8_/B  # (31), (33)
+    db1 = t10_/B  # (31), (33)
     S2x_[B:] = x1  # copied into its half
     dW2 = _dense_Kbox(S2x_, S2y_)  # (31), (32), one GEMM over the stacked batch
-    db2 = t11_/B  # (31), (33)
+    db2 = t13_/B  # (31), (33)
     S3x_[B:] = x2  # copied into its half
     dW3 = _dense_Kbox(S3x_, S3y_)  # (31), (32), one GEMM over the stacked batch
-    db3 = t14_/B  # (31), (33)
+    db3 = t16_/B  # (31), (33)
     return (J, dW1, db1, dW2, db2, dW3, db3,)
 
 

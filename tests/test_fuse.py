@@ -51,17 +51,19 @@ def test_fused_loops_store_only_what_later_statements_read():
     forward = text.split("def _forward(", 1)[1].split("\n\n\n", 1)[0]
     assert re.search(r"x1 = _fused\d+\(b1, t0_\)\[0\]", forward)
     assert re.search(r"x1, dg1 = _fused\d+\(b1, t0_\)", text.split("def _penalty(", 1)[1])
-    # the operands of the weight and bias adjoints (eq. 31-33) of both wide layers: one loop,
-    # which writes the K^box operands into their stacked buffers and sums the bias adjoints
-    call = re.search(r"(t\d+_), (t\d+_), (t\d+_), (t\d+_), (t\d+_), (t\d+_) = (_fused\d+)\(B, eta1, lam, "
-                     r"zeta1, zeta2, eta2, S1y_\[:B\], S1y_\[B:\], S2y_\[:B\], S2y_\[B:\]\)", program)
-    assert call, "the adjoint operands are not fused"
-    sums = [call.group(3), call.group(6)]
-    assert f"db1 = {sums[0]}/B" in program and f"db2 = {sums[1]}/B" in program
-    kernel = text.split(f"def {call.group(7)}(", 1)[1].split("\n\n\n", 1)[0]
-    for t in sums:  # accumulated over the batch in the loop, never stored per sample
-        assert f"{t}_out = np.zeros(eta1.shape[1], dtype=eta1.dtype)" in kernel
-        assert f"{t}_out[k] += eta" in kernel
+    # the operands of the weight and bias adjoints (eq. 31-33) join the loop that makes what
+    # they read: eta_1 = G'_1 gamma_1 with lam eta_1 + zeta_1 and its batch sum, written into
+    # the stacked buffer; eta_1 itself is never stored
+    call = re.search(r"(t\d+_), (t\d+_) = (_fused\d+)\(dg1, gamma1, B, lam, zeta1, S1y_\[:B\]\)", program)
+    assert call, "eta1 and the adjoint operands of layer 1 are not fused"
+    code = "\n".join(line.split("#")[0] for line in program.splitlines())
+    assert f"db1 = {call.group(2)}/B" in program and not re.search(r"\beta1\b", code)
+    kernel = text.split(f"def {call.group(3)}(", 1)[1].split("\n\n\n", 1)[0]
+    assert f"{call.group(2)}_out = np.zeros(dg1.shape[1], dtype=dg1.dtype)" in kernel
+    assert f"{call.group(2)}_out[k] += eta1*lam + zeta1[i, k]" in kernel  # summed, not stored
+    assert "eta1_out" not in kernel and f"{call.group(1)}_out[i, k] = " in kernel
+    assert re.search(r"zeta1, t\d+_ = _fused\d+\(dg1, xi1, B, lam, S1y_\[B:\]\)", program)
+    assert re.search(r"eta2, t\d+_, (t\d+_) = _fused\d+\(dg2, gamma2, B, lam, zeta2, S2y_\[B:\]\)", program)
     assert "dW1 = _dense_Kbox(S1x_, S1y_)" in program and "dW2 = _dense_Kbox(S2x_, S2y_)" in program
     assert "xi0 = _dense_KT_into(W1, zeta1, S1x_[B:])" in program and "S1x_[:B] = x0" in program
     assert len(re.findall(r"^def _fused\d+\(", text, flags=re.M)) == len(set(re.findall(r"^def (_fused\d+)\(", text, flags=re.M)))

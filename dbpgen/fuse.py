@@ -8,12 +8,16 @@ memory. This schedule prints each run of consecutive coordinate-wise statements 
 same width as one jitted loop over (sample, unit): values that only that run reads stay
 scalars, and only the ones later statements read are stored.
 
-Nothing is derived here: the statements, their order and their operands are the simplified
-program's. Two mechanical rewrites make runs longer: a reduction inside a coordinate-wise
-right-hand side (K, K^T, <a, c>, softmax, ...) is evaluated first into a temporary, and a
-coordinate-wise argument of a batch reduction (K^box, BSum) becomes its own statement,
-printed once however often it is used. Transcendental functions stay NumPy statements:
-NumPy's SIMD ufuncs beat Numba's scalar libm calls (see codegen.TRANSCENDENTAL).
+Nothing is derived here: the statements and their operands are the simplified program's.
+Mechanical rewrites make runs longer: a reduction inside a coordinate-wise right-hand side
+(K, K^T, <a, c>, softmax, ...) is evaluated first into a temporary; a coordinate-wise
+argument of a batch reduction (K^box, BSum) becomes its own statement, printed once however
+often it is used, right after the last value it reads (so it joins the loop that makes
+that value); a batch sum (eq. 33, and the objective J) is accumulated inside the loop
+instead of stored and summed. The two K^box of a dense layer become one GEMM over
+batch-stacked operands, which the statements that make them write in place.
+Transcendental functions stay NumPy statements: NumPy's SIMD ufuncs beat Numba's scalar
+libm calls (see codegen.TRANSCENDENTAL).
 """
 from __future__ import annotations
 
@@ -204,7 +208,6 @@ class _Fuser:
         visit(node.expr)
         return node.expr.xreplace(mapping)
 
-    # -- 2. grouping and printing ------------------------------------------------------
     def run(self) -> list:
         nodes = self.stack(self.hoist(self.program.stmts))
         return self.fuse(nodes, [e for _, e in self.program.outputs])
@@ -233,7 +236,7 @@ class _Fuser:
                 for half, sym in zip(("[:B]", "[B:]"), operands):
                     self.placed[sym.name] = buf + half
                     maker = makers.get(sym.name)
-                    if maker is None or not self.fusable(maker) and not _into(maker):
+                    if maker is None or not self.fusable(maker) and not self.into_ok(maker):
                         out.append(Line(f"{buf}{half} = {sym.name}", "copied into its half", (sym,)))
             reads = tuple(a for box in boxes for a in box.args[1:])
             out.append(Line(f"{node.target.name} = _dense_Kbox({bufs[0]}, {bufs[1]})",
@@ -255,6 +258,7 @@ class _Fuser:
             return None
         return boxes
 
+    # -- 3. grouping and printing ------------------------------------------------------
     def fuse(self, nodes: list, after: list) -> list:
         """nodes with each run of fusable statements replaced by one call; `after`: the
         expressions evaluated after these nodes (what decides which values are stored)."""
@@ -274,7 +278,7 @@ class _Fuser:
             group = [(index, node)] if self.fusable(node) else []
             if not group:
                 out.append(self.into(node) if isinstance(node, Stmt) and node.target.name in self.placed
-                           and _into(node) else node)
+                           and self.into_ok(node) else node)
         out += self.flush(group, used_later)
         return out
 
@@ -299,6 +303,11 @@ class _Fuser:
             for sym in sp.sympify(e).free_symbols:
                 last[sym.name] = len(nodes)
         return last
+
+    def into_ok(self, node: Stmt) -> bool:
+        """A dense K or K^T, which BLAS can write into a given array (_dense_K*_into)."""
+        return isinstance(node.expr, (K, KT)) and len(node.expr.args) == 3 \
+            and self.model.layers[node.expr.layer - 1].op.kind == "dense"
 
     def into(self, node: Stmt) -> Line:
         """A K or K^T whose value goes into a stacked buffer, written there by BLAS."""
@@ -362,11 +371,6 @@ class _Fuser:
 def _columns(shape) -> int | None:
     """n for a whole-batch (B, n) value, else None."""
     return shape[1] if len(shape) == 2 and shape[0] == BATCH_AXIS else None
-
-
-def _into(node) -> bool:
-    """A dense K or K^T, which BLAS can write into a given array."""
-    return isinstance(node.expr, (K, KT)) and len(node.expr.args) == 3
 
 
 def _batch_sum(expr):

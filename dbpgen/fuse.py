@@ -78,11 +78,11 @@ class _Fuser:
         self.reductions: dict = {}  # hoisted reduction -> its temporary
         self.placed: dict[str, str] = {}  # value -> the half of a stacked buffer it is written to
 
-    def width(self, shape) -> int | None:
+    @staticmethod
+    def width(shape) -> int | None:
         """n for a whole-batch (B, n) value with n > 1, else None."""
-        if len(shape) == 2 and shape[0] == BATCH_AXIS and shape[1] != 1:
-            return shape[1]
-        return None
+        n = _columns(shape)
+        return n if n != 1 else None
 
     def loop_width(self, node) -> int | None:
         """The width of the (sample, unit) loop a statement runs in: its target's, or for a
@@ -189,12 +189,11 @@ class _Fuser:
 
         def visit(e):
             for a in e.args:
-                if _batch_sum(a) is not None and (operand(_batch_sum(a)) or isinstance(
-                        _batch_sum(a), sp.Symbol) and self.width(self.shapes[_batch_sum(a).name])):
-                    if a not in mapping:
-                        mapping[a] = self.temp(a, out, node.eq, node.phase)
-                elif isinstance(e, BATCH_OPS) and operand(a):
-                    if a not in mapping:
+                summed = _batch_sum(a)
+                if summed is not None and (operand(summed) or isinstance(summed, sp.Symbol)
+                                           and self.width(self.shapes[summed.name])) \
+                        or isinstance(e, BATCH_OPS) and operand(a):
+                    if a not in mapping:  # the whole batch sum, or an operand of K^box
                         mapping[a] = self.temp(a, out, node.eq, node.phase)
                 elif isinstance(a, BSum) and a not in mapping and _columns(
                         shape_of(a.args[0], self.shapes, self.model)) == 1:
@@ -312,10 +311,9 @@ class _Fuser:
     def into(self, node: Stmt) -> Line:
         """A K or K^T whose value goes into a stacked buffer, written there by BLAS."""
         printer = NumbaPrinter(self.model, lambda e: shape_of(e, self.shapes, self.model))
-        call = printer.doprint(node.expr)
-        assert call.endswith(")") and "(" in call
-        head, rest = call.split("(", 1)
-        return Line(f"{node.target.name} = {head}_into({rest[:-1]}, {self.placed[node.target.name]})",
+        theta, array = (printer.doprint(a) for a in node.expr.args[1:])
+        helper = "_dense_K_into" if isinstance(node.expr, K) else "_dense_KT_into"
+        return Line(f"{node.target.name} = {helper}({theta}, {array}, {self.placed[node.target.name]})",
                     node.eq, tuple(sorted(node.expr.free_symbols, key=lambda x: x.name)))
 
     def flush(self, group: list, used_later: dict) -> list:
@@ -341,6 +339,7 @@ class _Fuser:
             return stmts + [Line(f"{self.placed[s.target.name]} = {s.target.name}", "copied into its half",
                                  (s.target,)) for s in stmts if s.target.name in self.placed]
         given = [n for n in stored if n in self.placed]  # written into a stacked buffer
+        values = args + [self.placed[n] for n in given]  # what the call passes
         args += [f"{n}_out" for n in given]
         printer = FusedPrinter(self.model, self.shapes)
         lines = [(f"{n}_out = np.zeros({ref}.shape[1], dtype={ref}.dtype)" if n in sums
@@ -363,7 +362,6 @@ class _Fuser:
                                  "returns": returns, "labels": stored})
         name = self.registry[key]
         eqs = "; ".join(dict.fromkeys(s.eq for s in stmts if s.eq))
-        values = [self.placed[a[:-4]] if a[:-4] in given and a.endswith("_out") else a for a in args]
         call = f"{name}({', '.join(values)})"
         return [Call(stored, call, f"fused loop: {', '.join(defined)}; {eqs}")]
 

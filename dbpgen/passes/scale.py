@@ -19,7 +19,7 @@ from dataclasses import replace
 import sympy as sp
 
 from ..functions import K, Kbox
-from ..program import SCALARS, Loop, Program, Stmt
+from ..program import SCALARS, Loop, Program, Stmt, walk
 
 
 def _scaled_copy(stmt: Stmt):
@@ -79,7 +79,7 @@ def fold_constant_scale(program: Program) -> Program:
     # loop bodies first: their accumulations are read after the loop, not their statements
     for n, node in enumerate(nodes):
         if isinstance(node, Loop):
-            later = [e for other in nodes[n + 1:] for e in _exprs(other)] + outputs
+            later = [item.expr for item in walk(nodes[n + 1:])] + outputs
             items, found = _fold(list(node.body) + list(node.accums), later)
             body = tuple(i for i in items if isinstance(i, Stmt))
             accums = tuple(i for i in items if not isinstance(i, Stmt))
@@ -94,8 +94,3 @@ def fold_constant_scale(program: Program) -> Program:
         return program
     return program.with_(stmts=tuple(nodes), fired=program.fired + tuple(notes))
 
-
-def _exprs(node) -> list:
-    if isinstance(node, Loop):
-        return [i.expr for i in node.body + node.accums]
-    return [node.expr]

@@ -5,7 +5,7 @@ warm: import + first call again, from Numba's on-disk cache next to the module.
 `import numpy, numba` is included, as a user sees it (the module is imported the way the
 README shows, without importing dbpgen and SymPy); the interpreter's exit is not.
 
-    python benchmarks/compile_times.py [../shared/benchmarks]
+    python benchmarks/compile_times.py [FOLDER_OF_MODELS]   (default: benchmarks/)
 """
 import subprocess
 import sys
@@ -47,4 +47,4 @@ def main(shared: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "shared" / "benchmarks")
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent)

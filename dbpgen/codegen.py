@@ -128,7 +128,7 @@ def jit_program(model: Model, program: Program) -> bool:
     or when it is GEMM-bound: BLAS does the work either way, and jitting the glue costs
     seconds of LLVM on the first call (6 s for mnist_cdb's value_and_grad) and buys nothing.
     """
-    if not small_kernels(model) or gemm_bound(model):
+    if not small_kernels(model) or gemm_bound(model) or len(model.layers) > lanes.MAX_DEPTH:
         return False
     return not any(item.expr.has(*TRANSCENDENTAL) for item in walk(program.stmts))
 
@@ -142,6 +142,7 @@ def _unpack_line(names: list[str]) -> str:
 def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: dict,
            count_ops: bool = False) -> str:
     kernels = {}
+    schedules = {}  # program -> the name of the schedule that runs it
     fused_loops: dict = {}  # one kernel per distinct fused loop of the module
     for name, program in programs.items():
         shapes = program_shapes(model, program, n_vectors(model))
@@ -149,14 +150,17 @@ def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: di
         if not count_ops and lanes.eligible(model, program, shapes):
             try:
                 kernels[name] = lanes.kernel(model, program, shapes)
+                schedules[name] = "lanes"
                 continue
             except lanes.Unsupported:
                 pass  # printed with whole-batch arrays below
         nodes = None
+        schedules[name] = "count" if count_ops else "jit" if program_jit else "kernels"
         if not count_ops and not program_jit and small_kernels(model):
             # Python over whole-batch arrays: runs of coordinate-wise statements in jitted loops
             nodes, fused, shapes = fuse.schedule(model, program, shapes, TRANSCENDENTAL, fused_loops)
             kernels.update((k["name"], dict(k, jit=NJIT)) for k in fused)
+            schedules[name] = "fused"
         printer = NumbaPrinter(model, lambda e, shapes=shapes: shape_of(e, shapes, model))
         kernels[name] = dict(kernel(program, printer, shapes, nodes), jit=program_jit)
     pen = model.penalty
@@ -172,8 +176,10 @@ def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: di
         "template": TEMPLATE,
         "params": param_specs(model),
         "param_names": [s.name for s in param_symbols(model)],
+        "param_shapes": "{" + ", ".join(f"{s['name']!r}: {tuple(s['shape'])!r}" for s in param_specs(model)) + "}",
         "unpack": _unpack_line([s.name for s in param_symbols(model)]),
         "kernels": kernels,
+        "schedules": pprint.pformat(schedules, sort_dicts=False, width=88),
         "op_kinds": sorted({l.op.kind for l in model.layers}),
         "equations": equations_text(model, programs["value_and_grad"]),
         "ops": pprint.pformat(ops, sort_dicts=True, width=88),

@@ -9,10 +9,12 @@ Nothing is simplified here: that is the job of `dbpgen.passes`.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import sympy as sp
 
+from .budget import BudgetExceeded, attempt, deadline
 from .errors import ModelError
 from .functions import Bias, BiasBox, BSum, Dot, K, KT, Kbox, LogSumExp, OneHot, Row, RowSum, Softmax
 from .ir import S, Z, Model
@@ -96,16 +98,58 @@ def g_second(model: Model, j: int, h, xi, head_identity: bool = False):
 # -- the passes of the paper ---------------------------------------------------------
 
 
-def _via_first(ddg: sp.Expr, dg: sp.Expr, dg_sym: sp.Symbol) -> sp.Expr:
+DERIVATIVE_BUDGET = 5.0  # s of SymPy per activation; the built-in ones need < 0.1
+REWRITE_BUDGET = 1.0  # s for an optional rewrite; past it the plain form is kept
+REWRITE_MAX_OPS = 200  # larger derivatives are not searched for a cheaper form at all
+_X, _DG = sp.Symbol("x_"), sp.Symbol("dg_")  # g(z) and g'(z) in activation_derivatives
+
+
+def _via_first(ddg: sp.Expr, dg: sp.Expr) -> sp.Expr:
     """g'' as g' times a cheaper factor where SymPy finds one (tanh'' = -2 x tanh'), so the
     emitted code reuses dg_j; never through a division, which could meet 0/0."""
-    if ddg.is_zero or dg.is_constant() or ddg.has(sp.DiracDelta, sp.Heaviside, sp.Piecewise):
+    if not dg.free_symbols or ddg.has(sp.DiracDelta, sp.Heaviside, sp.Piecewise) \
+            or sp.count_ops(ddg) > REWRITE_MAX_OPS:
         return ddg
-    ratio = sp.simplify(ddg / dg)
-    if any(p.exp.is_negative for p in ratio.atoms(sp.Pow)):
-        return ddg
-    candidate = dg_sym * ratio
-    return candidate if sp.count_ops(candidate) < sp.count_ops(ddg) else ddg
+
+    def rewrite() -> sp.Expr:
+        if ddg.is_zero:
+            return ddg
+        ratio = sp.simplify(ddg / dg)
+        if any(p.exp.is_negative for p in ratio.atoms(sp.Pow)):
+            return ddg
+        candidate = _DG * ratio
+        return candidate if sp.count_ops(candidate) < sp.count_ops(ddg) else ddg
+
+    return attempt(REWRITE_BUDGET, rewrite, ddg)
+
+
+@functools.lru_cache(maxsize=None)
+def activation_derivatives(expr: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
+    """(g', g'') of g(z) = expr (eq. 9) by sp.diff, in z, x_ = g(z) and dg_ = g'(z).
+
+    x_ replaces g(z) where g' and g'' contain it (tanh' = 1 - x^2). DiracDelta terms of g'
+    (sign, Heaviside) are 0 almost everywhere and dropped, as autodiff frameworks do; those
+    of g'' are left to the second-derivative pass (eq. 34). Cached per activation.
+    """
+    reuse = {} if expr.is_Symbol else {expr: _X}
+    d1 = sp.diff(expr, Z)
+    dg = d1.replace(sp.DiracDelta, lambda *args: sp.S.Zero).xreplace(reuse)
+    ddg = sp.diff(d1, Z).xreplace(reuse)
+    return dg, _via_first(ddg, dg)
+
+
+def layer_derivatives(model: Model, j: int) -> tuple[sp.Expr, sp.Expr]:
+    """g'_j(z_j) and g''_j(z_j) of layer j, within DERIVATIVE_BUDGET (else a ModelError)."""
+    act = model.layers[j - 1].act
+    try:
+        with deadline(DERIVATIVE_BUDGET):
+            dg, ddg = activation_derivatives(act.expr)
+    except BudgetExceeded:
+        raise ModelError(model.source, f"layers[{j - 1}].act",
+                         f"SymPy needs more than {DERIVATIVE_BUDGET:g} s to differentiate this "
+                         "activation twice; simplify it") from None
+    names = {Z: sym("z", j), _X: sym("x", j), _DG: sym("dg", j)}
+    return dg.xreplace(names), ddg.xreplace(names)
 
 
 def forward(model: Model, b: _Builder, derivatives: bool = True) -> None:
@@ -117,17 +161,11 @@ def forward(model: Model, b: _Builder, derivatives: bool = True) -> None:
         if layer.act.is_softmax:
             b.let(sym("x", j), Softmax(sym("z", j)), "forward", "(8)")
             continue
-        expr = layer.act.expr
-        g_of_z = expr.subs(Z, sym("z", j))
-        b.let(sym("x", j), g_of_z, "forward", "(8)")
+        b.let(sym("x", j), layer.act.expr.xreplace({Z: sym("z", j)}), "forward", "(8)")
         if derivatives:
-            # reuse x_j = g_j(z_j) where g_j' and g_j'' contain it (tanh' = 1 - x^2)
-            reuse = {} if g_of_z.is_Symbol else {g_of_z: sym("x", j)}
-            d1 = sp.diff(expr, Z)
-            dg = d1.subs(Z, sym("z", j)).xreplace(reuse)
-            b.let(sym("dg", j), dg, "forward", f"g'_{j} (9), SymPy")
-            ddg = sp.diff(d1, Z).subs(Z, sym("z", j)).xreplace(reuse)
-            b.let(sym("ddg", j), _via_first(ddg, dg, sym("dg", j)), "forward", f"g''_{j} (9), SymPy")
+            dg, ddg = layer_derivatives(model, j)
+            b.let(sym("dg", j), dg, "forward", "g' (9), SymPy")
+            b.let(sym("ddg", j), ddg, "forward", "g'' (9), SymPy")
 
 
 def loss_gradient_out(model: Model):

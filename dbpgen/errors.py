@@ -16,4 +16,10 @@ class ModelError(Exception):
         self.message = message
 
     def __str__(self) -> str:
-        return f"{self.source}: {self.field}: {self.message}"
+        # one short line whatever the input: a key or file name may be megabytes long
+        return f"{_short(self.source, 200)}: {_short(self.field, 120)}: {_short(self.message, 400)}"
+
+
+def _short(text: str, limit: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -10,16 +10,13 @@ objects directly from an allow-list:
 from __future__ import annotations
 
 import ast
-import contextlib
 import math
-import signal
-import threading
 import warnings
-from typing import Iterator
 
 import sympy as sp
 
 from . import functions
+from .budget import BudgetExceeded, deadline
 from .errors import ModelError
 
 MAX_LENGTH = 500
@@ -107,12 +104,12 @@ def parse_expression(text: str, variable: sp.Symbol, source: str, field: str) ->
     parser = _Parser(variable, source, field)
     tree = parser.parse(text)
     try:
-        with _time_limit(TIME_LIMIT):
+        with deadline(TIME_LIMIT):
             expr = parser.build(tree.body, 1)
             parser.check(expr)
     except ModelError:
         raise
-    except _Timeout:
+    except BudgetExceeded:
         raise parser.error(f"SymPy needs more than {TIME_LIMIT:g} s for this expression; "
                            "simplify it") from None
     except RecursionError:
@@ -120,39 +117,6 @@ def parse_expression(text: str, variable: sp.Symbol, source: str, field: str) ->
     except Exception as exc:  # SymPy may raise anything while evaluating
         raise parser.error(f"SymPy cannot build the expression: {exc}") from None
     return expr
-
-
-class _Timeout(BaseException):
-    """Raised by the timer; a BaseException so that SymPy's `except Exception` lets it by."""
-
-
-@contextlib.contextmanager
-def _time_limit(seconds: float) -> Iterator[None]:
-    """Raise _Timeout after `seconds` of wall time.
-
-    SymPy's cost can grow exponentially with nesting (tanh(tanh(...(sqrt(z))))), which no
-    syntactic limit catches. Signals only work in the main thread on POSIX, and an outer
-    timer (e.g. pytest-timeout) takes precedence; elsewhere there is no limit.
-    """
-    usable = (hasattr(signal, "setitimer")
-              and threading.current_thread() is threading.main_thread()
-              and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
-    if not usable:
-        yield
-        return
-
-    def expire(signum, frame):
-        raise _Timeout()
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        try:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        finally:  # the timer may fire just before it is cleared
-            signal.signal(signal.SIGALRM, previous)
 
 
 class _Parser:

@@ -21,6 +21,8 @@ libm calls (see codegen.TRANSCENDENTAL).
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, replace
 
 import sympy as sp
@@ -28,7 +30,7 @@ import sympy as sp
 from .functions import Bias, BiasBox, BSum, K, Kbox, KT
 from .lanes import BATCH_OPS, ELEMENTWISE, LanePrinter
 from .printer import CodegenError, NumbaPrinter
-from .program import Loop, Program, Stmt
+from .program import BATCH, Loop, Program, Stmt
 from .shapes import BATCH_AXIS, shape_of
 
 LOOP_NAMES = {"i", "k"}  # the fused loops' own indices
@@ -52,6 +54,8 @@ class FusedPrinter(LanePrinter):
         self.local: set[str] = set()  # values of this loop held in scalars
 
     def _print_Symbol(self, expr):
+        if expr == BATCH:
+            return self._batch_size()
         name = expr.name
         if name in self.local:
             return name
@@ -340,21 +344,30 @@ class _Fuser:
                                  (s.target,)) for s in stmts if s.target.name in self.placed]
         given = [n for n in stored if n in self.placed]  # written into a stacked buffer
         values = args + [self.placed[n] for n in given]  # what the call passes
-        args += [f"{n}_out" for n in given]
-        printer = FusedPrinter(self.model, self.shapes)
-        lines = [(f"{n}_out = np.zeros({ref}.shape[1], dtype={ref}.dtype)" if n in sums
-                  else f"{n}_out = np.empty_like({ref})", None) for n in stored if n not in given]
+        # the kernel's own names carry no layer index, so that the loops of layers of one
+        # shape print alike and share one kernel: LLVM work bounded by distinct loops, not depth
+        local = _local_names(args + defined)
+        shapes = {local[n]: self.shapes[n] for n in local if n in self.shapes}
+        renamed = {sym: sp.Symbol(local[sym.name]) for st in stmts for sym in st.expr.free_symbols
+                   if local.get(sym.name, sym.name) != sym.name}
+        params = [local[a] for a in args] + [f"{local[n]}_out" for n in given]
+        ref = local[ref]
+        printer = FusedPrinter(self.model, shapes)
+        lines = [(f"{local[n]}_out = np.zeros({ref}.shape[1], dtype={ref}.dtype)" if n in sums
+                  else f"{local[n]}_out = np.empty_like({ref})", None) for n in stored if n not in given]
         lines.append((f"for i in range({ref}.shape[0]):", "samples"))
         lines.append((f"    for k in range({ref}.shape[1]):", "units"))
-        for s in stmts:
-            if s.target.name in sums:  # a batch sum (eq. 33): accumulated, never stored per sample
-                lines.append((f"        {s.target.name}_out[k] += {printer.doprint(_batch_sum(s.expr))}", f"{s.eq}"))
+        for st in stmts:
+            name, expr = local[st.target.name], st.expr.xreplace(renamed)
+            if st.target.name in sums:  # a batch sum (eq. 33): accumulated, never stored per sample
+                lines.append((f"        {name}_out[k] += {printer.doprint(_batch_sum(expr))}", f"{st.eq}"))
                 continue
-            lines.append((f"        {s.target.name} = {printer.doprint(s.expr)}", f"{s.eq}"))
-            printer.local.add(s.target.name)
-            if s.target.name in stored:
-                lines.append((f"        {s.target.name}_out[i, k] = {s.target.name}", None))
-        returns = [f"{n}_out" for n in stored]
+            lines.append((f"        {name} = {printer.doprint(expr)}", f"{st.eq}"))
+            printer.local.add(name)
+            if st.target.name in stored:
+                lines.append((f"        {name}_out[i, k] = {name}", None))
+        returns = [f"{local[n]}_out" for n in stored]
+        args = params
         key = (tuple(args), tuple(lines), tuple(returns))
         if key not in self.registry:  # programs share identical loops (forward, penalty, ...)
             self.registry[key] = f"_fused{len(self.registry)}"
@@ -364,6 +377,21 @@ class _Fuser:
         eqs = "; ".join(dict.fromkeys(s.eq for s in stmts if s.eq))
         call = f"{name}({', '.join(values)})"
         return [Call(stored, call, f"fused loop: {', '.join(defined)}; {eqs}")]
+
+
+def _local_names(names: list[str]) -> dict[str, str]:
+    """Names inside a fused kernel: the program's without digits (z3 -> z, t12_ -> t),
+    numbered where two would meet (x2, x3 -> x, x_1); loop variables stay free."""
+    out, taken = {}, set(LOOP_NAMES) | {"math"}
+    for name in names:
+        stem = re.sub(r"\d+", "", name).rstrip("_") or "a"
+        new, n = stem, 0
+        while new in taken:
+            n += 1
+            new = f"{stem}_{n}"
+        taken.add(new)
+        out[name] = new
+    return out
 
 
 def _columns(shape) -> int | None:

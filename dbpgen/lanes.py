@@ -22,17 +22,18 @@ import sympy as sp
 from .functions import Bias, BiasBox, BSum, Dot, K, Kbox, KT, RowSum, Sigmoid, Softplus, linear_terms
 from .ir import Dense, Model
 from .printer import CodegenError, NumbaPrinter, zeros_code
-from .program import Loop, Program
+from .program import BATCH, Loop, Program
 from .shapes import BATCH_AXIS, shape_of
 
 CHUNK = 64       # samples per chunk: every buffer of the sine network stays in L1
 MAX_WIDTH = 32   # wider layers: a GEMM call is worth its overhead (measured, see README)
+MAX_DEPTH = 6    # the kernel unrolls every layer: LLVM time and memory grow with depth
 FASTMATH = '{"reassoc", "contract", "nsz", "arcp"}'  # sums over samples vectorize; NaN and inf kept
 
 LOOP_NAMES = {"i", "k", "b", "c0", "nb", "w", "acc", "DTYPE", "np", "numba", "min", "max", "abs"} | {
     f"kr{n}" for n in range(8)}
 ELEMENTWISE = (sp.Add, sp.Mul, sp.Pow, sp.Max, sp.Min, sp.Heaviside, sp.Piecewise, sp.Abs, sp.sign,
-                sp.exp, sp.log, sp.tanh, sp.sinh, sp.cosh, sp.sin, sp.cos, sp.tan, sp.atan, sp.asinh,
+                sp.exp, sp.log, sp.tanh, sp.sinh, sp.cosh, sp.sin, sp.cos, sp.tan, sp.atan, sp.asinh, sp.erf,
                 sp.functions.elementary.piecewise.ExprCondPair, Sigmoid, Softplus, sp.Symbol, sp.Number, sp.NumberSymbol,
                 sp.logic.boolalg.BooleanAtom, sp.core.relational.Relational, Bias)
 _PER_SAMPLE_OPS = (K, KT, Dot, RowSum)
@@ -46,7 +47,7 @@ def _is_per_sample(shape) -> bool:
 def eligible(model: Model, program: Program, shapes: dict) -> bool:
     """Narrow dense layers, no Jacobian loops, only coordinate-wise functions and the
     reductions above, per-sample values at most vectors."""
-    if not all(isinstance(l.op, Dense) for l in model.layers):
+    if not all(isinstance(l.op, Dense) for l in model.layers) or len(model.layers) > MAX_DEPTH:
         return False
     widths = [model.input_shape[0]] + [l.out_shape[0] for l in model.layers]
     if len(model.input_shape) != 1 or max(widths) > MAX_WIDTH:
@@ -79,6 +80,8 @@ class LanePrinter(NumbaPrinter):
         self.row = "i"
 
     def _print_Symbol(self, expr):
+        if expr == BATCH:
+            return self._batch_size()
         if expr.name.startswith("kr"):  # a row of K inside a larger expression
             return expr.name
         shape = self.shapes.get(expr.name, ())
@@ -94,7 +97,6 @@ class LanePrinter(NumbaPrinter):
     def _print_Bias(self, expr):
         return self._print(expr.args[1])
 
-    MAXIMUM, MINIMUM = "max", "min"
 
     def _select(self, cond: str, value: str, other: str) -> str:
         return f"({value} if {cond} else {other})"
@@ -108,12 +110,11 @@ class LanePrinter(NumbaPrinter):
     def _print_Sigmoid(self, expr):
         return self._call("_sigmoid1", expr)
 
+    def _print_erf(self, expr):
+        return f"math.erf({self._print(expr.args[0])})"
+
     def _print_Softplus(self, expr):
         return self._call("_softplus1", expr)
-
-    def _print_Integer(self, expr):
-        # in the model's dtype: a float32 kernel must not promote to float64
-        return self._literal(int(expr)) if self.dtype == "float32" else str(int(expr))
 
     def _print_Pow(self, expr, rational=False):
         base, exp = expr.args

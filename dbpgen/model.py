@@ -6,10 +6,13 @@ never evaluates user text. Field paths are YAML keys with 0-based list indices, 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import keyword
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,9 @@ V_ONLY = {  # keys that only some kinds of v take
 }
 ALGORITHMS = ("auto", "naive", "optimized")
 RESERVED_NAMES = ("numpy", "numba", "dbpgen")  # a generated <name>.py would shadow them
+MAX_NAME = 100  # characters of a model name (a file name has at most 255 bytes)
+MAX_FILE_BYTES = 1 << 20  # a model file is a few hundred bytes; 1 MiB is generous
+MAX_LAYERS = 200  # deeper networks: an error, not minutes of compiling (see the README)
 DEFAULT_LEAKY_ALPHA = 0.01
 
 
@@ -78,9 +84,26 @@ def load_model(path: str | Path) -> Model:
     return model_from_dict(_parse_yaml(raw, source), source, hashlib.sha256(raw).hexdigest())
 
 
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases: a model file never needs them, and a few nested
+    ones (a "billion laughs") expand to gigabytes before any field could be checked."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise ModelError(self.name, "yaml", f"aliases (*{_excerpt(event.anchor)}) are not allowed "
+                             f"in a model file, at line {event.start_mark.line + 1}")
+        return super().compose_node(parent, index)
+
+
 def _parse_yaml(raw: bytes, source: str) -> Any:
+    if len(raw) > MAX_FILE_BYTES:
+        raise ModelError(source, "file", f"is {len(raw):,} bytes; a model file has at most {MAX_FILE_BYTES:,}")
+    loader = None
     try:
-        return yaml.safe_load(raw)
+        loader = _Loader(raw)
+        loader.name = source
+        return loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -93,6 +116,9 @@ def _parse_yaml(raw: bytes, source: str) -> Any:
         raise ModelError(source, "yaml", "nested too deeply") from None
     except ValueError as exc:  # e.g. an integer of more than 4300 digits
         raise ModelError(source, "yaml", str(exc).split(":")[0]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def model_from_dict(data: Any, source: str, source_hash: str = "") -> Model:
@@ -122,9 +148,21 @@ def model_from_dict(data: Any, source: str, source_hash: str = "") -> Model:
 def _name(check: _Checker, value: Any) -> str:
     if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
         raise check.fail("name", "must be an identifier such as sine_mlp (letters, digits, _)")
+    if len(value) > MAX_NAME:
+        raise check.fail("name", f"is {len(value):,} characters long; at most {MAX_NAME}")
     if keyword.iskeyword(value) or value in RESERVED_NAMES:
         raise check.fail("name", f"'{value}' cannot be the name of a Python module")
+    if value in _taken_module_names():
+        raise check.fail("name", f"'{value}' is the name of a standard or installed module; "
+                         f"generated/{value}.py would shadow it wherever it is imported from")
     return value
+
+
+@functools.lru_cache(maxsize=1)
+def _taken_module_names() -> frozenset[str]:
+    """Top-level names of the standard library and of installed distributions."""
+    installed = importlib.metadata.packages_distributions()
+    return frozenset(sys.stdlib_module_names) | frozenset(sys.builtin_module_names) | frozenset(installed)
 
 
 def _input_shape(check: _Checker, value: Any) -> tuple[int, ...]:
@@ -139,6 +177,8 @@ def _input_shape(check: _Checker, value: Any) -> tuple[int, ...]:
 def _layers(check: _Checker, items: Any, in_shape: tuple[int, ...]) -> tuple[Layer, ...]:
     if not isinstance(items, list) or not items:
         raise check.fail("layers", "must be a non-empty list of layers")
+    if len(items) > MAX_LAYERS:
+        raise check.fail("layers", f"{len(items):,} layers; dbpgen compiles at most {MAX_LAYERS}")
     layers = []
     for i, item in enumerate(items):
         layer = _layer(check, item, f"layers[{i}]", i + 1, in_shape, i == len(items) - 1)
@@ -355,5 +395,10 @@ def _show(value: Any) -> str:
     """A short rendering of a user value for messages."""
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    if isinstance(value, (list, dict)):  # never repr a whole (possibly huge) structure
+        return f"a {'list' if isinstance(value, list) else 'mapping'} of {len(value):,} items"
+    return _excerpt(repr(value))
+
+
+def _excerpt(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."

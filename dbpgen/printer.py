@@ -10,6 +10,7 @@ import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
 
 from .functions import Kbox
+from .program import BATCH
 from .shapes import BATCH_AXIS, PER_SAMPLE
 
 
@@ -42,6 +43,15 @@ class NumbaPrinter(NumPyPrinter):
     def _print_Float(self, expr):
         return self._literal(expr)
 
+    def _batch_size(self) -> str:
+        # B is an integer; in a jitted float32 kernel x / B would promote to float64
+        return "np.float32(B)" if self.dtype == "float32" else "B"
+
+    def _print_Symbol(self, expr):
+        if expr == BATCH:
+            return self._batch_size()
+        return super()._print_Symbol(expr)
+
     def _print_Rational(self, expr):
         return self._literal(expr.p / expr.q)
 
@@ -49,7 +59,8 @@ class NumbaPrinter(NumPyPrinter):
         return self._literal(0.5)
 
     def _print_Integer(self, expr):
-        return str(int(expr))
+        # in the model's dtype: in a jitted float32 kernel 2*lam would promote to float64
+        return self._literal(int(expr)) if self.dtype == "float32" else str(int(expr))
 
     def _print_Pi(self, expr):
         return self._literal(float(sp.pi))
@@ -63,6 +74,8 @@ class NumbaPrinter(NumPyPrinter):
             return f"np.sqrt({self._print(base)})"
         if exp == -sp.S.Half:
             return f"({self._literal(1.0)} / np.sqrt({self._print(base)}))"
+        if exp.is_Integer and exp > 0:  # an integer power stays in the base's dtype
+            return f"{self.parenthesize(base, sp.printing.precedence.PRECEDENCE['Pow'])}**{int(exp)}"
         if exp.is_Integer and exp < 0:
             return f"({self._literal(1.0)} / {self.parenthesize(base ** -exp, sp.printing.precedence.PRECEDENCE['Mul'])})"
         return super()._print_Pow(expr, rational=rational)
@@ -151,17 +164,22 @@ class NumbaPrinter(NumPyPrinter):
         return f"_onehot(x0, {int(expr.args[1])}, {self._print(expr.args[0])})"
 
     def _print_Row(self, expr):
-        return f"{self._print(expr.args[0])}[{self._print(expr.args[1])}]"
+        index = expr.args[1]
+        return f"{self._print(expr.args[0])}[{int(index) if index.is_Integer else self._print(index)}]"
 
     def _print_Sigmoid(self, expr):
         return self._call("_sigmoid", expr)
+
+    def _print_erf(self, expr):
+        return self._call("_erf", expr)
 
     def _print_Softplus(self, expr):
         return self._call("_softplus", expr)
 
     # -- coordinate-wise pieces SymPy produces when differentiating activations -----
 
-    # how a subclass printing scalars instead of arrays differs: these three
+    # how a subclass printing scalars instead of arrays differs: these three.
+    # np.maximum (also on scalars in Numba) propagates NaN, as torch.relu does; max() does not
     MAXIMUM, MINIMUM = "np.maximum", "np.minimum"
 
     def _select(self, cond: str, value: str, other: str) -> str:

@@ -138,4 +138,16 @@ def program_shapes(model: Model, program, n_vectors: int = 1) -> dict[str, Shape
             known.update({k: v for k, v in local.items() if k not in known})
         else:
             known[node.target.name] = _target_shape(node.target, node.expr, known, model)
+    for label, expr in program.outputs:  # an output proven 0 may have lost its statement
+        if label not in known and expr == 0:
+            known[label] = _output_shape(label, model)
     return known
+
+
+def _output_shape(label: str, model: Model) -> Shape:
+    """The shape of a program output by its API label (SPEC section 2)."""
+    per_sample = {"out": (model.n_outputs,), "Ju": (model.n_outputs,), "R": (1,),
+                  "xi0": tuple(model.input_shape)}
+    if label == "J":
+        return (1,)
+    return (BATCH_AXIS,) + per_sample[label]

@@ -8,6 +8,7 @@ recursions (paper: Etmann, "A Closer Look at Double Backpropagation") and OPS fo
 counts.
 """
 import ctypes
+import math
 import os
 import sys
 
@@ -17,7 +18,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_lenet_cdb_aa3307d61d41950b"
+__name__ = "_dbpgen_lenet_cdb_0cf23a94e243ff6d"
 
 
 class _CachedGlobals:
@@ -34,6 +35,7 @@ INPUT_SHAPE = (1, 28, 28)
 N_OUTPUTS = 10
 WEIGHT = 0.1
 PARAMS = ['W1', 'b1', 'W3', 'b3', 'W6', 'b6']
+PARAM_SHAPES = {'W1': (8, 1, 5, 5), 'b1': (8,), 'W3': (16, 8, 5, 5), 'b3': (16,), 'W6': (10, 256), 'b6': (10,)}
 
 
 def _keep_freed_memory():
@@ -62,12 +64,12 @@ input-space argument first; lam = penalty weight, B = batch size.
 [forward]
   z1 = b1 + K_1(W1, x0)                                       # (8)
   x1 = Max(0, z1)                                             # (8)
-  dg1 = Heaviside(z1)                                         # g'_1 (9), SymPy
+  dg1 = Heaviside(z1)                                         # g' (9), SymPy
   z2 = K_2(x1)                                                # (8)
   x2 = z2                                                     # (8)
   z3 = b3 + K_3(W3, x2)                                       # (8)
   x3 = Max(0, z3)                                             # (8)
-  dg3 = Heaviside(z3)                                         # g'_3 (9), SymPy
+  dg3 = Heaviside(z3)                                         # g' (9), SymPy
   z4 = K_4(x3)                                                # (8)
   x4 = z4                                                     # (8)
   z5 = K_5(x4)                                                # (8)
@@ -137,6 +139,14 @@ input-space argument first; lam = penalty weight, B = batch size.
 OPS = {'emitted': {'K': 12, 'KT': 11, 'Kbox': 6, 'flops': 3662848},
  'naive': {'K': 12, 'KT': 11, 'Kbox': 9, 'flops': 4307968}}
 PEAK_BYTES = {'batch': 128, 'emitted': 24689664, 'naive': 41073664}
+# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function),
+# fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
+# operators' own kernels), count (plain Python counting K, K^T, K^box)
+SCHEDULES = {'forward': 'kernels',
+ 'vjp': 'kernels',
+ 'jvp': 'kernels',
+ 'penalty': 'kernels',
+ 'value_and_grad': 'kernels'}
 
 # -- avgpool: K x = the k x k mean with stride k (torch avg_pool2d(x, k); rows and columns
 # beyond the last full window are dropped, so K^T is its adjoint when k divides H and W),
@@ -487,12 +497,12 @@ def _forward(W1, b1, W3, b3, W6, b6, x0):
 def _vjp(W1, b1, W3, b3, W6, b6, x0, v):
     z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1)  # (8)
     x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
+    dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
     z2 = _avgpool_K(x1, 2)  # (8)
     x2 = z2  # (8)
     z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1)  # (8)
     x3 = np.maximum(0, z3)  # (8)
-    dg3 = ((z3) > 0) * 1.0  # g'_3 (9), SymPy
+    dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
     z4 = _avgpool_K(x3, 2)  # (8)
     x4 = z4  # (8)
     z5 = _flatten_K(x4)  # (8)
@@ -518,12 +528,12 @@ def _vjp(W1, b1, W3, b3, W6, b6, x0, v):
 def _jvp(W1, b1, W3, b3, W6, b6, x0, u):
     z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1)  # (8)
     x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
+    dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
     z2 = _avgpool_K(x1, 2)  # (8)
     x2 = z2  # (8)
     z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1)  # (8)
     x3 = np.maximum(0, z3)  # (8)
-    dg3 = ((z3) > 0) * 1.0  # g'_3 (9), SymPy
+    dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
     z4 = _avgpool_K(x3, 2)  # (8)
     x4 = z4  # (8)
     z5 = _flatten_K(x4)  # (8)
@@ -549,12 +559,12 @@ def _jvp(W1, b1, W3, b3, W6, b6, x0, u):
 def _penalty(W1, b1, W3, b3, W6, b6, x0, y):
     z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1)  # (8)
     x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
+    dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
     z2 = _avgpool_K(x1, 2)  # (8)
     x2 = z2  # (8)
     z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1)  # (8)
     x3 = np.maximum(0, z3)  # (8)
-    dg3 = ((z3) > 0) * 1.0  # g'_3 (9), SymPy
+    dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
     z4 = _avgpool_K(x3, 2)  # (8)
     x4 = z4  # (8)
     z5 = _flatten_K(x4)  # (8)
@@ -582,12 +592,12 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     B = x0.shape[0]  # batch size
     z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1)  # (8)
     x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g'_1 (9), SymPy
+    dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
     z2 = _avgpool_K(x1, 2)  # (8)
     x2 = z2  # (8)
     z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1)  # (8)
     x3 = np.maximum(0, z3)  # (8)
-    dg3 = ((z3) > 0) * 1.0  # g'_3 (9), SymPy
+    dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
     z4 = _avgpool_K(x3, 2)  # (8)
     x4 = z4  # (8)
     z5 = _flatten_K(x4)  # (8)
@@ -656,18 +666,37 @@ def init_params(seed=0):
     return params
 
 
+def _array(a, name):
+    """a as a C-contiguous array of DTYPE (cast like torch.as_tensor would); real numbers only."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers, got an array of {a.dtype}")
+    return np.asarray(a, dtype=DTYPE, order="C")  # ascontiguousarray would make 0-d 1-d
+
+
 def _unpack(params):
+    """The parameters in kernel order, each checked against PARAM_SHAPES before any kernel
+    reads it: the kernels take their widths from these shapes."""
+    if not hasattr(params, "keys"):
+        raise TypeError(f"params must be a dict of arrays such as init_params() returns, "
+                        f"not {type(params).__name__}")
     out = []
-    for name in PARAMS:
-        a = np.ascontiguousarray(params[name], dtype=DTYPE)
+    for name, shape in PARAM_SHAPES.items():
+        if name not in params:
+            raise ValueError(f"params has no {name!r} (an array of shape {shape})")
+        a = _array(params[name], f"params[{name!r}]")
+        if a.shape != shape:
+            raise ValueError(f"params[{name!r}] must have shape {shape}, got {a.shape}")
         out.append(a)
     return out
 
 
-def _batch(x):
-    x = np.ascontiguousarray(x, dtype=DTYPE)
-    if x.shape[1:] != INPUT_SHAPE:
-        raise ValueError(f"x must have shape (B, *{INPUT_SHAPE}), got {x.shape}")
+def _batch(x, name="x"):
+    x = _array(x, name)
+    if x.ndim != 1 + len(INPUT_SHAPE) or x.shape[1:] != INPUT_SHAPE:
+        raise ValueError(f"{name} must have shape (B, *{INPUT_SHAPE}), got {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} holds no samples (shape {x.shape})")
     return x
 
 
@@ -678,8 +707,12 @@ def _per_sample(a, name, batch, required):
         return np.zeros((batch, N_OUTPUTS), dtype=DTYPE)
     a = np.asarray(a)
     if name == "y" and a.ndim == 1 and np.issubdtype(a.dtype, np.integer):
-        a = np.eye(N_OUTPUTS, dtype=DTYPE)[a]  # class indices, as torch's nll_loss takes them
-    a = np.ascontiguousarray(a, dtype=DTYPE)
+        # class indices, as torch's nll_loss takes them
+        if a.size and (a.min() < 0 or a.max() >= N_OUTPUTS):
+            raise ValueError(f"class indices in y must be in 0..{N_OUTPUTS - 1}, "
+                             f"got {a.min()}..{a.max()}")
+        a = np.eye(N_OUTPUTS, dtype=DTYPE)[a]
+    a = _array(a, name)
     if a.shape != (batch, N_OUTPUTS):
         raise ValueError(f"{name} must have shape ({batch}, {N_OUTPUTS}), got {a.shape}")
     return a
@@ -697,7 +730,12 @@ def _direction(params, x0, v, seed):
 
 
 def _lam(weight):
-    return DTYPE(WEIGHT if weight is None else weight)
+    if weight is None:
+        return DTYPE(WEIGHT)
+    lam = np.asarray(weight)
+    if lam.ndim != 0 or lam.dtype.kind not in "biuf" or not np.isfinite(lam):
+        raise ValueError(f"weight must be a finite number, got {weight!r}")
+    return DTYPE(lam)
 
 
 def forward(params, x):
@@ -741,6 +779,8 @@ def vjp(params, x, v):
 def jvp(params, x, u):
     """(dx_L/dx_0) u per sample: shape (B, N_OUTPUTS)."""
     x0 = _batch(x)
-    u = _batch(u)
+    u = _batch(u, "u")
+    if u.shape != x0.shape:
+        raise ValueError(f"u must have the shape of x, {x0.shape}, got {u.shape}")
     W1, b1, W3, b3, W6, b6 = _unpack(params)
     return _jvp(W1, b1, W3, b3, W6, b6, x0, u)[0]

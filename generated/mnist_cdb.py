@@ -8,6 +8,7 @@ recursions (paper: Etmann, "A Closer Look at Double Backpropagation") and OPS fo
 counts.
 """
 import ctypes
+import math
 import os
 import sys
 
@@ -17,7 +18,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_cdb_ae8a05f29cfe5093"
+__name__ = "_dbpgen_mnist_cdb_0c56e5a8fcfa6e36"
 
 
 class _CachedGlobals:
@@ -34,6 +35,7 @@ INPUT_SHAPE = (784,)
 N_OUTPUTS = 10
 WEIGHT = 0.1
 PARAMS = ['W1', 'b1', 'W2', 'b2', 'W3', 'b3']
+PARAM_SHAPES = {'W1': (256, 784), 'b1': (256,), 'W2': (256, 256), 'b2': (256,), 'W3': (10, 256), 'b3': (10,)}
 
 
 def _keep_freed_memory():
@@ -62,10 +64,10 @@ input-space argument first; lam = penalty weight, B = batch size.
 [forward]
   z1 = b1 + K_1(W1, x0)                                       # (8)
   x1 = Max(0, z1)                                             # (8)
-  dg1 = Heaviside(z1)                                         # g'_1 (9), SymPy
+  dg1 = Heaviside(z1)                                         # g' (9), SymPy
   z2 = b2 + K_2(W2, x1)                                       # (8)
   x2 = Max(0, z2)                                             # (8)
-  dg2 = Heaviside(z2)                                         # g'_2 (9), SymPy
+  dg2 = Heaviside(z2)                                         # g' (9), SymPy
   z3 = b3 + K_3(W3, x2)                                       # (8)
   x3 = Softmax(z3)                                            # (8)
 [backward]
@@ -110,6 +112,14 @@ input-space argument first; lam = penalty weight, B = batch size.
 OPS = {'emitted': {'K': 6, 'KT': 5, 'Kbox': 6, 'flops': 2824192},
  'naive': {'K': 6, 'KT': 5, 'Kbox': 9, 'flops': 3361792}}
 PEAK_BYTES = {'batch': 128, 'emitted': 4526088, 'naive': 5028864}
+# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function),
+# fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
+# operators' own kernels), count (plain Python counting K, K^T, K^box)
+SCHEDULES = {'forward': 'fused',
+ 'vjp': 'fused',
+ 'jvp': 'fused',
+ 'penalty': 'fused',
+ 'value_and_grad': 'fused'}
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
 # (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
@@ -198,32 +208,21 @@ def _logsumexp(z):
 
 
 @numba.njit(cache=True)
-def _fused0(b1, t0_):
-    x1_out = np.empty_like(t0_)
-    for i in range(t0_.shape[0]):  # samples
-        for k in range(t0_.shape[1]):  # units
-            z1 = t0_[i, k] + b1[k]  # (8)
-            x1 = max(0, z1)  # (8)
-            x1_out[i, k] = x1
-    return (x1_out,)
-
-
-@numba.njit(cache=True)
-def _fused1(b2, t1_):
-    x2_out = np.empty_like(t1_)
-    for i in range(t1_.shape[0]):  # samples
-        for k in range(t1_.shape[1]):  # units
-            z2 = t1_[i, k] + b2[k]  # (8)
-            x2 = max(0, z2)  # (8)
-            x2_out[i, k] = x2
-    return (x2_out,)
+def _fused0(b, t):
+    x_out = np.empty_like(t)
+    for i in range(t.shape[0]):  # samples
+        for k in range(t.shape[1]):  # units
+            z = t[i, k] + b[k]  # (8)
+            x = np.maximum(0, z)  # (8)
+            x_out[i, k] = x
+    return (x_out,)
 
 
 def _forward(W1, b1, W2, b2, W3, b3, x0):
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
     x1 = _fused0(b1, t0_)[0]  # fused loop: z1, x1; (8)
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
-    x2 = _fused1(b2, t1_)[0]  # fused loop: z2, x2; (8)
+    x2 = _fused0(b2, t1_)[0]  # fused loop: z2, x2; (8)
     t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
     z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
@@ -231,54 +230,40 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
 
 
 @numba.njit(cache=True)
-def _fused2(b1, t0_):
-    x1_out = np.empty_like(t0_)
-    dg1_out = np.empty_like(t0_)
-    for i in range(t0_.shape[0]):  # samples
-        for k in range(t0_.shape[1]):  # units
-            z1 = t0_[i, k] + b1[k]  # (8)
-            x1 = max(0, z1)  # (8)
-            x1_out[i, k] = x1
-            dg1 = (1.0 if z1 > 0 else 0.0)  # g'_1 (9), SymPy
-            dg1_out[i, k] = dg1
-    return (x1_out, dg1_out,)
+def _fused1(b, t):
+    x_out = np.empty_like(t)
+    dg_out = np.empty_like(t)
+    for i in range(t.shape[0]):  # samples
+        for k in range(t.shape[1]):  # units
+            z = t[i, k] + b[k]  # (8)
+            x = np.maximum(0, z)  # (8)
+            x_out[i, k] = x
+            dg = (1.0 if z > 0 else 0.0)  # g' (9), SymPy
+            dg_out[i, k] = dg
+    return (x_out, dg_out,)
 
 
 @numba.njit(cache=True)
-def _fused3(b2, t1_):
-    x2_out = np.empty_like(t1_)
-    dg2_out = np.empty_like(t1_)
-    for i in range(t1_.shape[0]):  # samples
-        for k in range(t1_.shape[1]):  # units
-            z2 = t1_[i, k] + b2[k]  # (8)
-            x2 = max(0, z2)  # (8)
-            x2_out[i, k] = x2
-            dg2 = (1.0 if z2 > 0 else 0.0)  # g'_2 (9), SymPy
-            dg2_out[i, k] = dg2
-    return (x2_out, dg2_out,)
-
-
-@numba.njit(cache=True)
-def _fused4(t3_, x3, xi3):
-    zeta3_out = np.empty_like(x3)
-    for i in range(x3.shape[0]):  # samples
-        for k in range(x3.shape[1]):  # units
-            zeta3 = -t3_[i, 0]*x3[i, k] + x3[i, k]*xi3[i, k]  # (15)
-            zeta3_out[i, k] = zeta3
-    return (zeta3_out,)
+def _fused2(t, x, xi):
+    zeta_out = np.empty_like(x)
+    for i in range(x.shape[0]):  # samples
+        for k in range(x.shape[1]):  # units
+            zeta = -t[i, 0]*x[i, k] + x[i, k]*xi[i, k]  # (15)
+            zeta_out[i, k] = zeta
+    return (zeta_out,)
 
 
 def _vjp(W1, b1, W2, b2, W3, b3, x0, v):
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
-    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
-    x2, dg2 = _fused3(b2, t1_)  # fused loop: z2, x2, dg2; (8); g'_2 (9), SymPy
+    x2, dg2 = _fused1(b2, t1_)  # fused loop: z2, x2, dg2; (8); g' (9), SymPy
     t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
     z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
     xi3 = v  # Alg. 1: xi_L = v
     t3_ = _rowdot(x3, xi3).reshape((-1, 1))  # zeta3 = x3*xi3 - x3*<x3, xi3>
-    zeta3 = _fused4(t3_, x3, xi3)[0]  # fused loop: zeta3; (15)
+    zeta3 = _fused2(t3_, x3, xi3)[0]  # fused loop: zeta3; (15)
     xi2 = _dense_KT(W3, zeta3)  # (16)
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -288,20 +273,20 @@ def _vjp(W1, b1, W2, b2, W3, b3, x0, v):
 
 
 @numba.njit(cache=True)
-def _fused5(h3, t3_, x3):
-    q3_out = np.empty_like(h3)
-    for i in range(h3.shape[0]):  # samples
-        for k in range(h3.shape[1]):  # units
-            q3 = h3[i, k]*x3[i, k] - t3_[i, 0]*x3[i, k]  # (21)
-            q3_out[i, k] = q3
-    return (q3_out,)
+def _fused3(h, t, x):
+    q_out = np.empty_like(h)
+    for i in range(h.shape[0]):  # samples
+        for k in range(h.shape[1]):  # units
+            q = h[i, k]*x[i, k] - t[i, 0]*x[i, k]  # (21)
+            q_out[i, k] = q
+    return (q_out,)
 
 
 def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
-    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
-    x2, dg2 = _fused3(b2, t1_)  # fused loop: z2, x2, dg2; (8); g'_2 (9), SymPy
+    x2, dg2 = _fused1(b2, t1_)  # fused loop: z2, x2, dg2; (8); g' (9), SymPy
     t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
     z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
@@ -312,30 +297,30 @@ def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
     q2 = dg2*h2  # (21)
     h3 = _dense_K(W3, q2)  # (20)
     t3_ = _rowdot(h3, x3).reshape((-1, 1))  # q3 = h3*x3 - x3*<h3, x3>
-    q3 = _fused5(h3, t3_, x3)[0]  # fused loop: q3; (21)
+    q3 = _fused3(h3, t3_, x3)[0]  # fused loop: q3; (21)
     return (q3,)
 
 
 @numba.njit(cache=True)
-def _fused6(t3_, x3, y):
-    zeta3_out = np.empty_like(x3)
-    for i in range(x3.shape[0]):  # samples
-        for k in range(x3.shape[1]):  # units
-            zeta3 = t3_[i, 0]*x3[i, k] - y[i, k]  # (43)
-            zeta3_out[i, k] = zeta3
-    return (zeta3_out,)
+def _fused4(t, x, y):
+    zeta_out = np.empty_like(x)
+    for i in range(x.shape[0]):  # samples
+        for k in range(x.shape[1]):  # units
+            zeta = t[i, 0]*x[i, k] - y[i, k]  # (43)
+            zeta_out[i, k] = zeta
+    return (zeta_out,)
 
 
 def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
-    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
-    x2, dg2 = _fused3(b2, t1_)  # fused loop: z2, x2, dg2; (8); g'_2 (9), SymPy
+    x2, dg2 = _fused1(b2, t1_)  # fused loop: z2, x2, dg2; (8); g' (9), SymPy
     t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
     z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
     t3_ = _rowsum(y)  # zeta3 = x3*RowSum(y) - y
-    zeta3 = _fused6(t3_, x3, y)[0]  # fused loop: zeta3; (43)
+    zeta3 = _fused4(t3_, x3, y)[0]  # fused loop: zeta3; (43)
     xi2 = _dense_KT(W3, zeta3)  # (16)
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -347,133 +332,120 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
 
 
 @numba.njit(cache=True)
-def _fused7(b1, t0_, x1_out):
-    dg1_out = np.empty_like(t0_)
-    for i in range(t0_.shape[0]):  # samples
-        for k in range(t0_.shape[1]):  # units
-            z1 = t0_[i, k] + b1[k]  # (8)
-            x1 = max(0, z1)  # (8)
-            x1_out[i, k] = x1
-            dg1 = (1.0 if z1 > 0 else 0.0)  # g'_1 (9), SymPy
-            dg1_out[i, k] = dg1
-    return (x1_out, dg1_out,)
+def _fused5(b, t, x_out):
+    dg_out = np.empty_like(t)
+    for i in range(t.shape[0]):  # samples
+        for k in range(t.shape[1]):  # units
+            z = t[i, k] + b[k]  # (8)
+            x = np.maximum(0, z)  # (8)
+            x_out[i, k] = x
+            dg = (1.0 if z > 0 else 0.0)  # g' (9), SymPy
+            dg_out[i, k] = dg
+    return (x_out, dg_out,)
 
 
 @numba.njit(cache=True)
-def _fused8(b2, t1_, x2_out):
-    dg2_out = np.empty_like(t1_)
-    for i in range(t1_.shape[0]):  # samples
-        for k in range(t1_.shape[1]):  # units
-            z2 = t1_[i, k] + b2[k]  # (8)
-            x2 = max(0, z2)  # (8)
-            x2_out[i, k] = x2
-            dg2 = (1.0 if z2 > 0 else 0.0)  # g'_2 (9), SymPy
-            dg2_out[i, k] = dg2
-    return (x2_out, dg2_out,)
+def _fused6(t, x, y, B, lam, t_1_out):
+    zeta_out = np.empty_like(x)
+    for i in range(x.shape[0]):  # samples
+        for k in range(x.shape[1]):  # units
+            zeta = t[i, 0]*x[i, k] - y[i, k]  # (43)
+            zeta_out[i, k] = zeta
+            t_1 = lam*zeta/B  # (31), (32)
+            t_1_out[i, k] = t_1
+    return (zeta_out, t_1_out,)
 
 
 @numba.njit(cache=True)
-def _fused9(t3_, x3, y, B, lam, t15__out):
-    zeta3_out = np.empty_like(x3)
-    for i in range(x3.shape[0]):  # samples
-        for k in range(x3.shape[1]):  # units
-            zeta3 = t3_[i, 0]*x3[i, k] - y[i, k]  # (43)
-            zeta3_out[i, k] = zeta3
-            t15_ = lam*zeta3/B  # (31), (32)
-            t15__out[i, k] = t15_
-    return (zeta3_out, t15__out,)
+def _fused7(dg, xi, B, lam, t_out):
+    zeta_out = np.empty_like(dg)
+    for i in range(dg.shape[0]):  # samples
+        for k in range(dg.shape[1]):  # units
+            zeta = dg[i, k]*xi[i, k]  # (15)
+            zeta_out[i, k] = zeta
+            t = lam*zeta/B  # (31), (32)
+            t_out[i, k] = t
+    return (zeta_out, t_out,)
 
 
 @numba.njit(cache=True)
-def _fused10(dg2, xi2, B, lam, t12__out):
-    zeta2_out = np.empty_like(dg2)
-    for i in range(dg2.shape[0]):  # samples
-        for k in range(dg2.shape[1]):  # units
-            zeta2 = dg2[i, k]*xi2[i, k]  # (15)
-            zeta2_out[i, k] = zeta2
-            t12_ = lam*zeta2/B  # (31), (32)
-            t12__out[i, k] = t12_
-    return (zeta2_out, t12__out,)
+def _fused8(dg, xi, B, lam, t_out):
+    zeta_out = np.empty_like(dg)
+    for i in range(dg.shape[0]):  # samples
+        for k in range(dg.shape[1]):  # units
+            zeta = dg[i, k]*xi[i, k]  # (15)
+            zeta_out[i, k] = zeta
+            t = 2*lam*zeta/B  # (31), (32)
+            t_out[i, k] = t
+    return (zeta_out, t_out,)
 
 
 @numba.njit(cache=True)
-def _fused11(dg1, xi1, B, lam, t10__out):
-    zeta1_out = np.empty_like(dg1)
-    for i in range(dg1.shape[0]):  # samples
-        for k in range(dg1.shape[1]):  # units
-            zeta1 = dg1[i, k]*xi1[i, k]  # (15)
-            zeta1_out[i, k] = zeta1
-            t10_ = 2*lam*zeta1/B  # (31), (32)
-            t10__out[i, k] = t10_
-    return (zeta1_out, t10__out,)
+def _fused9(t, dg, q_out):
+    for i in range(t.shape[0]):  # samples
+        for k in range(t.shape[1]):  # units
+            h = 2*t[i, k]  # (20)
+            q = dg[i, k]*h  # (21)
+            q_out[i, k] = q
+    return (q_out,)
 
 
 @numba.njit(cache=True)
-def _fused12(t4_, dg1, q1_out):
-    for i in range(t4_.shape[0]):  # samples
-        for k in range(t4_.shape[1]):  # units
-            h1 = 2*t4_[i, k]  # (20)
-            q1 = dg1[i, k]*h1  # (21)
-            q1_out[i, k] = q1
-    return (q1_out,)
+def _fused10(dg, h, q_out):
+    for i in range(dg.shape[0]):  # samples
+        for k in range(dg.shape[1]):  # units
+            q = dg[i, k]*h[i, k]  # (21)
+            q_out[i, k] = q
+    return (q_out,)
 
 
 @numba.njit(cache=True)
-def _fused13(dg2, h2, q2_out):
-    for i in range(dg2.shape[0]):  # samples
-        for k in range(dg2.shape[1]):  # units
-            q2 = dg2[i, k]*h2[i, k]  # (21)
-            q2_out[i, k] = q2
-    return (q2_out,)
+def _fused11(h, t, t_1, x, B, lam, zeta, t_2_out):
+    eta_out = np.empty_like(h)
+    t_3_out = np.zeros(h.shape[1], dtype=h.dtype)
+    for i in range(h.shape[0]):  # samples
+        for k in range(h.shape[1]):  # units
+            eta = t[i, 0]*(h[i, k]*x[i, k] - t_1[i, 0]*x[i, k])  # (44)
+            eta_out[i, k] = eta
+            t_2 = (eta*lam + zeta[i, k])/B  # (31), (32)
+            t_2_out[i, k] = t_2
+            t_3_out[k] += eta*lam + zeta[i, k]  # (31), (33)
+    return (eta_out, t_2_out, t_3_out,)
 
 
 @numba.njit(cache=True)
-def _fused14(h3, t3_, t5_, x3, B, lam, zeta3, t16__out):
-    eta3_out = np.empty_like(h3)
-    t17__out = np.zeros(h3.shape[1], dtype=h3.dtype)
-    for i in range(h3.shape[0]):  # samples
-        for k in range(h3.shape[1]):  # units
-            eta3 = t3_[i, 0]*(h3[i, k]*x3[i, k] - t5_[i, 0]*x3[i, k])  # (44)
-            eta3_out[i, k] = eta3
-            t16_ = (eta3*lam + zeta3[i, k])/B  # (31), (32)
-            t16__out[i, k] = t16_
-            t17__out[k] += eta3*lam + zeta3[i, k]  # (31), (33)
-    return (eta3_out, t16__out, t17__out,)
+def _fused12(dg, gamma, B, lam, zeta, t_out):
+    eta_out = np.empty_like(dg)
+    t_1_out = np.zeros(dg.shape[1], dtype=dg.dtype)
+    for i in range(dg.shape[0]):  # samples
+        for k in range(dg.shape[1]):  # units
+            eta = dg[i, k]*gamma[i, k]  # (28)
+            eta_out[i, k] = eta
+            t = (eta*lam + zeta[i, k])/B  # (31), (32)
+            t_out[i, k] = t
+            t_1_out[k] += eta*lam + zeta[i, k]  # (31), (33)
+    return (eta_out, t_out, t_1_out,)
 
 
 @numba.njit(cache=True)
-def _fused15(dg2, gamma2, B, lam, zeta2, t13__out):
-    eta2_out = np.empty_like(dg2)
-    t14__out = np.zeros(dg2.shape[1], dtype=dg2.dtype)
-    for i in range(dg2.shape[0]):  # samples
-        for k in range(dg2.shape[1]):  # units
-            eta2 = dg2[i, k]*gamma2[i, k]  # (28)
-            eta2_out[i, k] = eta2
-            t13_ = (eta2*lam + zeta2[i, k])/B  # (31), (32)
-            t13__out[i, k] = t13_
-            t14__out[k] += eta2*lam + zeta2[i, k]  # (31), (33)
-    return (eta2_out, t13__out, t14__out,)
+def _fused13(dg, gamma, B, lam, zeta, t_out):
+    t_1_out = np.zeros(dg.shape[1], dtype=dg.dtype)
+    for i in range(dg.shape[0]):  # samples
+        for k in range(dg.shape[1]):  # units
+            eta = dg[i, k]*gamma[i, k]  # (28)
+            t = (eta*lam + zeta[i, k])/B  # (31), (32)
+            t_out[i, k] = t
+            t_1_out[k] += eta*lam + zeta[i, k]  # (31), (33)
+    return (t_out, t_1_out,)
 
 
 @numba.njit(cache=True)
-def _fused16(dg1, gamma1, B, lam, zeta1, t9__out):
-    t11__out = np.zeros(dg1.shape[1], dtype=dg1.dtype)
-    for i in range(dg1.shape[0]):  # samples
-        for k in range(dg1.shape[1]):  # units
-            eta1 = dg1[i, k]*gamma1[i, k]  # (28)
-            t9_ = (eta1*lam + zeta1[i, k])/B  # (31), (32)
-            t9__out[i, k] = t9_
-            t11__out[k] += eta1*lam + zeta1[i, k]  # (31), (33)
-    return (t9__out, t11__out,)
-
-
-@numba.njit(cache=True)
-def _fused17(R, lam, t3_, t6_, t7_):
-    t8__out = np.zeros(R.shape[1], dtype=R.dtype)
+def _fused14(R, lam, t, t_1, t_2):
+    t_3_out = np.zeros(R.shape[1], dtype=R.dtype)
     for i in range(R.shape[0]):  # samples
         for k in range(R.shape[1]):  # units
-            t8__out[k] += R[i, 0]*lam + t3_[i, 0]*t7_[i, 0] - t6_[i, 0]  # J = (1/B) sum_b [l + lam R]
-    return (t8__out,)
+            t_3_out[k] += R[i, 0]*lam + t[i, 0]*t_2[i, 0] - t_1[i, 0]  # J = (1/B) sum_b [l + lam R]
+    return (t_3_out,)
 
 
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
@@ -485,35 +457,35 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     S3x_ = np.empty((2*B, 256), dtype=x0.dtype)  # [q2; x2] stacked over the batch
     S3y_ = np.empty((2*B, 10), dtype=x0.dtype)  # [t15_; t16_] stacked over the batch
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
-    x1, dg1 = _fused7(b1, t0_, S2x_[B:])  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
+    x1, dg1 = _fused5(b1, t0_, S2x_[B:])  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
-    x2, dg2 = _fused8(b2, t1_, S3x_[B:])  # fused loop: z2, x2, dg2; (8); g'_2 (9), SymPy
+    x2, dg2 = _fused5(b2, t1_, S3x_[B:])  # fused loop: z2, x2, dg2; (8); g' (9), SymPy
     t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
     z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
     t3_ = _rowsum(y)  # zeta3 = x3*RowSum(y) - y
-    zeta3, t15_ = _fused9(t3_, x3, y, B, lam, S3y_[:B])  # fused loop: zeta3, t15_; (43); (31), (32)
+    zeta3, t15_ = _fused6(t3_, x3, y, B, lam, S3y_[:B])  # fused loop: zeta3, t15_; (43); (31), (32)
     xi2 = _dense_KT(W3, zeta3)  # (16)
-    zeta2, t12_ = _fused10(dg2, xi2, B, lam, S2y_[:B])  # fused loop: zeta2, t12_; (15); (31), (32)
+    zeta2, t12_ = _fused7(dg2, xi2, B, lam, S2y_[:B])  # fused loop: zeta2, t12_; (15); (31), (32)
     xi1 = _dense_KT(W2, zeta2)  # (16)
-    zeta1, t10_ = _fused11(dg1, xi1, B, lam, S1y_[B:])  # fused loop: zeta1, t10_; (15); (31), (32)
+    zeta1, t10_ = _fused8(dg1, xi1, B, lam, S1y_[B:])  # fused loop: zeta1, t10_; (15); (31), (32)
     xi0 = _dense_KT_into(W1, zeta1, S1x_[B:])  # (16)
     s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     R = s  # (10)
     t4_ = _dense_K(W1, xi0)  # h1 = 2*K_1(W1, xi0)
-    q1 = _fused12(t4_, dg1, S2x_[:B])[0]  # fused loop: h1, q1; (20); (21)
+    q1 = _fused9(t4_, dg1, S2x_[:B])[0]  # fused loop: h1, q1; (20); (21)
     h2 = _dense_K(W2, q1)  # (20)
-    q2 = _fused13(dg2, h2, S3x_[:B])[0]  # fused loop: q2; (21)
+    q2 = _fused10(dg2, h2, S3x_[:B])[0]  # fused loop: q2; (21)
     h3 = _dense_K(W3, q2)  # (20)
     t5_ = _rowdot(h3, x3).reshape((-1, 1))  # eta3 = (h3*x3 - x3*<h3, x3>)*RowSum(y)
-    eta3, t16_, t17_ = _fused14(h3, t3_, t5_, x3, B, lam, zeta3, S3y_[B:])  # fused loop: eta3, t16_, t17_; (44); (31), (32); (31), (33)
+    eta3, t16_, t17_ = _fused11(h3, t3_, t5_, x3, B, lam, zeta3, S3y_[B:])  # fused loop: eta3, t16_, t17_; (44); (31), (32); (31), (33)
     gamma2 = _dense_KT(W3, eta3)  # (30)
-    eta2, t13_, t14_ = _fused15(dg2, gamma2, B, lam, zeta2, S2y_[B:])  # fused loop: eta2, t13_, t14_; (28); (31), (32); (31), (33)
+    eta2, t13_, t14_ = _fused12(dg2, gamma2, B, lam, zeta2, S2y_[B:])  # fused loop: eta2, t13_, t14_; (28); (31), (32); (31), (33)
     gamma1 = _dense_KT(W2, eta2)  # (30)
-    t9_, t11_ = _fused16(dg1, gamma1, B, lam, zeta1, S1y_[:B])  # fused loop: eta1, t9_, t11_; (28); (31), (32); (31), (33)
+    t9_, t11_ = _fused13(dg1, gamma1, B, lam, zeta1, S1y_[:B])  # fused loop: eta1, t9_, t11_; (28); (31), (32); (31), (33)
     t6_ = _rowsum(y*z3)  # J = Σ_b(R*lam + LogSumExp(z3)*RowSum(y) - RowSum(y*z3))/B
     t7_ = _logsumexp(z3)  # J = Σ_b(R*lam + LogSumExp(z3)*RowSum(y) - RowSum(y*z3))/B
-    t8_ = _fused17(R, lam, t3_, t6_, t7_)[0]  # fused loop: t8_; J = (1/B) sum_b [l + lam R]
+    t8_ = _fused14(R, lam, t3_, t6_, t7_)[0]  # fused loop: t8_; J = (1/B) sum_b [l + lam R]
     J = t8_/B  # J = (1/B) sum_b [l + lam R]
     S1x_[:B] = x0  # copied into its half
     dW1 = _dense_Kbox(S1x_, S1y_)  # (31), (32), one GEMM over the stacked batch
@@ -541,18 +513,37 @@ def init_params(seed=0):
     return params
 
 
+def _array(a, name):
+    """a as a C-contiguous array of DTYPE (cast like torch.as_tensor would); real numbers only."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers, got an array of {a.dtype}")
+    return np.asarray(a, dtype=DTYPE, order="C")  # ascontiguousarray would make 0-d 1-d
+
+
 def _unpack(params):
+    """The parameters in kernel order, each checked against PARAM_SHAPES before any kernel
+    reads it: the kernels take their widths from these shapes."""
+    if not hasattr(params, "keys"):
+        raise TypeError(f"params must be a dict of arrays such as init_params() returns, "
+                        f"not {type(params).__name__}")
     out = []
-    for name in PARAMS:
-        a = np.ascontiguousarray(params[name], dtype=DTYPE)
+    for name, shape in PARAM_SHAPES.items():
+        if name not in params:
+            raise ValueError(f"params has no {name!r} (an array of shape {shape})")
+        a = _array(params[name], f"params[{name!r}]")
+        if a.shape != shape:
+            raise ValueError(f"params[{name!r}] must have shape {shape}, got {a.shape}")
         out.append(a)
     return out
 
 
-def _batch(x):
-    x = np.ascontiguousarray(x, dtype=DTYPE)
-    if x.shape[1:] != INPUT_SHAPE:
-        raise ValueError(f"x must have shape (B, *{INPUT_SHAPE}), got {x.shape}")
+def _batch(x, name="x"):
+    x = _array(x, name)
+    if x.ndim != 1 + len(INPUT_SHAPE) or x.shape[1:] != INPUT_SHAPE:
+        raise ValueError(f"{name} must have shape (B, *{INPUT_SHAPE}), got {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} holds no samples (shape {x.shape})")
     return x
 
 
@@ -563,8 +554,12 @@ def _per_sample(a, name, batch, required):
         return np.zeros((batch, N_OUTPUTS), dtype=DTYPE)
     a = np.asarray(a)
     if name == "y" and a.ndim == 1 and np.issubdtype(a.dtype, np.integer):
-        a = np.eye(N_OUTPUTS, dtype=DTYPE)[a]  # class indices, as torch's nll_loss takes them
-    a = np.ascontiguousarray(a, dtype=DTYPE)
+        # class indices, as torch's nll_loss takes them
+        if a.size and (a.min() < 0 or a.max() >= N_OUTPUTS):
+            raise ValueError(f"class indices in y must be in 0..{N_OUTPUTS - 1}, "
+                             f"got {a.min()}..{a.max()}")
+        a = np.eye(N_OUTPUTS, dtype=DTYPE)[a]
+    a = _array(a, name)
     if a.shape != (batch, N_OUTPUTS):
         raise ValueError(f"{name} must have shape ({batch}, {N_OUTPUTS}), got {a.shape}")
     return a
@@ -582,7 +577,12 @@ def _direction(params, x0, v, seed):
 
 
 def _lam(weight):
-    return DTYPE(WEIGHT if weight is None else weight)
+    if weight is None:
+        return DTYPE(WEIGHT)
+    lam = np.asarray(weight)
+    if lam.ndim != 0 or lam.dtype.kind not in "biuf" or not np.isfinite(lam):
+        raise ValueError(f"weight must be a finite number, got {weight!r}")
+    return DTYPE(lam)
 
 
 def forward(params, x):
@@ -626,6 +626,8 @@ def vjp(params, x, v):
 def jvp(params, x, u):
     """(dx_L/dx_0) u per sample: shape (B, N_OUTPUTS)."""
     x0 = _batch(x)
-    u = _batch(u)
+    u = _batch(u, "u")
+    if u.shape != x0.shape:
+        raise ValueError(f"u must have the shape of x, {x0.shape}, got {u.shape}")
     W1, b1, W2, b2, W3, b3 = _unpack(params)
     return _jvp(W1, b1, W2, b2, W3, b3, x0, u)[0]

@@ -8,6 +8,7 @@ recursions (paper: Etmann, "A Closer Look at Double Backpropagation") and OPS fo
 counts.
 """
 import ctypes
+import math
 import os
 import sys
 
@@ -17,7 +18,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_jac_a7be159dcdfcf614"
+__name__ = "_dbpgen_mnist_jac_afe534fcdd4a813f"
 
 
 class _CachedGlobals:
@@ -34,6 +35,7 @@ INPUT_SHAPE = (784,)
 N_OUTPUTS = 10
 WEIGHT = 0.1
 PARAMS = ['W1', 'b1', 'W2', 'b2', 'W3', 'b3']
+PARAM_SHAPES = {'W1': (256, 784), 'b1': (256,), 'W2': (256, 256), 'b2': (256,), 'W3': (10, 256), 'b3': (10,)}
 
 
 def _keep_freed_memory():
@@ -62,10 +64,10 @@ input-space argument first; lam = penalty weight, B = batch size.
 [forward]
   z1 = b1 + K_1(W1, x0)                                       # (8)
   x1 = Max(0, z1)                                             # (8)
-  dg1 = Heaviside(z1)                                         # g'_1 (9), SymPy
+  dg1 = Heaviside(z1)                                         # g' (9), SymPy
   z2 = b2 + K_2(W2, x1)                                       # (8)
   x2 = Max(0, z2)                                             # (8)
-  dg2 = Heaviside(z2)                                         # g'_2 (9), SymPy
+  dg2 = Heaviside(z2)                                         # g' (9), SymPy
   z3 = b3 + K_3(W3, x2)                                       # (8)
   x3 = Softmax(z3)                                            # (8)
   G1 = Gram(1, W1)                                            # G_1 = W_1 W_1^T, once per call
@@ -127,6 +129,14 @@ OPS = {'emitted': {'K': 23,
              'flops_per_call': 205520896},
  'naive': {'K': 33, 'KT': 50, 'Kbox': 60, 'flops': 23403520}}
 PEAK_BYTES = {'batch': 128, 'emitted': 4814856, 'naive': 7714816}
+# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function),
+# fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
+# operators' own kernels), count (plain Python counting K, K^T, K^box)
+SCHEDULES = {'forward': 'fused',
+ 'vjp': 'fused',
+ 'jvp': 'fused',
+ 'penalty': 'fused',
+ 'value_and_grad': 'fused'}
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
 # (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
@@ -211,32 +221,21 @@ def _gram_out(M, W):
 
 
 @numba.njit(cache=True)
-def _fused0(b1, t0_):
-    x1_out = np.empty_like(t0_)
-    for i in range(t0_.shape[0]):  # samples
-        for k in range(t0_.shape[1]):  # units
-            z1 = t0_[i, k] + b1[k]  # (8)
-            x1 = max(0, z1)  # (8)
-            x1_out[i, k] = x1
-    return (x1_out,)
-
-
-@numba.njit(cache=True)
-def _fused1(b2, t1_):
-    x2_out = np.empty_like(t1_)
-    for i in range(t1_.shape[0]):  # samples
-        for k in range(t1_.shape[1]):  # units
-            z2 = t1_[i, k] + b2[k]  # (8)
-            x2 = max(0, z2)  # (8)
-            x2_out[i, k] = x2
-    return (x2_out,)
+def _fused0(b, t):
+    x_out = np.empty_like(t)
+    for i in range(t.shape[0]):  # samples
+        for k in range(t.shape[1]):  # units
+            z = t[i, k] + b[k]  # (8)
+            x = np.maximum(0, z)  # (8)
+            x_out[i, k] = x
+    return (x_out,)
 
 
 def _forward(W1, b1, W2, b2, W3, b3, x0):
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
     x1 = _fused0(b1, t0_)[0]  # fused loop: z1, x1; (8)
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
-    x2 = _fused1(b2, t1_)[0]  # fused loop: z2, x2; (8)
+    x2 = _fused0(b2, t1_)[0]  # fused loop: z2, x2; (8)
     t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
     z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
@@ -244,54 +243,40 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
 
 
 @numba.njit(cache=True)
-def _fused2(b1, t0_):
-    x1_out = np.empty_like(t0_)
-    dg1_out = np.empty_like(t0_)
-    for i in range(t0_.shape[0]):  # samples
-        for k in range(t0_.shape[1]):  # units
-            z1 = t0_[i, k] + b1[k]  # (8)
-            x1 = max(0, z1)  # (8)
-            x1_out[i, k] = x1
-            dg1 = (1.0 if z1 > 0 else 0.0)  # g'_1 (9), SymPy
-            dg1_out[i, k] = dg1
-    return (x1_out, dg1_out,)
+def _fused1(b, t):
+    x_out = np.empty_like(t)
+    dg_out = np.empty_like(t)
+    for i in range(t.shape[0]):  # samples
+        for k in range(t.shape[1]):  # units
+            z = t[i, k] + b[k]  # (8)
+            x = np.maximum(0, z)  # (8)
+            x_out[i, k] = x
+            dg = (1.0 if z > 0 else 0.0)  # g' (9), SymPy
+            dg_out[i, k] = dg
+    return (x_out, dg_out,)
 
 
 @numba.njit(cache=True)
-def _fused3(b2, t1_):
-    x2_out = np.empty_like(t1_)
-    dg2_out = np.empty_like(t1_)
-    for i in range(t1_.shape[0]):  # samples
-        for k in range(t1_.shape[1]):  # units
-            z2 = t1_[i, k] + b2[k]  # (8)
-            x2 = max(0, z2)  # (8)
-            x2_out[i, k] = x2
-            dg2 = (1.0 if z2 > 0 else 0.0)  # g'_2 (9), SymPy
-            dg2_out[i, k] = dg2
-    return (x2_out, dg2_out,)
-
-
-@numba.njit(cache=True)
-def _fused4(t3_, x3, xi3):
-    zeta3_out = np.empty_like(x3)
-    for i in range(x3.shape[0]):  # samples
-        for k in range(x3.shape[1]):  # units
-            zeta3 = -t3_[i, 0]*x3[i, k] + x3[i, k]*xi3[i, k]  # (15)
-            zeta3_out[i, k] = zeta3
-    return (zeta3_out,)
+def _fused2(t, x, xi):
+    zeta_out = np.empty_like(x)
+    for i in range(x.shape[0]):  # samples
+        for k in range(x.shape[1]):  # units
+            zeta = -t[i, 0]*x[i, k] + x[i, k]*xi[i, k]  # (15)
+            zeta_out[i, k] = zeta
+    return (zeta_out,)
 
 
 def _vjp(W1, b1, W2, b2, W3, b3, x0, v):
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
-    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
-    x2, dg2 = _fused3(b2, t1_)  # fused loop: z2, x2, dg2; (8); g'_2 (9), SymPy
+    x2, dg2 = _fused1(b2, t1_)  # fused loop: z2, x2, dg2; (8); g' (9), SymPy
     t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
     z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
     xi3 = v  # Alg. 1: xi_L = v
     t3_ = _rowdot(x3, xi3).reshape((-1, 1))  # zeta3 = x3*xi3 - x3*<x3, xi3>
-    zeta3 = _fused4(t3_, x3, xi3)[0]  # fused loop: zeta3; (15)
+    zeta3 = _fused2(t3_, x3, xi3)[0]  # fused loop: zeta3; (15)
     xi2 = _dense_KT(W3, zeta3)  # (16)
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -301,20 +286,20 @@ def _vjp(W1, b1, W2, b2, W3, b3, x0, v):
 
 
 @numba.njit(cache=True)
-def _fused5(h3, t3_, x3):
-    q3_out = np.empty_like(h3)
-    for i in range(h3.shape[0]):  # samples
-        for k in range(h3.shape[1]):  # units
-            q3 = h3[i, k]*x3[i, k] - t3_[i, 0]*x3[i, k]  # (21)
-            q3_out[i, k] = q3
-    return (q3_out,)
+def _fused3(h, t, x):
+    q_out = np.empty_like(h)
+    for i in range(h.shape[0]):  # samples
+        for k in range(h.shape[1]):  # units
+            q = h[i, k]*x[i, k] - t[i, 0]*x[i, k]  # (21)
+            q_out[i, k] = q
+    return (q_out,)
 
 
 def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
-    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
-    x2, dg2 = _fused3(b2, t1_)  # fused loop: z2, x2, dg2; (8); g'_2 (9), SymPy
+    x2, dg2 = _fused1(b2, t1_)  # fused loop: z2, x2, dg2; (8); g' (9), SymPy
     t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
     z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
@@ -325,15 +310,15 @@ def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
     q2 = dg2*h2  # (21)
     h3 = _dense_K(W3, q2)  # (20)
     t3_ = _rowdot(h3, x3).reshape((-1, 1))  # q3 = h3*x3 - x3*<h3, x3>
-    q3 = _fused5(h3, t3_, x3)[0]  # fused loop: q3; (21)
+    q3 = _fused3(h3, t3_, x3)[0]  # fused loop: q3; (21)
     return (q3,)
 
 
 def _penalty(W1, b1, W2, b2, W3, b3, x0):
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
-    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
-    x2, dg2 = _fused3(b2, t1_)  # fused loop: z2, x2, dg2; (8); g'_2 (9), SymPy
+    x2, dg2 = _fused1(b2, t1_)  # fused loop: z2, x2, dg2; (8); g' (9), SymPy
     t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
     z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
@@ -341,7 +326,7 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0):
     for i in range(10):  # R = scale * sum_i p(J^T v_i)
         xi3 = _onehot(x0, 10, i)  # Alg. 1: xi_L = v
         t3_ = _rowdot(x3, xi3).reshape((-1, 1))  # zeta3 = x3*xi3 - x3*<x3, xi3>
-        zeta3 = _fused4(t3_, x3, xi3)[0]  # fused loop: zeta3; (15)
+        zeta3 = _fused2(t3_, x3, xi3)[0]  # fused loop: zeta3; (15)
         xi2 = _dense_KT(W3, zeta3)  # (16)
         zeta2 = dg2*xi2  # (15)
         xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -354,91 +339,81 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0):
 
 
 @numba.njit(cache=True)
-def _fused6(t10_, x3, xi3):
-    zeta3_out = np.empty_like(x3)
-    for i in range(x3.shape[0]):  # samples
-        for k in range(x3.shape[1]):  # units
-            zeta3 = -t10_[i, 0]*x3[i, k] + x3[i, k]*xi3[i, k]  # (15)
-            zeta3_out[i, k] = zeta3
-    return (zeta3_out,)
+def _fused4(u, dg):
+    q_out = np.empty_like(u)
+    for i in range(u.shape[0]):  # samples
+        for k in range(u.shape[1]):  # units
+            h = 2*u[i, k]  # (20): h_1 = c(s) G zeta_1
+            q = dg[i, k]*h  # (21)
+            q_out[i, k] = q
+    return (q_out,)
 
 
 @numba.njit(cache=True)
-def _fused7(u1, dg1):
-    q1_out = np.empty_like(u1)
-    for i in range(u1.shape[0]):  # samples
-        for k in range(u1.shape[1]):  # units
-            h1 = 2*u1[i, k]  # (20): h_1 = c(s) G zeta_1
-            q1 = dg1[i, k]*h1  # (21)
-            q1_out[i, k] = q1
-    return (q1_out,)
+def _fused5(h, t, t_1, t_2, x, xi):
+    eta_out = np.empty_like(h)
+    for i in range(h.shape[0]):  # samples
+        for k in range(h.shape[1]):  # units
+            eta = -t_2[i, 0]*x[i, k] + x[i, k]*(-h[i, k]*t[i, 0] + h[i, k]*xi[i, k] - t_1[i, 0]*xi[i, k])  # App. B.1, corrected
+            eta_out[i, k] = eta
+    return (eta_out,)
 
 
 @numba.njit(cache=True)
-def _fused8(h3, t10_, t11_, t12_, x3, xi3):
-    eta3_out = np.empty_like(h3)
-    for i in range(h3.shape[0]):  # samples
-        for k in range(h3.shape[1]):  # units
-            eta3 = -t12_[i, 0]*x3[i, k] + x3[i, k]*(-h3[i, k]*t10_[i, 0] + h3[i, k]*xi3[i, k] - t11_[i, 0]*xi3[i, k])  # App. B.1, corrected
-            eta3_out[i, k] = eta3
-    return (eta3_out,)
+def _fused6(B, etahat, lam):
+    t_out = np.empty_like(etahat)
+    t_1_out = np.zeros(etahat.shape[1], dtype=etahat.dtype)
+    for i in range(etahat.shape[0]):  # samples
+        for k in range(etahat.shape[1]):  # units
+            t = etahat[i, k]*lam/B  # (31), (32)
+            t_out[i, k] = t
+            t_1_out[k] += etahat[i, k]*lam  # (31), (33)
+    return (t_out, t_1_out,)
 
 
 @numba.njit(cache=True)
-def _fused9(B, etahat3, lam):
-    t8__out = np.empty_like(etahat3)
-    t9__out = np.zeros(etahat3.shape[1], dtype=etahat3.dtype)
-    for i in range(etahat3.shape[0]):  # samples
-        for k in range(etahat3.shape[1]):  # units
-            t8_ = etahat3[i, k]*lam/B  # (31), (32)
-            t8__out[i, k] = t8_
-            t9__out[k] += etahat3[i, k]*lam  # (31), (33)
-    return (t8__out, t9__out,)
+def _fused7(dg, gammahat, B, lam):
+    etahat_out = np.empty_like(dg)
+    t_out = np.empty_like(dg)
+    t_1_out = np.zeros(dg.shape[1], dtype=dg.dtype)
+    for i in range(dg.shape[0]):  # samples
+        for k in range(dg.shape[1]):  # units
+            etahat = dg[i, k]*gammahat[i, k]  # (34), summed
+            etahat_out[i, k] = etahat
+            t = etahat*lam/B  # (31), (32)
+            t_out[i, k] = t
+            t_1_out[k] += etahat*lam  # (31), (33)
+    return (etahat_out, t_out, t_1_out,)
 
 
 @numba.njit(cache=True)
-def _fused10(dg2, gammahat2, B, lam):
-    etahat2_out = np.empty_like(dg2)
-    t6__out = np.empty_like(dg2)
-    t7__out = np.zeros(dg2.shape[1], dtype=dg2.dtype)
-    for i in range(dg2.shape[0]):  # samples
-        for k in range(dg2.shape[1]):  # units
-            etahat2 = dg2[i, k]*gammahat2[i, k]  # (34), summed
-            etahat2_out[i, k] = etahat2
-            t6_ = etahat2*lam/B  # (31), (32)
-            t6__out[i, k] = t6_
-            t7__out[k] += etahat2*lam  # (31), (33)
-    return (etahat2_out, t6__out, t7__out,)
+def _fused8(dg, gammahat, B, lam):
+    t_out = np.empty_like(dg)
+    t_1_out = np.zeros(dg.shape[1], dtype=dg.dtype)
+    for i in range(dg.shape[0]):  # samples
+        for k in range(dg.shape[1]):  # units
+            etahat = dg[i, k]*gammahat[i, k]  # (34), summed
+            t = etahat*lam/B  # (31), (32)
+            t_out[i, k] = t
+            t_1_out[k] += etahat*lam  # (31), (33)
+    return (t_out, t_1_out,)
 
 
 @numba.njit(cache=True)
-def _fused11(dg1, gammahat1, B, lam):
-    t4__out = np.empty_like(dg1)
-    t5__out = np.zeros(dg1.shape[1], dtype=dg1.dtype)
-    for i in range(dg1.shape[0]):  # samples
-        for k in range(dg1.shape[1]):  # units
-            etahat1 = dg1[i, k]*gammahat1[i, k]  # (34), summed
-            t4_ = etahat1*lam/B  # (31), (32)
-            t4__out[i, k] = t4_
-            t5__out[k] += etahat1*lam  # (31), (33)
-    return (t4__out, t5__out,)
-
-
-@numba.njit(cache=True)
-def _fused12(R, lam):
-    t3__out = np.zeros(R.shape[1], dtype=R.dtype)
+def _fused9(R, lam):
+    t_out = np.zeros(R.shape[1], dtype=R.dtype)
     for i in range(R.shape[0]):  # samples
         for k in range(R.shape[1]):  # units
-            t3__out[k] += R[i, 0]*lam  # J = (1/B) sum_b [l + lam R]
-    return (t3__out,)
+            t_out[k] += R[i, 0]*lam  # J = (1/B) sum_b [l + lam R]
+    return (t_out,)
 
 
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
     B = x0.shape[0]  # batch size
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
-    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g'_1 (9), SymPy
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
-    x2, dg2 = _fused3(b2, t1_)  # fused loop: z2, x2, dg2; (8); g'_2 (9), SymPy
+    x2, dg2 = _fused1(b2, t1_)  # fused loop: z2, x2, dg2; (8); g' (9), SymPy
     t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
     z3 = t2_ + b3  # (8)
     x3 = _softmax(z3)  # (8)
@@ -451,7 +426,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
     for i in range(10):  # Alg. 4 (section 5.4): backward and backward-backward per v_i
         xi3 = _onehot(x0, 10, i)  # Alg. 1: xi_L = v
         t10_ = _rowdot(x3, xi3).reshape((-1, 1))  # zeta3 = x3*xi3 - x3*<x3, xi3>
-        zeta3 = _fused6(t10_, x3, xi3)[0]  # fused loop: zeta3; (15)
+        zeta3 = _fused2(t10_, x3, xi3)[0]  # fused loop: zeta3; (15)
         xi2 = _dense_KT(W3, zeta3)  # (16)
         zeta2 = dg2*xi2  # (15)
         xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -459,25 +434,25 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
         u1 = _gram_mul(zeta1, G1)  # (16)+(20): K_1 K_1^T = W_1 W_1^T
         s = _rowdot(u1, zeta1).reshape((-1, 1))  # s = <zeta_1, G zeta_1>
         Ri = s  # (10)
-        q1 = _fused7(u1, dg1)[0]  # fused loop: h1, q1; (20): h_1 = c(s) G zeta_1; (21)
+        q1 = _fused4(u1, dg1)[0]  # fused loop: h1, q1; (20): h_1 = c(s) G zeta_1; (21)
         h2 = _dense_K(W2, q1)  # (20)
         q2 = dg2*h2  # (21)
         h3 = _dense_K(W3, q2)  # (20)
         t11_ = _rowdot(h3, x3).reshape((-1, 1))  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
         t12_ = _rowdot(x3, h3*xi3 - h3*_rowdot(x3, xi3).reshape((-1, 1)) - xi3*_rowdot(h3, x3).reshape((-1, 1))).reshape((-1, 1))  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
-        eta3 = _fused8(h3, t10_, t11_, t12_, x3, xi3)[0]  # fused loop: eta3; App. B.1, corrected
+        eta3 = _fused5(h3, t10_, t11_, t12_, x3, xi3)[0]  # fused loop: eta3; App. B.1, corrected
         R += Ri  # (10), summed over i
         M1 += _gram_box(zeta1, 2*zeta1)  # Alg. 4: theta^1_1 before W_1
         thetahat2 += _dense_Kbox(q1, zeta2)  # Alg. 4: theta^1_j
         thetahat3 += _dense_Kbox(q2, zeta3)  # Alg. 4: theta^1_j
         etahat3 += eta3  # Alg. 4: eta_L, summed
-    t8_, t9_ = _fused9(B, etahat3, lam)  # fused loop: t8_, t9_; (31), (32); (31), (33)
+    t8_, t9_ = _fused6(B, etahat3, lam)  # fused loop: t8_, t9_; (31), (32); (31), (33)
     thetahat1 = _gram_out(M1, W1)  # Alg. 4: theta^1_1 = M W_1
     gammahat2 = _dense_KT(W3, etahat3)  # (30), summed
-    etahat2, t6_, t7_ = _fused10(dg2, gammahat2, B, lam)  # fused loop: etahat2, t6_, t7_; (34), summed; (31), (32); (31), (33)
+    etahat2, t6_, t7_ = _fused7(dg2, gammahat2, B, lam)  # fused loop: etahat2, t6_, t7_; (34), summed; (31), (32); (31), (33)
     gammahat1 = _dense_KT(W2, etahat2)  # (30), summed
-    t4_, t5_ = _fused11(dg1, gammahat1, B, lam)  # fused loop: etahat1, t4_, t5_; (34), summed; (31), (32); (31), (33)
-    t3_ = _fused12(R, lam)[0]  # fused loop: t3_; J = (1/B) sum_b [l + lam R]
+    t4_, t5_ = _fused8(dg1, gammahat1, B, lam)  # fused loop: etahat1, t4_, t5_; (34), summed; (31), (32); (31), (33)
+    t3_ = _fused9(R, lam)[0]  # fused loop: t3_; J = (1/B) sum_b [l + lam R]
     J = t3_/B  # J = (1/B) sum_b [l + lam R]
     dW1 = _dense_Kbox(x0, t4_) + lam*thetahat1/B  # (31), (32)
     db1 = t5_/B  # (31), (33)
@@ -504,18 +479,37 @@ def init_params(seed=0):
     return params
 
 
+def _array(a, name):
+    """a as a C-contiguous array of DTYPE (cast like torch.as_tensor would); real numbers only."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers, got an array of {a.dtype}")
+    return np.asarray(a, dtype=DTYPE, order="C")  # ascontiguousarray would make 0-d 1-d
+
+
 def _unpack(params):
+    """The parameters in kernel order, each checked against PARAM_SHAPES before any kernel
+    reads it: the kernels take their widths from these shapes."""
+    if not hasattr(params, "keys"):
+        raise TypeError(f"params must be a dict of arrays such as init_params() returns, "
+                        f"not {type(params).__name__}")
     out = []
-    for name in PARAMS:
-        a = np.ascontiguousarray(params[name], dtype=DTYPE)
+    for name, shape in PARAM_SHAPES.items():
+        if name not in params:
+            raise ValueError(f"params has no {name!r} (an array of shape {shape})")
+        a = _array(params[name], f"params[{name!r}]")
+        if a.shape != shape:
+            raise ValueError(f"params[{name!r}] must have shape {shape}, got {a.shape}")
         out.append(a)
     return out
 
 
-def _batch(x):
-    x = np.ascontiguousarray(x, dtype=DTYPE)
-    if x.shape[1:] != INPUT_SHAPE:
-        raise ValueError(f"x must have shape (B, *{INPUT_SHAPE}), got {x.shape}")
+def _batch(x, name="x"):
+    x = _array(x, name)
+    if x.ndim != 1 + len(INPUT_SHAPE) or x.shape[1:] != INPUT_SHAPE:
+        raise ValueError(f"{name} must have shape (B, *{INPUT_SHAPE}), got {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} holds no samples (shape {x.shape})")
     return x
 
 
@@ -524,7 +518,7 @@ def _per_sample(a, name, batch, required):
         if required:
             raise ValueError(f"this model needs {name}, of shape (B, {N_OUTPUTS})")
         return np.zeros((batch, N_OUTPUTS), dtype=DTYPE)
-    a = np.ascontiguousarray(a, dtype=DTYPE)
+    a = _array(a, name)
     if a.shape != (batch, N_OUTPUTS):
         raise ValueError(f"{name} must have shape ({batch}, {N_OUTPUTS}), got {a.shape}")
     return a
@@ -542,7 +536,12 @@ def _direction(params, x0, v, seed):
 
 
 def _lam(weight):
-    return DTYPE(WEIGHT if weight is None else weight)
+    if weight is None:
+        return DTYPE(WEIGHT)
+    lam = np.asarray(weight)
+    if lam.ndim != 0 or lam.dtype.kind not in "biuf" or not np.isfinite(lam):
+        raise ValueError(f"weight must be a finite number, got {weight!r}")
+    return DTYPE(lam)
 
 
 def forward(params, x):
@@ -586,6 +585,8 @@ def vjp(params, x, v):
 def jvp(params, x, u):
     """(dx_L/dx_0) u per sample: shape (B, N_OUTPUTS)."""
     x0 = _batch(x)
-    u = _batch(u)
+    u = _batch(u, "u")
+    if u.shape != x0.shape:
+        raise ValueError(f"u must have the shape of x, {x0.shape}, got {u.shape}")
     W1, b1, W2, b2, W3, b3 = _unpack(params)
     return _jvp(W1, b1, W2, b2, W3, b3, x0, u)[0]

@@ -8,6 +8,7 @@ recursions (paper: Etmann, "A Closer Look at Double Backpropagation") and OPS fo
 counts.
 """
 import ctypes
+import math
 import os
 import sys
 
@@ -17,7 +18,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_cdb_019abbee61e454a6"
+__name__ = "_dbpgen_sine_cdb_f76d0db66a1ac710"
 
 
 class _CachedGlobals:
@@ -34,6 +35,7 @@ INPUT_SHAPE = (1,)
 N_OUTPUTS = 1
 WEIGHT = 0.1
 PARAMS = ['W1', 'b1', 'W2', 'b2', 'W3', 'b3']
+PARAM_SHAPES = {'W1': (8, 1), 'b1': (8,), 'W2': (5, 8), 'b2': (5,), 'W3': (1, 5), 'b3': (1,)}
 
 
 def _keep_freed_memory():
@@ -62,10 +64,10 @@ input-space argument first; lam = penalty weight, B = batch size.
 [forward]
   z1 = b1 + K_1(W1, x0)                                       # (8)
   x1 = Max(0, z1)                                             # (8)
-  dg1 = Heaviside(z1)                                         # g'_1 (9), SymPy
+  dg1 = Heaviside(z1)                                         # g' (9), SymPy
   z2 = b2 + K_2(W2, x1)                                       # (8)
   x2 = Max(0, z2)                                             # (8)
-  dg2 = Heaviside(z2)                                         # g'_2 (9), SymPy
+  dg2 = Heaviside(z2)                                         # g' (9), SymPy
   z3 = b3 + K_3(W3, x2)                                       # (8)
   x3 = z3                                                     # (8)
 [backward]
@@ -113,6 +115,14 @@ input-space argument first; lam = penalty weight, B = batch size.
 OPS = {'emitted': {'K': 6, 'KT': 5, 'Kbox': 6, 'flops': 620},
  'naive': {'K': 6, 'KT': 5, 'Kbox': 9, 'flops': 726}}
 PEAK_BYTES = {'batch': 128, 'emitted': 74752, 'naive': 108544}
+# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function),
+# fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
+# operators' own kernels), count (plain Python counting K, K^T, K^box)
+SCHEDULES = {'forward': 'lanes',
+ 'vjp': 'lanes',
+ 'jvp': 'lanes',
+ 'penalty': 'lanes',
+ 'value_and_grad': 'lanes'}
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
 # (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
@@ -167,7 +177,7 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
                     kr0[b] += w * x0_t[k, b]
             for b in range(nb):
                 z1[i, b] = kr0[b] + b1[i]
-                x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
+                x1[i, b] = np.maximum(0, z1[i, b])  # x1 = Max(0, z1), (8)
         for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
@@ -177,7 +187,7 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
                     kr0[b] += w * x1[k, b]
             for b in range(nb):
                 z2[i, b] = kr0[b] + b2[i]
-                x2[i, b] = max(0, z2[i, b])  # x2 = Max(0, z2), (8)
+                x2[i, b] = np.maximum(0, z2[i, b])  # x2 = Max(0, z2), (8)
         for i in range(1):  # z3 = b3 + K_3(W3, x2), (8)
             for b in range(nb):
                 kr0[b] = 0.0
@@ -232,8 +242,8 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
                     kr0[b] += w * x0_t[k, b]
             for b in range(nb):
                 z1[i, b] = kr0[b] + b1[i]
-                x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
-                dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
+                x1[i, b] = np.maximum(0, z1[i, b])  # x1 = Max(0, z1), (8)
+                dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g' (9), SymPy
         for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
@@ -243,7 +253,7 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
                     kr0[b] += w * x1[k, b]
             for b in range(nb):
                 z2[i, b] = kr0[b] + b2[i]
-                dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g'_2 (9), SymPy
+                dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g' (9), SymPy
         for i in range(n5_):  # xi2 = K^T_3(W3, zeta3), (16)
             for b in range(nb):
                 xi2[i, b] = 0.0
@@ -314,8 +324,8 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
                     kr0[b] += w * x0_t[k, b]
             for b in range(nb):
                 z1[i, b] = kr0[b] + b1[i]
-                x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
-                dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
+                x1[i, b] = np.maximum(0, z1[i, b])  # x1 = Max(0, z1), (8)
+                dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g' (9), SymPy
         for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
@@ -325,7 +335,7 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
                     kr0[b] += w * x1[k, b]
             for b in range(nb):
                 z2[i, b] = kr0[b] + b2[i]
-                dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g'_2 (9), SymPy
+                dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g' (9), SymPy
         for i in range(n8_):  # h1 = K_1(W1, q0), (20)
             for b in range(nb):
                 h1[i, b] = 0.0
@@ -401,8 +411,8 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
                     kr0[b] += w * x0_t[k, b]
             for b in range(nb):
                 z1[i, b] = kr0[b] + b1[i]
-                x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
-                dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
+                x1[i, b] = np.maximum(0, z1[i, b])  # x1 = Max(0, z1), (8)
+                dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g' (9), SymPy
         for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
@@ -412,8 +422,8 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
                     kr0[b] += w * x1[k, b]
             for b in range(nb):
                 z2[i, b] = kr0[b] + b2[i]
-                x2[i, b] = max(0, z2[i, b])  # x2 = Max(0, z2), (8)
-                dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g'_2 (9), SymPy
+                x2[i, b] = np.maximum(0, z2[i, b])  # x2 = Max(0, z2), (8)
+                dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g' (9), SymPy
         for i in range(1):  # z3 = b3 + K_3(W3, x2), (8)
             for b in range(nb):
                 kr0[b] = 0.0
@@ -529,8 +539,8 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
                     kr0[b] += w * x0_t[k, b]
             for b in range(nb):
                 z1[i, b] = kr0[b] + b1[i]
-                x1[i, b] = max(0, z1[i, b])  # x1 = Max(0, z1), (8)
-                dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g'_1 (9), SymPy
+                x1[i, b] = np.maximum(0, z1[i, b])  # x1 = Max(0, z1), (8)
+                dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g' (9), SymPy
         for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
             for b in range(nb):
                 kr0[b] = 0.0
@@ -540,8 +550,8 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
                     kr0[b] += w * x1[k, b]
             for b in range(nb):
                 z2[i, b] = kr0[b] + b2[i]
-                x2[i, b] = max(0, z2[i, b])  # x2 = Max(0, z2), (8)
-                dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g'_2 (9), SymPy
+                x2[i, b] = np.maximum(0, z2[i, b])  # x2 = Max(0, z2), (8)
+                dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g' (9), SymPy
         for i in range(1):  # z3 = b3 + K_3(W3, x2), (8)
             for b in range(nb):
                 kr0[b] = 0.0
@@ -702,18 +712,37 @@ def init_params(seed=0):
     return params
 
 
+def _array(a, name):
+    """a as a C-contiguous array of DTYPE (cast like torch.as_tensor would); real numbers only."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers, got an array of {a.dtype}")
+    return np.asarray(a, dtype=DTYPE, order="C")  # ascontiguousarray would make 0-d 1-d
+
+
 def _unpack(params):
+    """The parameters in kernel order, each checked against PARAM_SHAPES before any kernel
+    reads it: the kernels take their widths from these shapes."""
+    if not hasattr(params, "keys"):
+        raise TypeError(f"params must be a dict of arrays such as init_params() returns, "
+                        f"not {type(params).__name__}")
     out = []
-    for name in PARAMS:
-        a = np.ascontiguousarray(params[name], dtype=DTYPE)
+    for name, shape in PARAM_SHAPES.items():
+        if name not in params:
+            raise ValueError(f"params has no {name!r} (an array of shape {shape})")
+        a = _array(params[name], f"params[{name!r}]")
+        if a.shape != shape:
+            raise ValueError(f"params[{name!r}] must have shape {shape}, got {a.shape}")
         out.append(a)
     return out
 
 
-def _batch(x):
-    x = np.ascontiguousarray(x, dtype=DTYPE)
-    if x.shape[1:] != INPUT_SHAPE:
-        raise ValueError(f"x must have shape (B, *{INPUT_SHAPE}), got {x.shape}")
+def _batch(x, name="x"):
+    x = _array(x, name)
+    if x.ndim != 1 + len(INPUT_SHAPE) or x.shape[1:] != INPUT_SHAPE:
+        raise ValueError(f"{name} must have shape (B, *{INPUT_SHAPE}), got {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} holds no samples (shape {x.shape})")
     return x
 
 
@@ -722,7 +751,7 @@ def _per_sample(a, name, batch, required):
         if required:
             raise ValueError(f"this model needs {name}, of shape (B, {N_OUTPUTS})")
         return np.zeros((batch, N_OUTPUTS), dtype=DTYPE)
-    a = np.ascontiguousarray(a, dtype=DTYPE)
+    a = _array(a, name)
     if a.shape != (batch, N_OUTPUTS):
         raise ValueError(f"{name} must have shape ({batch}, {N_OUTPUTS}), got {a.shape}")
     return a
@@ -740,7 +769,12 @@ def _direction(params, x0, v, seed):
 
 
 def _lam(weight):
-    return DTYPE(WEIGHT if weight is None else weight)
+    if weight is None:
+        return DTYPE(WEIGHT)
+    lam = np.asarray(weight)
+    if lam.ndim != 0 or lam.dtype.kind not in "biuf" or not np.isfinite(lam):
+        raise ValueError(f"weight must be a finite number, got {weight!r}")
+    return DTYPE(lam)
 
 
 def forward(params, x):
@@ -784,6 +818,8 @@ def vjp(params, x, v):
 def jvp(params, x, u):
     """(dx_L/dx_0) u per sample: shape (B, N_OUTPUTS)."""
     x0 = _batch(x)
-    u = _batch(u)
+    u = _batch(u, "u")
+    if u.shape != x0.shape:
+        raise ValueError(f"u must have the shape of x, {x0.shape}, got {u.shape}")
     W1, b1, W2, b2, W3, b3 = _unpack(params)
     return _jvp(W1, b1, W2, b2, W3, x0, u)[0]

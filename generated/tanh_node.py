@@ -8,6 +8,7 @@ recursions (paper: Etmann, "A Closer Look at Double Backpropagation") and OPS fo
 counts.
 """
 import ctypes
+import math
 import os
 import sys
 
@@ -17,7 +18,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_tanh_node_cbb3c56804bdc052"
+__name__ = "_dbpgen_tanh_node_f91a36f7fa70f597"
 
 
 class _CachedGlobals:
@@ -34,6 +35,7 @@ INPUT_SHAPE = (64,)
 N_OUTPUTS = 8
 WEIGHT = 0.1
 PARAMS = ['W1', 'b1', 'W2', 'b2', 'W3', 'b3']
+PARAM_SHAPES = {'W1': (128, 64), 'b1': (128,), 'W2': (128, 128), 'b2': (128,), 'W3': (8, 128), 'b3': (8,)}
 
 
 def _keep_freed_memory():
@@ -62,12 +64,12 @@ input-space argument first; lam = penalty weight, B = batch size.
 [forward]
   z1 = b1 + K_1(W1, x0)                                       # (8)
   x1 = tanh(z1)                                               # (8)
-  dg1 = 1 - x1**2                                             # g'_1 (9), SymPy
-  ddg1 = -2*dg1*x1                                            # g''_1 (9), SymPy
+  dg1 = 1 - x1**2                                             # g' (9), SymPy
+  ddg1 = -2*dg1*x1                                            # g'' (9), SymPy
   z2 = b2 + K_2(W2, x1)                                       # (8)
   x2 = tanh(z2)                                               # (8)
-  dg2 = 1 - x2**2                                             # g'_2 (9), SymPy
-  ddg2 = -2*dg2*x2                                            # g''_2 (9), SymPy
+  dg2 = 1 - x2**2                                             # g' (9), SymPy
+  ddg2 = -2*dg2*x2                                            # g'' (9), SymPy
   z3 = b3 + K_3(W3, x2)                                       # (8)
   x3 = z3                                                     # (8)
 [backward]
@@ -112,6 +114,14 @@ input-space argument first; lam = penalty weight, B = batch size.
 OPS = {'emitted': {'K': 5, 'KT': 5, 'Kbox': 6, 'flops': 288768},
  'naive': {'K': 6, 'KT': 7, 'Kbox': 9, 'flops': 376832}}
 PEAK_BYTES = {'batch': 128, 'emitted': 2048008, 'naive': 2196480}
+# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function),
+# fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
+# operators' own kernels), count (plain Python counting K, K^T, K^box)
+SCHEDULES = {'forward': 'fused',
+ 'vjp': 'fused',
+ 'jvp': 'fused',
+ 'penalty': 'fused',
+ 'value_and_grad': 'fused'}
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
 # (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
@@ -169,14 +179,14 @@ def _rowsum(a):
 
 
 @numba.njit(cache=True)
-def _fused0(b3, t2_):
-    x3_out = np.empty_like(t2_)
-    for i in range(t2_.shape[0]):  # samples
-        for k in range(t2_.shape[1]):  # units
-            z3 = t2_[i, k] + b3[k]  # (8)
-            x3 = z3  # (8)
-            x3_out[i, k] = x3
-    return (x3_out,)
+def _fused0(b, t):
+    x_out = np.empty_like(t)
+    for i in range(t.shape[0]):  # samples
+        for k in range(t.shape[1]):  # units
+            z = t[i, k] + b[k]  # (8)
+            x = z  # (8)
+            x_out[i, k] = x
+    return (x_out,)
 
 
 def _forward(W1, b1, W2, b2, W3, b3, x0):
@@ -192,46 +202,36 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
 
 
 @numba.njit(cache=True)
-def _fused1(x1):
-    dg1_out = np.empty_like(x1)
-    for i in range(x1.shape[0]):  # samples
-        for k in range(x1.shape[1]):  # units
-            dg1 = 1 - x1[i, k]**2  # g'_1 (9), SymPy
-            dg1_out[i, k] = dg1
-    return (dg1_out,)
+def _fused1(x):
+    dg_out = np.empty_like(x)
+    for i in range(x.shape[0]):  # samples
+        for k in range(x.shape[1]):  # units
+            dg = 1 - x[i, k]**2  # g' (9), SymPy
+            dg_out[i, k] = dg
+    return (dg_out,)
 
 
 @numba.njit(cache=True)
-def _fused2(x2):
-    dg2_out = np.empty_like(x2)
-    for i in range(x2.shape[0]):  # samples
-        for k in range(x2.shape[1]):  # units
-            dg2 = 1 - x2[i, k]**2  # g'_2 (9), SymPy
-            dg2_out[i, k] = dg2
-    return (dg2_out,)
-
-
-@numba.njit(cache=True)
-def _fused3(v):
-    zeta3_out = np.empty_like(v)
+def _fused2(v):
+    zeta_out = np.empty_like(v)
     for i in range(v.shape[0]):  # samples
         for k in range(v.shape[1]):  # units
-            xi3 = v[i, k]  # Alg. 1: xi_L = v
-            zeta3 = xi3  # (15)
-            zeta3_out[i, k] = zeta3
-    return (zeta3_out,)
+            xi = v[i, k]  # Alg. 1: xi_L = v
+            zeta = xi  # (15)
+            zeta_out[i, k] = zeta
+    return (zeta_out,)
 
 
 def _vjp(W1, b1, W2, b2, W3, x0, v):
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
     z1 = t0_ + b1  # (8)
     x1 = np.tanh(z1)  # (8)
-    dg1 = _fused1(x1)[0]  # fused loop: dg1; g'_1 (9), SymPy
+    dg1 = _fused1(x1)[0]  # fused loop: dg1; g' (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
     z2 = t1_ + b2  # (8)
     x2 = np.tanh(z2)  # (8)
-    dg2 = _fused2(x2)[0]  # fused loop: dg2; g'_2 (9), SymPy
-    zeta3 = _fused3(v)[0]  # fused loop: xi3, zeta3; Alg. 1: xi_L = v; (15)
+    dg2 = _fused1(x2)[0]  # fused loop: dg2; g' (9), SymPy
+    zeta3 = _fused2(v)[0]  # fused loop: xi3, zeta3; Alg. 1: xi_L = v; (15)
     xi2 = _dense_KT(W3, zeta3)  # (16)
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -244,11 +244,11 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
     z1 = t0_ + b1  # (8)
     x1 = np.tanh(z1)  # (8)
-    dg1 = _fused1(x1)[0]  # fused loop: dg1; g'_1 (9), SymPy
+    dg1 = _fused1(x1)[0]  # fused loop: dg1; g' (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
     z2 = t1_ + b2  # (8)
     x2 = np.tanh(z2)  # (8)
-    dg2 = _fused2(x2)[0]  # fused loop: dg2; g'_2 (9), SymPy
+    dg2 = _fused1(x2)[0]  # fused loop: dg2; g' (9), SymPy
     q0 = u  # q_0 = u
     h1 = _dense_K(W1, q0)  # (20)
     q1 = dg1*h1  # (21)
@@ -263,12 +263,12 @@ def _penalty(W1, b1, W2, b2, W3, x0, v):
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
     z1 = t0_ + b1  # (8)
     x1 = np.tanh(z1)  # (8)
-    dg1 = _fused1(x1)[0]  # fused loop: dg1; g'_1 (9), SymPy
+    dg1 = _fused1(x1)[0]  # fused loop: dg1; g' (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
     z2 = t1_ + b2  # (8)
     x2 = np.tanh(z2)  # (8)
-    dg2 = _fused2(x2)[0]  # fused loop: dg2; g'_2 (9), SymPy
-    zeta3 = _fused3(v)[0]  # fused loop: xi3, zeta3; Alg. 1: xi_L = v; (15)
+    dg2 = _fused1(x2)[0]  # fused loop: dg2; g' (9), SymPy
+    zeta3 = _fused2(v)[0]  # fused loop: xi3, zeta3; Alg. 1: xi_L = v; (15)
     xi2 = _dense_KT(W3, zeta3)  # (16)
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -280,150 +280,137 @@ def _penalty(W1, b1, W2, b2, W3, x0, v):
 
 
 @numba.njit(cache=True)
-def _fused4(x1):
-    dg1_out = np.empty_like(x1)
-    ddg1_out = np.empty_like(x1)
-    for i in range(x1.shape[0]):  # samples
-        for k in range(x1.shape[1]):  # units
-            dg1 = 1 - x1[i, k]**2  # g'_1 (9), SymPy
-            dg1_out[i, k] = dg1
-            ddg1 = -2*dg1*x1[i, k]  # g''_1 (9), SymPy
-            ddg1_out[i, k] = ddg1
-    return (dg1_out, ddg1_out,)
+def _fused3(x):
+    dg_out = np.empty_like(x)
+    ddg_out = np.empty_like(x)
+    for i in range(x.shape[0]):  # samples
+        for k in range(x.shape[1]):  # units
+            dg = 1 - x[i, k]**2  # g' (9), SymPy
+            dg_out[i, k] = dg
+            ddg = -2*dg*x[i, k]  # g'' (9), SymPy
+            ddg_out[i, k] = ddg
+    return (dg_out, ddg_out,)
 
 
 @numba.njit(cache=True)
-def _fused5(x2):
-    dg2_out = np.empty_like(x2)
-    ddg2_out = np.empty_like(x2)
-    for i in range(x2.shape[0]):  # samples
-        for k in range(x2.shape[1]):  # units
-            dg2 = 1 - x2[i, k]**2  # g'_2 (9), SymPy
-            dg2_out[i, k] = dg2
-            ddg2 = -2*dg2*x2[i, k]  # g''_2 (9), SymPy
-            ddg2_out[i, k] = ddg2
-    return (dg2_out, ddg2_out,)
+def _fused4(b, t, v, B, lam, t_1_out):
+    x_out = np.empty_like(t)
+    zeta_out = np.empty_like(t)
+    for i in range(t.shape[0]):  # samples
+        for k in range(t.shape[1]):  # units
+            z = t[i, k] + b[k]  # (8)
+            x = z  # (8)
+            x_out[i, k] = x
+            xi = v[i, k]  # Alg. 1: xi_L = v
+            zeta = xi  # (15)
+            zeta_out[i, k] = zeta
+            t_1 = lam*zeta/B  # (31), (32)
+            t_1_out[i, k] = t_1
+    return (x_out, zeta_out, t_1_out,)
 
 
 @numba.njit(cache=True)
-def _fused6(b3, t2_, v, B, lam, t14__out):
-    x3_out = np.empty_like(t2_)
-    zeta3_out = np.empty_like(t2_)
-    for i in range(t2_.shape[0]):  # samples
-        for k in range(t2_.shape[1]):  # units
-            z3 = t2_[i, k] + b3[k]  # (8)
-            x3 = z3  # (8)
-            x3_out[i, k] = x3
-            xi3 = v[i, k]  # Alg. 1: xi_L = v
-            zeta3 = xi3  # (15)
-            zeta3_out[i, k] = zeta3
-            t14_ = lam*zeta3/B  # (31), (32)
-            t14__out[i, k] = t14_
-    return (x3_out, zeta3_out, t14__out,)
+def _fused5(dg, xi, B, lam, t_out):
+    zeta_out = np.empty_like(dg)
+    for i in range(dg.shape[0]):  # samples
+        for k in range(dg.shape[1]):  # units
+            zeta = dg[i, k]*xi[i, k]  # (15)
+            zeta_out[i, k] = zeta
+            t = lam*zeta/B  # (31), (32)
+            t_out[i, k] = t
+    return (zeta_out, t_out,)
 
 
 @numba.njit(cache=True)
-def _fused7(dg2, xi2, B, lam, t11__out):
-    zeta2_out = np.empty_like(dg2)
-    for i in range(dg2.shape[0]):  # samples
-        for k in range(dg2.shape[1]):  # units
-            zeta2 = dg2[i, k]*xi2[i, k]  # (15)
-            zeta2_out[i, k] = zeta2
-            t11_ = lam*zeta2/B  # (31), (32)
-            t11__out[i, k] = t11_
-    return (zeta2_out, t11__out,)
+def _fused6(dg, xi, B, lam, t_out):
+    zeta_out = np.empty_like(dg)
+    for i in range(dg.shape[0]):  # samples
+        for k in range(dg.shape[1]):  # units
+            zeta = dg[i, k]*xi[i, k]  # (15)
+            zeta_out[i, k] = zeta
+            t = 2*lam*zeta/B  # (31), (32)
+            t_out[i, k] = t
+    return (zeta_out, t_out,)
 
 
 @numba.njit(cache=True)
-def _fused8(dg1, xi1, B, lam, t9__out):
-    zeta1_out = np.empty_like(dg1)
-    for i in range(dg1.shape[0]):  # samples
-        for k in range(dg1.shape[1]):  # units
-            zeta1 = dg1[i, k]*xi1[i, k]  # (15)
-            zeta1_out[i, k] = zeta1
-            t9_ = 2*lam*zeta1/B  # (31), (32)
-            t9__out[i, k] = t9_
-    return (zeta1_out, t9__out,)
+def _fused7(t, dg, q_out):
+    h_out = np.empty_like(t)
+    for i in range(t.shape[0]):  # samples
+        for k in range(t.shape[1]):  # units
+            h = 2*t[i, k]  # (20)
+            h_out[i, k] = h
+            q = dg[i, k]*h  # (21)
+            q_out[i, k] = q
+    return (h_out, q_out,)
 
 
 @numba.njit(cache=True)
-def _fused9(t3_, dg1, q1_out):
-    h1_out = np.empty_like(t3_)
-    for i in range(t3_.shape[0]):  # samples
-        for k in range(t3_.shape[1]):  # units
-            h1 = 2*t3_[i, k]  # (20)
-            h1_out[i, k] = h1
-            q1 = dg1[i, k]*h1  # (21)
-            q1_out[i, k] = q1
-    return (h1_out, q1_out,)
+def _fused8(dg, h, q_out):
+    for i in range(dg.shape[0]):  # samples
+        for k in range(dg.shape[1]):  # units
+            q = dg[i, k]*h[i, k]  # (21)
+            q_out[i, k] = q
+    return (q_out,)
 
 
 @numba.njit(cache=True)
-def _fused10(dg2, h2, q2_out):
-    for i in range(dg2.shape[0]):  # samples
-        for k in range(dg2.shape[1]):  # units
-            q2 = dg2[i, k]*h2[i, k]  # (21)
-            q2_out[i, k] = q2
-    return (q2_out,)
+def _fused9(x, y):
+    delta_out = np.empty_like(x)
+    for i in range(x.shape[0]):  # samples
+        for k in range(x.shape[1]):  # units
+            delta = 2*x[i, k] - 2*y[i, k]  # (33)
+            delta_out[i, k] = delta
+    return (delta_out,)
 
 
 @numba.njit(cache=True)
-def _fused11(x3, y):
-    delta3_out = np.empty_like(x3)
-    for i in range(x3.shape[0]):  # samples
-        for k in range(x3.shape[1]):  # units
-            delta3 = 2*x3[i, k] - 2*y[i, k]  # (33)
-            delta3_out[i, k] = delta3
-    return (delta3_out,)
-
-
-@numba.njit(cache=True)
-def _fused12(R, lam, t4_):
-    t5__out = np.zeros(R.shape[1], dtype=R.dtype)
+def _fused10(R, lam, t):
+    t_1_out = np.zeros(R.shape[1], dtype=R.dtype)
     for i in range(R.shape[0]):  # samples
         for k in range(R.shape[1]):  # units
-            t5__out[k] += R[i, 0]*lam + t4_[i, 0]  # J = (1/B) sum_b [l + lam R]
-    return (t5__out,)
+            t_1_out[k] += R[i, 0]*lam + t[i, 0]  # J = (1/B) sum_b [l + lam R]
+    return (t_1_out,)
 
 
 @numba.njit(cache=True)
-def _fused13(delta3, B, t15__out):
-    eps3_out = np.empty_like(delta3)
-    t16__out = np.zeros(delta3.shape[1], dtype=delta3.dtype)
-    for i in range(delta3.shape[0]):  # samples
-        for k in range(delta3.shape[1]):  # units
-            eps3 = delta3[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
-            eps3_out[i, k] = eps3
-            t15_ = eps3/B  # (31), (32)
-            t15__out[i, k] = t15_
-            t16__out[k] += eps3  # (31), (33)
-    return (eps3_out, t15__out, t16__out,)
+def _fused11(delta, B, t_out):
+    eps_out = np.empty_like(delta)
+    t_1_out = np.zeros(delta.shape[1], dtype=delta.dtype)
+    for i in range(delta.shape[0]):  # samples
+        for k in range(delta.shape[1]):  # units
+            eps = delta[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+            eps_out[i, k] = eps
+            t = eps/B  # (31), (32)
+            t_out[i, k] = t
+            t_1_out[k] += eps  # (31), (33)
+    return (eps_out, t_out, t_1_out,)
 
 
 @numba.njit(cache=True)
-def _fused14(ddg2, dg2, h2, lam, t6_, xi2, B, t12__out):
-    eps2_out = np.empty_like(ddg2)
-    t13__out = np.zeros(ddg2.shape[1], dtype=ddg2.dtype)
-    for i in range(ddg2.shape[0]):  # samples
-        for k in range(ddg2.shape[1]):  # units
-            eps2 = ddg2[i, k]*h2[i, k]*lam*xi2[i, k] + dg2[i, k]*t6_[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
-            eps2_out[i, k] = eps2
-            t12_ = eps2/B  # (31), (32)
-            t12__out[i, k] = t12_
-            t13__out[k] += eps2  # (31), (33)
-    return (eps2_out, t12__out, t13__out,)
+def _fused12(ddg, dg, h, lam, t, xi, B, t_1_out):
+    eps_out = np.empty_like(ddg)
+    t_2_out = np.zeros(ddg.shape[1], dtype=ddg.dtype)
+    for i in range(ddg.shape[0]):  # samples
+        for k in range(ddg.shape[1]):  # units
+            eps = ddg[i, k]*h[i, k]*lam*xi[i, k] + dg[i, k]*t[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+            eps_out[i, k] = eps
+            t_1 = eps/B  # (31), (32)
+            t_1_out[i, k] = t_1
+            t_2_out[k] += eps  # (31), (33)
+    return (eps_out, t_1_out, t_2_out,)
 
 
 @numba.njit(cache=True)
-def _fused15(ddg1, dg1, h1, lam, t7_, xi1, B, t8__out):
-    t10__out = np.zeros(ddg1.shape[1], dtype=ddg1.dtype)
-    for i in range(ddg1.shape[0]):  # samples
-        for k in range(ddg1.shape[1]):  # units
-            eps1 = ddg1[i, k]*h1[i, k]*lam*xi1[i, k] + dg1[i, k]*t7_[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
-            t8_ = eps1/B  # (31), (32)
-            t8__out[i, k] = t8_
-            t10__out[k] += eps1  # (31), (33)
-    return (t8__out, t10__out,)
+def _fused13(ddg, dg, h, lam, t, xi, B, t_1_out):
+    t_2_out = np.zeros(ddg.shape[1], dtype=ddg.dtype)
+    for i in range(ddg.shape[0]):  # samples
+        for k in range(ddg.shape[1]):  # units
+            eps = ddg[i, k]*h[i, k]*lam*xi[i, k] + dg[i, k]*t[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+            t_1 = eps/B  # (31), (32)
+            t_1_out[i, k] = t_1
+            t_2_out[k] += eps  # (31), (33)
+    return (t_1_out, t_2_out,)
 
 
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
@@ -437,33 +424,33 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
     z1 = t0_ + b1  # (8)
     x1 = np.tanh(z1)  # (8)
-    dg1, ddg1 = _fused4(x1)  # fused loop: dg1, ddg1; g'_1 (9), SymPy; g''_1 (9), SymPy
+    dg1, ddg1 = _fused3(x1)  # fused loop: dg1, ddg1; g' (9), SymPy; g'' (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
     z2 = t1_ + b2  # (8)
     x2 = np.tanh(z2)  # (8)
-    dg2, ddg2 = _fused5(x2)  # fused loop: dg2, ddg2; g'_2 (9), SymPy; g''_2 (9), SymPy
+    dg2, ddg2 = _fused3(x2)  # fused loop: dg2, ddg2; g' (9), SymPy; g'' (9), SymPy
     t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
-    x3, zeta3, t14_ = _fused6(b3, t2_, v, B, lam, S3y_[:B])  # fused loop: z3, x3, xi3, zeta3, t14_; (8); Alg. 1: xi_L = v; (15); (31), (32)
+    x3, zeta3, t14_ = _fused4(b3, t2_, v, B, lam, S3y_[:B])  # fused loop: z3, x3, xi3, zeta3, t14_; (8); Alg. 1: xi_L = v; (15); (31), (32)
     xi2 = _dense_KT(W3, zeta3)  # (16)
-    zeta2, t11_ = _fused7(dg2, xi2, B, lam, S2y_[:B])  # fused loop: zeta2, t11_; (15); (31), (32)
+    zeta2, t11_ = _fused5(dg2, xi2, B, lam, S2y_[:B])  # fused loop: zeta2, t11_; (15); (31), (32)
     xi1 = _dense_KT(W2, zeta2)  # (16)
-    zeta1, t9_ = _fused8(dg1, xi1, B, lam, S1y_[B:])  # fused loop: zeta1, t9_; (15); (31), (32)
+    zeta1, t9_ = _fused6(dg1, xi1, B, lam, S1y_[B:])  # fused loop: zeta1, t9_; (15); (31), (32)
     xi0 = _dense_KT_into(W1, zeta1, S1x_[B:])  # (16)
     s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     R = s  # (10)
     t3_ = _dense_K(W1, xi0)  # h1 = 2*K_1(W1, xi0)
-    h1, q1 = _fused9(t3_, dg1, S2x_[:B])  # fused loop: h1, q1; (20); (21)
+    h1, q1 = _fused7(t3_, dg1, S2x_[:B])  # fused loop: h1, q1; (20); (21)
     h2 = _dense_K(W2, q1)  # (20)
-    q2 = _fused10(dg2, h2, S3x_[:B])[0]  # fused loop: q2; (21)
-    delta3 = _fused11(x3, y)[0]  # fused loop: delta3; (33)
+    q2 = _fused8(dg2, h2, S3x_[:B])[0]  # fused loop: q2; (21)
+    delta3 = _fused9(x3, y)[0]  # fused loop: delta3; (33)
     t4_ = _rowsum((x3 - y)**2)  # J = Σ_b(R*lam + RowSum((x3 - y)**2))/B
-    t5_ = _fused12(R, lam, t4_)[0]  # fused loop: t5_; J = (1/B) sum_b [l + lam R]
+    t5_ = _fused10(R, lam, t4_)[0]  # fused loop: t5_; J = (1/B) sum_b [l + lam R]
     J = t5_/B  # J = (1/B) sum_b [l + lam R]
-    eps3, t15_, t16_ = _fused13(delta3, B, S3y_[B:])  # fused loop: eps3, t15_, t16_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
+    eps3, t15_, t16_ = _fused11(delta3, B, S3y_[B:])  # fused loop: eps3, t15_, t16_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
     t6_ = _dense_KT(W3, eps3)  # eps2 = ddg2*h2*lam*xi2 + dg2*K^T_3(W3, eps3)
-    eps2, t12_, t13_ = _fused14(ddg2, dg2, h2, lam, t6_, xi2, B, S2y_[B:])  # fused loop: eps2, t12_, t13_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
+    eps2, t12_, t13_ = _fused12(ddg2, dg2, h2, lam, t6_, xi2, B, S2y_[B:])  # fused loop: eps2, t12_, t13_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
     t7_ = _dense_KT(W2, eps2)  # eps1 = ddg1*h1*lam*xi1 + dg1*K^T_2(W2, eps2)
-    t8_, t10_ = _fused15(ddg1, dg1, h1, lam, t7_, xi1, B, S1y_[:B])  # fused loop: eps1, t8_, t10_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
+    t8_, t10_ = _fused13(ddg1, dg1, h1, lam, t7_, xi1, B, S1y_[:B])  # fused loop: eps1, t8_, t10_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
     S1x_[:B] = x0  # copied into its half
     dW1 = _dense_Kbox(S1x_, S1y_)  # (31), (32), one GEMM over the stacked batch
     db1 = t10_/B  # (31), (33)
@@ -492,18 +479,37 @@ def init_params(seed=0):
     return params
 
 
+def _array(a, name):
+    """a as a C-contiguous array of DTYPE (cast like torch.as_tensor would); real numbers only."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers, got an array of {a.dtype}")
+    return np.asarray(a, dtype=DTYPE, order="C")  # ascontiguousarray would make 0-d 1-d
+
+
 def _unpack(params):
+    """The parameters in kernel order, each checked against PARAM_SHAPES before any kernel
+    reads it: the kernels take their widths from these shapes."""
+    if not hasattr(params, "keys"):
+        raise TypeError(f"params must be a dict of arrays such as init_params() returns, "
+                        f"not {type(params).__name__}")
     out = []
-    for name in PARAMS:
-        a = np.ascontiguousarray(params[name], dtype=DTYPE)
+    for name, shape in PARAM_SHAPES.items():
+        if name not in params:
+            raise ValueError(f"params has no {name!r} (an array of shape {shape})")
+        a = _array(params[name], f"params[{name!r}]")
+        if a.shape != shape:
+            raise ValueError(f"params[{name!r}] must have shape {shape}, got {a.shape}")
         out.append(a)
     return out
 
 
-def _batch(x):
-    x = np.ascontiguousarray(x, dtype=DTYPE)
-    if x.shape[1:] != INPUT_SHAPE:
-        raise ValueError(f"x must have shape (B, *{INPUT_SHAPE}), got {x.shape}")
+def _batch(x, name="x"):
+    x = _array(x, name)
+    if x.ndim != 1 + len(INPUT_SHAPE) or x.shape[1:] != INPUT_SHAPE:
+        raise ValueError(f"{name} must have shape (B, *{INPUT_SHAPE}), got {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} holds no samples (shape {x.shape})")
     return x
 
 
@@ -512,7 +518,7 @@ def _per_sample(a, name, batch, required):
         if required:
             raise ValueError(f"this model needs {name}, of shape (B, {N_OUTPUTS})")
         return np.zeros((batch, N_OUTPUTS), dtype=DTYPE)
-    a = np.ascontiguousarray(a, dtype=DTYPE)
+    a = _array(a, name)
     if a.shape != (batch, N_OUTPUTS):
         raise ValueError(f"{name} must have shape ({batch}, {N_OUTPUTS}), got {a.shape}")
     return a
@@ -532,7 +538,12 @@ def _direction(params, x0, v, seed):
 
 
 def _lam(weight):
-    return DTYPE(WEIGHT if weight is None else weight)
+    if weight is None:
+        return DTYPE(WEIGHT)
+    lam = np.asarray(weight)
+    if lam.ndim != 0 or lam.dtype.kind not in "biuf" or not np.isfinite(lam):
+        raise ValueError(f"weight must be a finite number, got {weight!r}")
+    return DTYPE(lam)
 
 
 def forward(params, x):
@@ -577,6 +588,8 @@ def vjp(params, x, v):
 def jvp(params, x, u):
     """(dx_L/dx_0) u per sample: shape (B, N_OUTPUTS)."""
     x0 = _batch(x)
-    u = _batch(u)
+    u = _batch(u, "u")
+    if u.shape != x0.shape:
+        raise ValueError(f"u must have the shape of x, {x0.shape}, got {u.shape}")
     W1, b1, W2, b2, W3, b3 = _unpack(params)
     return _jvp(W1, b1, W2, b2, W3, x0, u)[0]

@@ -10,7 +10,7 @@ import yaml
 from dbpgen.compiler import compile_file, load_generated
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+BENCHMARKS = ROOT / "benchmarks"  # the shared benchmark models
 
 
 def import_module(path: Path, jit: bool = True):

@@ -1,7 +1,7 @@
 """Independent reference implementation of a dbpgen model, built on HIPS autograd.
 
-Written from /work/shared/SPEC.md only (it never imports dbpgen), so that the code
-dbpgen generates can be tested against it.  Everything is float64 numpy.
+Written from the contract (the model-file format and the emitted-module API) only; it
+never imports dbpgen, so that the code dbpgen generates can be tested against it.  Everything is float64 numpy.
 
 Double backpropagation here is literal: the penalty calls ``autograd.grad`` to get
 xi_0 = (d out / d x_0)^T v, and ``value_and_grad`` differentiates through that.

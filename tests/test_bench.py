@@ -6,21 +6,21 @@ import importlib.util
 import numpy as np
 import pytest
 
-from conftest import SHARED
+from conftest import BENCHMARKS
 from dbpgen import bench
 from dbpgen.cli import main
 from dbpgen.model import load_model
 
 
 def test_harness_smoke(capsys):
-    assert main(["bench", str(SHARED / "benchmarks" / "sine_cdb.yaml"), "--batch", "16",
+    assert main(["bench", str(BENCHMARKS / "sine_cdb.yaml"), "--batch", "16",
                  "--against", "", "--seconds", "0.05"]) == 0
     out = capsys.readouterr().out
     assert "dbpgen" in out and "GFLOP/s" in out and "median ms" in out
 
 
 def test_unknown_peer_is_a_clear_error(capsys):
-    assert main(["bench", str(SHARED / "benchmarks" / "sine_cdb.yaml"), "--against", "tensorflow"]) == 2
+    assert main(["bench", str(BENCHMARKS / "sine_cdb.yaml"), "--against", "tensorflow"]) == 2
     assert "--against" in capsys.readouterr().err
 
 
@@ -31,7 +31,7 @@ INSTALLED = [p for p in bench.PEERS if importlib.util.find_spec(p if p != "pyten
 @pytest.mark.parametrize("name", ["sine_cdb", "tanh_node", "mnist_cdb", "mnist_jac"])
 def test_peers_compute_the_same_objective(name):
     """The peers are benchmarked on the same problem: same J and gradients as dbpgen."""
-    model = load_model(SHARED / "benchmarks" / f"{name}.yaml")
+    model = load_model(BENCHMARKS / f"{name}.yaml")
     x, y, v = bench.problem(model, 8)
     module = bench.dbpgen_module(model)
     params = module.init_params(seed=0)
@@ -51,9 +51,9 @@ def test_peers_compute_the_same_objective(name):
 
 
 def test_outputs_sweep_rewrites_the_last_layer(tmp_path, capsys):
-    path = bench.with_outputs(SHARED / "benchmarks" / "mnist_jac.yaml", 3, tmp_path)
+    path = bench.with_outputs(BENCHMARKS / "mnist_jac.yaml", 3, tmp_path)
     model = load_model(path)
     assert model.n_outputs == 3 and model.name == "mnist_jac_C3"
-    assert main(["bench", str(SHARED / "benchmarks" / "sine_cdb.yaml"), "--batch", "8", "--against", "",
+    assert main(["bench", str(BENCHMARKS / "sine_cdb.yaml"), "--batch", "8", "--against", "",
                  "--seconds", "0.02", "--outputs", "2"]) == 0
     assert "sine_cdb_C2" in capsys.readouterr().out

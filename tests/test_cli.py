@@ -69,7 +69,7 @@ def test_compile_prints_path_imports_only_numpy_numba_and_is_deterministic(tmp_p
     assert (tmp_path / printed).resolve() == target.resolve()  # absolute or cwd-relative
     assert target.is_file()
     text = target.read_bytes()
-    assert imported_modules(text.decode("utf-8")) - {"ctypes", "os", "sys"} == {"numpy", "numba"}  # + stdlib
+    assert imported_modules(text.decode("utf-8")) - {"ctypes", "math", "os", "sys"} == {"numpy", "numba"}  # + stdlib
 
     again = run(tmp_path, "compile", model, "-o", tmp_path / "out")
     assert again.returncode == 0, again.stderr

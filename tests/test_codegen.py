@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHARED, batch_for, compile_spec, import_module
+from conftest import BENCHMARKS, ROOT, batch_for, compile_spec, import_module
 from dbpgen.compiler import compile_file
 from oracle import Oracle
 from test_gradients import CDB, GIVEN, NODE, assert_close, check_against_oracle, mlp
 
-MODELS = sorted((ROOT / "examples").glob("*.yaml")) + sorted((SHARED / "benchmarks").glob("*.yaml"))
+MODELS = sorted((ROOT / "examples").glob("*.yaml")) + sorted(BENCHMARKS.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
@@ -32,7 +32,7 @@ def test_output_is_deterministic_and_standalone(tmp_path):
     tree = ast.parse(first)
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported - {"ctypes", "os", "sys"} == {"numpy", "numba"}  # besides the standard library
+    assert imported - {"ctypes", "math", "os", "sys"} == {"numpy", "numba"}  # besides the standard library
     text = first.decode()
     assert "dbpgen" in text.splitlines()[2] and "sha256" in text
 

@@ -1,0 +1,106 @@
+"""Wall-time budgets for SymPy work, so that no model file can hang the compiler.
+
+SymPy's cost can grow exponentially with an expression's nesting (exp(exp(...(z))) in
+`is_constant`, sigmoid(sigmoid(...)) in `simplify`), which no syntactic limit catches.
+Every SymPy step that can blow up runs inside `deadline(seconds)`:
+
+    with deadline(5.0):          # raises BudgetExceeded when the time is up
+        ...
+    value = attempt(1.0, work, fallback)   # an optional rewrite: fallback when out of time
+
+Deadlines nest: an inner one never outlives the outer one, and when the outer one expires
+inside the inner block, the exception belongs to the outer block and passes through.
+The timer is SIGALRM (POSIX, main thread). In another thread, or where an outer timer
+already runs (pytest-timeout), there is no limit and the blocks run to completion.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import signal
+import threading
+import time
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+_stack: list[tuple[int, float]] = []  # (token, absolute deadline) of the open blocks
+_tokens = itertools.count(1)
+_foreign_timer = False
+
+
+class BudgetExceeded(BaseException):
+    """Time is up for the block with this token. A BaseException, so that SymPy's own
+    `except Exception` handlers cannot swallow it."""
+
+    def __init__(self, token: int, seconds: float) -> None:
+        super().__init__(token, seconds)
+        self.token = token
+        self.seconds = seconds
+
+
+def _usable() -> bool:
+    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+
+def _expire(signum, frame) -> None:
+    now = time.monotonic()
+    for token, end in _stack:  # the outermost expired block owns the exception
+        if end <= now:
+            raise BudgetExceeded(token, 0.0)
+    _arm()  # woken early (timer granularity): wait for the rest
+
+
+def _arm() -> None:
+    if _stack:
+        remaining = min(end for _, end in _stack) - time.monotonic()
+        signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-3))
+    else:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Raise BudgetExceeded (with `.seconds`) out of the block after `seconds` of wall time."""
+    global _foreign_timer
+    if not _usable():
+        yield
+        return
+    if not _stack:
+        _foreign_timer = signal.getitimer(signal.ITIMER_REAL)[0] > 0
+    if _foreign_timer:
+        yield
+        return
+    token = next(_tokens)
+    previous = signal.signal(signal.SIGALRM, _expire) if not _stack else None
+    _stack.append((token, time.monotonic() + seconds))
+    _arm()
+    try:
+        yield
+    except BudgetExceeded as exc:
+        if exc.token == token:
+            raise BudgetExceeded(token, seconds) from None
+        raise
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)  # the timer may fire just before this
+        _stack.pop()
+        if _stack:
+            _arm()
+        else:
+            signal.signal(signal.SIGALRM, previous)
+
+
+def attempt(seconds: float, work: Callable[[], T], fallback: T) -> T:
+    """work() if it finishes within `seconds`, else `fallback` (for optional rewrites)."""
+    try:
+        with deadline(seconds):
+            return work()
+    except BudgetExceeded as exc:
+        if not _owns(exc):
+            raise
+        return fallback
+
+
+def _owns(exc: BudgetExceeded) -> bool:
+    # after the block closed its token is gone from the stack; an outer block's is not
+    return all(token != exc.token for token, _ in _stack)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import sympy as sp
 
+from .budget import BudgetExceeded, deadline
 from .codegen import render
 from .derive import derive_programs, naive_value_and_grad
 from .errors import ModelError
@@ -43,16 +44,36 @@ class Compiled:
 
     def source(self, count_ops: bool = False) -> str:
         try:
-            return render(self.model, self.programs, self.ops, self.peak_bytes(), count_ops)
+            with deadline(COMPILE_BUDGET):
+                return render(self.model, self.programs, self.ops, self.peak_bytes(), count_ops)
         except CodegenError as exc:
             raise ModelError(self.model.source, "layers", str(exc)) from None
+        except BudgetExceeded:
+            raise _over_budget(self.model) from None
 
 
 def _drop_distributions(expr):
     return sp.sympify(expr).replace(sp.DiracDelta, lambda *args: sp.S.Zero)
 
 
+COMPILE_BUDGET = 20.0  # s for derivation, simplification and printing: any file is answered
+
+
+def _over_budget(model: Model) -> ModelError:
+    return ModelError(model.source, "layers", f"compiling this model takes more than {COMPILE_BUDGET:g} s; "
+                      "use fewer layers or simpler activations")
+
+
 def build(model: Model, simplified: bool = True) -> Compiled:
+    """Derive and simplify every program of the module, within COMPILE_BUDGET."""
+    try:
+        with deadline(COMPILE_BUDGET):
+            return _build(model, simplified)
+    except BudgetExceeded:
+        raise _over_budget(model) from None
+
+
+def _build(model: Model, simplified: bool) -> Compiled:
     derived = derive_programs(model)
     stages: dict[str, list] = {}
     programs = {}

@@ -138,18 +138,25 @@ def activation_derivatives(expr: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
     return dg, _via_first(ddg, dg)
 
 
-def layer_derivatives(model: Model, j: int) -> tuple[sp.Expr, sp.Expr]:
-    """g'_j(z_j) and g''_j(z_j) of layer j, within DERIVATIVE_BUDGET (else a ModelError)."""
+@functools.lru_cache(maxsize=None)
+def _in_layer(exprs: tuple[sp.Expr, ...], j: int) -> tuple[sp.Expr, ...]:
+    """exprs in layer j's names; SymPy re-evaluates every node it rebuilds, which can cost
+    as much as differentiating (tanh(tanh(...)) asks whether each argument is real)."""
+    names = {Z: sym("z", j), _X: sym("x", j), _DG: sym("dg", j)}
+    return tuple(e.xreplace(names) for e in exprs)
+
+
+def layer_rules(model: Model, j: int) -> tuple[sp.Expr, sp.Expr, sp.Expr]:
+    """g_j(z_j), g'_j(z_j) and g''_j(z_j) of layer j, within DERIVATIVE_BUDGET (else a
+    ModelError at the layer's act)."""
     act = model.layers[j - 1].act
     try:
         with deadline(DERIVATIVE_BUDGET):
-            dg, ddg = activation_derivatives(act.expr)
+            return _in_layer((act.expr,) + activation_derivatives(act.expr), j)
     except BudgetExceeded:
         raise ModelError(model.source, f"layers[{j - 1}].act",
                          f"SymPy needs more than {DERIVATIVE_BUDGET:g} s to differentiate this "
                          "activation twice; simplify it") from None
-    names = {Z: sym("z", j), _X: sym("x", j), _DG: sym("dg", j)}
-    return dg.xreplace(names), ddg.xreplace(names)
 
 
 def forward(model: Model, b: _Builder, derivatives: bool = True) -> None:
@@ -161,9 +168,9 @@ def forward(model: Model, b: _Builder, derivatives: bool = True) -> None:
         if layer.act.is_softmax:
             b.let(sym("x", j), Softmax(sym("z", j)), "forward", "(8)")
             continue
-        b.let(sym("x", j), layer.act.expr.xreplace({Z: sym("z", j)}), "forward", "(8)")
+        g, dg, ddg = layer_rules(model, j)
+        b.let(sym("x", j), g, "forward", "(8)")
         if derivatives:
-            dg, ddg = layer_derivatives(model, j)
             b.let(sym("dg", j), dg, "forward", "g' (9), SymPy")
             b.let(sym("ddg", j), ddg, "forward", "g'' (9), SymPy")
 

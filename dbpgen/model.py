@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata
 import keyword
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -42,7 +43,8 @@ V_ONLY = {  # keys that only some kinds of v take
 ALGORITHMS = ("auto", "naive", "optimized")
 RESERVED_NAMES = ("numpy", "numba", "dbpgen")  # a generated <name>.py would shadow them
 MAX_NAME = 100  # characters of a model name (a file name has at most 255 bytes)
-MAX_FILE_BYTES = 1 << 20  # a model file is a few hundred bytes; 1 MiB is generous
+MAX_FILE_BYTES = 1 << 18  # a model file is a few hundred bytes (200 layers: 6 KB)
+MAX_ALIASED_NODES = 100_000  # values that aliases may stand for (200 layers: about 2,000)
 MAX_LAYERS = 200  # deeper networks: an error, not minutes of compiling (see the README)
 DEFAULT_LEAKY_ALPHA = 0.01
 
@@ -85,15 +87,39 @@ def load_model(path: str | Path) -> Model:
 
 
 class _Loader(yaml.SafeLoader):
-    """yaml.SafeLoader without aliases: a model file never needs them, and a few nested
-    ones (a "billion laughs") expand to gigabytes before any field could be checked."""
+    """yaml.SafeLoader that bounds what aliases expand to. yaml.safe_dump writes aliases for
+    repeated layers, so they are allowed; but a few nested ones (a "billion laughs") stand
+    for gigabytes, which the checks below would walk, so their expanded size is counted
+    as they are read."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self.expanded = 0
+        self.sizes: dict[int, int] = {}
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.events.AliasEvent):
             event = self.peek_event()
-            raise ModelError(self.name, "yaml", f"aliases (*{_excerpt(event.anchor)}) are not allowed "
-                             f"in a model file, at line {event.start_mark.line + 1}")
+            node = self.anchors.get(event.anchor)
+            if node is not None:
+                self.expanded += _node_count(node, self.sizes)
+                if self.expanded > MAX_ALIASED_NODES:
+                    raise ModelError(self.name, "yaml", f"aliases (*{_excerpt(event.anchor)}) expand to more "
+                                     f"than {MAX_ALIASED_NODES:,} values, at line {event.start_mark.line + 1}")
         return super().compose_node(parent, index)
+
+
+def _node_count(node, sizes: dict[int, int]) -> int:
+    """Values under a YAML node with aliases expanded (memoized: linear in distinct nodes)."""
+    if id(node) not in sizes:
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        sizes[id(node)] = 1 + sum(_node_count(child, sizes) for child in children)
+    return sizes[id(node)]
 
 
 def _parse_yaml(raw: bytes, source: str) -> Any:
@@ -158,6 +184,14 @@ def _name(check: _Checker, value: Any) -> str:
     return value
 
 
+def _memory_bytes() -> int:
+    """Physical memory of this machine (64 GiB where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 64 << 30
+
+
 @functools.lru_cache(maxsize=1)
 def _taken_module_names() -> frozenset[str]:
     """Top-level names of the standard library and of installed distributions."""
@@ -180,10 +214,21 @@ def _layers(check: _Checker, items: Any, in_shape: tuple[int, ...]) -> tuple[Lay
     if len(items) > MAX_LAYERS:
         raise check.fail("layers", f"{len(items):,} layers; dbpgen compiles at most {MAX_LAYERS}")
     layers = []
+    param_bytes, sample_bytes = 0, 8 * math.prod(in_shape)
+    memory = _memory_bytes()
     for i, item in enumerate(items):
         layer = _layer(check, item, f"layers[{i}]", i + 1, in_shape, i == len(items) - 1)
         layers.append(layer)
         in_shape = layer.out_shape
+        # float64 parameters with their gradient and an optimizer's two moments, and a dozen
+        # per-sample vectors of the recursions per layer (x, z, g', xi, zeta, q, h, eta, ...)
+        if layer.op.has_params:
+            param_bytes += 4 * 8 * (math.prod(layer.op.weight_shape(layer.in_shape)) + layer.out_shape[0])
+        sample_bytes += 12 * 8 * math.prod(layer.out_shape)
+        if param_bytes > memory // 2 or sample_bytes > memory // 64:
+            what = "parameters" if param_bytes > memory // 2 else "values per sample"
+            raise check.fail(f"layers[{i}]", f"too large for this machine: its {what} would need "
+                             f"more than its {memory / 2**30:.0f} GiB of memory")
     if len(in_shape) != 1:
         raise check.fail(f"layers[{len(items) - 1}]", f"the network must end in a vector, not an image "
                          f"of shape {list(in_shape)}: add flatten (and dense)")

@@ -109,7 +109,7 @@ def test_lenet_benchmark_model_compiles_and_runs(rng, tmp_path):
     from dbpgen.compiler import compile_file
 
     root = Path(__file__).resolve().parent.parent
-    out = compile_file(root / "benchmarks" / "lenet_cdb.yaml", tmp_path)
+    out = compile_file(root / "examples" / "lenet_cdb.yaml", tmp_path)
     m = import_module(out, jit=False)
     params = m.init_params()
     x = rng.normal(size=(2, 1, 28, 28))

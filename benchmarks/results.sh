@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every number in the README's Results section, in one run (about 20 minutes on 2 cores):
+# Every number in docs/performance.md, in one run (about 20 minutes on 2 cores):
 #   . .venv/bin/activate && pip install -e ".[bench]" && benchmarks/results.sh | tee benchmarks/results.txt
 # Run it on an idle machine: anything else on a core distorts every thread pool involved.
 set -euo pipefail

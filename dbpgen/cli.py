@@ -14,7 +14,8 @@ from .errors import ModelError
 def _compile(args) -> int:
     from .compiler import compile_file
 
-    path = compile_file(args.model, args.output, simplified=not args.naive, count_ops=args.count_ops)
+    path = compile_file(args.model, args.output, simplified=not args.naive, count_ops=args.count_ops,
+                        schedule=args.schedule)
     print(path)
     return 0
 
@@ -133,6 +134,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--naive", action="store_true", help="emit the unsimplified program (for comparison)")
     c.add_argument("--count-ops", action="store_true",
                    help="emit plain-Python kernels that count K, K^T, K^box calls in COUNTS")
+    c.add_argument("--schedule", metavar="NAME", default=None,
+                   help="force how every program runs: lanes, jit, fused, kernels (default: chosen "
+                        "per program, the reason printed in the module's header)")
     c.set_defaults(run=_compile)
     e = sub.add_parser("equations", help="print the derived, simplified recursions")
     e.add_argument("model")

@@ -7,21 +7,23 @@ from __future__ import annotations
 
 import hashlib
 import pprint
-import re
 from importlib import resources
 from pathlib import Path
 
 import jinja2
-import sympy as sp
 
-from . import __version__, fuse, lanes
+from . import __version__
+from .backend import chooser, emit
+from .backend.memory import peak_bytes
+from .backend.schedule import verify
 from .derive import n_vectors, params as param_symbols
 from .equations import equations_text
-from .functions import Sigmoid, Softplus
 from .ir import Model
-from .printer import NumbaPrinter, zeros_code
-from .program import BATCH, Loop, Program, walk
-from .shapes import program_shapes, shape_of
+from .memory import peak_live_bytes
+from .program import Program
+from .shapes import ShapeError, program_shapes, shape_of
+
+MEMORY_BATCH = 128  # batch size at which modules report PEAK_BYTES
 
 TEMPLATE = "module.py.j2"
 
@@ -57,118 +59,28 @@ def param_specs(model: Model) -> list[dict]:
     return specs
 
 
-def _lines(nodes, printer: NumbaPrinter, shapes: dict, indent: str = ""):
-    """(code, comment) pairs; loops open an indented block after their accumulators."""
-    for node in nodes:
-        if isinstance(node, (fuse.Call, fuse.Line)):
-            yield f"{indent}{node.code()}", node.comment
-        elif isinstance(node, Loop):
-            for acc in node.accums:
-                yield f"{indent}{acc.target.name} = {zeros_code(shapes[acc.target.name])}", f"sum over {node.index}"
-            yield f"{indent}for {node.index} in range({node.count}):", node.eq
-            yield from _lines(node.body, printer, shapes, indent + "    ")
-            for acc in node.accums:
-                yield f"{indent}    {acc.target.name} += {printer.doprint(acc.expr)}", acc.eq
-        elif node.expr.is_Number:  # only in unsimplified programs: keep it an array
-            zeros = zeros_code(shapes[node.target.name])
-            value = printer.doprint(node.expr)
-            yield f"{indent}{node.target.name} = {zeros}{'' if node.expr == 0 else f' + {value}'}", node.eq
-        else:
-            yield f"{indent}{node.target.name} = {printer.doprint(node.expr)}", node.eq
-
-
-def kernel(program: Program, printer: NumbaPrinter, shapes: dict, nodes=None) -> dict:
-    """One function: arguments, commented statements, returned values (nodes: the
-    program's statements as scheduled, default program.stmts)."""
-    args = program.call_args()
-    lines = list(_lines(program.stmts if nodes is None else nodes, printer, shapes))
-    exprs = [item.expr for item in walk(program.stmts)] + [e for _, e in program.outputs]
-    if any(BATCH in sp.sympify(e).free_symbols for e in exprs) or \
-            any(isinstance(node, fuse.Line) for node in nodes or ()):
-        lines.insert(0, ("B = x0.shape[0]", "batch size"))
-    returns = []
-    for label, expr in program.outputs:
-        if expr == 0:  # a gradient proven zero (section 5.3): keep the API's shape
-            returns.append(zeros_code(shapes[label]))
-        else:
-            returns.append(printer.doprint(expr))
-    return {"name": f"_{program.name}", "args": args, "lines": lines, "returns": returns,
-            "labels": [label for label, _ in program.outputs]}
-
-
-# Coordinate-wise functions that Numba evaluates one libm call at a time (about 7 ns each
-# here), while NumPy's ufuncs use SIMD: 5x faster on a 128 x 128 tanh.
-TRANSCENDENTAL = (sp.exp, sp.log, sp.tanh, sp.sinh, sp.cosh, sp.sin, sp.cos, sp.tan, sp.atan,
-                  sp.asinh, sp.erf, Sigmoid, Softplus)
-
-
-NJIT = "@numba.njit(cache=True)"
-
-
-def small_kernels(model: Model) -> bool:
-    """No layer brings its own large (parallel) kernels, as convolutions do."""
-    return all(l.op.small_kernels for l in model.layers)
-
-
-# A layer with at least this many flops per sample makes a program GEMM-bound: at batch 32
-# one K application is >= 1 MFLOP (~10 us of BLAS), against ~1 us of interpreter per statement.
-GEMM_BOUND_FLOPS = 1 << 15
-
-
-def gemm_bound(model: Model) -> bool:
-    return any(l.op.has_params and l.op.flops(l.in_shape) >= GEMM_BOUND_FLOPS for l in model.layers)
-
-
-def jit_program(model: Model, program: Program) -> bool:
-    """Whether a whole-batch program is one @njit function or Python calling jitted kernels.
-
-    Python when a layer has large kernels (convolutions call their own parallel kernels),
-    when the program evaluates transcendental functions coordinate-wise (NumPy's SIMD
-    ufuncs beat Numba's scalar libm calls by more than the interpreter costs per statement),
-    or when it is GEMM-bound: BLAS does the work either way, and jitting the glue costs
-    seconds of LLVM on the first call (6 s for mnist_cdb's value_and_grad) and buys nothing.
-    """
-    if not small_kernels(model) or gemm_bound(model) or len(model.layers) > lanes.MAX_DEPTH:
-        return False
-    return not any(item.expr.has(*TRANSCENDENTAL) for item in walk(program.stmts))
-
-
 def _unpack_line(names: list[str]) -> str:
     if not names:
         return "_unpack(params)  # a model without parameters"
     return f"{', '.join(names)}{',' if len(names) == 1 else ''} = _unpack(params)"
 
 
-def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: dict,
-           count_ops: bool = False) -> str:
-    kernels = {}
-    schedules = {}  # program -> the name of the schedule that runs it
-    fused_loops: dict = {}  # one kernel per distinct fused loop of the module
-    for name, program in programs.items():
-        shapes = program_shapes(model, program, n_vectors(model))
-        program_jit = "" if count_ops or not jit_program(model, program) else NJIT
-        if not count_ops and lanes.eligible(model, program, shapes):
-            try:
-                kernels[name] = lanes.kernel(model, program, shapes)
-                schedules[name] = "lanes"
-                continue
-            except lanes.Unsupported:
-                pass  # printed with whole-batch arrays below
-        nodes = None
-        schedules[name] = "count" if count_ops else "jit" if program_jit else "kernels"
-        if not count_ops and not program_jit and small_kernels(model):
-            # Python over whole-batch arrays: runs of coordinate-wise statements in jitted loops
-            nodes, fused, shapes = fuse.schedule(model, program, shapes, TRANSCENDENTAL, fused_loops)
-            kernels.update((k["name"], dict(k, jit=NJIT)) for k in fused)
-            schedules[name] = "fused"
-        printer = NumbaPrinter(model, lambda e, shapes=shapes: shape_of(e, shapes, model))
-        kernels[name] = dict(kernel(program, printer, shapes, nodes), jit=program_jit)
+def render(model: Model, programs: dict[str, Program], ops: dict, naive: Program, count_ops: bool = False,
+           schedule: str | None = None, batch: int = MEMORY_BATCH) -> tuple[str, dict]:
+    """(module text, peak bytes of value_and_grad as it runs, at `batch`)."""
+    schedules = lower_programs(model, programs, count_ops, schedule)
+    kernels, helpers, jitted_calls = {}, set(), set()
+    for name, lowered in schedules.items():
+        for fn in lowered.kernels + (lowered.entry,):
+            shapes = fn.array_shapes()
+            view, calls = emit.function(fn, model, _shape_of(model, shapes))
+            kernels[name if fn is lowered.entry else fn.name] = view
+            helpers |= calls
+            if fn.decorator:
+                jitted_calls |= calls
+    peak = {"batch": batch, "emitted": peak_bytes(model, schedules["value_and_grad"], batch),
+            "naive": peak_live_bytes(model, naive, batch)}
     pen = model.penalty
-    # only the helper kernels some program calls are printed (no dead code in the module)
-    calls = {name: {c for line in [l for l, _ in k["lines"]] + k["returns"]
-                    for c in re.findall(r"\b(_[A-Za-z0-9_]+)\(", line)} for name, k in kernels.items()}
-    called = set().union(*calls.values())
-    jitted_calls = set().union(*(calls[name] for name, k in kernels.items() if k["jit"]))
     context = {
         "version": __version__,
         "model": model,
@@ -179,17 +91,19 @@ def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: di
         "param_shapes": "{" + ", ".join(f"{s['name']!r}: {tuple(s['shape'])!r}" for s in param_specs(model)) + "}",
         "unpack": _unpack_line([s.name for s in param_symbols(model)]),
         "kernels": kernels,
-        "schedules": pprint.pformat(schedules, sort_dicts=False, width=88),
+        "schedules": pprint.pformat({n: s.kind for n, s in schedules.items()}, sort_dicts=False, width=88),
+        "reasons": _reasons(schedules),
         "op_kinds": sorted({l.op.kind for l in model.layers}),
         "equations": equations_text(model, programs["value_and_grad"]),
         "ops": pprint.pformat(ops, sort_dicts=True, width=88),
-        "peak_bytes": pprint.pformat(peak_bytes, sort_dicts=True, width=88),
+        "peak_bytes": pprint.pformat(peak, sort_dicts=True, width=88),
         "count_ops": count_ops,
-        "helpers": sorted(called),
-        "jit": "" if count_ops else NJIT,
+        "helpers": sorted(helpers),
+        "jit": "" if count_ops else emit.DECORATORS["njit"],
+        "decorators": {k: ("" if count_ops else v) for k, v in emit.DECORATORS.items()},
         # a helper that is one array expression (a BLAS call, a ufunc) gains nothing from
         # @njit when only Python calls it, and would cost seconds of LLVM on the first call
-        "array_jit": NJIT if jitted_calls else "",
+        "array_jit": emit.DECORATORS["njit"] if jitted_calls else "",
         "weight": repr(float(pen.weight)) if pen else "0.0",
         "v_kind": pen.v if pen else None,
         "v_index": pen.index if pen else None,
@@ -205,4 +119,38 @@ def render(model: Model, programs: dict[str, Program], ops: dict, peak_bytes: di
     template = environment().get_template(TEMPLATE)
     draft = template.render(**context, cache_name="")
     digest = hashlib.sha256(draft.encode()).hexdigest()[:16]
-    return template.render(**context, cache_name=f"_dbpgen_{model.name}_{digest}")
+    return template.render(**context, cache_name=f"_dbpgen_{model.name}_{digest}"), peak
+
+
+def lower_programs(model: Model, programs: dict[str, Program], count_ops: bool = False,
+                   schedule: str | None = None) -> dict[str, chooser.Lowered]:
+    """Every program's schedule, chosen (or forced) and lowered, then verified; the fused
+    kernels are shared by the module's programs."""
+    registry: dict = {}
+    out = {}
+    for name, program in programs.items():
+        shapes = program_shapes(model, program, n_vectors(model))
+        out[name] = chooser.choose(model, program, shapes, schedule, count_ops, registry)
+    known = {fn.name for s in out.values() for fn in s.kernels} | set(emit.SCHEDULE_HELPERS)
+    for lowered in out.values():
+        for fn in lowered.kernels + (lowered.entry,):
+            verify(fn, known)
+    return out
+
+
+def _shape_of(model: Model, shapes: dict):
+    """expr -> its program shape, () for the schedule's own scalars (indices, sizes)."""
+    def shape(expr):
+        try:
+            return shape_of(expr, shapes, model)
+        except ShapeError:
+            return ()
+    return shape
+
+
+def _reasons(schedules: dict) -> list[str]:
+    """One line per distinct schedule and reason, naming the programs it holds for."""
+    groups: dict[tuple, list] = {}
+    for name, s in schedules.items():
+        groups.setdefault((s.kind, s.reason), []).append(name)
+    return [f"{', '.join(names)}: {kind}, {reason}" for (kind, reason), names in groups.items()]

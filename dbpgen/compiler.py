@@ -10,7 +10,9 @@ from pathlib import Path
 import sympy as sp
 
 from .budget import BudgetExceeded, deadline
-from .codegen import render
+from .backend.chooser import SCHEDULES, ScheduleChoiceError
+from .backend.memory import peak_bytes
+from .codegen import MEMORY_BATCH, lower_programs, render
 from .derive import derive_programs, naive_value_and_grad
 from .errors import ModelError
 from .ir import Model
@@ -21,8 +23,6 @@ from .passes import simplify
 from .printer import CodegenError
 from .program import Program, map_exprs
 
-
-MEMORY_BATCH = 128  # batch size at which modules report PEAK_BYTES
 
 
 @dataclass
@@ -36,16 +36,29 @@ class Compiled:
     def ops(self) -> dict:
         return ops_table(self.model, self.naive["value_and_grad"], self.programs["value_and_grad"])
 
-    def peak_bytes(self, batch: int = MEMORY_BATCH) -> dict:
-        """Peak live intermediate bytes of value_and_grad's schedule at a batch size."""
-        return {"batch": batch,
-                "emitted": peak_live_bytes(self.model, self.programs["value_and_grad"], batch),
+    def peak_bytes(self, batch: int = MEMORY_BATCH, schedule: str | None = None) -> dict:
+        """Peak live bytes of value_and_grad as its schedule runs it (emitted), and of the
+        unsimplified program laid out statement by statement (naive), at a batch size."""
+        lowered = self._lowered(False, schedule)["value_and_grad"]
+        return {"batch": batch, "emitted": peak_bytes(self.model, lowered, batch),
                 "naive": peak_live_bytes(self.model, self.naive["value_and_grad"], batch)}
 
-    def source(self, count_ops: bool = False) -> str:
+    def _lowered(self, count_ops: bool, schedule: str | None):
+        try:
+            return lower_programs(self.model, self.programs, count_ops, schedule)
+        except ScheduleChoiceError as exc:
+            raise ModelError(self.model.source, "--schedule", str(exc)) from None
+
+    def source(self, count_ops: bool = False, schedule: str | None = None) -> str:
+        if schedule is not None and schedule not in SCHEDULES:
+            raise ModelError(self.model.source, "--schedule",
+                             f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
         try:
             with deadline(COMPILE_BUDGET):
-                return render(self.model, self.programs, self.ops, self.peak_bytes(), count_ops)
+                return render(self.model, self.programs, self.ops, self.naive["value_and_grad"], count_ops,
+                              schedule, MEMORY_BATCH)[0]
+        except ScheduleChoiceError as exc:
+            raise ModelError(self.model.source, "--schedule", str(exc)) from None
         except CodegenError as exc:
             raise ModelError(self.model.source, "layers", str(exc)) from None
         except BudgetExceeded:
@@ -87,19 +100,21 @@ def _build(model: Model, simplified: bool) -> Compiled:
 
 
 def compile_file(path: str | os.PathLike, out_dir: str | os.PathLike = "generated",
-                 simplified: bool = True, dtype: str | None = None, count_ops: bool = False) -> Path:
-    """Emit <out_dir>/<name>.py; on any error the previous module stays untouched."""
+                 simplified: bool = True, dtype: str | None = None, count_ops: bool = False,
+                 schedule: str | None = None) -> Path:
+    """Emit <out_dir>/<name>.py; on any error the previous module stays untouched.
+    schedule forces one of backend.chooser.SCHEDULES for every program."""
     model = load_model(path)
     if dtype:
         from dataclasses import replace
         model = replace(model, dtype=dtype)
-    return compile_model(model, out_dir, simplified, count_ops)
+    return compile_model(model, out_dir, simplified, count_ops, schedule)
 
 
 def compile_model(model: Model, out_dir: str | os.PathLike = "generated", simplified: bool = True,
-                  count_ops: bool = False) -> Path:
+                  count_ops: bool = False, schedule: str | None = None) -> Path:
     """Emit <out_dir>/<model.name>.py for a loaded (possibly modified) model."""
-    text = build(model, simplified).source(count_ops)
+    text = build(model, simplified).source(count_ops, schedule)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{model.name}.py"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import batch_for, compile_spec
-from dbpgen import lanes
+from dbpgen.backend import lanes
 from test_codegen import check_float32
 from test_gradients import CDB, NODE, assert_close, check_against_oracle, mlp
 

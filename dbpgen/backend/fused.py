@@ -1,4 +1,4 @@
-"""Fused coordinate-wise loops for programs that run as Python over whole-batch arrays.
+"""Lowering `fused`: Python over whole-batch arrays, coordinate-wise runs in jitted loops.
 
 Between the GEMMs of a wide network (K, K^T, K^box: eq. 8, 16, 20, 30, 32), a program
 evaluates coordinate-wise algebra: g_j, G'_j, G''_j (eq. 8-9), the M_j products (eq. 15,
@@ -17,70 +17,41 @@ that value); a batch sum (eq. 33, and the objective J) is accumulated inside the
 instead of stored and summed. The two K^box of a dense layer become one GEMM over
 batch-stacked operands, which the statements that make them write in place.
 Transcendental functions stay NumPy statements: NumPy's SIMD ufuncs beat Numba's scalar
-libm calls (see codegen.TRANSCENDENTAL).
+libm calls (see common.TRANSCENDENTAL).
 """
 from __future__ import annotations
 
 import re
-
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import sympy as sp
 
-from .functions import Bias, BiasBox, BSum, K, Kbox, KT
-from .lanes import BATCH_OPS, ELEMENTWISE, LanePrinter
-from .printer import CodegenError, NumbaPrinter
-from .program import BATCH, Loop, Program, Stmt
-from .shapes import BATCH_AXIS, shape_of
+from ..functions import BSum, K, Kbox, KT
+from ..program import Loop, Program, Stmt
+from ..printer import CodegenError
+from ..shapes import BATCH_AXIS, shape_of
+from . import arrays
+from .common import (B, BATCH_OPS, ELEMENTWISE, LEAVES as _LEAVES, Lowering, batch_sum_arg as _batch_sum,
+                     columns as _columns, coordinatewise, elements, freeze, operations as _operations)
+from .schedule import OPEN, AddTo, Alloc, Call, For, Function, Let, Rows, Shape, Store, elem, name
 
 LOOP_NAMES = {"i", "k"}  # the fused loops' own indices
-_LEAVES = (sp.Symbol, sp.Number, sp.NumberSymbol, sp.logic.boolalg.BooleanAtom)
+i, k = name("i"), name("k")
 
 
-def _coordinatewise(expr: sp.Expr, transcendental: tuple) -> bool:
-    return all(isinstance(n, ELEMENTWISE) or n.is_Integer for n in sp.preorder_traversal(expr)) \
-        and not expr.has(*transcendental)
+def _coordinatewise(expr: sp.Expr, cheap_only: bool) -> bool:
+    return coordinatewise(expr, cheap_only)
 
 
-def _operations(expr: sp.Expr) -> int:
-    return sum(1 for n in sp.preorder_traversal(expr) if not isinstance(n, _LEAVES + (Bias,)))
-
-
-class FusedPrinter(LanePrinter):
-    """Scalar code for element (i, k) of a whole-batch (B, n) expression."""
-
-    def __init__(self, model, shapes: dict):
-        super().__init__(model, shapes, {})
-        self.local: set[str] = set()  # values of this loop held in scalars
-
-    def _print_Symbol(self, expr):
-        if expr == BATCH:
-            return self._batch_size()
-        name = expr.name
-        if name in self.local:
-            return name
-        shape = self.shapes.get(name, ())
-        if len(shape) == 2 and shape[0] == BATCH_AXIS:
-            return f"{name}[i, {'0' if shape[1] == 1 else 'k'}]"
-        if len(shape) == 1:
-            return f"{name}[{'0' if shape[0] == 1 else 'k'}]"
-        if shape:
-            raise CodegenError(f"cannot index {expr} of shape {shape} per coordinate")
-        return name
-
-
-class _Fuser:
-    def __init__(self, model, program: Program, shapes: dict, transcendental: tuple, registry: dict):
-        self.model = model
-        self.registry = registry  # (args, lines, returns) -> name, shared by a module's programs
-        self.program = program
-        self.shapes = dict(shapes)
-        self.transcendental = transcendental
-        self.temps = 0
-        self.kernels: list[dict] = []
+class _Fuser(Lowering):
+    def __init__(self, model, program: Program, shapes: dict, registry: dict):
+        super().__init__(model, program, shapes)
+        self.registry = registry  # kernel (unnamed) -> name, shared by a module's programs
+        self.transcendental = True  # transcendental functions stay NumPy ufuncs
+        self.kernels: list[Function] = []
         self.operands: dict = {}    # hoisted operand of a batch reduction -> its temporary
         self.reductions: dict = {}  # hoisted reduction -> its temporary
-        self.placed: dict[str, str] = {}  # value -> the half of a stacked buffer it is written to
+        self.placed: dict[str, sp.Expr] = {}  # value -> the half of a stacked buffer it is written to
 
     @staticmethod
     def width(shape) -> int | None:
@@ -109,9 +80,7 @@ class _Fuser:
         return all(len(s) <= 1 or (len(s) == 2 and s[0] == BATCH_AXIS) for s in shapes)
 
     def temp(self, expr: sp.Expr, out: list, eq: str, phase: str) -> sp.Symbol:
-        sym = sp.Symbol(f"t{self.temps}_")
-        self.temps += 1
-        self.shapes[sym.name] = shape_of(expr, self.shapes, self.model)
+        sym = self.new_temp(expr)
         out.append(Stmt(sym, expr, phase, eq))
         return sym
 
@@ -234,16 +203,14 @@ class _Fuser:
             for buf, operands in zip(bufs, ((boxes[0].args[1], boxes[1].args[1]),
                                             (boxes[0].args[2], boxes[1].args[2]))):
                 width = self.shapes[operands[0].name][1]
-                head.append(Line(f"{buf} = np.empty((2*B, {width}), dtype=x0.dtype)",
-                                 f"[{operands[0]}; {operands[1]}] stacked over the batch", ()))
-                for half, sym in zip(("[:B]", "[B:]"), operands):
-                    self.placed[sym.name] = buf + half
+                head.append(Alloc(buf, (2 * B, width), comment=f"[{operands[0]}; {operands[1]}] stacked over the batch"))
+                for half, sym in zip((Rows(name(buf), OPEN, B), Rows(name(buf), B, OPEN)), operands):
+                    self.placed[sym.name] = half
                     maker = makers.get(sym.name)
                     if maker is None or not self.fusable(maker) and not self.into_ok(maker):
-                        out.append(Line(f"{buf}{half} = {sym.name}", "copied into its half", (sym,)))
-            reads = tuple(a for box in boxes for a in box.args[1:])
-            out.append(Line(f"{node.target.name} = _dense_Kbox({bufs[0]}, {bufs[1]})",
-                            f"{node.eq}, one GEMM over the stacked batch", reads))
+                        out.append(Store(half, sym, "copied into its half"))
+            out.append(Call((node.target.name,), "_dense_Kbox", (name(bufs[0]), name(bufs[1])), plain=True,
+                            comment=f"{node.eq}, one GEMM over the stacked batch"))
         return head + out
 
     def _stackable(self, node, makers: dict, inputs: set):
@@ -289,8 +256,10 @@ class _Fuser:
     def _exprs(node) -> list:
         if isinstance(node, Stmt):
             return [node.expr]
-        if isinstance(node, Line):
-            return list(node.reads)
+        if isinstance(node, Store):
+            return [node.value]
+        if isinstance(node, Call):
+            return list(node.args)
         if isinstance(node, Loop):
             return [e for n in node.body for e in _Fuser._exprs(n)] + [a.expr for a in node.accums]
         return []  # a fused call: its operands were read before
@@ -312,13 +281,12 @@ class _Fuser:
         return isinstance(node.expr, (K, KT)) and len(node.expr.args) == 3 \
             and self.model.layers[node.expr.layer - 1].op.kind == "dense"
 
-    def into(self, node: Stmt) -> Line:
+    def into(self, node: Stmt) -> Call:
         """A K or K^T whose value goes into a stacked buffer, written there by BLAS."""
-        printer = NumbaPrinter(self.model, lambda e: shape_of(e, self.shapes, self.model))
-        theta, array = (printer.doprint(a) for a in node.expr.args[1:])
+        theta, array = node.expr.args[1:]
         helper = "_dense_K_into" if isinstance(node.expr, K) else "_dense_KT_into"
-        return Line(f"{node.target.name} = {helper}({theta}, {array}, {self.placed[node.target.name]})",
-                    node.eq, tuple(sorted(node.expr.free_symbols, key=lambda x: x.name)))
+        return Call((node.target.name,), helper, (theta, array, self.placed[node.target.name]), plain=True,
+                    comment=node.eq, into=(node.target.name,))
 
     def flush(self, group: list, used_later: dict) -> list:
         if not group:
@@ -340,10 +308,10 @@ class _Fuser:
         width = self.loop_width(stmts[0])
         ref = next((a for a in args if _columns(self.shapes[a]) == width), None)
         if ref is None:  # no whole-batch operand to take the batch size from
-            return stmts + [Line(f"{self.placed[s.target.name]} = {s.target.name}", "copied into its half",
-                                 (s.target,)) for s in stmts if s.target.name in self.placed]
+            return stmts + [Store(self.placed[s.target.name], s.target, "copied into its half")
+                            for s in stmts if s.target.name in self.placed]
         given = [n for n in stored if n in self.placed]  # written into a stacked buffer
-        values = args + [self.placed[n] for n in given]  # what the call passes
+        values = [name(a) for a in args] + [self.placed[n] for n in given]  # what the call passes
         # the kernel's own names carry no layer index, so that the loops of layers of one
         # shape print alike and share one kernel: LLVM work bounded by distinct loops, not depth
         local = _local_names(args + defined)
@@ -351,32 +319,43 @@ class _Fuser:
         renamed = {sym: sp.Symbol(local[sym.name]) for st in stmts for sym in st.expr.free_symbols
                    if local.get(sym.name, sym.name) != sym.name}
         params = [local[a] for a in args] + [f"{local[n]}_out" for n in given]
-        ref = local[ref]
-        printer = FusedPrinter(self.model, shapes)
-        lines = [(f"{local[n]}_out = np.zeros({ref}.shape[1], dtype={ref}.dtype)" if n in sums
-                  else f"{local[n]}_out = np.empty_like({ref})", None) for n in stored if n not in given]
-        lines.append((f"for i in range({ref}.shape[0]):", "samples"))
-        lines.append((f"    for k in range({ref}.shape[1]):", "units"))
+        ref = name(local[ref])
+        scalars: set[str] = set()  # values of this loop held in scalars
+
+        def element(sym):
+            if sym.name in scalars:
+                return None
+            shape = shapes.get(sym.name, ())
+            if len(shape) == 2 and shape[0] == BATCH_AXIS:
+                return elem(sym.name, i, 0 if shape[1] == 1 else k)
+            if len(shape) == 1:
+                return elem(sym.name, 0 if shape[0] == 1 else k)
+            if shape:
+                raise CodegenError(f"cannot index {sym} of shape {shape} per coordinate")
+            return None
+
+        body = [Alloc(f"{local[n]}_out", (Shape(ref, 1),), zero=True) if n in sums
+                else Alloc(f"{local[n]}_out", (Shape(ref, 0), Shape(ref, 1))) for n in stored if n not in given]
+        inner = []
         for st in stmts:
-            name, expr = local[st.target.name], st.expr.xreplace(renamed)
+            target, expr = local[st.target.name], st.expr.xreplace(renamed)
             if st.target.name in sums:  # a batch sum (eq. 33): accumulated, never stored per sample
-                lines.append((f"        {name}_out[k] += {printer.doprint(_batch_sum(expr))}", f"{st.eq}"))
+                inner.append(AddTo(elem(f"{target}_out", k), elements(_batch_sum(expr), element), st.eq))
                 continue
-            lines.append((f"        {name} = {printer.doprint(expr)}", f"{st.eq}"))
-            printer.local.add(name)
+            inner.append(Let(target, elements(expr, element), st.eq))
+            scalars.add(target)
             if st.target.name in stored:
-                lines.append((f"        {name}_out[i, k] = {name}", None))
-        returns = [f"{local[n]}_out" for n in stored]
-        args = params
-        key = (tuple(args), tuple(lines), tuple(returns))
-        if key not in self.registry:  # programs share identical loops (forward, penalty, ...)
-            self.registry[key] = f"_fused{len(self.registry)}"
-            self.kernels.append({"name": self.registry[key], "args": args, "lines": lines,
-                                 "returns": returns, "labels": stored})
-        name = self.registry[key]
+                inner.append(Store(elem(f"{target}_out", i, k), name(target)))
+        body.append(For("i", Shape(ref, 0), [For("k", Shape(ref, 1), inner, comment="units")],
+                        scalar=True, comment="samples"))
+        returns = tuple(name(f"{local[n]}_out") for n in stored)
+        kernel = freeze(Function("", tuple(params), body, returns, tuple(local[n] for n in stored), decorator="njit"))
+        if kernel not in self.registry:  # programs share identical loops (forward, penalty, ...)
+            self.registry[kernel] = f"_fused{len(self.registry)}"
+            self.kernels.append(replace(kernel, name=self.registry[kernel]))
         eqs = "; ".join(dict.fromkeys(s.eq for s in stmts if s.eq))
-        call = f"{name}({', '.join(values)})"
-        return [Call(stored, call, f"fused loop: {', '.join(defined)}; {eqs}")]
+        return [Call(tuple(stored), self.registry[kernel], tuple(values),
+                     comment=f"fused loop: {', '.join(defined)}; {eqs}", into=tuple(given))]
 
 
 def _local_names(names: list[str]) -> dict[str, str]:
@@ -394,55 +373,16 @@ def _local_names(names: list[str]) -> dict[str, str]:
     return out
 
 
-def _columns(shape) -> int | None:
-    """n for a whole-batch (B, n) value, else None."""
-    return shape[1] if len(shape) == 2 and shape[0] == BATCH_AXIS else None
-
-
-def _batch_sum(expr):
-    """a for a sum over the batch, BSum(a) or a bias adjoint BiasBox(j, a) (eq. 33), else None."""
-    if isinstance(expr, BSum):
-        return expr.args[0]
-    if isinstance(expr, BiasBox):
-        return expr.args[1]
-    return None
-
-
 def _accumulates(node) -> bool:
     """t = BSum(a): a batch sum of a (B, n) value that a fused loop accumulates."""
     return isinstance(node, Stmt) and _batch_sum(node.expr) is not None
 
 
-@dataclass(frozen=True)
-class Call:
-    """A printed call of a fused kernel: targets = kernel(args)."""
-
-    targets: list[str]
-    call: str
-    comment: str
-
-    def code(self) -> str:
-        if len(self.targets) == 1:
-            return f"{self.targets[0]} = {self.call}[0]"
-        return f"{', '.join(self.targets)} = {self.call}"
-
-
-@dataclass(frozen=True)
-class Line:
-    """A printed line of the schedule's own (a stacked buffer, a copy into it, its GEMM)."""
-
-    line: str
-    comment: str
-    reads: tuple
-
-    def code(self) -> str:
-        return self.line
-
-
-def schedule(model, program: Program, shapes: dict, transcendental: tuple, registry: dict):
-    """(nodes, kernels, shapes): the program's top-level nodes with fused runs replaced by
-    calls, the fused kernels (to be jitted) not already in `registry` (shared by the
-    programs of one module), and shapes including the new temporaries."""
-    fuser = _Fuser(model, program, shapes, transcendental, registry)
+def lower(model, program: Program, shapes: dict, registry: dict) -> tuple[Function, list[Function]]:
+    """(entry, kernels): the program as Python over whole-batch arrays with fused runs as
+    calls, and the fused kernels not already in `registry` (shared by a module's programs)."""
+    fuser = _Fuser(model, program, shapes, registry)
     nodes = fuser.run()
-    return nodes, fuser.kernels, fuser.shapes
+    zeros, values = arrays.returns(program, fuser.shapes)
+    body = arrays.statements(nodes, fuser.shapes)
+    return arrays.function(program, body, fuser.shapes, "", zeros, values), fuser.kernels

@@ -1,0 +1,213 @@
+"""Print a schedule (`dbpgen.backend.schedule`) as the lines of Python functions.
+
+Nothing is decided here: every node prints one way. Array expressions print with
+`printer.NumbaPrinter`, the bodies of scalar loops (`For.scalar`) with the scalar printer;
+decorators come from DECORATORS by the name a Function carries. The printers record the
+helpers they call, which is how the module knows which helpers to print.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from ..functions import Kbox
+from ..printer import NumbaPrinter
+from .schedule import OPEN, Alloc, AddTo, Call, For, Free, Function, Let, Rows, Shape, Store, View
+
+FASTMATH_LANES = '{"reassoc", "contract", "nsz", "arcp"}'  # sums vectorize; NaN and inf kept
+DECORATORS = {
+    "": "",
+    "njit": "@numba.njit(cache=True)",
+    "reassoc": '@numba.njit(cache=True, fastmath={"reassoc"})',
+    "lanes": f"@numba.njit(cache=True, fastmath={FASTMATH_LANES})",
+    "parallel": "@numba.njit(cache=True, parallel=True)",
+}
+
+
+# helpers the lowerings call by name (Call nodes); the printers name the others
+SCHEDULE_HELPERS = ("_dense_Kbox", "_dense_K_into", "_dense_KT_into")
+# helpers that call other helpers
+DEPENDS = {"_dense_Kbox2": {"_dense_Kbox"}}
+
+
+class _ScheduleNames:
+    """Printing of the schedule's own expressions (elements, row blocks, run-time sizes),
+    and a record of every helper the printed code calls."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.helpers: set[str] = set()
+        self.integers = 0  # > 0 while printing sizes, indices and bounds: integers stay ints
+
+    def index(self, expr) -> str:
+        """An integer expression (a size, an index, a bound): never in the model's dtype."""
+        self.integers += 1
+        try:
+            return self._print(sp.sympify(expr))
+        finally:
+            self.integers -= 1
+
+    def _print_Integer(self, expr):
+        return str(int(expr)) if self.integers else super()._print_Integer(expr)
+
+    def _print_Int(self, expr):
+        return self.index(expr.args[0])
+
+    def _print_Min(self, expr):
+        if self.integers:  # Python's min of integers: an integer, as range() needs
+            return f"min({', '.join(self._print(a) for a in expr.args)})"
+        return super()._print_Min(expr)
+
+    def _use(self, code: str, name: str) -> str:
+        self.helpers.add(name)
+        self.helpers |= DEPENDS.get(name, set())
+        return code
+
+    def _print_Indexed(self, expr):
+        index = ", ".join(self.index(i) for i in expr.indices)
+        return f"{expr.base.label}[{index}]"
+
+    def _print_Rows(self, expr):
+        a, start, stop = expr.args
+        lo = "" if start == OPEN else self.index(start)
+        hi = "" if stop == OPEN else self.index(stop)
+        return f"{self._print(a)}[{lo}:{hi}]"
+
+    def _print_Shape(self, expr):
+        return f"{self._print(expr.args[0])}.shape[{int(expr.args[1])}]"
+
+    # the printer's helper calls, recorded
+    def _call(self, name, expr):
+        return self._use(super()._call(name, expr), name)
+
+    def _layer_call(self, expr, suffix):
+        layer = self.model.layers[expr.layer - 1]
+        return self._use(super()._layer_call(expr, suffix), f"_{layer.op.kind}_{suffix}")
+
+    def _print_BiasBox(self, expr):
+        code = super()._print_BiasBox(expr)
+        return self._use(code, code[:code.index("(")])
+
+    def _print_Add(self, expr, order=None):
+        code = super()._print_Add(expr, order=order)
+        if len(expr.args) == 2 and all(isinstance(a, Kbox) for a in expr.args) \
+                and code.startswith("_dense_Kbox2("):
+            self._use(code, "_dense_Kbox2")
+        return code
+
+    def _print_Dot(self, expr):
+        return self._use(super()._print_Dot(expr), "_rowdot")
+
+    def _print_Gram(self, expr):
+        return self._use(super()._print_Gram(expr), "_gram")
+
+    def _print_OneHot(self, expr):
+        return self._use(super()._print_OneHot(expr), "_onehot")
+
+
+class ArrayCode(_ScheduleNames, NumbaPrinter):
+    """Whole-array statements."""
+
+
+class ScalarCode(_ScheduleNames, NumbaPrinter):
+    """One element per statement, inside scalar loops: conditional expressions instead of
+    np.where, scalar helpers for the numerically careful functions."""
+
+    def _select(self, cond, value, other):
+        return f"({value} if {cond} else {other})"
+
+    def _print_Heaviside(self, expr):
+        return self._select(f"{self._print(expr.args[0])} > 0", self._literal(1), self._literal(0))
+
+    def _print_Abs(self, expr):
+        return f"abs({self._print(expr.args[0])})"
+
+    def _print_Sigmoid(self, expr):
+        return self._call("_sigmoid1", expr)
+
+    def _print_erf(self, expr):
+        return f"math.erf({self._print(expr.args[0])})"
+
+    def _print_Softplus(self, expr):
+        return self._call("_softplus1", expr)
+
+    def _print_Pow(self, expr, rational=False):
+        base, exp = expr.args
+        if exp.is_Integer and 0 < exp <= 4:
+            return f"{self.parenthesize(base, sp.printing.precedence.PRECEDENCE['Pow'])}**{int(exp)}"
+        return super()._print_Pow(expr, rational=rational)
+
+
+def _dims(shape, printer) -> str:
+    dims = [printer.index(d) for d in shape]
+    return f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
+
+
+class Printer:
+    """Lines of one function: (code, comment) pairs."""
+
+    def __init__(self, model, shape_of=None):
+        self.array = ArrayCode(model, shape_of)
+        self.scalar = ScalarCode(model)
+        self.lines: list[tuple[str, str]] = []
+
+    @property
+    def helpers(self) -> set[str]:
+        return self.array.helpers | self.scalar.helpers
+
+    def nodes(self, nodes, depth: int = 0, scalar: bool = False) -> None:
+        p = self.scalar if scalar else self.array
+        pad = "    " * depth
+        for node in nodes:
+            if isinstance(node, Alloc):
+                fill = "zeros" if node.zero else "empty"
+                code = f"{node.target} = np.{fill}({_dims(node.shape, self.array)}, dtype=DTYPE)"
+            elif isinstance(node, View):
+                code = f"{node.target} = {node.base}[{node.start}:{node.stop}]"
+            elif isinstance(node, Let):
+                code = f"{node.target} = {p.doprint(node.value)}"
+            elif isinstance(node, Store):
+                code = f"{p.doprint(node.target)} = {p.doprint(node.value)}"
+            elif isinstance(node, AddTo):
+                code = f"{p.doprint(node.target)} += {p.doprint(node.value)}"
+            elif isinstance(node, Call):
+                call = f"{node.function}({', '.join(self.array.doprint(a) for a in node.args)})"
+                if node.plain:
+                    code = f"{', '.join(node.targets)} = {call}"
+                elif len(node.targets) == 1:
+                    code = f"{node.targets[0]} = {call}[0]"
+                else:
+                    code = f"{', '.join(node.targets)} = {call}"
+            elif isinstance(node, Free):
+                code = f"del {', '.join(node.names)}"
+            elif isinstance(node, For):
+                stop = self.array.index(node.stop)
+                if node.start == 0 and node.step == 1:
+                    bounds = stop
+                else:
+                    start = self.array.index(node.start)
+                    bounds = f"{start}, {stop}" + (f", {node.step}" if node.step != 1 else "")
+                self.lines.append((f"{pad}for {node.var} in range({bounds}):", node.comment))
+                self.nodes(node.body, depth + 1, scalar or node.scalar)
+                continue
+            else:
+                raise TypeError(f"cannot print {node!r}")
+            self.lines.append((pad + code, node.comment))
+
+
+def function(fn: Function, model, shape_of=None) -> tuple[dict, set[str]]:
+    """The template's view of one function, and the helpers it calls."""
+    printer = Printer(model, shape_of)
+    printer.nodes(fn.body)
+    returns = [printer.array.doprint(r) for r in fn.returns]
+    calls = {node.function for node in _calls(fn.body)}
+    return ({"name": fn.name, "args": list(fn.params), "lines": printer.lines, "returns": returns,
+             "labels": list(fn.labels), "jit": DECORATORS[fn.decorator]},
+            printer.helpers | calls)
+
+
+def _calls(nodes):
+    for node in nodes:
+        if isinstance(node, Call):
+            yield node
+        elif isinstance(node, For):
+            yield from _calls(node.body)

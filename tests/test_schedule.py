@@ -1,0 +1,209 @@
+"""The back end: schedule IR and its verifier, the chooser, forced schedules, PEAK_BYTES.
+
+Every way of running a program is a lowering into the schedule IR (dbpgen/backend/); these
+tests check the IR itself, that the chooser's reason reaches the module, that every
+schedule that applies computes the same gradients as the autograd oracle, and that
+PEAK_BYTES is what a call holds, measured.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sympy as sp
+
+from conftest import BENCHMARKS, ROOT, write_model
+from dbpgen.backend import chooser
+from dbpgen.backend.schedule import (OPEN, AddTo, Alloc, Call, For, Free, Function, Let, Rows, ScheduleError, Store,
+                                     elem, name, verify)
+from dbpgen.codegen import lower_programs
+from dbpgen.compiler import build, compile_file, load_generated
+from dbpgen.model import load_model
+from test_gradients import NODE, check_against_oracle, mlp
+
+TESTS = Path(__file__).resolve().parent
+
+
+# -- the IR and its verifier -----------------------------------------------------------------
+
+def test_verifier_accepts_a_well_formed_function():
+    fn = Function("_f", ("a",), (
+        Alloc("out", (name("n"),), zero=True),
+        For("i", name("n"), (Let("t", 2 * elem("a", name("i"))), AddTo(elem("out", name("i")), name("t"))),
+            scalar=True),
+        Call(("c",), "_dense_Kbox", (name("a"), name("out")), plain=True),
+        Free(("c",)),
+    ), (name("out"),))
+    with pytest.raises(ScheduleError, match=r"reads undefined \['n'\]"):
+        verify(fn, {"_dense_Kbox"})
+    fn = Function("_f", ("a", "n"), fn.body, fn.returns)
+    assert verify(fn, {"_dense_Kbox"}) is fn
+
+
+@pytest.mark.parametrize("body, message", [
+    ((Let("t", name("u")),), r"t reads undefined \['u'\]"),
+    ((For("i", 3, ()),), "empty loop"),
+    ((Call(("t",), "_nowhere", ()),), "unknown function _nowhere"),
+    ((Store(elem("w", 0), name("a")),), r"reads undefined \['w'\]"),
+    ((For("i", 3, (Let("t", name("a")),)), Let("u", name("t"))), r"u reads undefined \['t'\]"),
+    ((Let("t", name("a")), Free(("t",)), Let("u", name("t"))), r"u reads undefined \['t'\]"),
+    ((Store(Rows(name("a"), OPEN, name("B")), name("a")),), r"reads undefined \['B'\]"),
+])
+def test_verifier_refuses_what_would_not_run(body, message):
+    with pytest.raises(ScheduleError, match=message):
+        verify(Function("_f", ("a",), body, ()), {"_dense_Kbox"})
+
+
+def test_schedules_are_values_equal_kernels_are_equal():
+    make = lambda: Function("", ("a",), (Let("t", sp.tanh(name("a"))),), (name("t"),), decorator="njit")
+    assert make() == make() and hash(make()) == hash(make())
+
+
+# -- the chooser ------------------------------------------------------------------------------
+
+def test_the_chooser_names_its_reason_in_the_module_header():
+    text = (ROOT / "generated" / "mnist_cdb.py").read_text()
+    header = text.split('"""', 2)[1]
+    assert "How each program runs" in header
+    assert "value_and_grad: fused" in header and "GEMM-bound (layer 1" in header
+    assert "not lanes: a layer wider than 32 units" in header
+    sine = (ROOT / "generated" / "sine_cdb.py").read_text().split('"""', 2)[1]
+    assert "value_and_grad: lanes" in sine
+
+
+def test_every_threshold_is_in_the_chooser():
+    """codegen prints what the chooser decided; it holds no threshold of its own."""
+    import dbpgen.codegen as codegen
+
+    source = Path(codegen.__file__).read_text()
+    for word in ("GEMM_BOUND", "MAX_WIDTH", "MAX_DEPTH", "TRANSCENDENTAL", "small_kernels"):
+        assert word not in source
+
+
+SMALL = mlp("sched_small", ["tanh", "relu"], None, "mse", NODE, widths=(6, 5))
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    path = write_model(SMALL, tmp_path_factory.mktemp("sched"))
+    return path, load_model(path)
+
+
+def test_a_small_dense_model_can_run_every_schedule(small_model):
+    path, model = small_model
+    compiled = build(model)
+    program = compiled.programs["value_and_grad"]
+    from dbpgen.shapes import program_shapes
+    from dbpgen.derive import n_vectors
+    shapes = program_shapes(model, program, n_vectors(model))
+    assert chooser.applicable(model, program, shapes) == ["lanes", "jit", "fused", "kernels"]
+    assert chooser.applicable(model, program, shapes, count_ops=True) == ["count"]
+
+
+@pytest.mark.parametrize("kind", ["lanes", "jit", "fused", "kernels"])
+def test_forced_schedules_match_the_oracle(kind, small_model, tmp_path, rng):
+    path, _ = small_model
+    m = load_generated(compile_file(path, tmp_path / kind, schedule=kind))
+    assert set(m.SCHEDULES.values()) == {kind}
+    assert "forced (--schedule)" in Path(m.__file__).read_text().split('"""', 2)[1]
+    check_against_oracle(SMALL, m, rng, batch=7)
+
+
+def dbpgen_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "dbpgen.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+def test_a_schedule_that_does_not_apply_is_one_line_naming_those_that_do(tmp_path):
+    lenet = ROOT / "examples" / "lenet_cdb.yaml"
+    (tmp_path / "generated").mkdir()
+    previous = tmp_path / "generated" / "lenet_cdb.py"
+    previous.write_text("# the previous module\n")
+    done = dbpgen_cli("compile", lenet, "-o", tmp_path / "generated", "--schedule", "jit", cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "lenet_cdb.yaml" in lines[0] and "--schedule" in lines[0]
+    assert "'jit' does not apply" in lines[0] and "applicable: fused, kernels" in lines[0]
+    assert previous.read_text() == "# the previous module\n"
+    done = dbpgen_cli("compile", lenet, "--schedule", "fastest", cwd=tmp_path)
+    assert done.returncode == 2 and "choose from lanes, jit, fused, kernels, count" in done.stderr
+
+
+# -- schedules of the fused lowering, read off the IR ------------------------------------------
+
+@pytest.fixture(scope="module")
+def mnist_schedules():
+    model = load_model(BENCHMARKS / "mnist_cdb.yaml")
+    return lower_programs(model, build(model).programs)
+
+
+def _calls(fn):
+    return [n for n in fn.body if isinstance(n, Call)]
+
+
+def test_fused_loops_store_only_what_later_statements_read(mnist_schedules):
+    vg = mnist_schedules["value_and_grad"]
+    assert vg.kind == "fused"
+    kernels = {k.name: k for s in mnist_schedules.values() for k in s.kernels}
+    assert len(kernels) == sum(len(s.kernels) for s in mnist_schedules.values())  # each printed once
+    calls = {c.targets: c for c in _calls(vg.entry)}
+    # x1 = relu(b1 + K_1 x0) is written into the lower half of the stacked operand of K^box_2
+    first = calls[("x1", "dg1")]
+    assert first.into == ("x1",) and first.args[-1] == Rows(name("S2x_"), name("B"), OPEN)
+    kernel = kernels[first.function]
+    assert kernel.params == ("b", "t", "x_out")  # names without the layer index
+    loop = kernel.body[-1].body[0]  # for i (samples): for k (units)
+    made = [n.target for n in loop.body if isinstance(n, Let)]
+    stored = [n.target.base.label.name for n in loop.body if isinstance(n, Store)]
+    assert made == ["z", "x", "dg"] and stored == ["x_out", "dg_out"]  # z stays a scalar
+    assert [n.target for n in kernel.body if isinstance(n, Alloc)] == ["dg_out"]  # x_out is given
+    # layer 2 has the same shape of loop: it calls the same kernel
+    assert calls[("x2", "dg2")].function == first.function
+    # the weight adjoints are one GEMM over the stacked batch (eq. 31-32)
+    for j in (1, 2, 3):
+        box = calls[(f"dW{j}",)]
+        assert box.function == "_dense_Kbox" and box.args == (name(f"S{j}x_"), name(f"S{j}y_"))
+    xi0 = calls[("xi0",)]
+    assert xi0.function == "_dense_KT_into" and xi0.args[-1] == Rows(name("S1x_"), name("B"), OPEN)
+    assert Store(Rows(name("S1x_"), OPEN, name("B")), sp.Symbol("x0"), "copied into its half") in vg.entry.body
+    # the bias adjoint (eq. 33) is summed inside a loop: accumulated, not stored per sample
+    sums = [k for k in kernels.values() if any(isinstance(n, AddTo) for n in k.body[-1].body[0].body)]
+    assert sums and all(n.zero for k in sums for n in k.body if isinstance(n, Alloc) and len(n.shape) == 1)
+    # forward stores x1 only
+    forward = {c.targets: c for c in _calls(mnist_schedules["forward"].entry)}
+    assert ("x1",) in forward and kernels[forward[("x1",)].function].labels == ("x",)
+
+
+def test_python_schedules_free_arrays_at_their_last_read(mnist_schedules):
+    body = mnist_schedules["value_and_grad"].entry.body
+    freed = [n for node in body if isinstance(node, Free) for n in node.names]
+    assert "t0_" in freed and "dg1" in freed and len(freed) == len(set(freed))
+    returned = {"J", "dW1", "db1", "dW2", "db2", "dW3", "db3"}
+    assert not returned & set(freed)
+
+
+# -- PEAK_BYTES against a measurement ----------------------------------------------------------
+
+MEASURE = TESTS / "measure_peak.py"
+
+
+@pytest.mark.parametrize("source, batch", [(BENCHMARKS / "mnist_cdb.yaml", 1024),
+                                           (ROOT / "examples" / "lenet_cdb.yaml", 256)])
+def test_peak_bytes_match_a_measurement(source, batch, tmp_path):
+    """The resident-set high-water mark of one value_and_grad call (every array of 64 KiB
+    or more from its own mapping, so that a freed one leaves the resident set) against
+    PEAK_BYTES of the schedule that runs, at the same batch size."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the high-water mark")
+    path = compile_file(source, tmp_path)
+    predicted = build(load_model(source)).peak_bytes(batch)["emitted"]
+    assert f"'emitted': {build(load_model(source)).peak_bytes()['emitted']}" in path.read_text()
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    done = subprocess.run([sys.executable, str(MEASURE), str(path), str(batch)], capture_output=True,
+                          text=True, env=env, timeout=300, check=True)
+    measured = int(done.stdout.split()[-1])
+    assert 0.75 * predicted <= measured <= 1.25 * predicted, (measured, predicted)

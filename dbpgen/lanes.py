@@ -19,6 +19,7 @@ import re
 
 import sympy as sp
 
+from .functable import ELEMENTWISE_TYPES as ELEMENTWISE
 from .functions import Bias, BiasBox, BSum, Dot, K, Kbox, KT, RowSum, Sigmoid, Softplus, linear_terms
 from .ir import Dense, Model
 from .printer import CodegenError, NumbaPrinter, zeros_code
@@ -32,10 +33,6 @@ FASTMATH = '{"reassoc", "contract", "nsz", "arcp"}'  # sums over samples vectori
 
 LOOP_NAMES = {"i", "k", "b", "c0", "nb", "w", "acc", "DTYPE", "np", "numba", "min", "max", "abs"} | {
     f"kr{n}" for n in range(8)}
-ELEMENTWISE = (sp.Add, sp.Mul, sp.Pow, sp.Max, sp.Min, sp.Heaviside, sp.Piecewise, sp.Abs, sp.sign,
-                sp.exp, sp.log, sp.tanh, sp.sinh, sp.cosh, sp.sin, sp.cos, sp.tan, sp.atan, sp.asinh, sp.erf,
-                sp.functions.elementary.piecewise.ExprCondPair, Sigmoid, Softplus, sp.Symbol, sp.Number, sp.NumberSymbol,
-                sp.logic.boolalg.BooleanAtom, sp.core.relational.Relational, Bias)
 _PER_SAMPLE_OPS = (K, KT, Dot, RowSum)
 BATCH_OPS = (Kbox, BSum, BiasBox)
 

@@ -18,7 +18,7 @@ from .budget import BudgetExceeded, attempt, deadline
 from .errors import ModelError
 from .functions import Bias, BiasBox, BSum, Dot, K, KT, Kbox, LogSumExp, OneHot, Row, RowSum, Softmax
 from .ir import S, Z, Model
-from .program import BATCH, LAM, Accum, Loop, Program, Stmt, verify
+from .program import BATCH, LAM, Accum, Loop, Program, Role, Stmt, verify
 
 
 def sym(name: str, j: int | None = None) -> sp.Symbol:
@@ -31,8 +31,9 @@ class _Builder:
     def __init__(self):
         self.stmts: list[Stmt] = []
 
-    def let(self, target: sp.Symbol, expr, phase: str, eq: str) -> sp.Symbol:
-        self.stmts.append(Stmt(target, sp.sympify(expr), phase, eq))
+    def let(self, target: sp.Symbol, expr, phase: str, eq: str, role: Role) -> sp.Symbol:
+        """Append target = expr; role says which quantity of the paper it is (program.py)."""
+        self.stmts.append(Stmt(target, sp.sympify(expr), phase, eq, role))
         return target
 
 
@@ -164,15 +165,15 @@ def forward(model: Model, b: _Builder, derivatives: bool = True) -> None:
     for layer in model.layers:
         j = layer.index
         z = apply_K(model, j, sym("x", j - 1)) + (Bias(j, sym("b", j)) if layer.op.bias else 0)
-        b.let(sym("z", j), z, "forward", "(8)")
+        b.let(sym("z", j), z, "forward", "(8)", Role("z", j))
         if layer.act.is_softmax:
-            b.let(sym("x", j), Softmax(sym("z", j)), "forward", "(8)")
+            b.let(sym("x", j), Softmax(sym("z", j)), "forward", "(8)", Role("x", j))
             continue
         g, dg, ddg = layer_rules(model, j)
-        b.let(sym("x", j), g, "forward", "(8)")
+        b.let(sym("x", j), g, "forward", "(8)", Role("x", j))
         if derivatives:
-            b.let(sym("dg", j), dg, "forward", "g' (9), SymPy")
-            b.let(sym("ddg", j), ddg, "forward", "g'' (9), SymPy")
+            b.let(sym("dg", j), dg, "forward", "g' (9), SymPy", Role("dg", j))
+            b.let(sym("ddg", j), ddg, "forward", "g'' (9), SymPy", Role("ddg", j))
 
 
 def loss_gradient_out(model: Model):
@@ -192,14 +193,14 @@ def backward(model: Model, b: _Builder, v, head_identity: bool, phase: str = "ba
     """Alg. 1: zeta_j = G'_j xi_j (15), xi_{j-1} = K_j^T(theta_j, zeta_j) (16)."""
     L = model.L
     if v is None:  # softmax + nll, classical double backprop: zeta_L directly (eq. 43)
-        b.let(sym("zeta", L), RowSum(sym("y")) * sym("x", L) - sym("y"), phase, "(43)")
+        b.let(sym("zeta", L), RowSum(sym("y")) * sym("x", L) - sym("y"), phase, "(43)", Role("zeta", L))
     else:
-        b.let(sym("xi", L), v, phase, "Alg. 1: xi_L = v")
-        b.let(sym("zeta", L), g_prime(model, L, sym("xi", L), head_identity), phase, "(15)")
+        b.let(sym("xi", L), v, phase, "Alg. 1: xi_L = v", Role("xi", L))
+        b.let(sym("zeta", L), g_prime(model, L, sym("xi", L), head_identity), phase, "(15)", Role("zeta", L))
     for j in range(L, 0, -1):
         if j < L:
-            b.let(sym("zeta", j), g_prime(model, j, sym("xi", j)), phase, "(15)")
-        b.let(sym("xi", j - 1), apply_KT(model, j, sym("zeta", j)), phase, "(16)")
+            b.let(sym("zeta", j), g_prime(model, j, sym("xi", j)), phase, "(15)", Role("zeta", j))
+        b.let(sym("xi", j - 1), apply_KT(model, j, sym("zeta", j)), phase, "(16)", Role("xi", j - 1))
 
 
 def p_prime(p: sp.Expr) -> sp.Expr:
@@ -211,20 +212,20 @@ def p_prime(p: sp.Expr) -> sp.Expr:
     return dp.subs(S, sym("s"))
 
 
-def penalty_value(model: Model, b: _Builder, target: str = "R") -> sp.Symbol:
+def penalty_value(model: Model, b: _Builder, target: str = "R", quantity: str = "R") -> sp.Symbol:
     """R = p(xi_0) with s = ||xi_0||^2 (eq. 10)."""
-    s = b.let(sym("s"), Dot(sym("xi0"), sym("xi0")), "backward", "s = ||xi_0||^2")
-    return b.let(sym(target), model.penalty.p.subs(S, s), "backward", "(10)")
+    s = b.let(sym("s"), Dot(sym("xi0"), sym("xi0")), "backward", "s = ||xi_0||^2", Role("s"))
+    return b.let(sym(target), model.penalty.p.subs(S, s), "backward", "(10)", Role(quantity))
 
 
 def backward_backward(model: Model, b: _Builder, q0, head_identity: bool, eq0: str) -> None:
     """Alg. 2: h_j = K_j(theta_j, q_{j-1}) (20), q_j = G'_j h_j (21)."""
     L = model.L
-    b.let(sym("q", 0), q0, "backward-backward", eq0)
+    b.let(sym("q", 0), q0, "backward-backward", eq0, Role("q", 0))
     for j in range(1, L + 1):
-        b.let(sym("h", j), apply_K(model, j, sym("q", j - 1)), "backward-backward", "(20)")
+        b.let(sym("h", j), apply_K(model, j, sym("q", j - 1)), "backward-backward", "(20)", Role("h", j))
         b.let(sym("q", j), g_prime(model, j, sym("h", j), head_identity and j == L),
-              "backward-backward", "(21)")
+              "backward-backward", "(21)", Role("q", j))
 
 
 def gamma_out(model: Model):
@@ -246,9 +247,9 @@ def eta_out(model: Model, b: _Builder, head_identity: bool) -> None:
     L, pen = model.L, model.penalty
     if pen.v == "loss_gradient" and model.loss == "nll" and not pen.on_logits:
         b.let(sym("eta", L), RowSum(sym("y")) * g_prime(model, L, sym("h", L)),
-              "forward-backward", "(44)")
+              "forward-backward", "(44)", Role("eta_out", L))
         return
-    b.let(sym("gamma", L), gamma_out(model), "forward-backward", "(29), App. B")
+    b.let(sym("gamma", L), gamma_out(model), "forward-backward", "(29), App. B", Role("gamma_out", L))
     eta = g_second(model, L, sym("h", L), sym("xi", L), head_identity)
     eta += g_prime(model, L, sym("gamma", L), head_identity)
     act = model.layers[-1].act
@@ -258,7 +259,7 @@ def eta_out(model: Model, b: _Builder, head_identity: bool) -> None:
         where = "App. B.3"
     else:
         where = "App. B, (28) at j = L"
-    b.let(sym("eta", L), eta, "forward-backward", where)
+    b.let(sym("eta", L), eta, "forward-backward", where, Role("eta_out", L))
 
 
 def forward_backward(model: Model, b: _Builder, head_identity: bool) -> None:
@@ -268,9 +269,10 @@ def forward_backward(model: Model, b: _Builder, head_identity: bool) -> None:
     for j in range(L, 0, -1):
         if j < L:
             eta = g_second(model, j, sym("h", j), sym("xi", j)) + g_prime(model, j, sym("gamma", j))
-            b.let(sym("eta", j), eta, "forward-backward", "(28)")
+            b.let(sym("eta", j), eta, "forward-backward", "(28)", Role("eta", j))
         if j > 1:
-            b.let(sym("gamma", j - 1), apply_KT(model, j, sym("eta", j)), "forward-backward", "(30)")
+            b.let(sym("gamma", j - 1), apply_KT(model, j, sym("eta", j)), "forward-backward", "(30)",
+                  Role("gamma", j - 1))
 
 
 def accumulated_forward_backward(model: Model, b: _Builder) -> None:
@@ -281,20 +283,22 @@ def accumulated_forward_backward(model: Model, b: _Builder) -> None:
     """
     for j in range(model.L, 0, -1):
         if j < model.L:
-            b.let(sym("etahat", j), g_prime(model, j, sym("gammahat", j)), "forward-backward", "(34), summed")
+            b.let(sym("etahat", j), g_prime(model, j, sym("gammahat", j)), "forward-backward", "(34), summed",
+                  Role("etahat", j))
         if j > 1:
             b.let(sym("gammahat", j - 1), apply_KT(model, j, sym("etahat", j)), "forward-backward",
-                  "(30), summed")
+                  "(30), summed", Role("gammahat", j - 1))
 
 
 def loss_backward(model: Model, b: _Builder) -> None:
     """delta_j = grad_{z_j} l: standard backpropagation (eq. 15-16 with v = grad l, §4.5)."""
     L = model.L
     b.let(sym("delta", L), g_prime(model, L, 2 * (sym("x", L) - sym("y")))
-          if model.loss == "mse" else RowSum(sym("y")) * sym("x", L) - sym("y"), "loss", "(33)")
+          if model.loss == "mse" else RowSum(sym("y")) * sym("x", L) - sym("y"), "loss", "(33)",
+          Role("delta", L))
     for j in range(L - 1, 0, -1):
         b.let(sym("delta", j), g_prime(model, j, apply_KT(model, j + 1, sym("delta", j + 1))),
-              "loss", "(15)-(16)")
+              "loss", "(15)-(16)", Role("delta", j))
 
 
 def loss_value(model: Model) -> sp.Expr:
@@ -323,9 +327,10 @@ def gradients(model: Model, b: _Builder, delta: str | None, penalty_terms=None) 
             pW, pb = penalty_terms(j)
             dW += LAM * pW
             db += LAM * pb
-        outputs.append((f"W{j}", b.let(sym("dW", j), dW / BATCH, "gradients", "(31), (32)")))
+        outputs.append((f"W{j}", b.let(sym("dW", j), dW / BATCH, "gradients", "(31), (32)", Role("grad_W", j))))
         if layer.op.bias:
-            outputs.append((f"b{j}", b.let(sym("db", j), BiasBox(j, db) / BATCH, "gradients", "(31), (33)")))
+            outputs.append((f"b{j}", b.let(sym("db", j), BiasBox(j, db) / BATCH, "gradients", "(31), (33)",
+                                          Role("grad_b", j))))
     return outputs
 
 
@@ -395,8 +400,8 @@ def _vector_loop(model: Model, body: _Builder, accums: list, eq: str) -> Loop:
 def multi_penalty_body(model: Model, body: _Builder) -> Accum:
     """Alg. 1 for v_i, R_i = p(xi_0^(i)); R accumulates scale * R_i."""
     backward(model, body, per_vector(model), model.penalty.on_logits)
-    Ri = penalty_value(model, body, "Ri")
-    return Accum(sym("R"), penalty_scale(model) * Ri, "(10), summed over i")
+    Ri = penalty_value(model, body, "Ri", "R_i")
+    return Accum(sym("R"), penalty_scale(model) * Ri, "(10), summed over i", Role("R"))
 
 
 def multi_value_and_grad(model: Model, b: _Builder):
@@ -414,16 +419,17 @@ def multi_value_and_grad(model: Model, b: _Builder):
             if not layer.op.has_params:
                 continue
             pW, pb = single_terms(j)
-            accums.append(Accum(sym("gW", j), pW, "(31), summed over i"))
+            accums.append(Accum(sym("gW", j), pW, "(31), summed over i", Role("grad_W_R", j)))
             if layer.op.bias:
-                accums.append(Accum(sym("gb", j), pb, "(31), summed over i"))
+                accums.append(Accum(sym("gb", j), pb, "(31), summed over i", Role("grad_b_R", j)))
         b.stmts.append(_vector_loop(model, body, accums, "C double backpropagations (section 5.4, naive)"))
         terms = lambda j: (scale * sym("gW", j), scale * (sym("gb", j) if model.layers[j - 1].op.bias else 0))
         return terms, ()
     eta_out(model, body, head)
     for j in param_layers(model):
-        accums.append(Accum(sym("thetahat", j), Kbox(j, sym("q", j - 1), sym("zeta", j)), "Alg. 4: theta^1_j"))
-    accums.append(Accum(sym("etahat", L), sym("eta", L), "Alg. 4: eta_L, summed"))
+        accums.append(Accum(sym("thetahat", j), Kbox(j, sym("q", j - 1), sym("zeta", j)), "Alg. 4: theta^1_j",
+                            Role("thetahat", j)))
+    accums.append(Accum(sym("etahat", L), sym("eta", L), "Alg. 4: eta_L, summed", Role("etahat", L)))
     b.stmts.append(_vector_loop(model, body, accums, "Alg. 4 (section 5.4): backward and backward-backward per v_i"))
     accumulated_forward_backward(model, b)
     note = ("Algorithm 4 (generalized): the forward-backward pass runs once on sum_i eta_L^(i), "
@@ -510,7 +516,7 @@ def value_and_grad_program(model: Model, algorithm: str | None = None) -> Progra
     if model.loss != "none" and delta is None:
         loss_backward(model, b)
         delta = "delta"
-    J = b.let(sym("J"), BSum(per_sample) / BATCH, "loss", "J = (1/B) sum_b [l + lam R]")
+    J = b.let(sym("J"), BSum(per_sample) / BATCH, "loss", "J = (1/B) sum_b [l + lam R]", Role("loss"))
     grads = gradients(model, b, delta, terms)
     return verify(Program("value_and_grad", inputs(model, "x0", "y", "v", "V") + (LAM,), tuple(b.stmts),
                           (("value", J),) + tuple(grads), fired=notes))

@@ -5,7 +5,7 @@ Python). It is parsed with `ast.parse` and the tree is walked here, building Sym
 objects directly from an allow-list:
 
     expr := number | variable | pi | E | expr (+ - * / **) expr | (+ -) expr
-          | function(expr, ...)          function from FUNCTIONS, positional only
+          | function(expr, ...)          function from dbpgen.functable, positional only
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import warnings
 
 import sympy as sp
 
-from . import functions
+from . import functable
 from .budget import BudgetExceeded, deadline
 from .errors import ModelError
 
@@ -25,32 +25,11 @@ MAX_EXPONENT = 64
 MAX_INTEGER_BITS = 4096  # well below Python's 4300-digit int printing limit
 TIME_LIMIT = 5.0  # seconds of SymPy work per expression; legitimate ones need < 0.5
 
-# name -> (SymPy callable, minimum and maximum number of arguments; None: unbounded)
-FUNCTIONS = {
-    "exp": (sp.exp, 1, 1),
-    "log": (sp.log, 1, 1),
-    "sqrt": (sp.sqrt, 1, 1),
-    "tanh": (sp.tanh, 1, 1),
-    "sinh": (sp.sinh, 1, 1),
-    "cosh": (sp.cosh, 1, 1),
-    "sin": (sp.sin, 1, 1),
-    "cos": (sp.cos, 1, 1),
-    "tan": (sp.tan, 1, 1),
-    "atan": (sp.atan, 1, 1),
-    "asinh": (sp.asinh, 1, 1),
-    "erf": (sp.erf, 1, 1),
-    "Abs": (sp.Abs, 1, 1),
-    "abs": (sp.Abs, 1, 1),
-    "sign": (sp.sign, 1, 1),
-    "Heaviside": (sp.Heaviside, 1, 1),
-    "Max": (sp.Max, 2, None),
-    "max": (sp.Max, 2, None),
-    "Min": (sp.Min, 2, None),
-    "min": (sp.Min, 2, None),
-    "sigmoid": (functions.Sigmoid, 1, 1),
-    "softplus": (functions.Softplus, 1, 1),
-}
-CONSTANTS = {"pi": sp.pi, "E": sp.E}
+# name -> (SymPy callable, minimum and maximum number of arguments; None: unbounded),
+# aliases included: read from the one table of functions (dbpgen.functable)
+FUNCTIONS = {name: (entry.sympy, entry.min_args, entry.max_args)
+             for name, entry in functable.FUNCTIONS.items()}
+CONSTANTS = dict(functable.CONSTANTS)
 BINARY_OPS = {
     ast.Add: lambda a, b: a + b,
     ast.Sub: lambda a, b: a - b,

@@ -1,14 +1,17 @@
 """Print SymPy expressions as NumPy array code that Numba compiles.
 
-Knows exactly the functions the emitted kernels support and raises CodegenError on
-anything else (a DiracDelta that survived, an unevaluated Derivative, an unknown function),
-so nothing unsupported slips into a generated module.
+NumbaPrinter prints whole arrays over a batch; ScalarPrinter prints one element of a
+coordinate-wise expression, for loops in jitted kernels. The coordinate-wise functions both
+know are exactly those of `dbpgen.functable` (each printed with its table form); anything
+else (a function outside the table, a DiracDelta that survived, an unevaluated Derivative)
+raises a one-line CodegenError, so nothing unsupported slips into a generated module.
 """
 from __future__ import annotations
 
 import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
 
+from . import functable
 from .functions import Kbox
 from .program import BATCH
 from .shapes import BATCH_AXIS, PER_SAMPLE
@@ -71,9 +74,9 @@ class NumbaPrinter(NumPyPrinter):
     def _print_Pow(self, expr, rational=False):
         base, exp = expr.args
         if exp == sp.S.Half:
-            return f"np.sqrt({self._print(base)})"
+            return self._function(functable.SQRT, [base])
         if exp == -sp.S.Half:
-            return f"({self._literal(1.0)} / np.sqrt({self._print(base)}))"
+            return f"({self._literal(1.0)} / {self._function(functable.SQRT, [base])})"
         if exp.is_Integer and exp > 0:  # an integer power stays in the base's dtype
             return f"{self.parenthesize(base, sp.printing.precedence.PRECEDENCE['Pow'])}**{int(exp)}"
         if exp.is_Integer and exp < 0:
@@ -167,28 +170,49 @@ class NumbaPrinter(NumPyPrinter):
         index = expr.args[1]
         return f"{self._print(expr.args[0])}[{int(index) if index.is_Integer else self._print(index)}]"
 
-    def _print_Sigmoid(self, expr):
-        return self._call("_sigmoid", expr)
+    # -- coordinate-wise functions: the forms of dbpgen.functable ---------------------
 
-    def _print_erf(self, expr):
-        return self._call("_erf", expr)
+    SCALAR = False  # which form of the table this printer uses (ScalarPrinter: True)
 
-    def _print_Softplus(self, expr):
-        return self._call("_softplus", expr)
+    def _function(self, entry: functable.Function, args) -> str:
+        """entry applied to args in this printer's form, folded left over more than two
+        arguments for Max and Min."""
+        form = entry.form(self.SCALAR)
+        fill = {"one": self._literal(1), "zero": self._literal(0)}
+        printed = [self._print(a) for a in args]
+        if not entry.fold:
+            return form.format(*printed, **fill)
+        code = printed[0]
+        for arg in printed[1:]:
+            code = form.format(code, arg, **fill)
+        return code
 
-    # -- coordinate-wise pieces SymPy produces when differentiating activations -----
+    def _print_table_function(self, expr):
+        """Every class of the table prints through this (NumbaPrinter._print_<class> below)."""
+        entry = functable.entry_for(expr)
+        # Heaviside(x, H0) carries H(0) as a second argument: not printed (H(0) = 0, see the table)
+        return self._function(entry, expr.args if entry.fold else expr.args[:entry.max_args])
 
-    # how a subclass printing scalars instead of arrays differs: these three.
-    # np.maximum (also on scalars in Numba) propagates NaN, as torch.relu does; max() does not
-    MAXIMUM, MINIMUM = "np.maximum", "np.minimum"
+    def _print(self, expr, **kwargs):
+        # a function must be in the table or be one this printer prints itself (K, Dot,
+        # Piecewise, ...): NumPyPrinter would print others (acos, floor, ...) without a word
+        if isinstance(expr, sp.Function) and functable.entry_for(expr) is None \
+                and self._own_method(type(expr)) is None:
+            raise CodegenError(f"cannot emit {type(expr).__name__}: not a function of dbpgen.functable ({expr})")
+        return super()._print(expr, **kwargs)
+
+    def _own_method(self, cls):
+        """The _print_<cls> method a dbpgen printer (this class or a subclass) defines."""
+        name = f"_print_{cls.__name__}"
+        for klass in type(self).__mro__:
+            if issubclass(klass, NumbaPrinter) and name in vars(klass):
+                return getattr(self, name)
+        return None
+
+    # -- selects and comparisons SymPy produces when differentiating activations -------
 
     def _select(self, cond: str, value: str, other: str) -> str:
         return f"np.where({cond}, {value}, {other})"
-
-    def _print_Heaviside(self, expr):
-        # H(0) = 0: the subgradient PyTorch uses at relu's kink, and never NaN
-        # (a comparison times 1 compiles much faster in Numba than np.where)
-        return f"(({self._print(expr.args[0])}) > 0) * {self._literal(1)}"
 
     def _print_Piecewise(self, expr):
         *pieces, (last, cond) = expr.args
@@ -203,24 +227,6 @@ class NumbaPrinter(NumPyPrinter):
         op = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}[expr.rel_op]
         return f"({self._print(expr.lhs)} {op} {self._print(expr.rhs)})"
 
-    def _nested(self, name: str, args) -> str:
-        code = self._print(args[0])
-        for arg in args[1:]:
-            code = f"{name}({code}, {self._print(arg)})"
-        return code
-
-    def _print_Max(self, expr):
-        return self._nested(self.MAXIMUM, expr.args)
-
-    def _print_Min(self, expr):
-        return self._nested(self.MINIMUM, expr.args)
-
-    def _print_Abs(self, expr):
-        return f"np.abs({self._print(expr.args[0])})"
-
-    def _print_sign(self, expr):
-        return f"np.sign({self._print(expr.args[0])})"
-
     def _print_Function(self, expr):
         raise CodegenError(f"cannot emit {type(expr).__name__}: not supported in generated code ({expr})")
 
@@ -232,3 +238,45 @@ class NumbaPrinter(NumPyPrinter):
 
     def _print_not_supported(self, expr):
         raise CodegenError(f"cannot emit {expr!r}: not supported in generated code")
+
+
+# the table's functions print through its forms; a subclass may still override one
+for _cls in functable.BY_CLASS:
+    setattr(NumbaPrinter, f"_print_{_cls.__name__}", NumbaPrinter._print_table_function)
+del _cls
+
+
+class ScalarPrinter(NumbaPrinter):
+    """One element of a coordinate-wise expression, as scalar code inside a jitted loop.
+
+    Functions print in their scalar form from `dbpgen.functable` (np.tanh(a), math.erf(a),
+    _sigmoid1(a), abs(a), np.maximum(a, b): NaN propagates as in torch), selects as
+    `(a if c else b)`, Heaviside as a select, integer powers as `a**n` (NumbaPrinter's
+    rule: Numba multiplies small ones out and keeps the dtype). Subclasses say
+    where a symbol's element lives by overriding `element` (default: the symbol's name, a
+    scalar). Anything not coordinate-wise (K, Dot, a batch sum, ...) is a CodegenError.
+    """
+
+    SCALAR = True
+    COORDINATEWISE = functable.ELEMENTWISE_TYPES
+
+    def element(self, symbol: sp.Symbol) -> str:
+        """The code of symbol's element at the loop's current position."""
+        return symbol.name
+
+    def _print(self, expr, **kwargs):
+        if isinstance(expr, sp.Basic) and not isinstance(expr, self.COORDINATEWISE):
+            raise CodegenError(f"cannot emit {expr} one element at a time: not coordinate-wise")
+        return super()._print(expr, **kwargs)
+
+    def _print_Symbol(self, expr):
+        if expr == BATCH:
+            return self._batch_size()
+        return self.element(expr)
+
+    def _print_Bias(self, expr):
+        # coordinate i of the bias broadcast over the batch is b[i]: element() of b
+        return self._print(expr.args[1])
+
+    def _select(self, cond: str, value: str, other: str) -> str:
+        return f"({value} if {cond} else {other})"

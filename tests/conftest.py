@@ -13,6 +13,17 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"  # the shared benchmark models
 
 
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite generated/ from a fresh compile of every example and benchmark "
+                          "model instead of failing where they differ (tests/test_codegen.py)")
+
+
+@pytest.fixture
+def update_golden(request) -> bool:
+    return request.config.getoption("--update-golden")
+
+
 def import_module(path: Path, jit: bool = True):
     return load_generated(path, jit=jit)
 

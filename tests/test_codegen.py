@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import BENCHMARKS, ROOT, batch_for, compile_spec, import_module
 from dbpgen.compiler import compile_file
@@ -13,15 +14,41 @@ from oracle import Oracle
 from test_gradients import CDB, GIVEN, NODE, assert_close, check_against_oracle, mlp
 
 MODELS = sorted((ROOT / "examples").glob("*.yaml")) + sorted(BENCHMARKS.glob("*.yaml"))
+UPDATE = "python -m pytest tests/test_codegen.py --update-golden"
 
 
-@pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
-def test_generated_folder_is_up_to_date(path, tmp_path):
-    """generated/ doubles as golden files: recompiling must reproduce them byte for byte."""
+def _first_difference(new: bytes, old: bytes) -> str:
+    pairs = zip(new.decode().splitlines(), old.decode().splitlines())
+    for number, (a, b) in enumerate(pairs, 1):
+        if a != b:
+            return f"line {number}: {b.strip()[:80]!r} -> {a.strip()[:80]!r}"
+    return "lengths differ"
+
+
+@pytest.mark.parametrize("path", MODELS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_generated_folder_is_up_to_date(path, tmp_path, update_golden):
+    """generated/ doubles as golden files: recompiling must reproduce them byte for byte.
+    With --update-golden the fresh compile replaces a golden file that differs."""
     out = compile_file(path, tmp_path)
     golden = ROOT / "generated" / out.name
-    assert golden.exists(), f"run: dbpgen compile {path}"
-    assert out.read_bytes() == golden.read_bytes(), f"generated/{out.name} is stale: dbpgen compile {path}"
+    fresh = out.read_bytes()
+    if update_golden:
+        if not golden.exists() or golden.read_bytes() != fresh:
+            staged = golden.with_suffix(f".{path.parent.name}.tmp")  # two models may share a name
+            staged.write_bytes(fresh)
+            staged.replace(golden)
+        return
+    assert golden.exists(), f"generated/{out.name} is missing; to write it: {UPDATE}"
+    assert fresh == golden.read_bytes(), \
+        f"generated/{out.name} is stale ({_first_difference(fresh, golden.read_bytes())}); to rewrite it: {UPDATE}"
+
+
+def test_every_golden_file_has_its_model_in_the_repository():
+    """The models the golden test compiles are in the repository, and every golden file is
+    the compile of one of them (no golden file outlives its model)."""
+    assert MODELS and all(p.resolve().is_relative_to(ROOT) for p in MODELS)
+    names = {yaml.safe_load(p.read_text())["name"] for p in MODELS}
+    assert {p.stem for p in (ROOT / "generated").glob("*.py")} == names
 
 
 def test_output_is_deterministic_and_standalone(tmp_path):

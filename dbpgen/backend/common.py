@@ -10,21 +10,18 @@ from dataclasses import fields, is_dataclass, replace
 
 import sympy as sp
 
-from ..functions import Bias, BiasBox, BSum, Dot, K, Kbox, KT, RowSum, Sigmoid, Softplus, linear_terms
+from ..functable import ELEMENTWISE_TYPES, TRANSCENDENTAL_TYPES
+from ..functions import Bias, BiasBox, BSum, Dot, K, Kbox, KT, RowSum, linear_terms
 from ..ir import Model
 from ..printer import CodegenError
 from ..program import BATCH
 from ..shapes import BATCH_AXIS, shape_of
 from .schedule import Shape, elem, name
 
-# coordinate-wise SymPy node types: one value per element, nothing reduced
-ELEMENTWISE = (sp.Add, sp.Mul, sp.Pow, sp.Max, sp.Min, sp.Heaviside, sp.Piecewise, sp.Abs, sp.sign,
-               sp.exp, sp.log, sp.tanh, sp.sinh, sp.cosh, sp.sin, sp.cos, sp.tan, sp.atan, sp.asinh, sp.erf,
-               sp.functions.elementary.piecewise.ExprCondPair, Sigmoid, Softplus, sp.Symbol, sp.Number,
-               sp.NumberSymbol, sp.logic.boolalg.BooleanAtom, sp.core.relational.Relational, Bias)
-# functions that cost a libm call per element (NumPy's SIMD ufuncs beat Numba's scalar calls)
-TRANSCENDENTAL = (sp.exp, sp.log, sp.tanh, sp.sinh, sp.cosh, sp.sin, sp.cos, sp.tan, sp.atan,
-                  sp.asinh, sp.erf, Sigmoid, Softplus)
+# coordinate-wise SymPy node types, and the functions that cost a libm call per element
+# (NumPy's SIMD ufuncs beat Numba's scalar calls): from the one function table
+ELEMENTWISE = ELEMENTWISE_TYPES
+TRANSCENDENTAL = TRANSCENDENTAL_TYPES
 PER_SAMPLE_OPS = (K, KT, Dot, RowSum)  # reductions within a sample
 BATCH_OPS = (Kbox, BSum, BiasBox)      # reductions over the batch (eq. 31-33)
 LEAVES = (sp.Symbol, sp.Number, sp.NumberSymbol, sp.logic.boolalg.BooleanAtom)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import sympy as sp
 
 from ..functions import Kbox
-from ..printer import NumbaPrinter
-from .schedule import OPEN, Alloc, AddTo, Call, For, Free, Function, Let, Rows, Shape, Store, View
+from ..printer import NumbaPrinter, ScalarPrinter
+from .schedule import OPEN, Alloc, AddTo, Call, For, Free, Function, Int, Let, Rows, Shape, Store, View
 
 FASTMATH_LANES = '{"reassoc", "contract", "nsz", "arcp"}'  # sums vectorize; NaN and inf kept
 DECORATORS = {
@@ -29,7 +29,7 @@ SCHEDULE_HELPERS = ("_dense_Kbox", "_dense_K_into", "_dense_KT_into")
 DEPENDS = {"_dense_Kbox2": {"_dense_Kbox"}}
 
 
-class _ScheduleNames:
+class _ScheduleNames(NumbaPrinter):
     """Printing of the schedule's own expressions (elements, row blocks, run-time sizes),
     and a record of every helper the printed code calls."""
 
@@ -94,6 +94,11 @@ class _ScheduleNames:
             self._use(code, "_dense_Kbox2")
         return code
 
+    def _function(self, entry, args):
+        helper = entry.helper(self.SCALAR)
+        code = super()._function(entry, args)
+        return self._use(code, helper) if helper else code
+
     def _print_Dot(self, expr):
         return self._use(super()._print_Dot(expr), "_rowdot")
 
@@ -108,33 +113,10 @@ class ArrayCode(_ScheduleNames, NumbaPrinter):
     """Whole-array statements."""
 
 
-class ScalarCode(_ScheduleNames, NumbaPrinter):
-    """One element per statement, inside scalar loops: conditional expressions instead of
-    np.where, scalar helpers for the numerically careful functions."""
+class ScalarCode(_ScheduleNames, ScalarPrinter):
+    """One element per statement, inside scalar loops (the lowerings index every array)."""
 
-    def _select(self, cond, value, other):
-        return f"({value} if {cond} else {other})"
-
-    def _print_Heaviside(self, expr):
-        return self._select(f"{self._print(expr.args[0])} > 0", self._literal(1), self._literal(0))
-
-    def _print_Abs(self, expr):
-        return f"abs({self._print(expr.args[0])})"
-
-    def _print_Sigmoid(self, expr):
-        return self._call("_sigmoid1", expr)
-
-    def _print_erf(self, expr):
-        return f"math.erf({self._print(expr.args[0])})"
-
-    def _print_Softplus(self, expr):
-        return self._call("_softplus1", expr)
-
-    def _print_Pow(self, expr, rational=False):
-        base, exp = expr.args
-        if exp.is_Integer and 0 < exp <= 4:
-            return f"{self.parenthesize(base, sp.printing.precedence.PRECEDENCE['Pow'])}**{int(exp)}"
-        return super()._print_Pow(expr, rational=rational)
+    COORDINATEWISE = ScalarPrinter.COORDINATEWISE + (sp.Indexed, sp.IndexedBase, Int)
 
 
 def _dims(shape, printer) -> str:

@@ -108,7 +108,7 @@ class _Fuser(Lowering):
             if index >= first:
                 early += [t for t in temps if not t.expr.free_symbols & results]
                 temps = [t for t in temps if t.expr.free_symbols & results]
-            out += temps + [Stmt(node.target, expr, node.phase, node.eq)]
+            out += temps + [replace(node, expr=expr)]
         return self._interleave(head, early) + tail
 
     @staticmethod

@@ -15,63 +15,69 @@ that delta_{j+1} and eta_{j+1} cancel) and leaves the program alone if they do n
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import sympy as sp
 
 from ..functions import KT
-from ..program import LAM, Loop, Program, Stmt
-
-
-def _sym(name: str, j: int) -> sp.Symbol:
-    return sp.Symbol(f"{name}{j}")
+from ..program import LAM, Loop, Program, Role, Stmt, find
 
 
 def fold_loss_adjoint(program: Program) -> Program:
     if any(isinstance(node, Loop) for node in program.stmts):
         return program
-    defs = {s.target.name: s for s in program.stmts}
-    layers = sorted(int(name[5:]) for name in defs if name.startswith("delta") and name[5:].isdigit())
+    deltas = find(program.stmts, "delta")
+    layers = sorted(deltas)
     if not layers or layers != list(range(1, layers[-1] + 1)):
         return program
     L = layers[-1]
-    if not any(name.startswith("eta") for name in defs):
+    etas, gammas = find(program.stmts, "eta"), find(program.stmts, "gamma")
+    out = find(program.stmts, "eta_out")
+    if not etas and not out:
         return program  # no penalty adjoint to fold in
-    used = set().union(*(sp.sympify(s.expr).free_symbols for s in program.stmts))
-
-    def value(name: str, j: int):
-        """The right-hand side of name_j, or 0 where the cascade of section 5.3 removed it."""
-        if f"{name}{j}" in defs:
-            return defs[f"{name}{j}"].expr
-        return None if _sym(name, j) in used else sp.S.Zero
-
-    eps = {L: _sym("delta", L) + LAM * (_sym("eta", L) if f"eta{L}" in defs else sp.S.Zero)}
-    for j in range(L - 1, 0, -1):
-        delta, eta, gamma = value("delta", j), value("eta", j), value("gamma", j)
-        if delta is None or eta is None or gamma is None:
+    if out:
+        if set(out) != {L}:
             return program
-        back = [n for n in sp.preorder_traversal(delta) if isinstance(n, KT) and n.args[-1] == _sym("delta", j + 1)]
+        etas[L] = out[L]
+
+    def value(stmts: dict, j: int):
+        """The right-hand side of the quantity at layer j, or 0 where the cascade of
+        section 5.3 removed its statement."""
+        return stmts[j].expr if j in stmts else sp.S.Zero
+
+    def symbol(stmts: dict, j: int):
+        return stmts[j].target if j in stmts else sp.S.Zero
+
+    eps_sym = {j: sp.Symbol(f"eps{j}") for j in layers}
+    if {s.target for s in program.stmts} & set(eps_sym.values()) or set(program.inputs) & set(eps_sym.values()):
+        return program  # the names are taken
+    eps = {L: deltas[L].target + LAM * symbol(etas, L)}
+    for j in range(L - 1, 0, -1):
+        delta, eta, gamma = value(deltas, j), value(etas, j), value(gammas, j)
+        delta_next = deltas[j + 1].target
+        back = [n for n in sp.preorder_traversal(delta) if isinstance(n, KT) and n.args[-1] == delta_next]
         if len(back) != 1:
             return program
-        eta_next = _sym("eta", j + 1) if f"eta{j + 1}" in defs else sp.S.Zero
+        eta_next = symbol(etas, j + 1)
         kt = back[0]
-        split = KT(*kt.args[:-1], _sym("eps", j + 1)) - LAM * KT(*kt.args[:-1], eta_next)
-        total = delta.xreplace({kt: split}) + LAM * eta.xreplace({_sym("gamma", j): gamma})
+        split = KT(*kt.args[:-1], eps_sym[j + 1]) - LAM * KT(*kt.args[:-1], eta_next)
+        total = delta.xreplace({kt: split}) + LAM * eta.xreplace({symbol(gammas, j): gamma})
         total = sp.expand(total)
-        left = {_sym("delta", j + 1), _sym("eta", j + 1), _sym("gamma", j)} & total.free_symbols
+        left = {delta_next, eta_next, symbol(gammas, j)} & total.free_symbols
         if left:
             return program
         eps[j] = sp.collect(total, LAM)
     # eps_j goes in just before the first gradient statement
     stmts, placed = [], False
+    mapping = {deltas[j].target: eps_sym[j] - LAM * symbol(etas, j) for j in layers}
     for node in program.stmts:
         if not placed and node.phase == "gradients":
             for j in range(L, 0, -1):
-                stmts.append(Stmt(_sym("eps", j), eps[j], "forward-backward",
-                                  "eps_j = delta_j + lam eta_j: (28) + (15)-(16)"))
+                stmts.append(Stmt(eps_sym[j], eps[j], "forward-backward",
+                                  "eps_j = delta_j + lam eta_j: (28) + (15)-(16)", Role("eps", j)))
             placed = True
         if node.phase == "gradients":
-            mapping = {_sym("delta", j): _sym("eps", j) - LAM * (_sym("eta", j) if f"eta{j}" in defs else 0)
-                       for j in range(1, L + 1)}
-            node = Stmt(node.target, node.expr.subs(mapping), node.phase, node.eq)
+            node = replace(node, expr=node.expr.subs(mapping))
         stmts.append(node)
     if not placed:
         return program

@@ -16,18 +16,17 @@ import sympy as sp
 
 from ..program import Loop, Program
 
-# Statements whose vanishing is worth reporting, with the equation that makes it so.
+# Quantities whose vanishing is worth reporting, with the equation that makes it so.
 _REPORTED = {"eta": "eq. 28/34", "gamma": "eq. 30", "zeta": "eq. 15", "q": "eq. 21", "h": "eq. 20",
-             "xi": "eq. 16", "delta": "eq. 15", "etahat": "eq. 34", "gammahat": "eq. 30"}
+             "xi": "eq. 16", "delta": "eq. 15", "etahat": "eq. 34", "gammahat": "eq. 30",
+             "gamma_out": "v held constant, App. B"}
 
 
 def _reported(stmt) -> str | None:
     """Why a vanishing statement vanished, in the paper's terms (None: not worth a line)."""
-    if stmt.eq.startswith("(29)"):
-        return "v held constant, App. B"
-    if stmt.eq.startswith("App. B"):
+    if stmt.role.quantity == "eta_out":  # the case of Appendix B its label names (B.1, B.3, ...)
         return stmt.eq
-    return _REPORTED.get(stmt.target.name.rstrip("0123456789"))
+    return _REPORTED.get(stmt.role.quantity)
 
 
 def _sweep(stmts, mapping: dict, zeros: list) -> list:

@@ -18,7 +18,7 @@ from dataclasses import replace
 import sympy as sp
 
 from ..functions import K, KT, Kbox, Dot, Gram, GramBox, GramMul, GramOut
-from ..program import Accum, Loop, Program, Stmt
+from ..program import Accum, Loop, Program, Role, Stmt
 
 REFERENCE_BATCH = 128
 
@@ -64,16 +64,17 @@ def _rewrite(loop: Loop, found, G, M):
     body = []
     for stmt in loop.body:
         if stmt is xi0:
-            body.append(Stmt(u1, GramMul(zeta1, G), stmt.phase, "(16)+(20): K_1 K_1^T = W_1 W_1^T"))
+            body.append(Stmt(u1, GramMul(zeta1, G), stmt.phase, "(16)+(20): K_1 K_1^T = W_1 W_1^T",
+                              Role("gram_zeta", 1)))
         elif stmt is s_stmt:
             body.append(replace(stmt, expr=Dot(zeta1, u1), eq="s = <zeta_1, G zeta_1>"))
         elif stmt is h1:
             body.append(replace(stmt, expr=c * u1, eq="(20): h_1 = c(s) G zeta_1"))
         elif stmt is not q0:
             body.append(stmt)
-    accums = tuple(Accum(M, GramBox(zeta1, c * zeta1), "Alg. 4: theta^1_1 before W_1")
+    accums = tuple(Accum(M, GramBox(zeta1, c * zeta1), "Alg. 4: theta^1_1 before W_1", Role("gram_M", 1))
                    if a is acc else a for a in loop.accums)
-    after = Stmt(acc.target, GramOut(M, W1), "forward-backward", "Alg. 4: theta^1_1 = M W_1")
+    after = Stmt(acc.target, GramOut(M, W1), "forward-backward", "Alg. 4: theta^1_1 = M W_1", acc.role)
     return replace(loop, body=tuple(body), accums=accums), after, W1
 
 
@@ -90,7 +91,8 @@ def contract_input_gram(program: Program, model=None) -> Program:
             continue
         G, M = sp.Symbol("G1"), sp.Symbol("M1")
         loop, after, W1 = _rewrite(node, found, G, M)
-        nodes += [Stmt(G, Gram(1, W1), "forward", "G_1 = W_1 W_1^T, once per call"), loop, after]
+        nodes += [Stmt(G, Gram(1, W1), "forward", "G_1 = W_1 W_1^T, once per call", Role("gram", 1)),
+                  loop, after]
         notes.append(f"Gram contraction of layer 1 (N_1 = {n1} < n_0 = {n0}): per vector, xi_0, "
                      "h_1 and K^box_1 go through G_1 = W_1 W_1^T instead of W_1 (beyond the paper)")
     if not notes:

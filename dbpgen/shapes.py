@@ -61,7 +61,7 @@ def shape_of(expr: sp.Expr, known: dict[str, Shape], model: Model) -> Shape:
         return known[expr.name]
     if expr.is_Number or isinstance(expr, (sp.logic.boolalg.BooleanAtom,)):
         return ()
-    if isinstance(expr, (K, KT, Kbox)):
+    if isinstance(expr, (K, KT, Kbox)):  # the operator's own shapes (dbpgen.operators)
         layer = model.layers[expr.layer - 1]
         if isinstance(expr, Kbox):
             return layer.op.weight_shape(layer.in_shape)
@@ -69,11 +69,12 @@ def shape_of(expr: sp.Expr, known: dict[str, Shape], model: Model) -> Shape:
         return (BATCH_AXIS,) + tuple(space)
     if isinstance(expr, (Dot, RowSum, LogSumExp)):
         return (BATCH_AXIS, 1)
-    if isinstance(expr, Bias):
+    if isinstance(expr, Bias):  # b as it broadcasts over one sample (per channel)
         layer = model.layers[int(expr.args[0]) - 1]
-        return (layer.out_shape[0],) + (1,) * (len(layer.out_shape) - 1)
-    if isinstance(expr, BiasBox):
-        return (model.layers[int(expr.args[0]) - 1].out_shape[0],)
+        return layer.op.bias_shape(layer.out_shape)
+    if isinstance(expr, BiasBox):  # b's own shape
+        layer = model.layers[int(expr.args[0]) - 1]
+        return layer.op.bias_shape(layer.out_shape)[:1]
     if isinstance(expr, BSum):
         return shape_of(expr.args[0], known, model)[1:]
     if isinstance(expr, (Gram, GramBox)):

@@ -18,6 +18,7 @@ from dataclasses import replace
 import numpy as np
 import sympy as sp
 
+from . import operators
 from .compiler import build, load_generated
 from .ir import S, Model
 from .errors import ModelError
@@ -187,35 +188,14 @@ def torch_runner(model: Model, params, x, y, v):
 
 
 def _torch_layer(torch, layer, prm, h):
-    F, op, j = torch.nn.functional, layer.op, layer.index
-    b = prm.get(f"b{j}")
-    if op.kind == "dense":
-        return h @ prm[f"W{j}"].T + (b if b is not None else 0)
-    if op.kind == "conv2d":
-        return F.conv2d(h, prm[f"W{j}"], b, stride=op.stride, padding=op.padding, dilation=op.dilation)
-    if op.kind == "avgpool":
-        return F.avg_pool2d(h, op.k)
-    if op.kind == "downsample":
-        return F.pixel_unshuffle(h, op.k)
-    return h.flatten(1)
+    """The layer in PyTorch, as its operator module writes it (dbpgen.operators)."""
+    j = layer.index
+    return operators.get(layer.op.kind).torch_layer(torch, layer.op, h, prm.get(f"W{j}"), prm.get(f"b{j}"))
 
 
 def _jax_layer(jax, layer, prm, h):
-    op, j = layer.op, layer.index
-    b = prm.get(f"b{j}")
-    if op.kind == "dense":
-        return h @ prm[f"W{j}"].T + (b if b is not None else 0)
-    if op.kind == "conv2d":
-        z = jax.lax.conv_general_dilated(h, prm[f"W{j}"], (op.stride, op.stride), [(op.padding, op.padding)] * 2,
-                                         rhs_dilation=(op.dilation, op.dilation))
-        return z + (b.reshape(-1, 1, 1) if b is not None else 0)
-    B, C, H, W = h.shape
-    if op.kind == "avgpool":
-        return h.reshape(B, C, H // op.k, op.k, W // op.k, op.k).mean(axis=(3, 5))
-    if op.kind == "downsample":
-        k = op.k
-        return h.reshape(B, C, H // k, k, W // k, k).transpose(0, 1, 3, 5, 2, 4).reshape(B, C * k * k, H // k, W // k)
-    return h.reshape(B, -1)
+    j = layer.index
+    return operators.get(layer.op.kind).jax_layer(jax, layer.op, h, prm.get(f"W{j}"), prm.get(f"b{j}"))
 
 
 def _torch_penalty(torch, pen, out, loss, x0, tv, p, C):
@@ -312,7 +292,7 @@ def pytensor_runner(model: Model, params, x, y, v):
     import pytensor.tensor as pt
 
     _check_penalty(model)
-    if any(layer.op.kind != "dense" for layer in model.layers):
+    if any(not hasattr(operators.get(layer.op.kind), "pytensor_layer") for layer in model.layers):
         raise Unsupported("image layers (not wired up for PyTensor)")
     acts = {"identity": lambda z: z, "relu": lambda z: pt.maximum(z, 0), "tanh": pt.tanh,
             "sigmoid": pt.sigmoid, "softplus": pt.softplus, "sin": pt.sin,
@@ -326,7 +306,8 @@ def pytensor_runner(model: Model, params, x, y, v):
     h = x0
     for layer in model.layers:
         name = _activation_name(layer.act)
-        z = h @ sym[f"W{layer.index}"].T + (sym[f"b{layer.index}"] if layer.op.bias else 0)
+        z = operators.get(layer.op.kind).pytensor_layer(pt, layer.op, h, sym[f"W{layer.index}"],
+                                                        sym.get(f"b{layer.index}"))
         h = (pt.switch(z > 0, z, _alpha(layer.act) * z) if name == "leaky_relu" else acts[name](z))
     pen = model.penalty
     out = z if pen and pen.on_logits else h
@@ -366,11 +347,7 @@ RUNNERS = {"torch": torch_runner, "jax": jax_runner, "pytensor": pytensor_runner
 
 def gemm_shape(layer, batch: int) -> tuple[int, int, int]:
     """(M, K, N) of the GEMM that one application of a layer amounts to, over the batch."""
-    op = layer.op
-    if op.kind == "conv2d":
-        _, Ho, Wo = op.out_shape(layer.in_shape)
-        return op.out, layer.in_shape[0] * op.kernel * op.kernel, Ho * Wo * batch
-    return batch, layer.in_shape[0], op.out
+    return operators.get(layer.op.kind).gemm_shape(layer.op, layer.in_shape, batch)
 
 
 def gemm_runner(model: Model, batch: int):

@@ -21,15 +21,15 @@ import sympy as sp
 import yaml
 
 from . import functions
+from . import operators as registry
 from .errors import ModelError
 from .expr import parse_expression
-from .ir import (IDENTITY, Activation, AvgPool, Conv2d, Dense, Downsample, Flatten, Layer, Model, Penalty, S,
-                 SoftmaxActivation, Z)
+from .ir import IDENTITY, Activation, Layer, Model, Penalty, S, SoftmaxActivation, Z
 
 TOP_KEYS = ("name", "dtype", "input", "layers", "loss", "penalty")
 DTYPES = ("float64", "float32")
 LOSSES = ("mse", "nll", "none")
-OPERATORS = ("dense", "conv2d", "avgpool", "downsample", "flatten")
+OPERATORS = registry.OPERATORS  # the registry's kinds, in order
 LAYER_KEYS = ("act", "bias")
 PENALTY_KEYS = ("v", "p", "weight", "on", "index", "algorithm", "iterations", "count", "seed")
 V_KINDS = ("loss_gradient", "output", "given", "jacobian", "random", "projections")
@@ -201,10 +201,10 @@ def _taken_module_names() -> frozenset[str]:
 
 def _input_shape(check: _Checker, value: Any) -> tuple[int, ...]:
     if not isinstance(value, list) or not value:
-        raise check.fail("input", "must be a list: [n] or [channels, height, width]")
+        raise check.fail("input", "must be a list: [n], [channels, length] or [channels, height, width]")
     shape = tuple(check.integer(n, f"input[{k}]", minimum=1) for k, n in enumerate(value))
-    if len(shape) not in (1, 3):
-        raise check.fail("input", "must be [n] or [channels, height, width]")
+    if len(shape) not in (1, 2, 3):
+        raise check.fail("input", "must be [n], [channels, length] or [channels, height, width]")
     return shape
 
 
@@ -230,7 +230,8 @@ def _layers(check: _Checker, items: Any, in_shape: tuple[int, ...]) -> tuple[Lay
             raise check.fail(f"layers[{i}]", f"too large for this machine: its {what} would need "
                              f"more than its {memory / 2**30:.0f} GiB of memory")
     if len(in_shape) != 1:
-        raise check.fail(f"layers[{len(items) - 1}]", f"the network must end in a vector, not an image "
+        what = "an image" if len(in_shape) == 3 else "a sequence"
+        raise check.fail(f"layers[{len(items) - 1}]", f"the network must end in a vector, not {what} "
                          f"of shape {list(in_shape)}: add flatten (and dense)")
     return tuple(layers)
 
@@ -251,55 +252,11 @@ def _layer(check: _Checker, item: Any, field: str, index: int,
         found = ", ".join(operators) or "none"
         raise check.fail(field, f"needs exactly one operator such as dense: N (found {found})")
     kind = operators[0]
-    if "bias" in item and kind not in ("dense", "conv2d"):
+    if "bias" in item and not registry.has_params(kind):
         raise check.fail(f"{field}.bias", f"{kind} has no parameters")
-    op = _operator(check, kind, item[kind], f"{field}.{kind}", in_shape, item)
+    op = registry.get(kind).parse(check, item[kind], f"{field}.{kind}", in_shape, item)
     act = _activation(check, item["act"], f"{field}.act", is_last) if "act" in item else IDENTITY
     return Layer(index=index, op=op, act=act, in_shape=in_shape, out_shape=op.out_shape(in_shape))
-
-
-def _operator(check: _Checker, kind: str, value: Any, field: str, in_shape: tuple, item: dict):
-    """The layer's bilinear operator, with the shape rules of SPEC section 1."""
-    image = len(in_shape) == 3
-    if kind == "dense":
-        if image:
-            raise check.fail(field, f"dense needs a vector input, got an image {list(in_shape)}: "
-                             "put flatten before it")
-        return Dense(out=check.integer(value, field, minimum=1),
-                     bias=check.boolean(item.get("bias", True), f"{field[:-len(kind)]}bias"))
-    if not image:
-        raise check.fail(field, f"{kind} needs an image input [channels, height, width], "
-                         f"got a vector {list(in_shape)}")
-    if kind == "flatten":
-        if value not in (None, {}):
-            raise check.fail(field, "flatten takes no arguments")
-        return Flatten()
-    if kind in ("avgpool", "downsample"):
-        k = check.integer(value, field, minimum=1)
-        if in_shape[1] % k or in_shape[2] % k:
-            raise check.fail(field, f"height and width {in_shape[1]}x{in_shape[2]} are not divisible by {k}")
-        return AvgPool(k) if kind == "avgpool" else Downsample(k)
-    return _conv2d(check, value, field, in_shape, item)
-
-
-CONV_KEYS = ("channels", "kernel", "stride", "padding", "dilation")
-
-
-def _conv2d(check: _Checker, value: Any, field: str, in_shape: tuple, item: dict) -> Conv2d:
-    check.mapping(value, field, example="{channels: 8, kernel: 5}")
-    check.keys(value, field, CONV_KEYS, required=("channels", "kernel"))
-    op = Conv2d(out=check.integer(value["channels"], f"{field}.channels", minimum=1),
-                kernel=check.integer(value["kernel"], f"{field}.kernel", minimum=1),
-                stride=check.integer(value.get("stride", 1), f"{field}.stride", minimum=1),
-                padding=check.integer(value.get("padding", 0), f"{field}.padding", minimum=0),
-                dilation=check.integer(value.get("dilation", 1), f"{field}.dilation", minimum=1),
-                bias=check.boolean(item.get("bias", True), f"{field[:-len('conv2d')]}bias"))
-    span = op.dilation * (op.kernel - 1) + 1
-    padded = (in_shape[1] + 2 * op.padding, in_shape[2] + 2 * op.padding)
-    if span > min(padded):
-        raise check.fail(f"{field}.kernel", f"kernel spans {span} pixels, more than the padded input "
-                         f"{padded[0]}x{padded[1]}")
-    return op
 
 
 def _activation(check: _Checker, value: Any, field: str,

@@ -89,19 +89,19 @@ class NumbaPrinter(NumPyPrinter):
         layer = self.model.layers[expr.layer - 1]
         args = [self._print(a) for a in expr.args[1:]]
         args += [str(a) for a in layer.op.kernel_args(suffix, layer.in_shape)]
-        return f"_{layer.op.kind}_{suffix}({', '.join(args)})"
+        return f"{layer.op.kernel_name(suffix, layer.in_shape)}({', '.join(args)})"
 
     def _print_Bias(self, expr):
         layer = self.model.layers[int(expr.args[0]) - 1]
         b = self._print(expr.args[1])
-        if len(layer.out_shape) == 1:
+        shape = layer.op.bias_shape(layer.out_shape)
+        if len(shape) == 1:
             return b
-        return f"{b}.reshape(({', '.join(['-1'] + ['1'] * (len(layer.out_shape) - 1))}))"
+        return f"{b}.reshape(({', '.join(['-1'] + ['1'] * (len(shape) - 1))}))"
 
     def _print_BiasBox(self, expr):
         layer = self.model.layers[int(expr.args[0]) - 1]
-        name = "_bsum" if len(layer.out_shape) == 1 else "_bsum_channels"
-        return f"{name}({self._print(expr.args[1])})"
+        return f"{layer.op.bias_sum(layer.out_shape)}({self._print(expr.args[1])})"
 
     def _print_K(self, expr):
         return self._layer_call(expr, "K")
@@ -116,7 +116,7 @@ class NumbaPrinter(NumPyPrinter):
         # the two weight adjoints of a dense layer (eq. 31-32): summed in place
         boxes = [a for a in expr.args if isinstance(a, Kbox)]
         if len(expr.args) == 2 and len(boxes) == 2 and boxes[0].layer == boxes[1].layer \
-                and self.model.layers[boxes[0].layer - 1].op.kind == "dense":
+                and self.model.layers[boxes[0].layer - 1].op.stacked_kbox:
             args = [self._print(a) for box in boxes for a in box.args[1:]]
             return f"_dense_Kbox2({', '.join(args)})"
         return super()._print_Add(expr, order=order)

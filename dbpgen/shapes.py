@@ -61,7 +61,7 @@ def shape_of(expr: sp.Expr, known: dict[str, Shape], model: Model) -> Shape:
         return known[expr.name]
     if expr.is_Number or isinstance(expr, (sp.logic.boolalg.BooleanAtom,)):
         return ()
-    if isinstance(expr, (K, KT, Kbox)):
+    if isinstance(expr, (K, KT, Kbox)):  # the operator's own shapes (dbpgen.operators)
         layer = model.layers[expr.layer - 1]
         if isinstance(expr, Kbox):
             return layer.op.weight_shape(layer.in_shape)
@@ -69,11 +69,12 @@ def shape_of(expr: sp.Expr, known: dict[str, Shape], model: Model) -> Shape:
         return (BATCH_AXIS,) + tuple(space)
     if isinstance(expr, (Dot, RowSum, LogSumExp)):
         return (BATCH_AXIS, 1)
-    if isinstance(expr, Bias):
+    if isinstance(expr, Bias):  # b as it broadcasts over one sample (per channel)
         layer = model.layers[int(expr.args[0]) - 1]
-        return (layer.out_shape[0],) + (1,) * (len(layer.out_shape) - 1)
-    if isinstance(expr, BiasBox):
-        return (model.layers[int(expr.args[0]) - 1].out_shape[0],)
+        return layer.op.bias_shape(layer.out_shape)
+    if isinstance(expr, BiasBox):  # b's own shape
+        layer = model.layers[int(expr.args[0]) - 1]
+        return layer.op.bias_shape(layer.out_shape)[:1]
     if isinstance(expr, BSum):
         return shape_of(expr.args[0], known, model)[1:]
     if isinstance(expr, (Gram, GramBox)):
@@ -103,24 +104,23 @@ def nbytes(shape: Shape, batch: int, itemsize: int) -> int:
 
 
 # Quantities of the paper that live in layer j's space X_j (x_0's space for j = 0).
-_SPACE_STEMS = {"x", "z", "xi", "zeta", "q", "h", "eta", "gamma", "delta", "dg", "ddg", "etahat", "gammahat", "eps"}
+_SPACE_QUANTITIES = {"x", "z", "xi", "zeta", "q", "h", "eta", "gamma", "delta", "dg", "ddg",
+                     "etahat", "gammahat", "eps"}
 
 
-def named_shape(name: str, model: Model) -> Shape | None:
-    """Shape of a paper quantity from its name (xi2 lives in X_2), for constant statements."""
-    digits = name[len(name.rstrip("0123456789")):]
-    stem = name[: len(name) - len(digits)]
-    if stem not in _SPACE_STEMS or not digits:
+def role_shape(role, model: Model) -> Shape | None:
+    """Shape of a paper quantity from its role (xi_2 lives in X_2), for constant statements."""
+    if role is None or role.quantity not in _SPACE_QUANTITIES or role.layer is None:
         return None
-    j = int(digits)
+    j = role.layer
     space = model.input_shape if j == 0 else model.layers[j - 1].out_shape
     return (BATCH_AXIS,) + tuple(space)
 
 
-def _target_shape(target: sp.Symbol, expr: sp.Expr, known: dict, model: Model) -> Shape:
-    if expr.is_Number:
-        return named_shape(target.name, model) or ()
-    return shape_of(expr, known, model)
+def _target_shape(stmt, known: dict, model: Model) -> Shape:
+    if stmt.expr.is_Number:
+        return role_shape(stmt.role, model) or ()
+    return shape_of(stmt.expr, known, model)
 
 
 def program_shapes(model: Model, program, n_vectors: int = 1) -> dict[str, Shape]:
@@ -132,12 +132,12 @@ def program_shapes(model: Model, program, n_vectors: int = 1) -> dict[str, Shape
         if isinstance(node, Loop):
             local = dict(known, **{node.index.name: ()})
             for stmt in node.body:
-                local[stmt.target.name] = _target_shape(stmt.target, stmt.expr, local, model)
+                local[stmt.target.name] = _target_shape(stmt, local, model)
             for acc in node.accums:
                 known[acc.target.name] = shape_of(acc.expr, local, model)
             known.update({k: v for k, v in local.items() if k not in known})
         else:
-            known[node.target.name] = _target_shape(node.target, node.expr, known, model)
+            known[node.target.name] = _target_shape(node, known, model)
     for label, expr in program.outputs:  # an output proven 0 may have lost its statement
         if label not in known and expr == 0:
             known[label] = _output_shape(label, model)

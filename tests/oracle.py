@@ -6,8 +6,8 @@ never imports dbpgen, so that the code dbpgen generates can be tested against it
 Double backpropagation here is literal: the penalty calls ``autograd.grad`` to get
 xi_0 = (d out / d x_0)^T v, and ``value_and_grad`` differentiates through that.
 
-Supported models: every layer of SPEC section 1 (``dense``, ``conv2d``, ``avgpool``,
-``downsample``, ``flatten``) on vector or image inputs, every activation, losses
+Supported models: every layer of SPEC section 1 (``dense``, ``conv2d``, ``conv1d``,
+``avgpool``, ``downsample``, ``flatten``) on vector, sequence (C, T) or image inputs, every activation, losses
 mse / nll / none, and penalties with v in loss_gradient / output / given (plus
 jacobian, projections and random, the last two only with an explicit v; see
 ``_xi0_list``).  The image layers are plain slicing / reshaping / einsum code, so
@@ -213,6 +213,29 @@ def conv2d(x, W, b=None, stride=1, padding=0, dilation=1):
     return z
 
 
+def conv1d(x, W, b=None, stride=1, padding=0, dilation=1):
+    """Cross-correlation of x (B, Cin, T) with W (Cout, Cin, k) like torch's Conv1d:
+    one strided slice of the zero-padded input per kernel tap, contracted by einsum."""
+    B, Cin, T = x.shape
+    Cout, Cin_w, k = W.shape
+    assert Cin == Cin_w, "conv1d weight does not match the input"
+    if padding:
+        x = anp.pad(x, ((0, 0), (0, 0), (padding, padding)), "constant")
+    To = conv_output_size(T, k, stride, padding, dilation)
+    taps = [x[:, :, i * dilation: i * dilation + stride * (To - 1) + 1: stride] for i in range(k)]
+    cols = anp.stack(taps, axis=2)                          # (B, Cin, k, To)
+    z = anp.einsum("bcpt,ocp->bot", cols, W)
+    if b is not None:
+        z = z + anp.reshape(b, (1, Cout, 1))
+    return z
+
+
+def avgpool1d(x, k):
+    """k-wide mean with stride k; T divisible by k."""
+    B, C, T = x.shape
+    return anp.mean(anp.reshape(x, (B, C, T // k, k)), axis=3)
+
+
 def avgpool2d(x, k):
     """k-by-k mean with stride k; H and W divisible by k."""
     B, C, H, Wd = x.shape
@@ -227,7 +250,7 @@ def space_to_depth(x, k):
     return anp.reshape(blocks, (B, C * k * k, H // k, Wd // k))
 
 
-_IMAGE_KINDS = ("conv2d", "avgpool", "downsample")
+_IMAGE_KINDS = ("conv2d", "conv1d", "avgpool", "downsample")
 _LAYER_KINDS = ("dense", "flatten") + _IMAGE_KINDS
 
 
@@ -278,8 +301,8 @@ class Oracle:
 
     def _parse_layers(self, entries):
         layers, shape = [], self.input_shape
-        if len(shape) not in (1, 3):
-            raise ValueError(f"input must be [n] or [C, H, W], got {list(shape)}")
+        if len(shape) not in (1, 2, 3):
+            raise ValueError(f"input must be [n], [C, T] or [C, H, W], got {list(shape)}")
         for j, raw in enumerate(entries, start=1):
             kind, entry = self._normalise_entry(j, raw)
             act_field = entry.get("act")
@@ -297,8 +320,33 @@ class Oracle:
                 if entry["flatten"] not in (None, {}):
                     raise ValueError(f"{where}: takes no arguments")
                 out_shape = (int(np.prod(shape)),)
+            elif len(shape) == 2 and kind != "downsample" and kind != "conv2d":
+                C, T = shape
+                if kind == "conv1d":
+                    cfg = dict(entry["conv1d"])
+                    extra = set(cfg) - {"channels", "kernel", "stride", "padding", "dilation"}
+                    if extra:
+                        raise ValueError(f"{where}: unknown keys {sorted(extra)}")
+                    k = int(cfg["kernel"])
+                    geometry = {"stride": int(cfg.get("stride", 1)), "padding": int(cfg.get("padding", 0)),
+                                "dilation": int(cfg.get("dilation", 1))}
+                    if min(k, int(cfg["channels"]), geometry["stride"], geometry["dilation"]) < 1 \
+                            or geometry["padding"] < 0:
+                        raise ValueError(f"{where}: invalid configuration {cfg!r}")
+                    To = conv_output_size(T, k, **geometry)
+                    if To < 1:
+                        raise ValueError(f"{where}: kernel larger than its input {shape}")
+                    out_shape = (int(cfg["channels"]), To)
+                    layer.update(params=True, bias=bool(entry.get("bias", True)), conv=geometry,
+                                 fan_in=C * k, W_shape=(int(cfg["channels"]), C, k))
+                else:  # avgpool on a sequence
+                    k = int(entry[kind])
+                    if k < 1 or T % k:
+                        raise ValueError(f"{where}: {k} does not divide {T}")
+                    layer["k"] = k
+                    out_shape = (C, T // k)
             else:
-                if len(shape) != 3:
+                if len(shape) != 3 or kind == "conv1d":
                     raise ValueError(f"{where}: input must be an image, got shape {shape}")
                 C, H, Wd = shape
                 if kind == "conv2d":
@@ -361,8 +409,8 @@ class Oracle:
     def init_params(self, seed=0):
         """PyTorch-style uniform(-k, k), k = 1/sqrt(fan_in); W then b per parametrised layer.
 
-        fan_in is n_in for dense (nn.Linear) and Cin*kernel*kernel for conv2d
-        (nn.Conv2d); parameter-free layers draw nothing.
+        fan_in is n_in for dense (nn.Linear), Cin*kernel*kernel for conv2d (nn.Conv2d) and
+        Cin*kernel for conv1d (nn.Conv1d); parameter-free layers draw nothing.
         """
         rng, params = np.random.default_rng(seed), {}
         for layer in self.layers:
@@ -391,12 +439,14 @@ class Oracle:
         if kind == "flatten":
             return anp.reshape(h, (h.shape[0], -1))
         if kind == "avgpool":
-            return avgpool2d(h, layer["k"])
+            return avgpool1d(h, layer["k"]) if len(layer["in_shape"]) == 2 else avgpool2d(h, layer["k"])
         if kind == "downsample":
             return space_to_depth(h, layer["k"])
         bias = params[f"b{j}"] if layer["bias"] else None
         if kind == "conv2d":
             return conv2d(h, params[f"W{j}"], bias, **layer["conv"])
+        if kind == "conv1d":
+            return conv1d(h, params[f"W{j}"], bias, **layer["conv"])
         z = anp.dot(h, params[f"W{j}"].T)
         if bias is not None:
             z = z + bias

@@ -104,6 +104,42 @@ def test_bias_false(tmp_path):
     assert model.layers[0].op.bias is False
 
 
+def test_conv1d_sequence_model(tmp_path):
+    model = load(tmp_path, variant(input=[2, 17], layers=[
+        {"conv1d": {"channels": 3, "kernel": 3, "stride": 2, "padding": 2, "dilation": 2}, "act": "relu"},
+        {"conv1d": {"channels": 4, "kernel": 1}, "bias": False},
+        {"avgpool": 3}, "flatten", {"dense": 2}]))
+    conv, pointwise, pool, flat, dense = (layer.op for layer in model.layers)
+    assert model.input_shape == (2, 17)
+    # torch.nn.Conv1d: (17 + 2*2 - 2*(3-1) - 1) // 2 + 1 = 9
+    assert [layer.out_shape for layer in model.layers] == [(3, 9), (4, 9), (4, 3), (12,), (2,)]
+    assert (conv.kind, conv.out, conv.kernel, conv.stride, conv.padding, conv.dilation, conv.bias) == \
+        ("conv1d", 3, 3, 2, 2, 2, True)
+    assert conv.weight_shape((2, 17)) == (3, 2, 3) and conv.fan_in((2, 17)) == 6
+    assert pointwise.bias is False and pointwise.weight_shape((3, 9)) == (4, 3, 1)
+    assert conv.kernel_args("K", (2, 17)) == (2, 2, 2)
+    assert conv.kernel_args("KT", (2, 17)) == (2, 2, 2, 17)
+    assert conv.kernel_args("Kbox", (2, 17)) == (2, 2, 2, 3)
+    assert conv.flops((2, 17)) == 2 * 3 * 9 * 2 * 3
+    assert pool.kernel_name("K", (4, 9)) == "_avgpool1d_K" and flat.kernel_name("KT", (4, 3)) == "_flatten1d_KT"
+    assert conv.bias_shape((3, 9)) == (3, 1) and dense.bias_shape((2,)) == (2,)
+    assert (conv.small_kernels, conv.gram, conv.lanes, conv.stacked_kbox) == (False, False, False, False)
+    assert (dense.gram, dense.lanes, dense.stacked_kbox) == (True, True, True)
+
+
+def test_operator_registry():
+    from dbpgen import ir, operators
+    from dbpgen.model import OPERATORS
+
+    assert OPERATORS == operators.OPERATORS == ("dense", "conv2d", "conv1d", "avgpool", "downsample", "flatten")
+    for kind in OPERATORS:
+        module = operators.get(kind)
+        assert module.KIND == kind and module.OP.kind == kind and module.TEMPLATE == f"ops/{kind}.py.j2"
+        assert (Path(__file__).resolve().parent.parent / "templates" / module.TEMPLATE).is_file()
+        assert getattr(ir, module.OP.__name__) is module.OP  # re-exported by dbpgen.ir
+    assert [k for k in OPERATORS if operators.has_params(k)] == ["dense", "conv2d", "conv1d"]
+
+
 # --- activations -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, expected", [
@@ -203,7 +239,8 @@ ERRORS = [
     (variant(dtype="float16"), "dtype", "must be one of float64, float32"),
     (variant(input=DELETE), "input", "required key is missing"),
     (variant(input=[1, 28, 28]), "layers[0].dense", "dense needs a vector input"),
-    (variant(input=[2, 3]), "input", "must be [n] or"),
+    (variant(input=[2, 3]), "layers[0].dense", "dense needs a vector input, got a sequence [2, 3]: put flatten"),
+    (variant(input=[2, 3, 4, 5]), "input", "must be [n], [channels, length] or [channels, height, width]"),
     (variant(input=[]), "input", "must be a list"),
     (variant(input=3), "input", "must be a list"),
     (variant(input=[0]), "input[0]", "must be positive"),
@@ -241,6 +278,36 @@ ERRORS = [
     (variant(input=[1, 6, 6], layers=[{"avgpool": 2, "bias": False}, "flatten"]), f"{L0}.bias", "no parameters"),
     (variant(input=[1, 6, 6], layers=[{"avgpool": 2}]), L0, "must end in a vector"),
     (variant(input=[1, 6, 6], layers=["flatten", "flatten"]), "layers[1].flatten", "needs an image input"),
+    # sequence layers (input [C, T])
+    (variant(layers=[{"conv1d": {"channels": 4, "kernel": 3}}]), f"{L0}.conv1d",
+     "conv1d needs a sequence input [channels, length], got a vector [3]"),
+    (variant(input=[1, 6, 6], layers=[{"conv1d": {"channels": 2, "kernel": 3}}, "flatten"]), f"{L0}.conv1d",
+     "got an image [1, 6, 6]: use conv2d"),
+    (variant(input=[2, 8], layers=[{"conv2d": {"channels": 2, "kernel": 3}}, "flatten"]), f"{L0}.conv2d",
+     "got a sequence [2, 8]: use conv1d"),
+    (variant(input=[2, 8], layers=[{"conv1d": {"channels": 2, "kernel": 9}}, "flatten"]),
+     f"{L0}.conv1d.kernel", "kernel spans 9 samples, more than the padded input length 8"),
+    (variant(input=[2, 8], layers=[{"conv1d": {"channels": 2, "kernel": 4, "dilation": 3}}, "flatten"]),
+     f"{L0}.conv1d.kernel", "kernel spans 10 samples"),
+    (variant(input=[2, 8], layers=[{"conv1d": {"channels": 2, "kernel": 4, "dilation": 4, "padding": 1}},
+                                   "flatten", {"dense": 2}]), f"{L0}.conv1d.kernel", "spans 13 samples, more than the padded input length 10"),
+    (variant(input=[2, 8], layers=[{"conv1d": {"channels": 2}}, "flatten"]),
+     f"{L0}.conv1d.kernel", "required key is missing"),
+    (variant(input=[2, 8], layers=[{"conv1d": {"channels": 2, "kernel": 3, "strides": 2}}, "flatten"]),
+     f"{L0}.conv1d.strides", "unknown key"),
+    (variant(input=[2, 8], layers=[{"conv1d": {"channels": 2, "kernel": 3, "stride": 0}}, "flatten"]),
+     f"{L0}.conv1d.stride", "must be positive"),
+    (variant(input=[2, 8], layers=[{"conv1d": {"channels": 2, "kernel": 3, "padding": -1}}, "flatten"]),
+     f"{L0}.conv1d.padding", "must be non-negative"),
+    (variant(input=[2, 8], layers=[{"conv1d": 3}, "flatten"]), f"{L0}.conv1d", "must be a mapping"),
+    (variant(input=[2, 8], layers=[{"conv1d": {"channels": 2, "kernel": 3}, "bias": 0}, "flatten"]),
+     f"{L0}.bias", "true or false"),
+    (variant(input=[2, 8], layers=[{"avgpool": 3}, "flatten"]), f"{L0}.avgpool", "length 8 is not divisible by 3"),
+    (variant(input=[2, 8], layers=[{"downsample": 2}, "flatten"]), f"{L0}.downsample",
+     "downsample needs an image input [channels, height, width], got a sequence [2, 8]: downsample is 2-D only"),
+    (variant(input=[2, 8], layers=[{"conv1d": {"channels": 2, "kernel": 3}}]), L0,
+     "must end in a vector, not a sequence of shape [2, 6]"),
+    (variant(input=[2, 8], layers=["flatten", "flatten"]), "layers[1].flatten", "got a vector [16]"),
     # activations
     (variant(layers=[{"dense": 4, "act": "relux"}, {"dense": 1}]), f"{L0}.act",
      "unknown activation 'relux'"),

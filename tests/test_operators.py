@@ -365,22 +365,26 @@ PARALLEL_JIT = "{{ decorators.parallel }}"
 ARRAY_JIT = "{% if array_jit %}\n{{ array_jit }}\n{% endif %}"
 ALLOWED_JINJA = {"{{ jit }}", PARALLEL_JIT, "{% if count_ops %}", "{% endif %}", "{% if array_jit %}",
                  "{{ array_jit }}"}
+# a kind with kernels per rank ((C, H, W) and (C, T)) prints the variants the module calls
+VARIANT_JINJA = re.compile(r'\{% set (one_d|two_d) = helpers is not defined( or "_\w+" in helpers)+ %\}'
+                           r'|\{% if (one_d|two_d) %\}')
 
 
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", OPS + ("conv1d",))
 def test_template_uses_only_the_jit_and_count_ops_blocks(op):
     text = (TEMPLATES / "ops" / f"{op}.py.j2").read_text()
     for line in text.splitlines():
         if re.search(r"\{[{%#]|[}%#]\}", line):
-            assert line.strip() in ALLOWED_JINJA, line
+            assert line.strip() in ALLOWED_JINJA or VARIANT_JINJA.fullmatch(line.strip()), line
     functions = re.findall(r"^def (\w+)\(", text, flags=re.M)
     jit_lines = "|".join(re.escape(j) for j in ("{{ jit }}", PARALLEL_JIT, ARRAY_JIT))
     decorated = re.findall(rf"^(?:{jit_lines})\ndef (\w+)\(", text, flags=re.M)
     assert functions and functions == decorated  # every function is preceded by a jit line
-    for kind in ("K", "KT", "Kbox"):
-        if f"def _{op}_{kind}(" in text:
-            body = text.split(f"def _{op}_{kind}(", 1)[1].split("\n", 1)[1]
-            assert body.startswith(f'{{% if count_ops %}}\n    COUNTS["{kind}"] += 1\n{{% endif %}}\n'), kind
+    for name in (f"{op}{rank}_{kind}" for rank in ("", "1d") for kind in ("K", "KT", "Kbox")):
+        if f"def _{name}(" in text:
+            kind = name.rsplit("_", 1)[1]
+            body = text.split(f"def _{name}(", 1)[1].split("\n", 1)[1]
+            assert body.startswith(f'{{% if count_ops %}}\n    COUNTS["{kind}"] += 1\n{{% endif %}}\n'), name
 
 
 def test_count_ops_counts_each_application():

@@ -81,18 +81,18 @@ class _ScheduleNames(NumbaPrinter):
 
     def _layer_call(self, expr, suffix):
         layer = self.model.layers[expr.layer - 1]
-        return self._use(super()._layer_call(expr, suffix), f"_{layer.op.kind}_{suffix}")
+        return self._use(super()._layer_call(expr, suffix), layer.op.kernel_name(suffix, layer.in_shape))
 
     def _print_BiasBox(self, expr):
-        code = super()._print_BiasBox(expr)
-        return self._use(code, code[:code.index("(")])
+        layer = self.model.layers[int(expr.args[0]) - 1]
+        return self._use(super()._print_BiasBox(expr), layer.op.bias_sum(layer.out_shape))
 
     def _print_Add(self, expr, order=None):
-        code = super()._print_Add(expr, order=order)
-        if len(expr.args) == 2 and all(isinstance(a, Kbox) for a in expr.args) \
-                and code.startswith("_dense_Kbox2("):
-            self._use(code, "_dense_Kbox2")
-        return code
+        boxes = [a for a in expr.args if isinstance(a, Kbox)]
+        if len(expr.args) == 2 and len(boxes) == 2 and boxes[0].layer == boxes[1].layer \
+                and self.model.layers[boxes[0].layer - 1].op.stacked_kbox:
+            self._use("", "_dense_Kbox2")  # the printer sums them in place (eq. 31-32)
+        return super()._print_Add(expr, order=order)
 
     def _function(self, entry, args):
         helper = entry.helper(self.SCALAR)

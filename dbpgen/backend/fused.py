@@ -219,7 +219,7 @@ class _Fuser(Lowering):
             return None
         boxes = node.expr.args
         if not all(isinstance(b, Kbox) for b in boxes) or boxes[0].layer != boxes[1].layer \
-                or self.model.layers[boxes[0].layer - 1].op.kind != "dense":
+                or not self.model.layers[boxes[0].layer - 1].op.stacked_kbox:
             return None
         operands = [a for b in boxes for a in b.args[1:]]
         if not all(isinstance(a, sp.Symbol) and a.name not in self.placed
@@ -279,7 +279,7 @@ class _Fuser(Lowering):
     def into_ok(self, node: Stmt) -> bool:
         """A dense K or K^T, which BLAS can write into a given array (_dense_K*_into)."""
         return isinstance(node.expr, (K, KT)) and len(node.expr.args) == 3 \
-            and self.model.layers[node.expr.layer - 1].op.kind == "dense"
+            and self.model.layers[node.expr.layer - 1].op.stacked_kbox
 
     def into(self, node: Stmt) -> Call:
         """A K or K^T whose value goes into a stacked buffer, written there by BLAS."""

@@ -36,8 +36,9 @@ LOOP_NAMES = {"i", "k", "b", "c0", "nb", "w", "acc", "ws", "DTYPE", "np", "numba
 
 def applies(model: Model, program: Program, shapes: dict) -> str | None:
     """None if this lowering can run the program, else why not."""
-    if not all(layer.op.kind == "dense" for layer in model.layers):
-        return "it runs dense layers only"
+    if not all(layer.op.lanes for layer in model.layers):
+        kind = next(layer.op.kind for layer in model.layers if not layer.op.lanes)
+        return f"it cannot run {kind} layers row by row"
     if len(model.layers) > MAX_DEPTH:
         return f"more than {MAX_DEPTH} layers (compile time grows with its unrolled depth)"
     widths = [model.input_shape[0]] + [layer.out_shape[0] for layer in model.layers]

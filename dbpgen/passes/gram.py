@@ -80,7 +80,7 @@ def _rewrite(loop: Loop, found, G, M):
 
 def contract_input_gram(program: Program, model=None) -> Program:
     """Rewrite each qualifying loop; needs the model for the layer sizes."""
-    if model is None or model.layers[0].op.kind != "dense":
+    if model is None or not model.layers[0].op.gram:
         return program
     n1, n0 = model.layers[0].op.out, model.layers[0].in_shape[0]
     nodes, notes = [], []

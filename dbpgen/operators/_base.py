@@ -1,0 +1,69 @@
+"""What every operator kind shares: the capability defaults and the rank helpers.
+
+An operator is a frozen dataclass; the back end never asks for its kind, only for these
+attributes and methods (see docs/design.md, "Adding an operator"):
+
+    kind            the YAML key and the template templates/ops/<kind>.py.j2
+    has_params      W{j} exists (and b{j} unless bias is false)
+    bias            b{j} exists
+    small_kernels   its kernels are small enough to be inlined in a jitted program
+    gram            K(W, K^T(W, .)) may go through W W^T (passes/gram.py)
+    lanes           the narrow batch-minor schedule can run it row by row (lanes.py)
+    stacked_kbox    two K^box of one layer may run as one GEMM over the stacked batch,
+                    and K / K^T may write into a given buffer (printer, fuse.py)
+    out_shape, weight_shape, fan_in, flops, kernel_args, kernel_name,
+    bias_shape (how b broadcasts over one sample), bias_sum (the helper summing a
+    per-sample array into b's shape)
+"""
+from __future__ import annotations
+
+import math
+
+VECTOR, SEQUENCE, IMAGE = 1, 2, 3  # ranks of one sample: [n], [C, T], [C, H, W]
+RANK_NAMES = {VECTOR: "a vector", SEQUENCE: "a sequence", IMAGE: "an image"}
+RANK_SHAPES = {VECTOR: "[n]", SEQUENCE: "[channels, length]", IMAGE: "[channels, height, width]"}
+
+
+def size(shape) -> int:
+    return math.prod(shape)
+
+
+def describe(shape) -> str:
+    """'an image [1, 28, 28]' etc., for messages."""
+    return f"{RANK_NAMES.get(len(shape), 'an array')} {list(shape)}"
+
+
+class OperatorBase:
+    """Defaults of the capabilities; an operator dataclass overrides what it has."""
+
+    gram = False
+    lanes = False
+    stacked_kbox = False
+
+    def kernel_name(self, which: str, in_shape) -> str:
+        """The emitted kernel that applies K, KT or Kbox (templates/ops/<kind>.py.j2)."""
+        return f"_{self.kind}_{which}"
+
+    def bias_shape(self, out_shape) -> tuple[int, ...]:
+        """The shape b{j} takes to broadcast over one sample: per channel (first axis)."""
+        return (out_shape[0],) + (1,) * (len(out_shape) - 1)
+
+    def bias_sum(self, out_shape) -> str:
+        """The helper (templates/helpers.py.j2) summing a batch into b{j}'s shape (K^box of b)."""
+        return "_bsum" if len(out_shape) == 1 else "_bsum_channels"
+
+    def kernel_args(self, which: str, in_shape) -> tuple:
+        return ()
+
+
+def needs_rank(check, field: str, kind: str, in_shape, ranks: tuple[int, ...], hint: str = "") -> None:
+    """The rank check of an operator's input, with the wording of SPEC section 1."""
+    if len(in_shape) in ranks:
+        return
+    if ranks == (VECTOR,):
+        wanted = "a vector input"
+    elif IMAGE in ranks:
+        wanted = "an image input " + " or ".join(RANK_SHAPES[r] for r in sorted(ranks, reverse=True))
+    else:
+        wanted = "a sequence input " + RANK_SHAPES[SEQUENCE]
+    raise check.fail(field, f"{kind} needs {wanted}, got {describe(in_shape)}{hint}")

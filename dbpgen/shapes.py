@@ -104,7 +104,7 @@ def nbytes(shape: Shape, batch: int, itemsize: int) -> int:
 
 
 # Quantities of the paper that live in layer j's space X_j (x_0's space for j = 0).
-_SPACE_QUANTITIES = {"x", "z", "xi", "zeta", "q", "h", "eta", "gamma", "delta", "dg", "ddg",
+_SPACE_QUANTITIES = {"x", "z", "xi", "zeta", "q", "h", "eta", "gamma", "delta", "dg", "ddg", "gamma_out", "eta_out",
                      "etahat", "gammahat", "eps"}
 
 

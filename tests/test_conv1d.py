@@ -270,13 +270,21 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 JIT = "@numba.njit(cache=False)"
 
 
+def decorators(jit: str) -> dict:
+    """The module's decorator table (dbpgen.backend.emit.DECORATORS), uncached for tests."""
+    from dbpgen.backend.emit import DECORATORS
+
+    return {k: v.replace("cache=True", "cache=False") if jit else "" for k, v in DECORATORS.items()}
+
+
 @functools.lru_cache(maxsize=None)
 def kernels(mode: str) -> dict:
     """templates/ops/{conv1d,avgpool,flatten}.py.j2 rendered without a model and exec'd."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)
     jit = JIT if mode == "jit" else ""
-    source = "\n\n".join(env.get_template(f"ops/{op}.py.j2").render(jit=jit, array_jit=jit, count_ops=False)
+    source = "\n\n".join(env.get_template(f"ops/{op}.py.j2").render(jit=jit, array_jit=jit, count_ops=False,
+                                                                  decorators=decorators(jit))
                          for op in ("conv1d", "avgpool", "flatten"))
     namespace = {"np": np, "numba": numba}
     exec(compile(source, f"<conv1d kernels {mode}>", "exec"), namespace)

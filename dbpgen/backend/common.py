@@ -111,10 +111,11 @@ class Lowering:
         return sym
 
     @staticmethod
-    def hoist(expr: sp.Expr, take, replace_with) -> sp.Expr:
+    def hoist_out(expr: sp.Expr, take, replace_with, mapping: dict | None = None) -> sp.Expr:
         """expr with each maximal subexpression for which take(e) holds replaced by
-        replace_with(e) (which evaluates it first, into a temporary)."""
-        mapping = {}
+        replace_with(e) (which evaluates it first, into a temporary); `mapping` remembers
+        what was hoisted, so that a later statement reuses the temporary."""
+        mapping = {} if mapping is None else mapping
 
         def visit(e):
             if e in mapping:

@@ -136,17 +136,8 @@ class _Fuser(Lowering):
     def _reduced(self, expr: sp.Expr, out: list, eq: str, phase: str) -> sp.Expr:
         if not isinstance(expr, ELEMENTWISE):
             return expr  # the whole right-hand side is one reduction: nothing to fuse
-        mapping = self.reductions
-
-        def visit(e):
-            if isinstance(e, ELEMENTWISE) or e.is_Number:
-                for a in e.args:
-                    visit(a)
-            elif e not in mapping:
-                mapping[e] = self.temp(e, out, eq, phase)
-
-        visit(expr)
-        return expr.xreplace(mapping)
+        return self.hoist_out(expr, lambda e: not (isinstance(e, ELEMENTWISE) or e.is_Number),
+                          lambda e: self.temp(e, out, eq, phase), self.reductions)
 
     def _hoist_arguments(self, node: Stmt, out: list) -> sp.Expr:
         """Coordinate-wise whole-batch arguments of batch reductions (K^box, BSum: eq. 32-33)

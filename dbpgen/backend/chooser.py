@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import sympy as sp
-
 from ..ir import Model
 from ..program import Program, walk
 from . import arrays, fused, lanes

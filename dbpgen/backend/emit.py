@@ -11,7 +11,7 @@ import sympy as sp
 
 from ..functions import Kbox
 from ..printer import NumbaPrinter, ScalarPrinter
-from .schedule import OPEN, Alloc, AddTo, Call, For, Free, Function, Int, Let, Rows, Shape, Store, View
+from .schedule import OPEN, Alloc, AddTo, Call, For, Free, Function, Int, Let, Store, View
 
 FASTMATH_LANES = '{"reassoc", "contract", "nsz", "arcp"}'  # sums vectorize; NaN and inf kept
 DECORATORS = {

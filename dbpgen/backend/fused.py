@@ -353,14 +353,14 @@ def _local_names(names: list[str]) -> dict[str, str]:
     """Names inside a fused kernel: the program's without digits (z3 -> z, t12_ -> t),
     numbered where two would meet (x2, x3 -> x, x_1); loop variables stay free."""
     out, taken = {}, set(LOOP_NAMES) | {"math"}
-    for name in names:
-        stem = re.sub(r"\d+", "", name).rstrip("_") or "a"
+    for given in names:
+        stem = re.sub(r"\d+", "", given).rstrip("_") or "a"
         new, n = stem, 0
         while new in taken:
             n += 1
             new = f"{stem}_{n}"
         taken.add(new)
-        out[name] = new
+        out[given] = new
     return out
 
 

@@ -1,0 +1,48 @@
+"""Interleaved A/B of two builds of the same modules, in one process.
+
+    python benchmarks/ab.py OLD_DIR NEW_DIR sine_cdb,mnist_cdb [BATCH] [SECONDS]
+
+OLD_DIR and NEW_DIR hold generated modules of the same models (e.g. `generated/` of two
+checkouts). For each model both value_and_grad functions run in turns for SECONDS
+(default 8), after checking that they agree; prints the medians and new/old.
+"""
+import importlib.util
+import sys
+import time
+
+import numpy as np
+
+
+def load(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    old_dir, new_dir, names = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+    batch = int(sys.argv[4]) if len(sys.argv) > 4 else 128
+    seconds = float(sys.argv[5]) if len(sys.argv) > 5 else 8.0
+    rng = np.random.default_rng(0)
+    for name in names:
+        a, b = load(f"{old_dir}/{name}.py", f"{name}_old"), load(f"{new_dir}/{name}.py", f"{name}_new")
+        params = a.init_params()
+        x = rng.normal(size=(batch,) + a.INPUT_SHAPE).astype(a.DTYPE)
+        y = np.eye(a.N_OUTPUTS)[rng.integers(0, a.N_OUTPUTS, batch)].astype(a.DTYPE)
+        va, vb = a.value_and_grad(params, x, y)[0], b.value_and_grad(params, x, y)[0]
+        assert abs(va - vb) <= 1e-6 * abs(va) + 1e-9, (name, va, vb)
+        times = ([], [])
+        end = time.time() + seconds
+        while time.time() < end:
+            for module, t in zip((a, b), times):
+                start = time.perf_counter()
+                module.value_and_grad(params, x, y)
+                t.append(time.perf_counter() - start)
+        old, new = (np.median(t) * 1e3 for t in times)
+        print(f"{name:14s} B={batch}  old {old:9.3f} ms  new {new:9.3f} ms  new/old {new / old:.3f}  "
+              f"({len(times[0])} calls each)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -221,3 +221,13 @@ def test_numba_cache_loads_under_any_import_name(tmp_path):
         values.append(out.stdout.strip())
     assert len(set(values)) == 1
     assert list(tmp_path.glob("__pycache__/*.nbi"))  # the cache exists and was reused
+
+
+def test_every_package_is_installed():
+    """A non-editable install ships exactly the packages pyproject.toml lists: each
+    folder of dbpgen/ with an __init__.py must be among them."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "dbpgen").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)

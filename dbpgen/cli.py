@@ -14,8 +14,10 @@ from .errors import ModelError
 def _compile(args) -> int:
     from .compiler import compile_file
 
+    if args.batch is not None and not args.tune:
+        raise ModelError(args.model, "--batch", "is the batch size --tune measures at: give --tune too")
     path = compile_file(args.model, args.output, simplified=not args.naive, count_ops=args.count_ops,
-                        schedule=args.schedule)
+                        schedule=args.schedule, tune_batch=(args.batch or 128) if args.tune else None)
     print(path)
     return 0
 
@@ -137,6 +139,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--schedule", metavar="NAME", default=None,
                    help="force how every program runs: lanes, jit, fused, kernels (default: chosen "
                         "per program, the reason printed in the module's header)")
+    c.add_argument("--tune", action="store_true",
+                   help="time value_and_grad in every schedule that applies on this machine and keep "
+                        "the fastest (the times go in the module's header)")
+    c.add_argument("--batch", type=int, default=None, metavar="B", help="the batch size --tune measures at (128)")
     c.set_defaults(run=_compile)
     e = sub.add_parser("equations", help="print the derived, simplified recursions")
     e.add_argument("model")

@@ -6,6 +6,7 @@ which API pieces a model needs); the templates in `templates/` only print it.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 import pprint
 from importlib import resources
 from pathlib import Path
@@ -123,19 +124,32 @@ def render(model: Model, programs: dict[str, Program], ops: dict, naive: Program
 
 
 def lower_programs(model: Model, programs: dict[str, Program], count_ops: bool = False,
-                   schedule: str | None = None) -> dict[str, chooser.Lowered]:
-    """Every program's schedule, chosen (or forced) and lowered, then verified; the fused
-    kernels are shared by the module's programs."""
+                   schedule=None) -> dict[str, chooser.Lowered]:
+    """Every program's schedule, chosen or forced, lowered, then verified; the fused
+    kernels are shared by the module's programs. schedule: one name for every program, or
+    a Forced (some programs' schedules, and why)."""
     registry: dict = {}
     out = {}
     for name, program in programs.items():
         shapes = program_shapes(model, program, n_vectors(model))
-        out[name] = chooser.choose(model, program, shapes, schedule, count_ops, registry)
+        if isinstance(schedule, Forced):
+            forced, why = schedule.kinds.get(name), schedule.why.get(name, "")
+        else:
+            forced, why = schedule, "forced (--schedule)"
+        out[name] = chooser.choose(model, program, shapes, forced, count_ops, registry, why)
     known = {fn.name for s in out.values() for fn in s.kernels} | set(emit.SCHEDULE_HELPERS)
     for lowered in out.values():
         for fn in lowered.kernels + (lowered.entry,):
             verify(fn, known)
     return out
+
+
+@dataclass(frozen=True)
+class Forced:
+    """Schedules forced for some programs (name -> kind), with the reason to print."""
+
+    kinds: dict
+    why: dict
 
 
 def _shape_of(model: Model, shapes: dict):

@@ -10,9 +10,9 @@ from pathlib import Path
 import sympy as sp
 
 from .budget import BudgetExceeded, deadline
-from .backend.chooser import SCHEDULES, ScheduleChoiceError
+from .backend.chooser import SCHEDULES, ScheduleChoiceError, applicable
 from .backend.memory import peak_bytes
-from .codegen import MEMORY_BATCH, lower_programs, render
+from .codegen import MEMORY_BATCH, Forced, lower_programs, render
 from .derive import derive_programs, naive_value_and_grad
 from .errors import ModelError
 from .ir import Model
@@ -49,8 +49,9 @@ class Compiled:
         except ScheduleChoiceError as exc:
             raise ModelError(self.model.source, "--schedule", str(exc)) from None
 
-    def source(self, count_ops: bool = False, schedule: str | None = None) -> str:
-        if schedule is not None and schedule not in SCHEDULES:
+    def source(self, count_ops: bool = False, schedule=None) -> str:
+        """The module's text; schedule: a name forced for every program, or a codegen.Forced."""
+        if isinstance(schedule, str) and schedule not in SCHEDULES:
             raise ModelError(self.model.source, "--schedule",
                              f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
         try:
@@ -101,20 +102,26 @@ def _build(model: Model, simplified: bool) -> Compiled:
 
 def compile_file(path: str | os.PathLike, out_dir: str | os.PathLike = "generated",
                  simplified: bool = True, dtype: str | None = None, count_ops: bool = False,
-                 schedule: str | None = None) -> Path:
+                 schedule: str | None = None, tune_batch: int | None = None) -> Path:
     """Emit <out_dir>/<name>.py; on any error the previous module stays untouched.
-    schedule forces one of backend.chooser.SCHEDULES for every program."""
+    schedule forces one of backend.chooser.SCHEDULES for every program; tune_batch times
+    value_and_grad in every schedule that applies, at that batch size, and keeps the fastest."""
     model = load_model(path)
     if dtype:
         from dataclasses import replace
         model = replace(model, dtype=dtype)
-    return compile_model(model, out_dir, simplified, count_ops, schedule)
+    return compile_model(model, out_dir, simplified, count_ops, schedule, tune_batch)
 
 
 def compile_model(model: Model, out_dir: str | os.PathLike = "generated", simplified: bool = True,
-                  count_ops: bool = False, schedule: str | None = None) -> Path:
+                  count_ops: bool = False, schedule: str | None = None, tune_batch: int | None = None) -> Path:
     """Emit <out_dir>/<model.name>.py for a loaded (possibly modified) model."""
-    text = build(model, simplified).source(count_ops, schedule)
+    compiled = build(model, simplified)
+    if tune_batch is not None:
+        if schedule is not None or count_ops:
+            raise ModelError(model.source, "--tune", "measures the schedules itself: not with --schedule or --count-ops")
+        schedule = tune(compiled, tune_batch)
+    text = compiled.source(count_ops, schedule)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{model.name}.py"
@@ -129,6 +136,71 @@ def compile_model(model: Model, out_dir: str | os.PathLike = "generated", simpli
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+TUNE_SECONDS = 0.5  # of calls per schedule, after the first (compiling) call
+
+
+_TIMING = """
+import sys, time
+import numpy as np
+from dbpgen.compiler import load_generated
+path, batch, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+m = load_generated(path)
+rng = np.random.default_rng(0)
+x = rng.normal(size=(batch,) + m.INPUT_SHAPE)
+y = np.eye(m.N_OUTPUTS)[rng.integers(0, m.N_OUTPUTS, batch)] if sys.argv[4] == "nll" else rng.normal(size=(batch, m.N_OUTPUTS))
+v = rng.normal(size=(batch, m.N_OUTPUTS)) if sys.argv[5] == "given" else None
+params = m.init_params()
+m.value_and_grad(params, x, y, v)  # compiles
+runs, end = [], time.perf_counter() + seconds
+while len(runs) < 3 or time.perf_counter() < end:
+    start = time.perf_counter()
+    m.value_and_grad(params, x, y, v)
+    runs.append(time.perf_counter() - start)
+print(float(np.median(runs)))
+"""
+
+
+def measure_schedules(compiled: Compiled, batch: int, seconds: float | None = None, kinds=None) -> dict:
+    """Median seconds of value_and_grad at `batch` in each schedule (default: every one
+    that applies): each is emitted and timed in a process of its own (modules measured one
+    after another in one process disturb each other's allocations), after one call that
+    compiles it."""
+    import subprocess
+    import sys
+
+    from .derive import n_vectors
+    from .shapes import program_shapes
+
+    if batch < 1:
+        raise ModelError(compiled.model.source, "--batch", f"must be positive, not {batch}")
+    seconds = TUNE_SECONDS if seconds is None else seconds
+    model, program = compiled.model, compiled.programs["value_and_grad"]
+    kinds = kinds or applicable(model, program, program_shapes(model, program, n_vectors(model)))
+    v_kind = model.penalty.v if model.penalty is not None else "none"
+    times = {}
+    with tempfile.TemporaryDirectory(prefix="dbpgen-tune-") as tmp:
+        for kind in kinds:
+            text = compiled.source(schedule=Forced({"value_and_grad": kind}, {"value_and_grad": "tuning"}))
+            path = Path(tmp) / kind / f"{model.name}.py"
+            path.parent.mkdir()
+            path.write_text(text, encoding="utf-8")
+            done = subprocess.run([sys.executable, "-c", _TIMING, str(path), str(batch), str(seconds),
+                                   model.loss, v_kind], capture_output=True, text=True, check=True)
+            times[kind] = float(done.stdout.split()[-1])
+    return times
+
+
+def tune(compiled: Compiled, batch: int, seconds: float | None = None, kinds=None) -> Forced:
+    """value_and_grad's schedule measured on this machine (`measure_schedules`): the
+    fastest is forced, with every measured time in its reason (printed in the module's
+    header). kinds: the schedules to try (default: every one that applies)."""
+    times = measure_schedules(compiled, batch, seconds, kinds)
+    best = min(times, key=times.get)
+    measured = ", ".join(f"{k} {1e3 * t:.3g} ms" for k, t in sorted(times.items(), key=lambda kv: kv[1]))
+    why = f"tuned (--tune --batch {batch}): fastest measured on this machine of {measured}"
+    return Forced({"value_and_grad": best}, {"value_and_grad": why})
 
 
 def load_generated(path: str | os.PathLike, jit: bool = True):

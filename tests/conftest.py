@@ -34,9 +34,10 @@ def write_model(spec: dict, directory: Path) -> Path:
     return path
 
 
-def compile_spec(spec: dict, directory: Path, jit: bool = True, simplified: bool = True):
+def compile_spec(spec: dict, directory: Path, jit: bool = True, simplified: bool = True,
+                 schedule: str | None = None):
     path = write_model(spec, directory)
-    out = compile_file(path, directory / "generated", simplified=simplified)
+    out = compile_file(path, directory / "generated", simplified=simplified, schedule=schedule)
     return import_module(out, jit=jit)
 
 

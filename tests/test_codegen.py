@@ -115,10 +115,11 @@ def check_jit_equals_plain(spec, jitted, rng):
         assert_close(a_grads[k], b_grads[k], 1e-13)
 
 
-def check_float32(spec, tmp_path, rng, batch=8):
+def check_float32(spec, tmp_path, rng, batch=8, schedule=None):
     """The float32 module stays float32 and within 1e-4 of float64; returns it."""
-    m64 = compile_spec(dict(spec, name=spec["name"] + "_64"), tmp_path, jit=True)
-    m32 = compile_spec(dict(spec, name=spec["name"] + "_32", dtype="float32"), tmp_path, jit=True)
+    m64 = compile_spec(dict(spec, name=spec["name"] + "_64"), tmp_path, jit=True, schedule=schedule)
+    m32 = compile_spec(dict(spec, name=spec["name"] + "_32", dtype="float32"), tmp_path, jit=True,
+                       schedule=schedule)
     params = m64.init_params(seed=0)
     x, y, v = batch_for(spec, rng, batch=batch)
     value64, grads64 = m64.value_and_grad(params, x, y)

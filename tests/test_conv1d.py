@@ -261,7 +261,7 @@ def test_conv1d_float32_jitted(compiled):
     out = m32.forward(p32, x.astype(np.float32))
     assert out.dtype == np.float32
     assert_close(out, m64.forward(params, x), 1e-5)
-    assert m32.SCHEDULES["value_and_grad"] == "kernels"  # Python calling the jitted kernels
+    assert m32.SCHEDULES["value_and_grad"] in ("fused", "kernels")  # Python calling the jitted kernels
 
 
 # -- the kernels on their own ----------------------------------------------------------------

@@ -26,7 +26,7 @@ from test_gradients import CDB, assert_close
 TESTS = Path(__file__).resolve().parent
 PEN = {"v": "loss_gradient", "weight": 0.3}
 
-# one model per schedule (value_and_grad's), small enough to compile in seconds
+# one model per schedule (value_and_grad's, forced), small enough to compile in seconds
 SCHEDULE_SPECS = {
     "lanes": {"name": "h_lanes", "input": [3], "loss": "mse", "penalty": PEN,
               "layers": [{"dense": 6, "act": "tanh"}, {"dense": 2}]},
@@ -53,7 +53,7 @@ OTHER_SPECS = [
 def modules(tmp_path_factory):
     """Each schedule's model, compiled once: name -> path of the generated module."""
     out = tmp_path_factory.mktemp("hostile")
-    paths = {kind: compile_file(write_model(spec, out), out / "generated")
+    paths = {kind: compile_file(write_model(spec, out), out / "generated", schedule=kind)
              for kind, spec in SCHEDULE_SPECS.items()}
     paths["count"] = compile_file(write_model(dict(SCHEDULE_SPECS["lanes"], name="h_count"), out),
                                   out / "generated", count_ops=True)
@@ -91,7 +91,7 @@ def test_class_indices_out_of_range_are_refused(modules):
 @pytest.mark.parametrize("kind", ["lanes", "jit", "fused"])
 def test_float32_in_every_schedule(kind, tmp_path, rng):
     """(The kernels schedule: test_conv.py::test_conv_network_jitted_and_float32.)"""
-    m32 = check_float32(SCHEDULE_SPECS[kind], tmp_path, rng, batch=6)
+    m32 = check_float32(SCHEDULE_SPECS[kind], tmp_path, rng, batch=6, schedule=kind)
     assert m32.SCHEDULES["value_and_grad"] == kind
 
 
@@ -128,7 +128,8 @@ def test_every_allowed_function_compiles_and_matches_the_oracle(kind, act, tmp_p
     layers = [dict(layer, act=act) if "act" in layer and layer["act"] != "softmax" else layer
               for layer in base["layers"]]
     spec = dict(base, name=f"h_every_{kind}", layers=layers)
-    path = compile_file(write_model(spec, tmp_path), tmp_path / "generated", count_ops=kind == "count")
+    path = compile_file(write_model(spec, tmp_path), tmp_path / "generated", count_ops=kind == "count",
+                        schedule=None if kind == "count" else kind)
     m = load_generated(path)
     assert m.SCHEDULES["value_and_grad"] == kind
     oracle = Oracle(spec)
@@ -153,7 +154,8 @@ def test_distributions_vanish_in_every_schedule(kind, tmp_path, rng):
     *first, last = base["layers"]
     layers = [dict(layer, act=hidden) if "act" in layer else layer for layer in first] + [dict(last, act=out)]
     spec = dict(base, name=f"h_dist_{kind}", layers=layers)
-    path = compile_file(write_model(spec, tmp_path), tmp_path / "generated", count_ops=kind == "count")
+    path = compile_file(write_model(spec, tmp_path), tmp_path / "generated", count_ops=kind == "count",
+                        schedule=None if kind == "count" else kind)
     m = load_generated(path)
     assert m.SCHEDULES["value_and_grad"] == kind
     params = m.init_params(seed=3)

@@ -68,7 +68,7 @@ def test_the_chooser_names_its_reason_in_the_module_header():
     text = (ROOT / "generated" / "mnist_cdb.py").read_text()
     header = text.split('"""', 2)[1]
     assert "How each program runs" in header
-    assert "value_and_grad: fused" in header and "GEMM-bound (layer 1" in header
+    assert "value_and_grad: fused, predicted per call at batch 128: fused " in header
     assert "not lanes: a layer wider than 32 units" in header
     sine = (ROOT / "generated" / "sine_cdb.py").read_text().split('"""', 2)[1]
     assert "value_and_grad: lanes" in sine
@@ -79,8 +79,33 @@ def test_every_threshold_is_in_the_chooser():
     import dbpgen.codegen as codegen
 
     source = Path(codegen.__file__).read_text()
-    for word in ("GEMM_BOUND", "MAX_WIDTH", "MAX_DEPTH", "TRANSCENDENTAL", "small_kernels"):
+    for word in ("MAX_WIDTH", "MAX_DEPTH", "TRANSCENDENTAL", "small_kernels", "predict"):
         assert word not in source
+
+
+def test_the_cost_model_ranks_schedules_by_their_work():
+    """Narrow networks: the lanes kernel; GEMM-bound ones: BLAS from Python, no jitted glue;
+    transcendental activations on wide layers: NumPy's ufuncs, not scalar libm calls."""
+    from dbpgen.backend import cost
+
+    cases = {
+        "lanes": mlp("cm_narrow", ["relu", "relu"], None, "mse", NODE, widths=(8, 8)),
+        "fused": mlp("cm_wide", ["relu", "relu"], None, "mse", NODE, widths=(512, 512)),
+    }
+    from dbpgen.model import model_from_dict
+
+    for expected, spec in cases.items():
+        model = model_from_dict(spec, spec["name"] + ".yaml")
+        program = build(model).programs["value_and_grad"]
+        times = {k: cost.predict(k, model, program, 128) for k in ("lanes", "jit", "fused", "kernels")}
+        assert min(times, key=times.get) == expected, times
+        assert all(t > 0 for t in times.values())
+        # twice the batch: at least as long, at most a bit over twice as long
+        for kind, t in times.items():
+            assert t <= cost.predict(kind, model, program, 256) <= 2.2 * t
+    wide_tanh = model_from_dict(mlp("cm_tanh", ["tanh", "tanh"], None, "mse", NODE, widths=(256, 256)), "t.yaml")
+    program = build(wide_tanh).programs["value_and_grad"]
+    assert cost.predict("fused", wide_tanh, program, 128) < cost.predict("jit", wide_tanh, program, 128)
 
 
 SMALL = mlp("sched_small", ["tanh", "relu"], None, "mse", NODE, widths=(6, 5))
@@ -130,6 +155,37 @@ def test_a_schedule_that_does_not_apply_is_one_line_naming_those_that_do(tmp_pat
     assert previous.read_text() == "# the previous module\n"
     done = dbpgen_cli("compile", lenet, "--schedule", "fastest", cwd=tmp_path)
     assert done.returncode == 2 and "choose from lanes, jit, fused, kernels, count" in done.stderr
+
+
+WIDE = mlp("sched_wide", ["relu", "tanh"], None, "mse", NODE, widths=(96, 200))  # GEMM-bound: fused
+
+
+def test_tuning_keeps_the_fastest_schedule_and_records_the_times(tmp_path, rng):
+    """dbpgen compile --tune --batch B: each schedule emitted, imported and timed (the two
+    that compile fastest here)."""
+    from dbpgen.compiler import tune
+
+    compiled = build(load_model(write_model(WIDE, tmp_path)))
+    forced = tune(compiled, 16, seconds=0.05, kinds=("fused", "kernels"))
+    why = forced.why["value_and_grad"]
+    assert why.startswith("tuned (--tune --batch 16): fastest measured on this machine of ")
+    times = dict(part.rsplit(" ", 2)[:2] for part in why.split(" of ", 1)[1].split(", "))
+    assert set(times) == {"fused", "kernels"} and forced.kinds == {"value_and_grad": next(iter(times))}
+    out = tmp_path / "sched_wide.py"
+    out.write_text(compiled.source(schedule=forced))
+    m = load_generated(out)
+    assert m.SCHEDULES["value_and_grad"] == forced.kinds["value_and_grad"] and why in m.__doc__
+    assert m.SCHEDULES["forward"] == "fused"  # the other programs keep the chooser's schedule
+    check_against_oracle(WIDE, m, rng, batch=7)
+
+
+def test_tune_flags_are_checked(small_model, tmp_path):
+    path, _ = small_model
+    done = dbpgen_cli("compile", path, "--batch", "64", cwd=tmp_path)
+    assert done.returncode == 2 and "--batch: is the batch size --tune measures at" in done.stderr
+    done = dbpgen_cli("compile", path, "--tune", "--schedule", "jit", cwd=tmp_path)
+    assert done.returncode == 2 and "--tune: measures the schedules itself" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
 
 
 # -- schedules of the fused lowering, read off the IR ------------------------------------------

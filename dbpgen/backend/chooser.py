@@ -1,6 +1,6 @@
 """The one place that decides how each program runs: `choose` -> (schedule, reason).
 
-Every threshold of the back end is here. The candidates, in order of preference:
+Every threshold of the back end is here. The schedules:
 
     lanes    one jitted pass over chunks of samples, batch-minor   (narrow dense networks)
     jit      one @njit function over whole-batch arrays            (small, cheap programs)
@@ -8,9 +8,13 @@ Every threshold of the back end is here. The candidates, in order of preference:
     kernels  Python calling the operators' own parallel kernels    (anything, convolutions)
     count    plain Python counting K, K^T, K^box                   (--count-ops only)
 
-A schedule applies when its static conditions hold and its lowering accepts the program
-(a lowering raises `Unsupported` with the reason otherwise). Without a forced name the
-first that applies wins; `dbpgen compile --schedule NAME` forces one.
+A schedule applies when its static conditions hold (capabilities of the layers, a depth
+bound on the schedules that unroll every layer) and its lowering accepts the program (a
+lowering raises `Unsupported` with the reason otherwise). Of those that apply, the one
+with the least predicted time per call at REFERENCE_BATCH (`cost.predict`), each second of
+predicted compile time counting as COMPILE_WEIGHT more, wins, and the predictions are the reason
+printed in the module's header. `dbpgen compile --schedule NAME` forces one; `--tune`
+measures them instead (`dbpgen.compiler.tune`).
 """
 from __future__ import annotations
 
@@ -18,15 +22,12 @@ from dataclasses import dataclass
 
 from ..ir import Model
 from ..program import Program, walk
-from . import arrays, fused, lanes
-from .common import TRANSCENDENTAL, Unsupported
+from . import arrays, cost, fused, lanes
+from .common import Unsupported
 from .schedule import Function
 
 SCHEDULES = ("lanes", "jit", "fused", "kernels", "count")
 
-# A layer with at least this many flops per sample makes a program GEMM-bound: at batch 32
-# one K application is >= 1 MFLOP (~10 us of BLAS), against ~1 us of interpreter per statement.
-GEMM_BOUND_FLOPS = 1 << 15
 JIT_MAX_DEPTH = lanes.MAX_DEPTH  # one jitted function unrolls every layer: LLVM time grows with depth
 
 
@@ -45,16 +46,6 @@ def small_kernels(model: Model) -> bool:
     return all(layer.op.small_kernels for layer in model.layers)
 
 
-def _gemm_layer(model: Model):
-    """The first layer with a GEMM-bound operator, or None."""
-    return next((layer for layer in model.layers if layer.op.has_params
-                 and layer.op.flops(layer.in_shape) >= GEMM_BOUND_FLOPS), None)
-
-
-def _transcendental(program: Program) -> bool:
-    return any(item.expr.has(*TRANSCENDENTAL) for item in walk(program.stmts))
-
-
 def _static(kind: str, model: Model, program: Program, shapes: dict, count_ops: bool) -> str | None:
     """Why `kind` cannot run the program (None: it can), from the model alone."""
     if count_ops != (kind == "count"):
@@ -64,23 +55,30 @@ def _static(kind: str, model: Model, program: Program, shapes: dict, count_ops: 
     if kind == "jit" and not small_kernels(model):
         big = next(layer.op.kind for layer in model.layers if not layer.op.small_kernels)
         return f"{big} kernels are too large to inline into one jitted function (minutes of LLVM)"
+    if kind == "jit" and len(model.layers) > JIT_MAX_DEPTH:
+        return f"more than {JIT_MAX_DEPTH} layers: LLVM time grows with the unrolled depth"
     return None
 
 
-def _preferred(kind: str, model: Model, program: Program) -> str | None:
-    """Why `kind`, though it applies, is not the best choice (None: it is)."""
-    if kind == "jit":
-        layer = _gemm_layer(model)
-        if layer is not None:
-            return (f"GEMM-bound (layer {layer.index}: {layer.op.flops(layer.in_shape):,} flops per sample "
-                    f">= {GEMM_BOUND_FLOPS:,}): BLAS does the work either way, jitting the glue only costs LLVM time")
-        if len(model.layers) > JIT_MAX_DEPTH:
-            return f"more than {JIT_MAX_DEPTH} layers: LLVM time grows with the unrolled depth"
-        if _transcendental(program):
-            return "transcendental functions: NumPy's SIMD ufuncs beat Numba's scalar libm calls"
-    if kind == "fused" and not small_kernels(model):
-        return "its operators bring their own kernels; Python calls them"
-    return None
+# The chooser ranks by predicted time per call at a typical batch, each second of predicted
+# compile time counting as 1% more: of two schedules within a few percent, the one that
+# compiles faster wins; a clearly faster one wins whatever it costs to compile.
+REFERENCE_BATCH = 128
+COMPILE_WEIGHT = 0.01
+
+
+def compile_seconds(kind: str, model: Model, program: Program) -> float:
+    """Predicted LLVM seconds of a program's schedule on its first call. Measured: a jitted
+    value_and_grad of mnist_cdb's 33 statements takes about 6 s; a lanes kernel about 2 s;
+    a fused loop about 0.3 s, and layers of one shape share their loops."""
+    n = sum(1 for _ in walk(program.stmts))
+    shapes = len({(layer.in_shape, layer.out_shape) for layer in model.layers})
+    return {"lanes": 0.5 + 0.05 * n, "jit": 1.0 + 0.15 * n, "fused": 0.3 + 0.6 * shapes}.get(kind, 0.0)
+
+
+def score(kind: str, model: Model, program: Program) -> tuple[float, float]:
+    """(predicted seconds per call at REFERENCE_BATCH, predicted compile seconds)."""
+    return cost.predict(kind, model, program, REFERENCE_BATCH), compile_seconds(kind, model, program)
 
 
 REASONS = {
@@ -104,20 +102,24 @@ def lower(kind: str, model: Model, program: Program, shapes: dict, registry: dic
 
 
 def choose(model: Model, program: Program, shapes: dict, forced: str | None = None,
-           count_ops: bool = False, registry: dict | None = None) -> Lowered:
+           count_ops: bool = False, registry: dict | None = None, why: str = "forced (--schedule)") -> Lowered:
     """The schedule of one program and why: the first that applies and is preferred, or
     `forced` (a ScheduleChoiceError names the ones that apply when it does not)."""
     registry = {} if registry is None else registry
     why_not: dict[str, str] = {}
+    candidates = []
     for kind in SCHEDULES:
         if forced is not None and kind != forced:
             continue
         reason = _static(kind, model, program, shapes, count_ops)
-        if reason is None and forced is None:
-            reason = _preferred(kind, model, program)
         if reason is not None:
             why_not[kind] = reason
-            continue
+        else:
+            candidates.append(kind)
+    scores = {kind: score(kind, model, program) for kind in candidates} if forced is None and not count_ops else {}
+    if scores:  # cheapest first: time per call, weighed by compile time
+        candidates.sort(key=lambda k: scores[k][0] * (1 + COMPILE_WEIGHT * scores[k][1]))
+    for kind in candidates:
         try:
             snapshot = dict(registry)
             entry, kernels = lower(kind, model, program, shapes, registry)
@@ -126,9 +128,15 @@ def choose(model: Model, program: Program, shapes: dict, forced: str | None = No
             registry.update(snapshot)
             why_not[kind] = str(exc)
             continue
-        skipped = "; ".join(f"not {k}: {r}" for k, r in why_not.items() if k != "count")
-        text = "forced (--schedule)" if forced else REASONS[kind]
-        return Lowered(kind, text + (f" ({skipped})" if skipped and not forced else ""), entry, kernels)
+        if forced:
+            return Lowered(kind, why, entry, kernels)
+        if not scores:
+            return Lowered(kind, REASONS[kind], entry, kernels)
+        others = [f"{k} {_ms(scores[k])}" for k in candidates if k != kind and k not in why_not]
+        skipped = [f"not {k}: {r}" for k, r in why_not.items() if k != "count"]
+        text = (f"predicted per call at batch {REFERENCE_BATCH}: {kind} {_ms(scores[kind])}"
+                + (f"; {', '.join(others)}" if others else "") + (f" ({'; '.join(skipped)})" if skipped else ""))
+        return Lowered(kind, text, entry, kernels)
     if forced is not None:
         ok = applicable(model, program, shapes, count_ops)
         raise ScheduleChoiceError(f"schedule {forced!r} does not apply to {program.name}: {why_not.get(forced, 'unknown schedule')}; "
@@ -148,6 +156,11 @@ def applicable(model: Model, program: Program, shapes: dict, count_ops: bool = F
             continue
         out.append(kind)
     return out
+
+
+def _ms(score: tuple[float, float]) -> str:
+    call, build = score
+    return f"{1e3 * call:.3g} ms" + (f" (+{build:.2g} s to compile)" if build >= 0.05 else "")
 
 
 class ScheduleChoiceError(ValueError):

@@ -1,0 +1,150 @@
+"""The chooser's cost model: predicted seconds per call of a program in each schedule.
+
+A program's work is read off the program itself (`Work`): the GEMMs its K, K^T and K^box
+applications amount to at a batch size, its coordinate-wise statements (elements times
+operations, how many of them transcendental), its per-sample reductions and its number
+of statements. A schedule's time is that work priced by what it costs there (`MACHINE`):
+
+    lanes    call + every flop in vectorized scalar loops + every element in the same loops
+    jit      call + BLAS per GEMM (no interpreter) + array expressions compiled by Numba
+             (temporaries, and a scalar libm call per transcendental element)
+    fused    interpreter per statement + BLAS per GEMM + cheap coordinate-wise runs in jitted
+             loops + transcendental ones as NumPy's SIMD ufuncs
+    kernels  interpreter per statement + BLAS per GEMM + a NumPy pass per operation
+
+The constants are measured on this kind of machine by `benchmarks/calibrate.py`;
+docs/performance.md sets the predictions beside measurements.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import sympy as sp
+
+from ..functions import BSum, Dot, Gram, GramBox, GramMul, GramOut, K, Kbox, KT, RowSum
+from ..ir import Model
+from ..program import Program, trips
+from ..shapes import program_shapes
+from .common import TRANSCENDENTAL, coordinatewise, is_per_sample, operations
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Seconds (or flop/s) of the elementary costs, float64; float32 halves the per-element
+    and per-flop costs of vectorized work. Measured on a 2-core x86-64 machine with
+    `python benchmarks/calibrate.py` (medians of two runs)."""
+
+    gemm_rate: float = 9.5e10      # flop/s of a large GEMM on all cores (NumPy's BLAS)
+    gemm_small_rate: float = 1.0e10  # flop/s of a tiny GEMM (one core, no blocking)
+    gemm_knee: float = 4.5e5       # flops of one GEMM half way from the small rate to the large
+    blas_call: float = 1.1e-6      # s of one BLAS call beyond its flops
+    statement: float = 4.8e-7      # s of one Python statement of the glue (dispatch, allocation)
+    numpy_element: float = 4.3e-10  # s per element of one NumPy operation (a pass over memory)
+    ufunc_element: float = 1.7e-9  # s per element of a transcendental NumPy ufunc (SIMD)
+    loop_element: float = 2.2e-10  # s per element per operation in a jitted loop
+    libm_element: float = 1.56e-8  # s per element of a scalar libm call in a jitted loop
+    lane_libm: float = 9.4e-9      # the same in the lanes kernel (fastmath loops)
+    lane_flop: float = 5.5e-11     # s per flop of K, K^T, K^box in the lanes kernel's loops
+    call: float = 9.7e-7           # s of calling a jitted function (argument unboxing)
+    api: float = 8.0e-6            # s of the module's API around a program (argument checks)
+    im2col_fraction: float = 0.3   # of the GEMM rate reached by im2col + GEMM kernels (conv)
+
+
+MACHINE = Machine()
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one call of a program does at a batch size."""
+
+    gemms: tuple[int, ...]         # flops of each K, K^T, K^box application (and Gram product)
+    im2col: tuple[int, ...]        # flops of each application of an operator with its own kernels
+    elements: int                  # sum over coordinate-wise statements of elements x operations
+    transcendental: int            # elements of transcendental function evaluations, as printed
+    distinct: int                  # the same, each distinct call once (a compiler shares them)
+    reductions: int                # elements read by per-sample reductions (<a, b>, sums)
+    statements: int                # statements (a loop body counted per iteration)
+
+    @property
+    def flops(self) -> int:
+        return sum(self.gemms) + sum(self.im2col)
+
+
+def work(model: Model, program: Program, batch: int) -> Work:
+    """The work of one call at `batch` (shapes from the program; loops unrolled)."""
+    from ..derive import n_vectors
+
+    shapes = program_shapes(model, program, n_vectors(model))
+    gemms, im2col, elements, transcendental, distinct, reductions, statements = [], [], 0, 0, 0, 0, 0
+
+    def size(expr_shape) -> int:
+        return int(np.prod([batch if d == "B" else d for d in expr_shape], dtype=np.int64))
+
+    for item, times in trips(program.stmts):
+        statements += times
+        expr = item.expr
+        for node in sp.preorder_traversal(expr):
+            if isinstance(node, (K, KT, Kbox)):
+                layer = model.layers[node.layer - 1]
+                flops = [layer.op.flops(layer.in_shape) * batch] * times
+                if layer.op.small_kernels:
+                    gemms += flops
+                else:
+                    im2col += flops
+            elif isinstance(node, (GramMul, GramBox, Gram, GramOut)):
+                n1, n0 = model.layers[0].op.out, model.layers[0].in_shape[0]
+                per = n1 * n1 * (batch if isinstance(node, (GramMul, GramBox)) else n0)
+                gemms += [2 * per] * times
+            elif isinstance(node, (Dot, RowSum, BSum)):
+                arg = node.args[0]
+                reductions += times * size(_shape(arg, shapes, model))
+        target = getattr(item, "target", None)
+        shape = shapes.get(target.name, ()) if target is not None else ()
+        if is_per_sample(shape) and coordinatewise(expr):
+            n = size(shape)
+            elements += times * n * max(1, operations(expr))
+            calls = [f for f in sp.preorder_traversal(expr) if isinstance(f, TRANSCENDENTAL)]
+            transcendental += times * n * len(calls)
+            distinct += times * n * len(set(calls))
+    return Work(tuple(gemms), tuple(im2col), elements, transcendental, distinct, reductions, statements)
+
+
+def _shape(expr, shapes, model):
+    from ..shapes import shape_of
+    try:
+        return shape_of(expr, shapes, model)
+    except AssertionError:
+        return ()
+
+
+def gemm_seconds(flops: int, m: Machine, speedup: float = 1.0) -> float:
+    """One BLAS call: its flops at a rate that grows with its size from gemm_small_rate to
+    gemm_rate (times `speedup`: 2 in float32)."""
+    rate = m.gemm_small_rate + (m.gemm_rate - m.gemm_small_rate) * flops / (flops + m.gemm_knee)
+    return m.blas_call + flops / (rate * speedup)
+
+
+def predict(kind: str, model: Model, program: Program, batch: int, m: Machine = MACHINE) -> float:
+    """Predicted seconds of one call of `program` in schedule `kind` at `batch`."""
+    w = work(model, program, batch)
+    scale = 0.5 if model.dtype == "float32" else 1.0  # twice the lanes of SIMD and BLAS
+    blas = sum(gemm_seconds(f, m, 1 / scale) for f in w.gemms)  # float32: twice the rate
+    blas += sum(gemm_seconds(f, m, m.im2col_fraction / scale) for f in w.im2col)
+    return m.api + _seconds(kind, w, m, scale, blas)
+
+
+def _seconds(kind: str, w: Work, m: Machine, scale: float, blas: float) -> float:
+    cheap = w.elements - w.transcendental
+    if kind == "lanes":
+        return m.call + scale * (w.flops * m.lane_flop + w.elements * m.loop_element
+                                 + w.reductions * m.loop_element) + w.distinct * m.lane_libm
+    if kind == "jit":
+        return m.call + blas + scale * (cheap + w.reductions) * m.numpy_element \
+            + w.distinct * m.libm_element
+    if kind == "fused":
+        return w.statements * m.statement + blas + scale * (cheap * m.loop_element + w.reductions * m.loop_element) \
+            + scale * w.transcendental * m.ufunc_element
+    # kernels, count: NumPy statements over whole arrays
+    return w.statements * m.statement + blas + scale * (cheap + w.reductions) * m.numpy_element \
+        + scale * w.transcendental * m.ufunc_element

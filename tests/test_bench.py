@@ -9,7 +9,7 @@ import pytest
 from conftest import BENCHMARKS
 from dbpgen import bench
 from dbpgen.cli import main
-from dbpgen.model import load_model
+from dbpgen.model import load_model, model_from_dict
 
 
 def test_harness_smoke(capsys):
@@ -48,6 +48,22 @@ def test_peers_compute_the_same_objective(name):
         for ours, theirs in zip(grads.values(), peer_grads):
             theirs = np.asarray(theirs.detach() if hasattr(theirs, "detach") else theirs)
             np.testing.assert_allclose(theirs, ours, rtol=1e-7, atol=1e-12, err_msg=peer)
+
+
+@pytest.mark.skipif(not INSTALLED, reason="no peer installed (pip install '.[bench]')")
+@pytest.mark.parametrize("act", ["z*tanh(log(1 + exp(z)))", "z/(1 + abs(z))"])
+def test_peers_run_expression_activations(tmp_path, act):
+    """An activation given as an expression in z is translated for the peers, same J."""
+    spec = {"name": "expr_act", "input": [3], "layers": [{"dense": 5, "act": act}, {"dense": 2}],
+            "loss": "mse", "penalty": {"v": "loss_gradient", "weight": 0.1}}
+    model = model_from_dict(spec, "expr_act")
+    x, y, v = bench.problem(model, 4)
+    module = bench.dbpgen_module(model)
+    params = module.init_params(seed=0)
+    value, _ = bench.dbpgen_runner(model, module, params, x, y, v)()
+    for peer in INSTALLED:
+        out = bench.RUNNERS[peer](model, params, x, y, v)()
+        assert float(out[0]) == pytest.approx(value, rel=1e-9), peer
 
 
 def test_outputs_sweep_rewrites_the_last_layer(tmp_path, capsys):

@@ -413,22 +413,39 @@ def gemm_runner(model: Model, batch: int):
     return (lambda: a @ b.T), 2 * M * K * N
 
 
+def gemm_bound(model: Model) -> bool:
+    """Whether a layer is large enough that BLAS does most of a call's work (the chooser's
+    threshold): only then is the GEMM roofline a fair yardstick."""
+    try:
+        from .backend.chooser import GEMM_BOUND_FLOPS
+    except ImportError:  # pragma: no cover - the threshold moved
+        GEMM_BOUND_FLOPS = 1 << 15
+    return any(layer.op.has_params and layer.op.flops(layer.in_shape) >= GEMM_BOUND_FLOPS
+               for layer in model.layers)
+
+
 def run(path, batch: int, against=PEERS, dtype: str | None = None, naive: bool = False,
         seconds: float = 1.0) -> list[dict]:
     """Rows of {name, ms, ratio, note}; the first row is dbpgen."""
     model = load_model(path)
     if dtype:
         model = replace(model, dtype=dtype)
+    return measure(model, dbpgen_module(model), batch, against, seconds,
+                   dbpgen_module(model, naive=True) if naive else None)
+
+
+def measure(model: Model, module, batch: int, against=PEERS, seconds: float = 1.0,
+            naive_module=None) -> list[dict]:
+    """`run` for a model whose module is already imported (the sweep compiles its own)."""
     x, y, v = problem(model, batch)
-    module = dbpgen_module(model)
     # the derivation leaves ~10^5 SymPy objects behind; keep the collector off them while timing
     gc.collect()
     gc.freeze()
     params = module.init_params(seed=0)
     fns = {"dbpgen": dbpgen_runner(model, module, params, x, y, v)}
     notes = {}
-    if naive:
-        fns["dbpgen --naive"] = dbpgen_runner(model, dbpgen_module(model, naive=True), params, x, y, v)
+    if naive_module is not None:
+        fns["dbpgen --naive"] = dbpgen_runner(model, naive_module, params, x, y, v)
     for peer in against:
         try:
             fns[peer] = RUNNERS[peer](model, params, x, y, v)

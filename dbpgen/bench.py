@@ -234,7 +234,10 @@ def torch_runner(model: Model, params, x, y, v):
         if pen:
             J = J + lam * _torch_penalty(torch, pen, out, loss, x0, tv, p, model.n_outputs)
         J = J.mean()
-        grads = torch.autograd.grad(J, list(tp.values()))
+        # with loss: none, parameters that only shift the output (the last bias) do not
+        # reach the penalty: their gradient is zero, as dbpgen returns it
+        grads = torch.autograd.grad(J, list(tp.values()), allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(tp.values(), grads)]
         return J.item(), grads
 
     return value_and_grad
@@ -388,7 +391,7 @@ def pytensor_runner(model: Model, params, x, y, v):
             R = sq((out * vv).sum())
         J = J + pen.weight * R
     J = J.mean()
-    grads = pytensor.grad(J, [sym[k] for k in names])
+    grads = pytensor.grad(J, [sym[k] for k in names], disconnected_inputs="ignore")  # zeros, as torch
     f = pytensor.function([sym[k] for k in names] + [x0, yy, vv], [J] + grads, mode="NUMBA",
                           on_unused_input="ignore")
     args = [params[k] for k in names] + [x, y, v]

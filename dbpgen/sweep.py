@@ -302,7 +302,7 @@ CSV_COLUMNS = ("label", "name", "kind", "width", "depth", "act", "penalty", "bat
 def _num(x, unit: str = "") -> str:
     if x is None:
         return "–"
-    return (f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}") + unit
+    return (f"{x:.0f}" if abs(x) >= 100 else f"{x:#.3g}") + unit
 
 
 def table(rows: list[dict], against=("torch",)) -> str:

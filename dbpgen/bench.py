@@ -20,7 +20,7 @@ import sympy as sp
 
 from . import operators
 from .compiler import build, load_generated
-from .ir import S, Model
+from .ir import S, Z, Model
 from .errors import ModelError
 from .model import load_model
 
@@ -89,8 +89,63 @@ def problem(model: Model, batch: int, seed: int = 0):
 def _activation_name(act) -> str:
     name = act.name.split("(")[0]
     if name not in BUILTIN + ("leaky_relu",):
-        raise Unsupported(f"activation {act.name!r}")
+        _expression_fn(act.expr, {})  # raises Unsupported for functions no peer has
+        return "expression"
     return name
+
+
+# SymPy function -> the name a peer's namespace gives it (the peers' `expr_ns`)
+EXPR_FUNCTIONS = {"exp": "exp", "log": "log", "tanh": "tanh", "Abs": "abs", "sin": "sin",
+                  "cos": "cos", "sqrt": "sqrt", "erf": "erf", "atan": "atan", "sinh": "sinh",
+                  "cosh": "cosh"}
+
+
+def _expression_fn(expr, ns: dict):
+    """An activation given as a SymPy expression in z, as a function of the peer's tensors
+    built from its namespace ns (name -> function); an empty ns only checks the expression."""
+    def build(e):
+        if e == Z:
+            return lambda z: z
+        if e.is_number:
+            c = float(e)
+            return lambda z: c
+        if e.is_Add or e.is_Mul:
+            parts = [build(a) for a in e.args]
+            if e.is_Add:
+                return lambda z: sum(f(z) for f in parts[1:]) + parts[0](z)
+            return lambda z: _product(f(z) for f in parts)
+        if e.is_Pow and e.exp.is_number:
+            base, k = build(e.base), e.exp
+            k = int(k) if k.is_integer else float(k)
+            return lambda z: base(z) ** k
+        name = EXPR_FUNCTIONS.get(type(e).__name__)
+        if name is None or len(e.args) != 1:
+            raise Unsupported(f"activation expression {e} (no peer translation of {type(e).__name__})")
+        inner = build(e.args[0])
+        if not ns:
+            return inner
+        fn = ns[name]
+        return lambda z: fn(inner(z))
+
+    return build(expr)
+
+
+def _product(values):
+    it = iter(values)
+    out = next(it)
+    for v in it:
+        out = out * v
+    return out
+
+
+def _activation_fn(act, acts: dict, ns: dict, leaky):
+    """The peer's function for a layer's activation: built in, leaky_relu or an expression."""
+    name = _activation_name(act)
+    if name == "leaky_relu":
+        return lambda z, a=_alpha(act): leaky(z, a)
+    if name == "expression":
+        return _expression_fn(act.expr, ns)
+    return acts[name]
 
 
 def _alpha(act) -> float:
@@ -154,10 +209,8 @@ def torch_runner(model: Model, params, x, y, v):
             "softplus": F.softplus, "elu": F.elu, "silu": F.silu, "sin": torch.sin,
             "softmax": lambda z: torch.softmax(z, dim=1)}
     _check_penalty(model)
-    fns = []
-    for layer in model.layers:
-        name = _activation_name(layer.act)
-        fns.append((lambda z, a=_alpha(layer.act): F.leaky_relu(z, a)) if name == "leaky_relu" else acts[name])
+    ns = {name: getattr(torch, name) for name in EXPR_FUNCTIONS.values()}
+    fns = [_activation_fn(layer.act, acts, ns, F.leaky_relu) for layer in model.layers]
     tp = {k: torch.tensor(a, requires_grad=True) for k, a in params.items()}
     tx, ty, tv = torch.tensor(x), torch.tensor(y), torch.tensor(v)
     pen = model.penalty
@@ -181,7 +234,10 @@ def torch_runner(model: Model, params, x, y, v):
         if pen:
             J = J + lam * _torch_penalty(torch, pen, out, loss, x0, tv, p, model.n_outputs)
         J = J.mean()
-        grads = torch.autograd.grad(J, list(tp.values()))
+        # with loss: none, parameters that only shift the output (the last bias) do not
+        # reach the penalty: their gradient is zero, as dbpgen returns it
+        grads = torch.autograd.grad(J, list(tp.values()), allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(tp.values(), grads)]
         return J.item(), grads
 
     return value_and_grad
@@ -226,10 +282,9 @@ def jax_runner(model: Model, params, x, y, v):
             "softplus": nn.softplus, "elu": nn.elu, "silu": nn.silu, "sin": jnp.sin,
             "softmax": lambda z: nn.softmax(z, axis=-1)}
     _check_penalty(model)
-    fns = []
-    for layer in model.layers:
-        name = _activation_name(layer.act)
-        fns.append((lambda z, a=_alpha(layer.act): nn.leaky_relu(z, a)) if name == "leaky_relu" else acts[name])
+    ns = {name: getattr(jnp, name) for name in EXPR_FUNCTIONS.values() if name != "erf"}
+    ns["erf"] = jax.scipy.special.erf
+    fns = [_activation_fn(layer.act, acts, ns, nn.leaky_relu) for layer in model.layers]
     pen = model.penalty
     p = _p_function(model, jnp.sqrt) if pen else None
     lam = pen.weight if pen else 0.0
@@ -304,11 +359,12 @@ def pytensor_runner(model: Model, params, x, y, v):
     yy = pt.matrix("y", dtype=model.dtype)
     vv = pt.matrix("v", dtype=model.dtype)
     h = x0
+    ns = {name: getattr(pt, name) for name in EXPR_FUNCTIONS.values()}
     for layer in model.layers:
-        name = _activation_name(layer.act)
+        g = _activation_fn(layer.act, acts, ns, lambda z, a: pt.switch(z > 0, z, a * z))
         z = operators.get(layer.op.kind).pytensor_layer(pt, layer.op, h, sym[f"W{layer.index}"],
                                                         sym.get(f"b{layer.index}"))
-        h = (pt.switch(z > 0, z, _alpha(layer.act) * z) if name == "leaky_relu" else acts[name](z))
+        h = g(z)
     pen = model.penalty
     out = z if pen and pen.on_logits else h
     if model.loss == "mse":
@@ -335,7 +391,7 @@ def pytensor_runner(model: Model, params, x, y, v):
             R = sq((out * vv).sum())
         J = J + pen.weight * R
     J = J.mean()
-    grads = pytensor.grad(J, [sym[k] for k in names])
+    grads = pytensor.grad(J, [sym[k] for k in names], disconnected_inputs="ignore")  # zeros, as torch
     f = pytensor.function([sym[k] for k in names] + [x0, yy, vv], [J] + grads, mode="NUMBA",
                           on_unused_input="ignore")
     args = [params[k] for k in names] + [x, y, v]
@@ -360,22 +416,39 @@ def gemm_runner(model: Model, batch: int):
     return (lambda: a @ b.T), 2 * M * K * N
 
 
+def gemm_bound(model: Model) -> bool:
+    """Whether a layer is large enough that BLAS does most of a call's work (the chooser's
+    threshold): only then is the GEMM roofline a fair yardstick."""
+    try:
+        from .backend.chooser import GEMM_BOUND_FLOPS
+    except ImportError:  # pragma: no cover - the threshold moved
+        GEMM_BOUND_FLOPS = 1 << 15
+    return any(layer.op.has_params and layer.op.flops(layer.in_shape) >= GEMM_BOUND_FLOPS
+               for layer in model.layers)
+
+
 def run(path, batch: int, against=PEERS, dtype: str | None = None, naive: bool = False,
         seconds: float = 1.0) -> list[dict]:
     """Rows of {name, ms, ratio, note}; the first row is dbpgen."""
     model = load_model(path)
     if dtype:
         model = replace(model, dtype=dtype)
+    return measure(model, dbpgen_module(model), batch, against, seconds,
+                   dbpgen_module(model, naive=True) if naive else None)
+
+
+def measure(model: Model, module, batch: int, against=PEERS, seconds: float = 1.0,
+            naive_module=None) -> list[dict]:
+    """`run` for a model whose module is already imported (the sweep compiles its own)."""
     x, y, v = problem(model, batch)
-    module = dbpgen_module(model)
     # the derivation leaves ~10^5 SymPy objects behind; keep the collector off them while timing
     gc.collect()
     gc.freeze()
     params = module.init_params(seed=0)
     fns = {"dbpgen": dbpgen_runner(model, module, params, x, y, v)}
     notes = {}
-    if naive:
-        fns["dbpgen --naive"] = dbpgen_runner(model, dbpgen_module(model, naive=True), params, x, y, v)
+    if naive_module is not None:
+        fns["dbpgen --naive"] = dbpgen_runner(model, naive_module, params, x, y, v)
     for peer in against:
         try:
             fns[peer] = RUNNERS[peer](model, params, x, y, v)

@@ -69,7 +69,16 @@ def _bench(args) -> int:
     against = [p for p in args.against.split(",") if p] if args.against else []
     unknown = set(against) - set(bench.PEERS)
     if unknown:
-        raise ModelError(args.model, "--against", f"unknown peer(s) {sorted(unknown)}; choose from {bench.PEERS}")
+        raise ModelError(args.model or "dbpgen bench", "--against",
+                         f"unknown peer(s) {sorted(unknown)}; choose from {bench.PEERS}")
+    if args.sweep:
+        if args.model:
+            raise ModelError(args.model, "--sweep", "give either MODEL or --sweep, not both")
+        return _sweep(args, against)
+    if not args.model:
+        raise ModelError("dbpgen bench", "MODEL", "give a model file or --sweep small|full")
+    if args.out:
+        raise ModelError(args.model, "--out", "only with --sweep")
     models = [args.model]
     if args.outputs:
         tmp = tempfile.mkdtemp(prefix="dbpgen-bench-")
@@ -78,6 +87,26 @@ def _bench(args) -> int:
         for batch in args.batch:
             rows = bench.run(model, batch, against, args.dtype, args.naive, args.seconds)
             print(bench.report(model, batch, rows, args.dtype or "model's"), flush=True)
+    return 0
+
+
+def _sweep(args, against) -> int:
+    from . import sweep
+
+    points = sweep.sweep_points(args.sweep)
+
+    def progress(i, n, row):
+        done = row.get("error") or f"{row['schedule']}, cold {row['cold_s']:.1f} s, {row['dbpgen_ms']:.3g} ms"
+        print(f"[{i}/{n}] {row['label']} {row['dtype']} B={row['batch']}: {done}", file=sys.stderr, flush=True)
+
+    rows = sweep.run_sweep(points, against, args.seconds, progress)
+    print(sweep.table(rows, against))
+    print()
+    print(sweep.summary(rows))
+    if args.out:
+        command = f"dbpgen bench --sweep {args.sweep} --against {','.join(against)} --seconds {args.seconds:g}"
+        for path in sweep.write(rows, args.out, command, against):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -160,7 +189,12 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--rtol", type=float, default=1e-5)
     k.set_defaults(run=_check)
     n = sub.add_parser("bench", help="time value_and_grad against PyTorch, JAX, PyTensor")
-    n.add_argument("model")
+    n.add_argument("model", nargs="?", default=None, help="model file (or --sweep)")
+    n.add_argument("--sweep", choices=["small", "full"], default=None,
+                   help="instead of MODEL, a grid of generated dense and conv models (dbpgen/sweep.py): "
+                        "cold/warm start, schedule, ms against the peers, one table row per point")
+    n.add_argument("--out", default=None, help="with --sweep: write the table here (markdown) and "
+                                               "the rows beside it as .csv and .json")
     n.add_argument("--batch", type=int, nargs="+", default=[128])
     n.add_argument("--against", default="torch,jax,pytensor", help="comma-separated peers")
     n.add_argument("--dtype", choices=["float32", "float64"], default=None)

@@ -6,10 +6,10 @@ import importlib.util
 import numpy as np
 import pytest
 
-from conftest import BENCHMARKS
+from conftest import BENCHMARKS, ROOT
 from dbpgen import bench
 from dbpgen.cli import main
-from dbpgen.model import load_model
+from dbpgen.model import load_model, model_from_dict
 
 
 def test_harness_smoke(capsys):
@@ -44,6 +44,42 @@ def test_peers_compute_the_same_objective(name):
             peer_value, peer_grads = out
             if isinstance(peer_grads, dict):  # jax sorts dict keys
                 peer_grads = [peer_grads[k] for k in grads]
+        assert float(peer_value) == pytest.approx(value, rel=1e-9), peer
+        for ours, theirs in zip(grads.values(), peer_grads):
+            theirs = np.asarray(theirs.detach() if hasattr(theirs, "detach") else theirs)
+            np.testing.assert_allclose(theirs, ours, rtol=1e-7, atol=1e-12, err_msg=peer)
+
+
+@pytest.mark.skipif(not INSTALLED, reason="no peer installed (pip install '.[bench]')")
+@pytest.mark.parametrize("act", ["z*tanh(log(1 + exp(z)))", "z/(1 + abs(z))"])
+def test_peers_run_expression_activations(tmp_path, act):
+    """An activation given as an expression in z is translated for the peers, same J."""
+    spec = {"name": "expr_act", "input": [3], "layers": [{"dense": 5, "act": act}, {"dense": 2}],
+            "loss": "mse", "penalty": {"v": "loss_gradient", "weight": 0.1}}
+    model = model_from_dict(spec, "expr_act")
+    x, y, v = bench.problem(model, 4)
+    module = bench.dbpgen_module(model)
+    params = module.init_params(seed=0)
+    value, _ = bench.dbpgen_runner(model, module, params, x, y, v)()
+    for peer in INSTALLED:
+        out = bench.RUNNERS[peer](model, params, x, y, v)()
+        assert float(out[0]) == pytest.approx(value, rel=1e-9), peer
+
+
+@pytest.mark.skipif(not INSTALLED, reason="no peer installed (pip install '.[bench]')")
+def test_peers_give_zero_gradients_to_parameters_the_penalty_does_not_reach():
+    """loss: none with an output-node penalty: the last bias never reaches R (eta_L = 0)."""
+    model = load_model(ROOT / "examples" / "sine_node.yaml")
+    x, y, v = bench.problem(model, 8)
+    module = bench.dbpgen_module(model)
+    params = module.init_params(seed=0)
+    value, grads = bench.dbpgen_runner(model, module, params, x, y, v)()
+    assert not grads[f"b{len(model.layers)}"].any()
+    for peer in INSTALLED:
+        out = bench.RUNNERS[peer](model, params, x, y, v)()
+        peer_value, peer_grads = (out[0], out[1:]) if peer == "pytensor" else out
+        if isinstance(peer_grads, dict):
+            peer_grads = [peer_grads[k] for k in grads]
         assert float(peer_value) == pytest.approx(value, rel=1e-9), peer
         for ours, theirs in zip(grads.values(), peer_grads):
             theirs = np.asarray(theirs.detach() if hasattr(theirs, "detach") else theirs)

@@ -1,0 +1,103 @@
+"""`dbpgen bench --sweep`: the grid's definition and the pipeline (no timing assertions)."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+
+import pytest
+
+from dbpgen import sweep
+from dbpgen.cli import main
+from dbpgen.model import model_from_dict
+
+FULL = sweep.sweep_points("full")
+SMALL = sweep.sweep_points("small")
+
+
+def values(points, key):
+    return {p.factors.get(key) for p in points}
+
+
+def test_full_grid_covers_every_required_value():
+    dense = [p for p in FULL if p.factors["kind"] == "dense"]
+    assert {4, 16, 64, 256, 1024} <= values(dense, "width")
+    assert {2, 3, 4, 6, 8} <= values(dense, "depth")
+    assert {"relu", "tanh", "softplus", sweep.MISH, sweep.SOFTSIGN} <= values(dense, "act")
+    assert set(sweep.PENALTIES) <= values(dense, "penalty")
+    assert {32, 128, 512, 1024} <= {p.batch for p in dense}
+    assert {"float32", "float64"} == {p.dtype for p in FULL}
+    assert {"conv1d", "conv2d"} <= values(FULL, "kind")
+    assert 40 <= len(FULL) <= 80
+
+
+def test_small_grid_is_a_quick_cross_section():
+    assert 8 <= len(SMALL) <= 12
+    assert {"float32", "float64"} == {p.dtype for p in SMALL}
+    assert set(sweep.PENALTIES) <= values(SMALL, "penalty")
+    assert {4, 1024} <= values(SMALL, "width")
+    assert {32, 1024} <= {p.batch for p in SMALL}
+    assert values(SMALL, "kind") >= {"dense", "conv1d"}
+
+
+@pytest.mark.parametrize("point", FULL + SMALL, ids=lambda p: f"{p.name}-B{p.batch}")
+def test_every_point_is_a_valid_model(point):
+    model = model_from_dict(point.model_spec(), point.name)
+    assert model.name == point.name and model.dtype == point.dtype
+    penalty = point.factors.get("penalty")
+    if penalty:
+        loss, _, pen = sweep.PENALTIES[penalty]
+        assert model.loss == loss and model.penalty.v == pen["v"]
+        assert sum(1 for layer in model.layers if layer.act.name == point.factors["act"]) == point.factors["depth"]
+
+
+def test_points_are_distinct():
+    keys = [(p.name, p.batch) for p in FULL]
+    assert len(keys) == len(set(keys))
+    assert all(p.model_spec()["penalty"].get("algorithm") == "auto"
+               for p in FULL if p.factors.get("penalty") == "jacobian")
+
+
+def test_neither_model_nor_sweep_is_a_clear_error(capsys):
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--sweep" in err and "Traceback" not in err
+    assert main(["bench", "m.yaml", "--sweep", "small"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_summary_lists_points_at_or_above_parity():
+    timed = {"schedule": "jit", "warm_s": 0.5, "dbpgen_ms": 1.0, "torch_ms": 2.0, "gemm_bound": False}
+    rows = [{"label": "a", "dtype": "float64", "batch": 8, "ratio": 0.5, "cold_s": 3.0, **timed},
+            {"label": "b", "dtype": "float32", "batch": 8, "ratio": 1.2, "cold_s": 9.0, **timed},
+            {"label": "c", "dtype": "float64", "batch": 8, "error": "RuntimeError: boom"}]
+    line = sweep.summary(rows)
+    assert line.startswith("3 points, 1 failed, median ratio 0.85, worst ratio 1.20 (b")
+    assert "max cold start 9.0 s (b" in line and line.endswith("ratio >= 1.0: b float32 B=8 (1.20)")
+    assert "error: RuntimeError: boom" in sweep.table(rows, ["torch"])
+
+
+TORCH = importlib.util.find_spec("torch") is not None
+
+
+def test_sweep_end_to_end(tmp_path, monkeypatch, capsys):
+    """One tiny point through the CLI: compile and cold/warm first calls in fresh
+    processes, timing against torch, the table and its CSV and JSON."""
+    tiny = sweep.dense_point("float64", width=4, depth=2, act="relu", batch=16)
+    monkeypatch.setitem(sweep.SIZES, "small", lambda: [tiny])
+    against = "torch" if TORCH else ""
+    out = tmp_path / "sweep.md"
+    assert main(["bench", "--sweep", "small", "--against", against, "--seconds", "0.05", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "| dense 4x2 relu loss_gradient/mse | float64 | 16 |" in stdout
+    assert stdout.strip().splitlines()[-1].startswith("1 points, ")
+    assert out.read_text().count("| dense 4x2 relu") == 1
+    row = json.loads(out.with_suffix(".json").read_text())["rows"][0]
+    assert "error" not in row, row.get("error")
+    assert row["cold_s"] > row["compile_s"] > 0 and row["warm_s"] > 0 and row["dbpgen_ms"] > 0
+    assert row["schedule"] in ("lanes", "jit", "fused", "kernels")
+    if TORCH:
+        assert row["torch_ms"] > 0 and row["ratio"] == pytest.approx(row["dbpgen_ms"] / row["torch_ms"])
+    with open(out.with_suffix(".csv"), newline="") as f:
+        (csv_row,) = list(csv.DictReader(f))
+    assert csv_row["label"] == tiny.label and float(csv_row["cold_s"]) == pytest.approx(row["cold_s"])

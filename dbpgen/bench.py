@@ -416,13 +416,12 @@ def gemm_runner(model: Model, batch: int):
     return (lambda: a @ b.T), 2 * M * K * N
 
 
+GEMM_BOUND_FLOPS = 1 << 15  # per sample in one layer: >= 1 MFLOP per GEMM at batch 32
+
+
 def gemm_bound(model: Model) -> bool:
-    """Whether a layer is large enough that BLAS does most of a call's work (the chooser's
-    threshold): only then is the GEMM roofline a fair yardstick."""
-    try:
-        from .backend.chooser import GEMM_BOUND_FLOPS
-    except ImportError:  # pragma: no cover - the threshold moved
-        GEMM_BOUND_FLOPS = 1 << 15
+    """Whether a layer is large enough that BLAS does most of a call's work: only then is
+    the GEMM roofline a fair yardstick."""
     return any(layer.op.has_params and layer.op.flops(layer.in_shape) >= GEMM_BOUND_FLOPS
                for layer in model.layers)
 

@@ -44,7 +44,7 @@ class Machine:
     ufunc_element: float = 1.7e-9  # s per element of a transcendental NumPy ufunc (SIMD)
     loop_element: float = 2.2e-10  # s per element per operation in a jitted loop
     libm_element: float = 1.56e-8  # s per element of a scalar libm call in a jitted loop
-    lane_libm: float = 9.4e-9      # the same in the lanes kernel (fastmath loops)
+    lane_libm: float = 5.9e-9      # the same in the lanes kernel (fastmath loops; exp, log, tanh)
     lane_flop: float = 5.5e-11     # s per flop of K, K^T, K^box in the lanes kernel's loops
     call: float = 9.7e-7           # s of calling a jitted function (argument unboxing)
     api: float = 8.0e-6            # s of the module's API around a program (argument checks)
@@ -62,7 +62,8 @@ class Work:
     im2col: tuple[int, ...]        # flops of each application of an operator with its own kernels
     elements: int                  # sum over coordinate-wise statements of elements x operations
     transcendental: int            # elements of transcendental function evaluations, as printed
-    distinct: int                  # the same, each distinct call once (a compiler shares them)
+    distinct: int                  # the same, each distinct call in the program once (one jitted
+                                   # function: LLVM computes exp(z1) once for g, g' and g'')
     reductions: int                # elements read by per-sample reductions (<a, b>, sums)
     statements: int                # statements (a loop body counted per iteration)
 
@@ -77,6 +78,7 @@ def work(model: Model, program: Program, batch: int) -> Work:
 
     shapes = program_shapes(model, program, n_vectors(model))
     gemms, im2col, elements, transcendental, distinct, reductions, statements = [], [], 0, 0, 0, 0, 0
+    seen: set = set()
 
     def size(expr_shape) -> int:
         return int(np.prod([batch if d == "B" else d for d in expr_shape], dtype=np.int64))
@@ -106,7 +108,8 @@ def work(model: Model, program: Program, batch: int) -> Work:
             elements += times * n * max(1, operations(expr))
             calls = [f for f in sp.preorder_traversal(expr) if isinstance(f, TRANSCENDENTAL)]
             transcendental += times * n * len(calls)
-            distinct += times * n * len(set(calls))
+            distinct += times * n * len(set(calls) - seen)
+            seen |= set(calls)
     return Work(tuple(gemms), tuple(im2col), elements, transcendental, distinct, reductions, statements)
 
 

@@ -228,9 +228,9 @@ def test_fused_loops_store_only_what_later_statements_read(mnist_schedules):
     # the bias adjoint (eq. 33) is summed inside a loop: accumulated, not stored per sample
     sums = [k for k in kernels.values() if any(isinstance(n, AddTo) for n in k.body[-1].body[0].body)]
     assert sums and all(n.zero for k in sums for n in k.body if isinstance(n, Alloc) and len(n.shape) == 1)
-    # forward stores x1 only
-    forward = {c.targets: c for c in _calls(mnist_schedules["forward"].entry)}
-    assert ("x1",) in forward and kernels[forward[("x1",)].function].labels == ("x",)
+    # penalty stores what it reads later: x1 and G'_1, in one loop
+    penalty = {c.targets: c for c in _calls(mnist_schedules["penalty"].entry)}
+    assert ("x1", "dg1") in penalty and kernels[penalty[("x1", "dg1")].function].labels == ("x", "dg")
 
 
 def test_python_schedules_free_arrays_at_their_last_read(mnist_schedules):

@@ -16,7 +16,7 @@ from ..ir import Model
 from ..printer import CodegenError
 from ..program import BATCH
 from ..shapes import BATCH_AXIS, shape_of
-from .schedule import Shape, elem, name
+from .schedule import elem, name
 
 # coordinate-wise SymPy node types, and the functions that cost a libm call per element
 # (NumPy's SIMD ufuncs beat Numba's scalar calls): from the one function table
@@ -84,11 +84,6 @@ def elements(expr: sp.Expr, index) -> sp.Expr:
         if element is not None:
             mapping[sym] = element
     return expr.xreplace(mapping)
-
-
-def batch_size_line():
-    from .schedule import Let
-    return Let("B", Shape(name("x0"), 0), "batch size")
 
 
 class Lowering:
@@ -187,5 +182,5 @@ def freeze(node):
 
 
 __all__ = ["B", "BATCH_OPS", "ELEMENTWISE", "LEAVES", "Lowering", "PER_SAMPLE_OPS", "TRANSCENDENTAL",
-           "Unsupported", "batch_size_line", "batch_sum_arg", "batch_terms", "columns", "coordinatewise",
+           "Unsupported", "batch_sum_arg", "batch_terms", "columns", "coordinatewise",
            "elem", "elements", "freeze", "is_per_sample", "operations", "without_bias"]

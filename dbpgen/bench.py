@@ -320,7 +320,8 @@ def jax_runner(model: Model, params, x, y, v):
             elif pen.v == "output":
                 R = sq(lambda xx: out_of(prm, xx)[:, pen.index])
             elif pen.v == "jacobian":
-                jac = jax.vmap(jax.jacrev(lambda xi: out_of(prm, xi[None])[0]))(x0)  # (B, C, n)
+                jac = jax.vmap(jax.jacrev(lambda xi: out_of(prm, xi[None])[0]))(x0)  # (B, C, *input)
+                jac = jac.reshape(jac.shape[0], jac.shape[1], -1)
                 R = p((jac * jac).sum(2)).sum(1)
             else:
                 R = sq(lambda xx: (out_of(prm, xx) * vv).sum(1))
@@ -359,7 +360,8 @@ def pytensor_runner(model: Model, params, x, y, v):
     yy = pt.matrix("y", dtype=model.dtype)
     vv = pt.matrix("v", dtype=model.dtype)
     h = x0
-    ns = {name: getattr(pt, name) for name in EXPR_FUNCTIONS.values()}
+    # PyTensor 3 spells atan as NumPy does, arctan
+    ns = {name: getattr(pt, name, None) or getattr(pt, "arc" + name[1:]) for name in EXPR_FUNCTIONS.values()}
     for layer in model.layers:
         g = _activation_fn(layer.act, acts, ns, lambda z, a: pt.switch(z > 0, z, a * z))
         z = operators.get(layer.op.kind).pytensor_layer(pt, layer.op, h, sym[f"W{layer.index}"],

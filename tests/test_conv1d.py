@@ -261,7 +261,7 @@ def test_conv1d_float32_jitted(compiled):
     out = m32.forward(p32, x.astype(np.float32))
     assert out.dtype == np.float32
     assert_close(out, m64.forward(params, x), 1e-5)
-    assert m32.SCHEDULES["value_and_grad"] in ("fused", "kernels")  # Python calling the jitted kernels
+    assert m32.SCHEDULES["value_and_grad"] in ("fused", "kernels")  # Python calling the kernels
 
 
 # -- the kernels on their own ----------------------------------------------------------------
@@ -291,27 +291,26 @@ def kernels(mode: str) -> dict:
     return namespace
 
 
-GEOMETRIES = [  # (B, Cin, Cout, T, k, stride, padding, dilation)
-    (3, 2, 3, 11, 3, 1, 0, 1),
-    (2, 3, 2, 13, 3, 2, 1, 1),
-    (1, 1, 4, 9, 2, 3, 2, 2),
-    (5, 2, 2, 10, 4, 1, 3, 3),
-    (17, 2, 1, 6, 1, 1, 0, 1),  # more samples than chunks
+GEOMETRIES = [  # (B, Cin, Cout, T, k, stride, padding, dilation, samples per chunk)
+    (3, 2, 3, 11, 3, 1, 0, 1, 3),
+    (2, 3, 2, 13, 3, 2, 1, 1, 1),
+    (1, 1, 4, 9, 2, 3, 2, 2, 4),
+    (5, 2, 2, 10, 4, 1, 3, 3, 2),   # an uneven last chunk
+    (17, 2, 1, 6, 1, 1, 0, 1, 5),
 ]
 
 
-# Plain Python only: the jitted kernels run in test_conv1d_float32_jitted (compiling them
-# once more per dtype here would cost the suite about 25 s).
+# The conv1d kernels are plain Python (NumPy GEMMs) in every rendering.
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_conv1d_kernels_match_torch_and_are_adjoint(geometry, mode="plain"):
-    B, Cin, Cout, T, k, s, p, d = geometry
+    B, Cin, Cout, T, k, s, p, d, chunk = geometry
     ns = kernels(mode)
     rng = np.random.default_rng(sum(geometry))
     To = (T + 2 * p - d * (k - 1) - 1) // s + 1
     W, x, y = rng.normal(size=(Cout, Cin, k)), rng.normal(size=(B, Cin, T)), rng.normal(size=(B, Cout, To))
-    Kx = ns["_conv1d_K"](W, x, s, p, d)
-    KTy = ns["_conv1d_KT"](W, y, s, p, d, T)
-    Kbox = ns["_conv1d_Kbox"](x, y, s, p, d, k)
+    Kx = ns["_conv1d_K"](W, x, s, p, d, chunk)
+    KTy = ns["_conv1d_KT"](W, y, s, p, d, T, chunk)
+    Kbox = ns["_conv1d_Kbox"](x, y, s, p, d, k, chunk)
     tW, tx, ty = torch.tensor(W), torch.tensor(x), torch.tensor(y)
     geo = dict(stride=s, padding=p, dilation=d)
     np.testing.assert_allclose(Kx, F.conv1d(tx, tW, **geo).numpy(), rtol=1e-12, atol=1e-12)

@@ -19,6 +19,7 @@ from dbpgen.errors import ModelError
 from dbpgen.expr import parse_expression
 from dbpgen.ir import S, Z, Activation, SoftmaxActivation
 from dbpgen.model import load_model, model_from_dict
+from dbpgen.operators._base import BUFFER_ELEMENTS
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 BASE = {
@@ -117,9 +118,10 @@ def test_conv1d_sequence_model(tmp_path):
         ("conv1d", 3, 3, 2, 2, 2, True)
     assert conv.weight_shape((2, 17)) == (3, 2, 3) and conv.fan_in((2, 17)) == 6
     assert pointwise.bias is False and pointwise.weight_shape((3, 9)) == (4, 3, 1)
-    assert conv.kernel_args("K", (2, 17)) == (2, 2, 2)
-    assert conv.kernel_args("KT", (2, 17)) == (2, 2, 2, 17)
-    assert conv.kernel_args("Kbox", (2, 17)) == (2, 2, 2, 3)
+    chunk = BUFFER_ELEMENTS // (2 * 3 * 9)  # samples whose im2col buffers (2 * 3 rows, 9 columns) fit
+    assert conv.kernel_args("K", (2, 17)) == (2, 2, 2, chunk)
+    assert conv.kernel_args("KT", (2, 17)) == (2, 2, 2, 17, chunk)
+    assert conv.kernel_args("Kbox", (2, 17)) == (2, 2, 2, 3, chunk)
     assert conv.flops((2, 17)) == 2 * 3 * 9 * 2 * 3
     assert pool.kernel_name("K", (4, 9)) == "_avgpool1d_K" and flat.kernel_name("KT", (4, 3)) == "_flatten1d_KT"
     assert conv.bias_shape((3, 9)) == (3, 1) and dense.bias_shape((2,)) == (2,)

@@ -5,7 +5,7 @@ Every threshold of the back end is here. The schedules:
     lanes    one jitted pass over chunks of samples, batch-minor   (narrow dense networks)
     jit      one @njit function over whole-batch arrays            (small, cheap programs)
     fused    Python calling BLAS, coordinate-wise runs jitted      (GEMM-bound or transcendental)
-    kernels  Python calling the operators' own parallel kernels    (anything, convolutions)
+    kernels  Python calling the operators' own kernels             (anything, convolutions)
     count    plain Python counting K, K^T, K^box                   (--count-ops only)
 
 A schedule applies when its static conditions hold (capabilities of the layers, a depth
@@ -42,7 +42,7 @@ class Lowered:
 
 
 def small_kernels(model: Model) -> bool:
-    """No layer brings its own large (parallel) kernels, as convolutions do."""
+    """No layer brings kernels that run as Python (NumPy over the whole batch), as convolutions do."""
     return all(layer.op.small_kernels for layer in model.layers)
 
 
@@ -54,7 +54,7 @@ def _static(kind: str, model: Model, program: Program, shapes: dict, count_ops: 
         return lanes.applies(model, program, shapes)
     if kind == "jit" and not small_kernels(model):
         big = next(layer.op.kind for layer in model.layers if not layer.op.small_kernels)
-        return f"{big} kernels are too large to inline into one jitted function (minutes of LLVM)"
+        return f"{big} kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function"
     if kind == "jit" and len(model.layers) > JIT_MAX_DEPTH:
         return f"more than {JIT_MAX_DEPTH} layers: LLVM time grows with the unrolled depth"
     return None
@@ -86,7 +86,7 @@ REASONS = {
              f"chunks of {lanes.CHUNK} samples beats a GEMM call per operator",
     "jit": "small layers and cheap functions: one jitted function, no interpreter between statements",
     "fused": "Python calls BLAS; runs of coordinate-wise statements are fused into jitted loops",
-    "kernels": "Python calls the operators' own parallel kernels",
+    "kernels": "Python calls the operators' own kernels",
     "count": "built with --count-ops: plain Python counting K, K^T and K^box",
 }
 

@@ -19,7 +19,6 @@ DECORATORS = {
     "njit": "@numba.njit(cache=True)",
     "reassoc": '@numba.njit(cache=True, fastmath={"reassoc"})',
     "lanes": f"@numba.njit(cache=True, fastmath={FASTMATH_LANES})",
-    "parallel": "@numba.njit(cache=True, parallel=True)",
 }
 
 

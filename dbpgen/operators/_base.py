@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import math
 
-VECTOR, SEQUENCE, IMAGE = 1, 2, 3  # ranks of one sample: [n], [C, T], [C, H, W]
+VECTOR, SEQUENCE, IMAGE = 1, 2, 3
+# A convolution's im2col buffer holds at most this many numbers (32 MiB in float64): its
+# kernels take the batch that many samples' worth at a time (`conv_chunk`)
+BUFFER_ELEMENTS = 1 << 22  # ranks of one sample: [n], [C, T], [C, H, W]
 RANK_NAMES = {VECTOR: "a vector", SEQUENCE: "a sequence", IMAGE: "an image"}
 RANK_SHAPES = {VECTOR: "[n]", SEQUENCE: "[channels, length]", IMAGE: "[channels, height, width]"}
 
@@ -54,6 +57,12 @@ class OperatorBase:
 
     def kernel_args(self, which: str, in_shape) -> tuple:
         return ()
+
+
+def conv_chunk(per_sample: int) -> int:
+    """Samples per chunk of a convolution kernel whose im2col buffer holds `per_sample`
+    numbers a sample: as many as BUFFER_ELEMENTS allows, at least one."""
+    return max(1, BUFFER_ELEMENTS // max(1, per_sample))
 
 
 def needs_rank(check, field: str, kind: str, in_shape, ranks: tuple[int, ...], hint: str = "") -> None:

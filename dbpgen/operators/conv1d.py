@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._base import IMAGE, SEQUENCE, OperatorBase, needs_rank, size
+from ._base import IMAGE, SEQUENCE, OperatorBase, conv_chunk, needs_rank, size
 from .conv2d import conv_fields
 
 KIND = "conv1d"
@@ -22,7 +22,7 @@ class Conv1d(OperatorBase):
     bias: bool = True
     kind: str = field(default=KIND, init=False)
     has_params: bool = field(default=True, init=False)
-    # parallel im2col + GEMM kernels, as conv2d's: programs run as Python calling them
+    # im2col + GEMM kernels in NumPy, as conv2d's: programs run as Python calling them
     small_kernels: bool = field(default=False, init=False)
 
     def out_shape(self, in_shape):
@@ -41,11 +41,12 @@ class Conv1d(OperatorBase):
 
     def kernel_args(self, which: str, in_shape) -> tuple:
         common = (self.stride, self.padding, self.dilation)
+        chunk = (conv_chunk(in_shape[0] * self.kernel * self.out_shape(in_shape)[1]),)
         if which == "KT":
-            return common + (in_shape[1],)
+            return common + (in_shape[1],) + chunk
         if which == "Kbox":
-            return common + (self.kernel,)
-        return common
+            return common + (self.kernel,) + chunk
+        return common + chunk
 
 
 OP = Conv1d  # the registry's handle on the dataclass

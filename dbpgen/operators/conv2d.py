@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._base import IMAGE, SEQUENCE, OperatorBase, needs_rank, size
+from ._base import IMAGE, SEQUENCE, OperatorBase, conv_chunk, needs_rank, size
 
 KIND = "conv2d"
 TEMPLATE = "ops/conv2d.py.j2"
@@ -22,8 +22,8 @@ class Conv2d(OperatorBase):
     bias: bool = True
     kind: str = field(default=KIND, init=False)
     has_params: bool = field(default=True, init=False)
-    # im2col + GEMM kernels are large: inlined at every call site they cost minutes of LLVM
-    # time, so programs with conv2d run as Python calling the jitted kernels
+    # im2col + GEMM kernels in NumPy over the whole batch: programs with conv2d run as
+    # Python calling them
     small_kernels: bool = field(default=False, init=False)
 
     def out_shape(self, in_shape):
@@ -43,11 +43,13 @@ class Conv2d(OperatorBase):
 
     def kernel_args(self, which: str, in_shape) -> tuple:
         common = (self.stride, self.padding, self.dilation)
+        _, Ho, Wo = self.out_shape(in_shape)
+        chunk = (conv_chunk(in_shape[0] * self.kernel * self.kernel * Ho * Wo),)
         if which == "KT":
-            return common + (in_shape[1], in_shape[2])
+            return common + (in_shape[1], in_shape[2]) + chunk
         if which == "Kbox":
-            return common + (self.kernel,)
-        return common
+            return common + (self.kernel,) + chunk
+        return common + chunk
 
 
 def conv_fields(check, value, field: str, item: dict, kind: str, example: str) -> dict:

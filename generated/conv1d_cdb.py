@@ -25,7 +25,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_conv1d_cdb_81fa591ce8420c15"
+__name__ = "_dbpgen_conv1d_cdb_4e757688bb83a8e9"
 
 
 class _CachedGlobals:
@@ -184,22 +184,46 @@ def _avgpool1d_KT(y, k):
 # To = (T + 2 padding - dilation (k - 1) - 1) // stride + 1.
 # The approach of conv2d: whole-batch GEMMs in NumPy's BLAS as plain Python, `chunk` samples
 # at a time, over the im2col buffer cols[(c, i), (b, t)] = x[b, c, t stride + i dilation - padding]
-# (zero outside x), one strided copy per filter tap; K^T scatters its columns back with one
-# strided add per tap. --
+# (zero outside x), filled by a serial jitted loop; K^T adds its columns back into place
+# in another. --
+
+
+@numba.njit(cache=True)
+def _conv1d_gather(x, k, stride, padding, dilation, To, cols):
+    # cols[c, i, b, t] = x[b, c, t stride + i dilation - padding] (zero outside x), for
+    # x (n, Cin, T) and cols (Cin, k, n, To): scalar loops, one pass over cols
+    n, Cin, T = x.shape
+    for c in range(Cin):
+        for i in range(k):
+            for b in range(n):
+                for t in range(To):
+                    s = t * stride + i * dilation - padding
+                    if s >= 0 and s < T:
+                        cols[c, i, b, t] = x[b, c, s]
+                    else:
+                        cols[c, i, b, t] = 0
+
+
+@numba.njit(cache=True)
+def _conv1d_scatter(cols, k, stride, padding, dilation, out):
+    # the adjoint of _conv1d_gather: out (n, Cin, T) = the columns added back into place
+    n, Cin, T = out.shape
+    To = cols.shape[3]
+    out[:] = 0
+    for c in range(Cin):
+        for i in range(k):
+            for b in range(n):
+                for t in range(To):
+                    s = t * stride + i * dilation - padding
+                    if s >= 0 and s < T:
+                        out[b, c, s] += cols[c, i, b, t]
 
 
 def _conv1d_cols(x, k, stride, padding, dilation, To):
     # the im2col buffer of x (n, Cin, T): (Cin k, n To)
-    n, Cin, T = x.shape
-    if padding > 0:
-        xp = np.zeros((Cin, n, T + 2 * padding), dtype=x.dtype)
-        xp[:, :, padding:padding + T] = x.transpose(1, 0, 2)
-    else:
-        xp = x.transpose(1, 0, 2)
+    n, Cin = x.shape[0], x.shape[1]
     cols = np.empty((Cin, k, n, To), dtype=x.dtype)
-    for i in range(k):
-        r = i * dilation
-        cols[:, i] = xp[:, :, r:r + stride * (To - 1) + 1:stride]
+    _conv1d_gather(x, k, stride, padding, dilation, To, cols)
     return cols.reshape(Cin * k, n * To)
 
 
@@ -228,11 +252,7 @@ def _conv1d_KT(W, y, stride, padding, dilation, T, chunk):
         n = b1 - b0
         yt = y[b0:b1].transpose(1, 0, 2).reshape(Cout, n * To)
         cols = (WmT @ yt).reshape(Cin, k, n, To)
-        xp = np.zeros((Cin, n, T + 2 * padding), dtype=y.dtype)
-        for i in range(k):
-            r = i * dilation
-            xp[:, :, r:r + stride * (To - 1) + 1:stride] += cols[:, i]
-        out[b0:b1] = xp[:, :, padding:padding + T].transpose(1, 0, 2)
+        _conv1d_scatter(cols, k, stride, padding, dilation, out[b0:b1])
     return out
 
 

@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_lenet_cdb_fe12b3b78d81c34c"
+__name__ = "_dbpgen_lenet_cdb_e082aa65400fb713"
 
 
 class _CachedGlobals:
@@ -204,27 +204,56 @@ def _avgpool_KT(y, k):
 # Python calling these): the samples are taken `chunk` at a time (the operator's
 # kernel_args, which bound the buffer), their im2col buffer
 #     cols[(c, i, j), (b, oh, ow)] = x[b, c, oh stride + i dilation - padding, ow stride + j dilation - padding]
-# (zero outside x) is filled with one strided copy per filter tap, and K, K^T and K^box are
-# one GEMM each per chunk against the (Cout, Cin k k) filter matrix, with the batch inside
-# the GEMM's long axis.  K^T scatters its columns back with one strided add per tap (col2im,
-# the adjoint of im2col).  BLAS's threads are the module's only threads: jitted parallel
+# (zero outside x) is filled by a serial jitted loop, and K, K^T and K^box are one GEMM
+# each per chunk against the (Cout, Cin k k) filter matrix, with the batch inside the
+# GEMM's long axis.  K^T adds its columns back into place (col2im, the adjoint of im2col)
+# in a serial jitted loop.  BLAS's threads are the module's only threads: jitted parallel
 # loops beside them would spin against them for the same cores. --
+
+
+@numba.njit(cache=True)
+def _conv2d_gather(x, k, stride, padding, dilation, Ho, Wo, cols):
+    # cols[c, i, j, b, oh, ow] = x[b, c, oh stride + i dilation - padding, ...] (zero outside x),
+    # for x (n, Cin, H, Wd) and cols (Cin, k, k, n, Ho, Wo): scalar loops, one pass over cols
+    n, Cin, H, Wd = x.shape
+    for c in range(Cin):
+        for i in range(k):
+            for j in range(k):
+                for b in range(n):
+                    for oh in range(Ho):
+                        h = oh * stride + i * dilation - padding
+                        for ow in range(Wo):
+                            w = ow * stride + j * dilation - padding
+                            if h >= 0 and h < H and w >= 0 and w < Wd:
+                                cols[c, i, j, b, oh, ow] = x[b, c, h, w]
+                            else:
+                                cols[c, i, j, b, oh, ow] = 0
+
+
+@numba.njit(cache=True)
+def _conv2d_scatter(cols, k, stride, padding, dilation, out):
+    # the adjoint of _conv2d_gather: out (n, Cin, H, Wd) = the columns added back into place
+    n, Cin, H, Wd = out.shape
+    Ho, Wo = cols.shape[4], cols.shape[5]
+    out[:] = 0
+    for c in range(Cin):
+        for i in range(k):
+            for j in range(k):
+                for b in range(n):
+                    for oh in range(Ho):
+                        h = oh * stride + i * dilation - padding
+                        if h >= 0 and h < H:
+                            for ow in range(Wo):
+                                w = ow * stride + j * dilation - padding
+                                if w >= 0 and w < Wd:
+                                    out[b, c, h, w] += cols[c, i, j, b, oh, ow]
 
 
 def _conv2d_cols(x, k, stride, padding, dilation, Ho, Wo):
     # the im2col buffer of x (n, Cin, H, Wd): (Cin k k, n Ho Wo)
-    n, Cin, H, Wd = x.shape
-    if padding > 0:
-        xp = np.zeros((Cin, n, H + 2 * padding, Wd + 2 * padding), dtype=x.dtype)
-        xp[:, :, padding:padding + H, padding:padding + Wd] = x.transpose(1, 0, 2, 3)
-    else:
-        xp = x.transpose(1, 0, 2, 3)
+    n, Cin = x.shape[0], x.shape[1]
     cols = np.empty((Cin, k, k, n, Ho, Wo), dtype=x.dtype)
-    for i in range(k):
-        for j in range(k):
-            r = i * dilation
-            s = j * dilation
-            cols[:, i, j] = xp[:, :, r:r + stride * (Ho - 1) + 1:stride, s:s + stride * (Wo - 1) + 1:stride]
+    _conv2d_gather(x, k, stride, padding, dilation, Ho, Wo, cols)
     return cols.reshape(Cin * k * k, n * Ho * Wo)
 
 
@@ -254,13 +283,7 @@ def _conv2d_KT(W, y, stride, padding, dilation, H, Wd, chunk):
         n = b1 - b0
         yt = y[b0:b1].transpose(1, 0, 2, 3).reshape(Cout, n * Ho * Wo)
         cols = (WmT @ yt).reshape(Cin, k, k, n, Ho, Wo)
-        xp = np.zeros((Cin, n, H + 2 * padding, Wd + 2 * padding), dtype=y.dtype)
-        for i in range(k):
-            for j in range(k):
-                r = i * dilation
-                s = j * dilation
-                xp[:, :, r:r + stride * (Ho - 1) + 1:stride, s:s + stride * (Wo - 1) + 1:stride] += cols[:, i, j]
-        out[b0:b1] = xp[:, :, padding:padding + H, padding:padding + Wd].transpose(1, 0, 2, 3)
+        _conv2d_scatter(cols, k, stride, padding, dilation, out[b0:b1])
     return out
 
 

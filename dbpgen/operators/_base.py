@@ -22,7 +22,7 @@ import math
 VECTOR, SEQUENCE, IMAGE = 1, 2, 3
 # A convolution's im2col buffer holds at most this many numbers (32 MiB in float64): its
 # kernels take the batch that many samples' worth at a time (`conv_chunk`)
-BUFFER_ELEMENTS = 1 << 22  # ranks of one sample: [n], [C, T], [C, H, W]
+BUFFER_ELEMENTS = 1 << 22
 RANK_NAMES = {VECTOR: "a vector", SEQUENCE: "a sequence", IMAGE: "an image"}
 RANK_SHAPES = {VECTOR: "[n]", SEQUENCE: "[channels, length]", IMAGE: "[channels, height, width]"}
 

@@ -76,7 +76,7 @@ def _bench(args) -> int:
             raise ModelError(args.model, "--sweep", "give either MODEL or --sweep, not both")
         return _sweep(args, against)
     if not args.model:
-        raise ModelError("dbpgen bench", "MODEL", "give a model file or --sweep small|full")
+        raise ModelError("dbpgen bench", "MODEL", "give a model file or --sweep small|full|conv")
     if args.out:
         raise ModelError(args.model, "--out", "only with --sweep")
     models = [args.model]
@@ -190,7 +190,7 @@ def parser() -> argparse.ArgumentParser:
     k.set_defaults(run=_check)
     n = sub.add_parser("bench", help="time value_and_grad against PyTorch, JAX, PyTensor")
     n.add_argument("model", nargs="?", default=None, help="model file (or --sweep)")
-    n.add_argument("--sweep", choices=["small", "full"], default=None,
+    n.add_argument("--sweep", choices=["small", "full", "conv"], default=None,
                    help="instead of MODEL, a grid of generated dense and conv models (dbpgen/sweep.py): "
                         "cold/warm start, schedule, ms against the peers, one table row per point")
     n.add_argument("--out", default=None, help="with --sweep: write the table here (markdown) and "

@@ -1,4 +1,4 @@
-"""`dbpgen bench --sweep small|full`: dbpgen against its peers on models generated here.
+"""`dbpgen bench --sweep small|full|conv`: dbpgen against its peers on models generated here.
 
 A point is a model spec (a dict, as a YAML file would hold it), a batch size and a dtype.
 The grid varies one or two factors at a time around two base models:
@@ -10,7 +10,8 @@ The grid varies one or two factors at a time around two base models:
 
 `full` (FULL_POINTS) is every one-factor variation of the dense base in both dtypes,
 a few two-factor combinations and the conv models in both dtypes; `small` (SMALL_POINTS)
-is ten of them chosen to cover every width class, schedule and penalty in ~5 minutes.
+is ten of them chosen to cover every width class, schedule and penalty in ~5 minutes;
+`conv` (conv_points) varies a CIFAR-sized CNN one factor at a time, in both dtypes.
 
 For each point `run_point` measures, each step in a fresh process with an empty Numba
 cache directory (NUMBA_CACHE_DIR):
@@ -125,6 +126,60 @@ CONV = {
 }
 
 
+# The conv grid (`--sweep conv`): one-factor variations of a CIFAR-sized CNN
+CONV_BASE = {"channels": 16, "kernel": 3, "stride": 1, "dilation": 1, "size": 32, "depth": 2,
+             "penalty": "loss_gradient/nll", "batch": 64}
+
+
+def cnn(channels: int = 16, kernel: int = 3, stride: int = 1, dilation: int = 1, size: int = 32,
+        depth: int = 2, penalty: str = "loss_gradient/nll", in_channels: int = 3) -> dict:
+    """`depth` conv2d layers (relu, zero padding that keeps the size at stride 1) on a
+    `size` x `size` RGB image, channels doubling from `channels`, a 2 x 2 average pool
+    after each of the first two, then flatten and the output layer of `penalty`."""
+    loss, last, pen = PENALTIES[penalty]
+    layers = []
+    for i in range(depth):
+        conv = {"channels": channels * 2 ** min(i, 1), "kernel": kernel,
+                "padding": dilation * (kernel - 1) // 2}
+        if stride != 1 and i == 0:
+            conv["stride"] = stride
+        if dilation != 1:
+            conv["dilation"] = dilation
+        layers.append({"conv2d": conv, "act": "relu"})
+        if i < 2:
+            layers.append({"avgpool": 2})
+    layers += ["flatten", dict(last)]
+    return {"input": [in_channels, size, size], "layers": layers, "loss": loss, "penalty": dict(pen)}
+
+
+def cnn_point(dtype: str, **changes) -> Point:
+    f = {**CONV_BASE, **changes}
+    label = (f"cnn c{f['channels']} k{f['kernel']} s{f['stride']} d{f['dilation']} {f['size']}px "
+             f"x{f['depth']} {f['penalty']}")
+    spec = cnn(**{k: f[k] for k in ("channels", "kernel", "stride", "dilation", "size", "depth", "penalty")})
+    return Point(label, spec, f["batch"], dtype,
+                 {"kind": "conv2d", "act": "relu", "penalty": f["penalty"], "depth": f["depth"]})
+
+
+def conv_points() -> list[Point]:
+    """One-factor variations of the CIFAR-sized CNN (CONV_BASE) in both dtypes: channels
+    8 to 128, kernels 1 and 5, stride 2, dilation 2, inputs 16 and 64 pixels, 4 and 6 conv
+    layers, batch 16 and 256, output and Jacobian penalties, plus the conv1d models."""
+    points = []
+    for dtype in DTYPES:
+        points.append(cnn_point(dtype))
+        points += [cnn_point(dtype, channels=c) for c in (8, 32)]
+        points.append(cnn_point(dtype, channels=128, size=16, batch=16))
+        points += [cnn_point(dtype, kernel=k) for k in (1, 5)]
+        points += [cnn_point(dtype, stride=2), cnn_point(dtype, dilation=2)]
+        points += [cnn_point(dtype, size=16), cnn_point(dtype, size=64, batch=16)]
+        points += [cnn_point(dtype, depth=d) for d in (4, 6)]
+        points += [cnn_point(dtype, batch=b) for b in (16, 256)]
+        points += [cnn_point(dtype, penalty=p) for p in ("output/mse", "jacobian")]
+        points += [conv_point(label, dtype) for label in CONV if label.startswith("conv1d")]
+    return points
+
+
 def conv_point(label: str, dtype: str) -> Point:
     spec, batch = CONV[label]
     kind = "conv2d" if "conv2d" in spec["layers"][0] else "conv1d"
@@ -173,7 +228,7 @@ def small_points() -> list[Point]:
     ]
 
 
-SIZES = {"small": small_points, "full": full_points}
+SIZES = {"small": small_points, "full": full_points, "conv": conv_points}
 
 
 def sweep_points(size: str) -> list[Point]:

@@ -57,3 +57,31 @@ def batch_for(spec: dict, rng: np.random.Generator, batch: int = 5):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def wider_intermediates(module, call, dtype=np.float32) -> list[str]:
+    """Run call() and return every array a Python-level function of `module` holds (its
+    locals, line by line) whose floating dtype is not `dtype`: 'function:line name dtype'.
+    Kernels called from there (jitted loops, BLAS) show up through the arrays they return."""
+    import sys
+
+    found = []
+
+    def local_trace(frame, event, arg):
+        if event in ("line", "return"):
+            for name, value in frame.f_locals.items():
+                if isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.dtype != dtype:
+                    found.append(f"{frame.f_code.co_name}:{frame.f_lineno} {name} {value.dtype}")
+        return local_trace
+
+    def global_trace(frame, event, arg):
+        if frame.f_code.co_filename == module.__file__:
+            return local_trace
+        return None
+
+    sys.settrace(global_trace)
+    try:
+        call()
+    finally:
+        sys.settrace(None)
+    return sorted(set(found))

@@ -21,7 +21,7 @@ import numba
 import numpy as np
 import pytest
 
-from conftest import compile_spec
+from conftest import compile_spec, wider_intermediates
 from oracle import Oracle, directional_check
 from test_gradients import assert_close
 
@@ -262,6 +262,10 @@ def test_conv1d_float32_jitted(compiled):
     assert out.dtype == np.float32
     assert_close(out, m64.forward(params, x), 1e-5)
     assert m32.SCHEDULES["value_and_grad"] in ("fused", "kernels")  # Python calling the kernels
+    # no float64 intermediate anywhere: every array of every Python-level function of the module
+    for fn in (lambda: m32.value_and_grad(p32, x.astype(np.float32), y.astype(np.float32)),
+               lambda: m32.vjp(p32, x.astype(np.float32), np.ones((len(x), C_OUT), np.float32))):
+        assert wider_intermediates(m32, fn) == []
 
 
 # -- the kernels on their own ----------------------------------------------------------------

@@ -25,6 +25,7 @@ from dbpgen.model import load_model
 from test_gradients import NODE, check_against_oracle, mlp
 
 TESTS = Path(__file__).resolve().parent
+EXAMPLES = ROOT / "examples"
 
 
 # -- the IR and its verifier -----------------------------------------------------------------
@@ -246,14 +247,17 @@ def test_python_schedules_free_arrays_at_their_last_read(mnist_schedules):
 MEASURE = TESTS / "measure_peak.py"
 
 
-@pytest.mark.parametrize("schedule", [None, "kernels"])
-def test_peak_bytes_match_a_measurement(schedule, tmp_path):
+@pytest.mark.parametrize("source, batch, schedule", [
+    (BENCHMARKS / "mnist_cdb.yaml", 1024, None),       # fused
+    (BENCHMARKS / "mnist_cdb.yaml", 1024, "kernels"),  # plain statements
+    (EXAMPLES / "lenet_cdb.yaml", 128, None),          # conv kernels and their im2col buffers
+], ids=["mnist-fused", "mnist-kernels", "lenet"])
+def test_peak_bytes_match_a_measurement(source, batch, schedule, tmp_path):
     """The resident-set high-water mark of one value_and_grad call (every array of 64 KiB
     or more from its own mapping, so that a freed one leaves the resident set) against
     PEAK_BYTES of the schedule that runs, at the same batch size."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the high-water mark")
-    source, batch = BENCHMARKS / "mnist_cdb.yaml", 1024  # fused; forced: plain statements
     path = compile_file(source, tmp_path, schedule=schedule)
     compiled = build(load_model(source))
     predicted = compiled.peak_bytes(batch, schedule)["emitted"]

@@ -13,6 +13,7 @@ from dbpgen.model import model_from_dict
 
 FULL = sweep.sweep_points("full")
 SMALL = sweep.sweep_points("small")
+CONV = sweep.sweep_points("conv")
 
 
 def values(points, key):
@@ -40,7 +41,20 @@ def test_small_grid_is_a_quick_cross_section():
     assert values(SMALL, "kind") >= {"dense", "conv1d"}
 
 
-@pytest.mark.parametrize("point", FULL + SMALL, ids=lambda p: f"{p.name}-B{p.batch}")
+def test_conv_grid_covers_the_conv_factors():
+    cnn = [p for p in CONV if p.factors["kind"] == "conv2d"]
+    convs = [[layer["conv2d"] for layer in p.spec["layers"] if "conv2d" in layer] for p in cnn]
+    assert {8, 16, 32, 128} <= {c[0]["channels"] for c in convs}
+    assert {1, 3, 5} <= {c[0]["kernel"] for c in convs}
+    assert {1, 2} <= {c[0].get("stride", 1) for c in convs} and {1, 2} <= {c[0].get("dilation", 1) for c in convs}
+    assert {16, 32, 64} <= {p.spec["input"][1] for p in cnn}
+    assert {2, 4, 6} <= {len(c) for c in convs}
+    assert {16, 64, 256} <= {p.batch for p in cnn}
+    assert {"loss_gradient/nll", "output/mse", "jacobian"} <= values(cnn, "penalty")
+    assert {"float32", "float64"} == {p.dtype for p in CONV} and "conv1d" in values(CONV, "kind")
+
+
+@pytest.mark.parametrize("point", FULL + SMALL + CONV, ids=lambda p: f"{p.name}-B{p.batch}")
 def test_every_point_is_a_valid_model(point):
     model = model_from_dict(point.model_spec(), point.name)
     assert model.name == point.name and model.dtype == point.dtype
@@ -52,8 +66,9 @@ def test_every_point_is_a_valid_model(point):
 
 
 def test_points_are_distinct():
-    keys = [(p.name, p.batch) for p in FULL]
-    assert len(keys) == len(set(keys))
+    for grid in (FULL, CONV):
+        keys = [(p.name, p.batch) for p in grid]
+        assert len(keys) == len(set(keys))
     assert all(p.model_spec()["penalty"].get("algorithm") == "auto"
                for p in FULL if p.factors.get("penalty") == "jacobian")
 

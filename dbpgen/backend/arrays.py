@@ -5,7 +5,9 @@ which K, K^T and K^box are calls of the operators' kernels (`templates/ops/`), a
 Algorithm 4's loop over Jacobian rows (section 5.4) becomes a Python loop whose
 accumulators are zeroed before it. Three schedules use it and differ only in the decorator:
 `jit` (one @njit function), `kernels` (plain Python calling jitted kernels) and `count`
-(plain Python whose kernels count their applications). `fused` starts from it too
+(plain Python whose kernels count their applications); the plain-Python ones compute each
+distinct transcendental application once (`Lowering.share_transcendentals`), as LLVM does
+for the jitted one. `fused` starts from it too
 (`dbpgen.backend.fused`).
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sympy as sp
 from dataclasses import fields
 
 from ..program import BATCH, Loop, Program, Stmt
-from .common import B, free_dead, freeze
+from .common import B, Lowering, free_dead, freeze
 from .schedule import AddTo, Alloc, For, Function, Let, Shape, name
 
 
@@ -86,5 +88,9 @@ def function(program: Program, body: list, shapes: dict, decorator: str, zeros=(
 
 
 def lower(model, program: Program, shapes: dict, decorator: str) -> Function:
+    stmts = program.stmts
+    if not decorator:  # NumPy evaluates what it is given: each transcendental once
+        lowering = Lowering(model, program, shapes)
+        stmts, shapes = lowering.share_transcendentals(stmts), lowering.shapes
     zeros, values = returns(program, shapes)
-    return function(program, statements(program.stmts, shapes), shapes, decorator, zeros, values)
+    return function(program, statements(stmts, shapes), shapes, decorator, zeros, values)

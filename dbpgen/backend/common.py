@@ -14,7 +14,7 @@ from ..functable import ELEMENTWISE_TYPES, TRANSCENDENTAL_TYPES
 from ..functions import Bias, BiasBox, BSum, Dot, K, Kbox, KT, RowSum, linear_terms
 from ..ir import Model
 from ..printer import CodegenError
-from ..program import BATCH
+from ..program import BATCH, Stmt
 from ..shapes import BATCH_AXIS, shape_of
 from .schedule import elem, name
 
@@ -86,6 +86,28 @@ def elements(expr: sp.Expr, index) -> sp.Expr:
     return expr.xreplace(mapping)
 
 
+def _exp_power(e: sp.Expr, made: dict):
+    """exp(n a) as made[exp(a)]**n for an integer 2 <= n <= 4, else None."""
+    if e.func != sp.exp:
+        return None
+    coeff, rest = e.args[0].as_coeff_Mul()
+    if coeff.is_Integer and 2 <= coeff <= 4 and sp.exp(rest) in made:
+        return made[sp.exp(rest)] ** int(coeff)
+    return None
+
+
+def _place(out: list, stmt) -> None:
+    """Insert stmt into out right after the last statement that defines a value it reads."""
+    reads = {s.name for s in stmt.expr.free_symbols}
+    at = 0
+    for index, node in enumerate(out):
+        if isinstance(node, Stmt) and node.target.name in reads:
+            at = index + 1
+        elif not isinstance(node, Stmt):
+            at = index + 1  # never move a statement above a loop
+    out.insert(at, stmt)
+
+
 class Lowering:
     """Temporaries and hoisting, shared by the lowerings."""
 
@@ -104,6 +126,46 @@ class Lowering:
         self.temps += 1
         self.shapes[sym.name] = self.shape(expr)
         return sym
+
+    def share_transcendentals(self, nodes: list) -> list:
+        """Each transcendental application f(a) of the statements (a coordinate-wise)
+        computed once, as its own statement right after the values it reads, and read from
+        there on. SymPy's g, g' and g'' of an activation repeat the same f(z) (mish's g''
+        holds tanh(log(exp(z) + 1)) four times and exp(z) eight); as NumPy expressions each
+        one is a SIMD ufunc pass over the layer, and what remains of g, g', g'' is
+        arithmetic that one fused loop takes. A statement that is one application itself
+        (x1 = tanh(z1)) keeps it and lends its name to the others; exp(n a) for a small
+        integer n reads exp(a)**n when exp(a) is made."""
+        made: dict = {}
+        out: list = []
+        for node in nodes:
+            if not isinstance(node, Stmt) or not node.expr.has(*TRANSCENDENTAL):
+                out.append(node)
+                continue
+
+            def visit(e, top=False):
+                if isinstance(e, LEAVES) or not e.args:
+                    return e
+                args = tuple(visit(a) for a in e.args)
+                if args != e.args:
+                    e = e.func(*args)
+                if not isinstance(e, TRANSCENDENTAL) or not coordinatewise(e, False):
+                    return e
+                if e in made:
+                    return made[e]
+                power = _exp_power(e, made)
+                if power is not None:
+                    return power
+                if top:
+                    made[e] = node.target
+                    return e
+                sym = self.new_temp(e)
+                made[e] = sym
+                _place(out, Stmt(sym, e, node.phase, node.eq))
+                return sym
+
+            out.append(replace(node, expr=visit(node.expr, top=True)))
+        return out
 
     @staticmethod
     def hoist_out(expr: sp.Expr, take, replace_with, mapping: dict | None = None) -> sp.Expr:

@@ -16,8 +16,9 @@ often it is used, right after the last value it reads (so it joins the loop that
 that value); a batch sum (eq. 33, and the objective J) is accumulated inside the loop
 instead of stored and summed. The two K^box of a dense layer become one GEMM over
 batch-stacked operands, which the statements that make them write in place.
-Transcendental functions stay NumPy statements: NumPy's SIMD ufuncs beat Numba's scalar
-libm calls (see common.TRANSCENDENTAL).
+Transcendental functions stay NumPy statements, each distinct application once
+(`Lowering.share_transcendentals`): NumPy's SIMD ufuncs beat Numba's scalar libm calls
+(see common.TRANSCENDENTAL).
 """
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ class _Fuser(Lowering):
         return node.expr.xreplace(mapping)
 
     def run(self) -> list:
-        nodes = self.stack(self.hoist(self.program.stmts))
+        nodes = self.stack(self.hoist(self.share_transcendentals(self.program.stmts)))
         return self.fuse(nodes, [e for _, e in self.program.outputs])
 
     # -- 2. stacked weight adjoints ---------------------------------------------------------

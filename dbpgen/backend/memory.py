@@ -6,15 +6,16 @@ nothing of their own. A loop is laid out once: what it makes dies at the end of 
 iteration, and what it reads from outside stays live to its end. A whole-array statement
 with more than one operation makes one unnamed temporary of its size while it runs (NumPy
 evaluates a * b + c as t = a * b; t + c). A plain Python function frees an array where
-the schedule says `del` (at its last read), a jitted one at its last read. Inputs and
-parameters are not counted; the operators' own kernels (im2col buffers of convolutions)
-come on top.
+the schedule says `del` (at its last read), a jitted one at its last read. An operator's
+kernel adds what it holds while it runs (`workspace`: a convolution's im2col buffer, one
+chunk of the batch) to the statement that applies it. Inputs and parameters are not counted.
 """
 from __future__ import annotations
 
 import numpy as np
 import sympy as sp
 
+from ..functions import K, Kbox, KT
 from ..ir import Model
 from .common import B, LEAVES, operations
 from .schedule import AddTo, Alloc, Call, For, Let, Shape, Store, View, _reads
@@ -33,7 +34,22 @@ def _size(shape, batch: int) -> int:
     return n
 
 
-def _events(nodes, shapes: dict, batch: int, itemsize: int):
+KERNELS = {K: "K", KT: "KT", Kbox: "Kbox"}
+
+
+def _workspace(value, layers: dict, batch: int) -> int:
+    """The largest workspace (numbers) of the operator kernels a statement applies: they
+    run one at a time, each freeing its buffers before it returns."""
+    sizes = [0]
+    for sub in sp.preorder_traversal(value):
+        which = KERNELS.get(type(sub))
+        if which is not None:
+            layer = layers[sub.layer]
+            sizes.append(layer.op.workspace(which, layer.in_shape, batch))
+    return max(sizes)
+
+
+def _events(nodes, shapes: dict, batch: int, itemsize: int, layers: dict):
     """(position, defined {name: bytes}, read names, extra bytes during it), in order."""
     events = []
 
@@ -59,6 +75,7 @@ def _events(nodes, shapes: dict, batch: int, itemsize: int):
                 reads |= _reads(node.value)
                 if operations(node.value) > 1 and not isinstance(node.value, LEAVES):
                     extra = size
+                extra += _workspace(node.value, layers, batch) * itemsize
             elif isinstance(node, (Store, AddTo)):
                 reads |= _reads(node.value) | _reads(node.target)
             elif isinstance(node, Call):
@@ -77,7 +94,7 @@ def peak_bytes(model: Model, lowered, batch: int) -> int:
     fn = lowered.entry
     shapes = fn.array_shapes()
     itemsize = np.dtype(model.dtype).itemsize
-    events = _events(fn.body, shapes, batch, itemsize)
+    events = _events(fn.body, shapes, batch, itemsize, {layer.index: layer for layer in model.layers})
     end = len(events)
     returned = set().union(*(_reads(r) for r in fn.returns)) if fn.returns else set()
     first, last, size = {}, {}, {}

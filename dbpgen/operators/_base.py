@@ -11,7 +11,7 @@ attributes and methods (see docs/design.md, "Adding an operator"):
     lanes           the narrow batch-minor schedule can run it row by row (lanes.py)
     stacked_kbox    two K^box of one layer may run as one GEMM over the stacked batch,
                     and K / K^T may write into a given buffer (printer, fuse.py)
-    out_shape, weight_shape, fan_in, flops, kernel_args, kernel_name,
+    out_shape, weight_shape, fan_in, flops, kernel_args, kernel_name, workspace,
     bias_shape (how b broadcasts over one sample), bias_sum (the helper summing a
     per-sample array into b's shape)
 """
@@ -57,6 +57,18 @@ class OperatorBase:
 
     def kernel_args(self, which: str, in_shape) -> tuple:
         return ()
+
+    def workspace(self, which: str, in_shape, batch: int) -> int:
+        """Numbers a kernel holds while it runs beside its arguments and result (im2col
+        buffers); counted in PEAK_BYTES (dbpgen/backend/memory.py)."""
+        return 0
+
+
+def conv_workspace(which: str, per_sample: int, out_per_sample: int, batch: int) -> int:
+    """What a conv kernel holds for one chunk: its im2col buffer (per_sample numbers a
+    sample) and the GEMM's other operand or result in channel-major order (out_per_sample)."""
+    n = min(batch, conv_chunk(per_sample))
+    return n * (per_sample + out_per_sample)
 
 
 def conv_chunk(per_sample: int) -> int:

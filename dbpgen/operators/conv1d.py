@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._base import IMAGE, SEQUENCE, OperatorBase, conv_chunk, needs_rank, size
+from ._base import IMAGE, SEQUENCE, OperatorBase, conv_chunk, conv_workspace, needs_rank, size
 from .conv2d import conv_fields
 
 KIND = "conv1d"
@@ -47,6 +47,10 @@ class Conv1d(OperatorBase):
         if which == "Kbox":
             return common + (self.kernel,) + chunk
         return common + chunk
+
+    def workspace(self, which: str, in_shape, batch: int) -> int:
+        _, To = self.out_shape(in_shape)
+        return conv_workspace(which, in_shape[0] * self.kernel * To, self.out * To, batch)
 
 
 OP = Conv1d  # the registry's handle on the dataclass

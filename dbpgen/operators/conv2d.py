@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._base import IMAGE, SEQUENCE, OperatorBase, conv_chunk, needs_rank, size
+from ._base import IMAGE, SEQUENCE, OperatorBase, conv_chunk, conv_workspace, needs_rank, size
 
 KIND = "conv2d"
 TEMPLATE = "ops/conv2d.py.j2"
@@ -50,6 +50,10 @@ class Conv2d(OperatorBase):
         if which == "Kbox":
             return common + (self.kernel,) + chunk
         return common + chunk
+
+    def workspace(self, which: str, in_shape, batch: int) -> int:
+        _, Ho, Wo = self.out_shape(in_shape)
+        return conv_workspace(which, in_shape[0] * self.kernel * self.kernel * Ho * Wo, self.out * Ho * Wo, batch)
 
 
 def conv_fields(check, value, field: str, item: dict, kind: str, example: str) -> dict:

@@ -43,7 +43,7 @@ def main() -> None:
     batch = int(sys.argv[1]) if len(sys.argv) > 1 else 128
     seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
     only = set(sys.argv[3].split(",")) if len(sys.argv) > 3 else None
-    print(f"| model | schedule | predicted ms | measured ms | measured / predicted |")
+    print("| model | schedule | predicted ms | measured ms | measured / predicted |")
     print("|---|---|---:|---:|---:|")
     for source in MODELS:
         model = load_model(source) if isinstance(source, Path) else model_from_dict(source, source["name"] + ".yaml")

@@ -93,7 +93,7 @@ def _bench(args) -> int:
 def _sweep(args, against) -> int:
     from . import sweep
 
-    points = sweep.sweep_points(args.sweep)
+    points = sweep.sweep_points(args.sweep, args.dtype)
 
     def progress(i, n, row):
         done = row.get("error") or f"{row['schedule']}, cold {row['cold_s']:.1f} s, {row['dbpgen_ms']:.3g} ms"
@@ -104,7 +104,8 @@ def _sweep(args, against) -> int:
     print()
     print(sweep.summary(rows))
     if args.out:
-        command = f"dbpgen bench --sweep {args.sweep} --against {','.join(against)} --seconds {args.seconds:g}"
+        command = (f"dbpgen bench --sweep {args.sweep}" + (f" --dtype {args.dtype}" if args.dtype else "")
+                   + f" --against {','.join(against)} --seconds {args.seconds:g}")
         for path in sweep.write(rows, args.out, command, against):
             print(f"wrote {path}", file=sys.stderr)
     return 0
@@ -197,7 +198,8 @@ def parser() -> argparse.ArgumentParser:
                                                "the rows beside it as .csv and .json")
     n.add_argument("--batch", type=int, nargs="+", default=[128])
     n.add_argument("--against", default="torch,jax,pytensor", help="comma-separated peers")
-    n.add_argument("--dtype", choices=["float32", "float64"], default=None)
+    n.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                   help="the model's dtype instead of its own; with --sweep: only the grid's points in it")
     n.add_argument("--naive", action="store_true", help="also time the unsimplified program")
     n.add_argument("--seconds", type=float, default=1.0, help="time budget per measurement")
     n.add_argument("--outputs", type=int, nargs="+", default=None,

@@ -231,9 +231,11 @@ def small_points() -> list[Point]:
 SIZES = {"small": small_points, "full": full_points, "conv": conv_points}
 
 
-def sweep_points(size: str) -> list[Point]:
-    """The grid `dbpgen bench --sweep size` runs (size: small | full)."""
-    return SIZES[size]()
+def sweep_points(size: str, dtype: str | None = None) -> list[Point]:
+    """The grid `dbpgen bench --sweep size [--dtype dtype]` runs (size: small | full | conv;
+    dtype: only the points in it)."""
+    points = SIZES[size]()
+    return [p for p in points if p.dtype == dtype] if dtype else points
 
 
 def check_points(points: list[Point]) -> None:

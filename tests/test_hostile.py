@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, batch_for, compile_spec, write_model
+from conftest import batch_for, compile_spec, write_model
 from dbpgen.compiler import compile_file, load_generated
 from oracle import Oracle
 from test_codegen import check_float32

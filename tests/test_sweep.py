@@ -65,6 +65,12 @@ def test_every_point_is_a_valid_model(point):
         assert sum(1 for layer in model.layers if layer.act.name == point.factors["act"]) == point.factors["depth"]
 
 
+def test_a_dtype_selects_its_half_of_the_grid():
+    half = sweep.sweep_points("conv", "float32")
+    assert half and {p.dtype for p in half} == {"float32"}
+    assert [p.label for p in half] == [p.label for p in CONV if p.dtype == "float32"]
+
+
 def test_points_are_distinct():
     for grid in (FULL, CONV):
         keys = [(p.name, p.batch) for p in grid]

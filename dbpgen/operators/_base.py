@@ -21,7 +21,7 @@ import math
 
 VECTOR, SEQUENCE, IMAGE = 1, 2, 3
 # A convolution's im2col buffer holds at most this many numbers (32 MiB in float64): its
-# kernels take the batch that many samples' worth at a time (`conv_chunk`)
+# kernels take the batch that many samples' worth at a time (`Im2colKernels.chunk`)
 BUFFER_ELEMENTS = 1 << 22
 RANK_NAMES = {VECTOR: "a vector", SEQUENCE: "a sequence", IMAGE: "an image"}
 RANK_SHAPES = {VECTOR: "[n]", SEQUENCE: "[channels, length]", IMAGE: "[channels, height, width]"}
@@ -64,17 +64,23 @@ class OperatorBase:
         return 0
 
 
-def conv_workspace(which: str, per_sample: int, out_per_sample: int, batch: int) -> int:
-    """What a conv kernel holds for one chunk: its im2col buffer (per_sample numbers a
-    sample) and the GEMM's other operand or result in channel-major order (out_per_sample)."""
-    n = min(batch, conv_chunk(per_sample))
-    return n * (per_sample + out_per_sample)
+class Im2colKernels(OperatorBase):
+    """A convolution whose kernels run over im2col buffers (templates/ops/conv*.py.j2):
+    `chunk` samples at a time, so that a buffer holds at most BUFFER_ELEMENTS numbers."""
 
+    def cols_per_sample(self, in_shape) -> int:
+        """Numbers of one sample's im2col buffer: (in channels x filter taps) x output positions."""
+        out_shape = self.out_shape(in_shape)
+        return in_shape[0] * self.kernel ** (len(in_shape) - 1) * size(out_shape[1:])
 
-def conv_chunk(per_sample: int) -> int:
-    """Samples per chunk of a convolution kernel whose im2col buffer holds `per_sample`
-    numbers a sample: as many as BUFFER_ELEMENTS allows, at least one."""
-    return max(1, BUFFER_ELEMENTS // max(1, per_sample))
+    def chunk(self, in_shape) -> int:
+        """Samples per chunk: as many as BUFFER_ELEMENTS allows, at least one."""
+        return max(1, BUFFER_ELEMENTS // max(1, self.cols_per_sample(in_shape)))
+
+    def workspace(self, which: str, in_shape, batch: int) -> int:
+        # one chunk's im2col buffer and the GEMM's other operand or result in channel-major order
+        n = min(batch, self.chunk(in_shape))
+        return n * (self.cols_per_sample(in_shape) + size(self.out_shape(in_shape)))
 
 
 def needs_rank(check, field: str, kind: str, in_shape, ranks: tuple[int, ...], hint: str = "") -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._base import IMAGE, SEQUENCE, OperatorBase, conv_chunk, conv_workspace, needs_rank, size
+from ._base import IMAGE, SEQUENCE, Im2colKernels, needs_rank, size
 from .conv2d import conv_fields
 
 KIND = "conv1d"
@@ -11,7 +11,7 @@ TEMPLATE = "ops/conv1d.py.j2"
 
 
 @dataclass(frozen=True)
-class Conv1d(OperatorBase):
+class Conv1d(Im2colKernels):
     """Cross-correlation as torch.nn.Conv1d, zero padding; W has shape (out, in, k)."""
 
     out: int
@@ -41,16 +41,12 @@ class Conv1d(OperatorBase):
 
     def kernel_args(self, which: str, in_shape) -> tuple:
         common = (self.stride, self.padding, self.dilation)
-        chunk = (conv_chunk(in_shape[0] * self.kernel * self.out_shape(in_shape)[1]),)
+        chunk = (self.chunk(in_shape),)
         if which == "KT":
             return common + (in_shape[1],) + chunk
         if which == "Kbox":
             return common + (self.kernel,) + chunk
         return common + chunk
-
-    def workspace(self, which: str, in_shape, batch: int) -> int:
-        _, To = self.out_shape(in_shape)
-        return conv_workspace(which, in_shape[0] * self.kernel * To, self.out * To, batch)
 
 
 OP = Conv1d  # the registry's handle on the dataclass

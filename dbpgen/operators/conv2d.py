@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._base import IMAGE, SEQUENCE, OperatorBase, conv_chunk, conv_workspace, needs_rank, size
+from ._base import IMAGE, SEQUENCE, Im2colKernels, needs_rank, size
 
 KIND = "conv2d"
 TEMPLATE = "ops/conv2d.py.j2"
@@ -11,7 +11,7 @@ KEYS = ("channels", "kernel", "stride", "padding", "dilation")
 
 
 @dataclass(frozen=True)
-class Conv2d(OperatorBase):
+class Conv2d(Im2colKernels):
     """Cross-correlation as torch.nn.Conv2d, zero padding; W has shape (out, in, k, k)."""
 
     out: int
@@ -43,17 +43,12 @@ class Conv2d(OperatorBase):
 
     def kernel_args(self, which: str, in_shape) -> tuple:
         common = (self.stride, self.padding, self.dilation)
-        _, Ho, Wo = self.out_shape(in_shape)
-        chunk = (conv_chunk(in_shape[0] * self.kernel * self.kernel * Ho * Wo),)
+        chunk = (self.chunk(in_shape),)
         if which == "KT":
             return common + (in_shape[1], in_shape[2]) + chunk
         if which == "Kbox":
             return common + (self.kernel,) + chunk
         return common + chunk
-
-    def workspace(self, which: str, in_shape, batch: int) -> int:
-        _, Ho, Wo = self.out_shape(in_shape)
-        return conv_workspace(which, in_shape[0] * self.kernel * self.kernel * Ho * Wo, self.out * Ho * Wo, batch)
 
 
 def conv_fields(check, value, field: str, item: dict, kind: str, example: str) -> dict:

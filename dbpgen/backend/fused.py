@@ -292,6 +292,8 @@ class _Fuser(Lowering):
         sums = {s.target.name for s in stmts if _accumulates(s)}
         stored = [name for name in defined
                   if name in sums or name in self.placed or used_later.get(name, -1) > end]
+        if not stored:  # nothing of it is read again (an unsimplified program's dead g''): no loop
+            return []
         args = []
         for s in stmts:
             for sym in sorted(s.expr.free_symbols, key=lambda x: x.name):

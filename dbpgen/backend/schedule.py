@@ -234,6 +234,8 @@ def verify(fn: Function, callable_names: set[str]) -> Function:
             elif isinstance(node, Call):
                 if node.function not in callable_names:
                     raise ScheduleError(f"{fn.name}: call of unknown function {node.function}")
+                if not node.targets:
+                    raise ScheduleError(f"{fn.name}: call of {node.function} assigns nothing")
                 for a in node.args:
                     check(a, node.function, scope)
                 scope.update(node.targets)
@@ -251,6 +253,8 @@ def verify(fn: Function, callable_names: set[str]) -> Function:
             else:
                 raise ScheduleError(f"{fn.name}: unknown node {node!r}")
 
+    if not fn.returns:
+        raise ScheduleError(f"{fn.name}: returns nothing")
     scope = set(fn.params)
     visit(fn.body, scope)
     for value in fn.returns:

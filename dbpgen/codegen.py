@@ -111,6 +111,10 @@ def render(model: Model, programs: dict[str, Program], ops: dict, naive: Program
         "seed": pen.seed if pen else 0,
         "iterations": pen.iterations if pen else 0,
         "n_vectors": n_vectors(model),
+        # the per-sample shape of the drawn directions: one v (random) or n of them (projections)
+        "direction_shape": (f"(batch, {n_vectors(model)}, N_OUTPUTS)" if pen and pen.v == "projections"
+                            else "(batch, N_OUTPUTS)"),
+        "direction_width": n_vectors(model) if pen and pen.v == "projections" else 1,
         "n_outputs": model.n_outputs,
         "input_shape": tuple(model.input_shape),
         "labels_ok": model.loss == "nll",

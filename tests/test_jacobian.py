@@ -124,6 +124,43 @@ def test_random_is_reproducible_and_matches_oracle(tmp_path, rng):
     assert m.value_and_grad(params, x, y, seed=1)[0] != m.value_and_grad(params, x, y, seed=2)[0]
 
 
+@pytest.mark.parametrize("pen", [{"v": "random", "iterations": 2, "p": "norm", "seed": 11},
+                                 {"v": "projections", "count": 3}], ids=["random", "projections"])
+def test_directions_of_a_sample_do_not_depend_on_how_the_batch_is_split(pen, tmp_path, rng):
+    spec = mlp("split_" + pen["v"], ["tanh"], None, "none", pen, widths=(6,), n_in=5, C=4)
+    m = compile_spec(spec, tmp_path, jit=False)
+    whole = m.directions(9, seed=3)
+    assert whole.shape == ((9, 3, 4) if pen["v"] == "projections" else (9, 4))
+    parts = [m.directions(n, seed=3, first=start) for start, n in ((0, 2), (2, 1), (3, 6))]
+    assert np.array_equal(np.concatenate(parts), whole)
+    assert not np.array_equal(m.directions(9, seed=4), whole)
+    # the penalty of samples 2..4 alone, given their part of the directions, is theirs in the whole batch
+    params, x = m.init_params(seed=1), rng.normal(size=(9, 5))
+    R = m.penalty(params, x, seed=3)
+    np.testing.assert_array_equal(m.penalty(params, x[2:5], v=m.directions(3, seed=3, first=2)), R[2:5])
+    with pytest.raises(ValueError, match="first must be a non-negative integer"):
+        m.directions(2, first=-1)
+
+
+def test_drawn_directions_are_uniform_on_the_sphere(tmp_path):
+    spec = mlp("sphere", ["tanh"], None, "none", {"v": "random", "iterations": 1}, widths=(3,), n_in=2, C=4)
+    m = compile_spec(spec, tmp_path, jit=False)
+    n = 40000
+    d = m.directions(n, seed=0)
+    np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1, rtol=1e-13)
+    # uniform on S^3: mean 0, second moment I/4, each coordinate's sd 1/2; 5 standard errors
+    se = 0.5 / np.sqrt(n)
+    assert np.all(np.abs(d.mean(axis=0)) < 5 * se)
+    assert np.all(np.abs(d.T @ d / n - np.eye(4) / 4) < 5 * se)
+    # neighbouring samples and neighbouring seeds are uncorrelated (a product's sd is 1/4)
+    other = m.directions(n, seed=1)
+    for a, b in ((d[1:], d[:-1]), (d, other)):
+        assert np.all(np.abs(np.mean(a * b, axis=0)) < 5 * 0.25 / np.sqrt(n))
+    # a coordinate of a uniform point on S^3, (x+1)/2, is Beta(3/2, 3/2)
+    from scipy import stats
+    assert stats.kstest((d[:, 0] + 1) / 2, stats.beta(1.5, 1.5).cdf).pvalue > 1e-3
+
+
 def test_power_iterations_reach_the_spectral_norm(tmp_path, rng):
     pen = {"v": "random", "iterations": 200, "p": "norm"}
     spec = mlp("spectral", ["relu"], None, "none", pen, widths=(7,), n_in=5, C=3)

@@ -5,6 +5,7 @@ Bad input prints one line naming the file and the field and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 
@@ -129,6 +130,9 @@ def _train(args) -> int:
     for flag, value, ok, wanted in checks:
         if not ok:
             raise ModelError(args.model, flag, f"must be {wanted}, got {value}")
+    if args.dask and not (args.dask.startswith("tcp://") or re.fullmatch(r"local:[1-9][0-9]*", args.dask)):
+        raise ModelError(args.model, "--dask", f"expected local:N (N worker processes) or tcp://HOST:PORT, "
+                                               f"got {args.dask!r}")
     if args.nesterov and (args.optimizer != "sgd" or args.momentum <= 0):
         raise ModelError(args.model, "--nesterov", "needs --optimizer sgd and a --momentum > 0")
     if args.momentum and args.optimizer != "sgd":
@@ -147,10 +151,23 @@ def _train(args) -> int:
     if args.optimizer == "sgd":
         options.update(momentum=args.momentum, nesterov=args.nesterov)
     out = args.output or f"{model.name}_params.npz"
+    client = None
+    if args.dask:
+        from .distributed import client_for
+
+        try:
+            client = client_for(args.dask)
+        except (ValueError, OSError) as exc:
+            raise ModelError(args.model, "--dask", f"no Dask cluster at {args.dask!r}: {exc}") from None
     start = time.perf_counter()
-    result = train(module, x, y, params, optimizer=args.optimizer, lr=args.lr, epochs=args.epochs,
-                   batch_size=args.batch_size, seed=args.seed, lazy=args.lazy, weight=args.weight, v=v,
-                   progress=not args.quiet, loss_module=loss_module, **options)
+    try:
+        result = train(module, x, y, params, optimizer=args.optimizer, lr=args.lr, epochs=args.epochs,
+                       batch_size=args.batch_size, seed=args.seed, lazy=args.lazy, weight=args.weight, v=v,
+                       progress=not args.quiet, loss_module=loss_module, client=client, **options)
+    finally:
+        if client is not None and args.dask.startswith("local:"):
+            client.cluster.close()
+            client.close()
     save_params(out, result.params)
     print(f"{model.name}: {args.epochs} epochs, {result.steps} steps ({result.regularized_steps} with the penalty), "
           f"{time.perf_counter() - start:.1f} s; J = {result.objective:.6g}, loss = {result.loss:.6g} -> {out}")
@@ -207,7 +224,8 @@ def parser() -> argparse.ArgumentParser:
     n.set_defaults(run=_bench)
     t = sub.add_parser("train", help="train with the emitted value_and_grad; save params as .npz")
     t.add_argument("model")
-    t.add_argument("--data", required=True, help=".npz with x (N, *input), y (N, C) and, for v: given, v")
+    t.add_argument("--data", required=True, help=".npz with x (N, *input), y (N, C) and, for v: given, v; or a "
+                                                 "folder with the .npy stacks x/, y/, v/ (dask.array.to_npy_stack)")
     t.add_argument("-o", "--output", default=None, help="params .npz to write (default: <name>_params.npz)")
     t.add_argument("--init", default=None, help="start from these params (.npz, e.g. from save_params)")
     t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
@@ -223,6 +241,9 @@ def parser() -> argparse.ArgumentParser:
                         "the other steps run <name>_loss, the network compiled without its penalty")
     t.add_argument("--weight", type=float, default=None, help="penalty weight lambda (default: the model's)")
     t.add_argument("--module-dir", default="generated", help="where to compile the module (default: generated)")
+    t.add_argument("--dask", default=None, metavar="ADDRESS",
+                   help="data-parallel steps on Dask: local:N (a local cluster of N worker processes) or "
+                        "tcp://HOST:PORT (a running scheduler); --data may then be a folder of .npy stacks")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(run=_train)
     return p

@@ -204,7 +204,8 @@ def tune(compiled: Compiled, batch: int, seconds: float | None = None, kinds=Non
 
 
 def load_generated(path: str | os.PathLike, jit: bool = True):
-    """Import a generated module from its file; jit=False runs its kernels as plain Python."""
+    """Import a generated module from its file; jit=False runs its kernels as plain Python
+    (as NUMBA_DISABLE_JIT=1 does whatever jit says)."""
     import numba
 
     # the module names itself for Numba's cache (see templates/module.py.j2), so the name
@@ -212,7 +213,7 @@ def load_generated(path: str | os.PathLike, jit: bool = True):
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(spec)
     previous = numba.config.DISABLE_JIT
-    numba.config.DISABLE_JIT = not jit
+    numba.config.DISABLE_JIT = previous or not jit
     try:
         spec.loader.exec_module(module)
     finally:

@@ -39,22 +39,47 @@ def _param_shapes(module) -> dict:
     return {k: a.shape for k, a in module.init_params(seed=0).items()}
 
 
-def evaluate(module, params: dict, x, y=None, v=None, batch_size: int = 1024, weight=None) -> float:
-    """J = mean over all samples of [l + weight R], computed in chunks of batch_size."""
+def evaluate(module, params: dict, x, y=None, v=None, batch_size: int = 1024, weight=None,
+             client=None) -> float:
+    """J = mean over all samples of [l + weight R], computed in chunks of batch_size (on the
+    Dask cluster of `client`, if given)."""
+    if client is not None:
+        from . import distributed
+
+        return distributed.evaluate(module, params, x, y, v, weight=weight, client=client,
+                                    chunks=batch_size)
     n = len(x)
     total = 0.0
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
-        value, _ = module.value_and_grad(params, x[sl], None if y is None else y[sl],
-                                         v=None if v is None else v[sl], weight=weight)
+        vb = _local(v[sl]) if v is not None else (
+            module.directions(len(x[sl]), None, start) if hasattr(module, "directions") else None)
+        value, _ = module.value_and_grad(params, _local(x[sl]), None if y is None else _local(y[sl]),
+                                         v=vb, weight=weight)
         total += value * len(x[sl])
     return total / n
+
+
+def _local(a):
+    """A NumPy array of a (a Dask array's values)."""
+    return np.asarray(a.compute() if hasattr(a, "compute") else a)
+
+
+def _step(module, params, x, y, v, seed, weight, client, parts):
+    """One step's value_and_grad: in this process, or split in `parts` chunks on Dask."""
+    if client is None:
+        return module.value_and_grad(params, _local(x), None if y is None else _local(y),
+                                     v=None if v is None else _local(v), seed=seed, weight=weight)
+    from . import distributed
+
+    return distributed.value_and_grad(module, params, x, y, v, seed=seed, weight=weight, client=client,
+                                      chunks=-(-len(x) // parts))
 
 
 def train(module, x, y=None, params: dict | None = None, *, optimizer: str | Optimizer = "adam",
           lr: float | None = None, epochs: int = 100, batch_size: int = 64, seed: int = 0,
           lazy: int = 1, weight: float | None = None, v=None, shuffle: bool = True,
-          progress: bool = True, loss_module=None, **optimizer_options) -> TrainResult:
+          progress: bool = True, loss_module=None, client=None, **optimizer_options) -> TrainResult:
     """Train `module`'s objective J = mean [l + weight R] with mini-batches.
 
     params: initial parameters (default module.init_params(seed)); they are copied.
@@ -68,10 +93,15 @@ def train(module, x, y=None, params: dict | None = None, *, optimizer: str | Opt
     progress: a tqdm bar over epochs showing the running objective.
     loss_module: the same network without its penalty (loss_only_module), for the loss-only
     steps of lazy regularization.
+    client: a distributed.Client: each step's gradient is dbpgen.distributed.value_and_grad
+    of the step's batch, split among the cluster's workers (synchronous data parallelism);
+    x, y, v may then be Dask arrays (e.g. da.from_npy_stack) that never leave the workers
+    whole. The same numbers as without a client, to the rounding of the sums' order.
     """
     from tqdm.auto import tqdm
 
-    x = np.asarray(x)
+    if not hasattr(x, "compute"):
+        x = np.asarray(x)
     n = len(x)
     if y is not None and len(y) != n or v is not None and len(v) != n:
         raise ValueError(f"x, y and v must have the same number of samples ({n})")
@@ -98,6 +128,7 @@ def train(module, x, y=None, params: dict | None = None, *, optimizer: str | Opt
             options["lr"] = lr
         opt = OPTIMIZERS[optimizer](params, **options)
 
+    parts = max(1, len(client.nthreads())) if client is not None else 1  # a chunk per worker
     result = TrainResult(params=params)
     bar = tqdm(range(epochs), disable=not progress, unit="epoch", leave=False,
                desc=os.path.splitext(os.path.basename(getattr(module, "__file__", None) or "train"))[0])
@@ -109,10 +140,10 @@ def train(module, x, y=None, params: dict | None = None, *, optimizer: str | Opt
             regularize = result.steps % lazy == 0
             yb, vb, step_seed = None if y is None else y[idx], None if v is None else v[idx], int(rng.integers(2 ** 31))
             if regularize or loss_module is None:
-                value, grads = module.value_and_grad(params, x[idx], yb, v=vb, seed=step_seed,
-                                                     weight=lam * lazy if regularize else 0.0)
+                value, grads = _step(module, params, x[idx], yb, vb, step_seed,
+                                     lam * lazy if regularize else 0.0, client, parts)
             else:
-                value, grads = loss_module.value_and_grad(params, x[idx], yb)
+                value, grads = _step(loss_module, params, x[idx], yb, None, None, None, client, parts)
             opt.step(grads)
             values.append(value)
             result.steps += 1
@@ -120,8 +151,8 @@ def train(module, x, y=None, params: dict | None = None, *, optimizer: str | Opt
         result.losses.append(float(np.mean(values)))
         bar.set_postfix(J=f"{result.losses[-1]:.4g}", refresh=False)
     bar.close()
-    result.objective = evaluate(module, params, x, y, v, weight=lam)
-    result.loss = evaluate(module, params, x, y, v, weight=0.0)
+    result.objective = evaluate(module, params, x, y, v, weight=lam, client=client)
+    result.loss = evaluate(module, params, x, y, v, weight=0.0, client=client)
     return result
 
 
@@ -158,9 +189,28 @@ def _load_npz(path) -> dict:
         raise ModelError(str(path), "file", f"unreadable .npz archive ({type(exc).__name__}: {exc})") from None
 
 
-def load_data(path, module) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """x (N, *input), y (N, C) or (N,) (C = 1, or class indices), optional v (N, C) from a .npz."""
-    arrays = _load_npz(path)
+def _load_stacks(path) -> dict:
+    """Dask arrays x, y, v of a folder of .npy stacks (dask.array.to_npy_stack(folder/x, x));
+    read chunk by chunk where they are used, never whole."""
+    import dask.array as da
+
+    names = sorted(p.name for p in os.scandir(path) if p.is_dir())
+    arrays = {}
+    for name in names:
+        try:
+            arrays[name] = da.from_npy_stack(os.path.join(path, name))
+        except Exception as exc:  # no info file, a pickled or truncated chunk
+            raise ModelError(str(path), name, f"not a .npy stack written by dask.array.to_npy_stack "
+                                              f"({type(exc).__name__})") from None
+    return arrays
+
+
+def load_data(path, module) -> tuple:
+    """x (N, *input), y (N, C) or (N,) (C = 1, or class indices), optional v (N, C) from a .npz,
+    or, from a folder holding the .npy stacks x/, y/, v/ (dask.array.to_npy_stack), as Dask
+    arrays (their labels are checked chunk by chunk where they are read)."""
+    stacked = os.path.isdir(path)
+    arrays = _load_stacks(path) if stacked else _load_npz(path)
     if "x" not in arrays:
         raise ModelError(str(path), "x", f"missing array (the archive holds {sorted(arrays) or 'nothing'})")
     extra = set(arrays) - {"x", "y", "v"}
@@ -181,7 +231,7 @@ def load_data(path, module) -> tuple[np.ndarray, np.ndarray | None, np.ndarray |
         if not ok:
             raise ModelError(str(path), "y", f"expected shape ({n}, {c}) (or ({n},) class indices), got "
                                              f"{y.dtype} {y.shape}")
-        if y.ndim == 1 and (y.min() < 0 or y.max() >= c):
+        if y.ndim == 1 and not stacked and (y.min() < 0 or y.max() >= c):
             raise ModelError(str(path), "y", f"class indices must lie in [0, {c}), got {y.min()}..{y.max()}")
     v = arrays.get("v")
     if v is not None and (not np.issubdtype(v.dtype, np.number) or v.shape != (n, c)):

@@ -260,10 +260,12 @@ def test_train_command_with_dask(modules, client, tmp_path):
         return subprocess.run([sys.executable, "-m", "dbpgen.cli", *args, *extra, *out],
                               capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
 
-    alone = train(m, x, y, optimizer="adam", epochs=2, batch_size=8, seed=0, progress=False).params
-    for data_arg, address, out in ((tmp_path / "stack", client.scheduler.address, "cluster.npz"),
-                                   (tmp_path / "data.npz", "local:2", "local.npz")):
-        done = run("--data", str(data_arg), "--dask", address, out=out)
+    # lazy regularization: every second step runs <name>_loss, the network without its penalty,
+    # on the cluster too; in this process the same numbers come from weight=0
+    for lazy, data_arg, address, out in ((2, tmp_path / "stack", client.scheduler.address, "cluster.npz"),
+                                         (1, tmp_path / "data.npz", "local:2", "local.npz")):
+        alone = train(m, x, y, optimizer="adam", epochs=2, batch_size=8, seed=0, lazy=lazy, progress=False).params
+        done = run("--data", str(data_arg), "--dask", address, "--lazy", str(lazy), out=out)
         assert done.returncode == 0, done.stderr
         trained = np.load(tmp_path / out)
         for k in alone:

@@ -483,6 +483,15 @@ def vjp_program(model: Model, name: str = "vjp", head_identity: bool = False) ->
     return verify(Program(name, inputs(model, "x0", "v"), tuple(b.stmts), (("xi0", sym("xi0")),)))
 
 
+def input_grad_program(model: Model) -> Program:
+    """grad_x l per sample: Alg. 1 with xi_L = grad_{x_L} l = 2 (x_L - y) (eq. 12), or, for
+    softmax + nll, zeta_L = grad_{z_L} l directly (eq. 43)."""
+    b = _Builder()
+    forward(model, b)
+    backward(model, b, None if model.loss == "nll" else 2 * (sym("x", model.L) - sym("y")), False)
+    return verify(Program("input_grad", inputs(model, "x0", "y"), tuple(b.stmts), (("xi0", sym("xi0")),)))
+
+
 def jvp_program(model: Model, name: str = "jvp", head_identity: bool = False) -> Program:
     """(dx_L/dx_0) u: Alg. 2 with q_0 = u is exactly the forward-mode tangent recursion."""
     b = _Builder()
@@ -530,6 +539,8 @@ def naive_value_and_grad(model: Model) -> Program:
 def derive_programs(model: Model) -> dict[str, Program]:
     """All programs of the emitted module, unsimplified (the 'naive' column of OPS)."""
     programs = {"forward": forward_program(model), "vjp": vjp_program(model), "jvp": jvp_program(model)}
+    if model.loss != "none":
+        programs["input_grad"] = input_grad_program(model)
     if model.penalty:
         programs["penalty"] = penalty_program(model)
     if model.penalty and model.penalty.v == "random":  # J^T and J of the penalised output

@@ -7,6 +7,7 @@ How each program runs (SCHEDULES; chosen by dbpgen.backend.chooser):
 - forward: fused, predicted per call at batch 128: fused 0.0953 ms (+3.3 s to compile); kernels 0.108 ms (not lanes: it cannot run conv1d layers row by row; not jit: conv1d kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function)
 - vjp: fused, predicted per call at batch 128: fused 0.193 ms (+3.3 s to compile); kernels 0.227 ms (not lanes: it cannot run conv1d layers row by row; not jit: conv1d kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function)
 - jvp: fused, predicted per call at batch 128: fused 0.194 ms (+3.3 s to compile); kernels 0.23 ms (not lanes: it cannot run conv1d layers row by row; not jit: conv1d kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function)
+- input_grad: fused, predicted per call at batch 128: fused 0.192 ms (+3.3 s to compile); kernels 0.226 ms (not lanes: it cannot run conv1d layers row by row; not jit: conv1d kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function)
 - penalty: fused, predicted per call at batch 128: fused 0.195 ms (+3.3 s to compile); kernels 0.231 ms (not lanes: it cannot run conv1d layers row by row; not jit: conv1d kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function)
 - value_and_grad: fused, predicted per call at batch 128: fused 0.464 ms (+3.3 s to compile); kernels 0.526 ms (not lanes: it cannot run conv1d layers row by row; not jit: conv1d kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function)
 
@@ -25,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_conv1d_cdb_d8e677d16bf1a011"
+__name__ = "_dbpgen_conv1d_cdb_90bc8e3a6acee412"
 
 
 class _CachedGlobals:
@@ -143,6 +144,7 @@ PEAK_BYTES = {'batch': 128, 'emitted': 2054152, 'naive': 2814976}
 SCHEDULES = {'forward': 'fused',
  'vjp': 'fused',
  'jvp': 'fused',
+ 'input_grad': 'fused',
  'penalty': 'fused',
  'value_and_grad': 'fused'}
 
@@ -525,6 +527,54 @@ def _fused2(t, x, y):
     return (zeta_out,)
 
 
+def _input_grad(W1, b1, W3, b3, W5, b5, x0, y):
+    z1 = b1.reshape((-1, 1)) + _conv1d_K(W1, x0, 1, 2, 1, 13107)  # (8)
+    x1 = np.maximum(0, z1)  # (8)
+    dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
+    del z1
+    z2 = _avgpool1d_K(x1, 2)  # (8)
+    del x1
+    x2 = z2  # (8)
+    del z2
+    z3 = b3.reshape((-1, 1)) + _conv1d_K(W3, x2, 2, 0, 2, 29127)  # (8)
+    del x2
+    x3 = np.maximum(0, z3)  # (8)
+    dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
+    del z3
+    z4 = _flatten1d_K(x3)  # (8)
+    del x3
+    x4 = z4  # (8)
+    del z4
+    t0_ = _dense_K(W5, x4)  # z5 = b5 + K_5(W5, x4)
+    del x4
+    z5 = t0_ + b5  # (8)
+    del t0_
+    x5 = _softmax(z5)  # (8)
+    del z5
+    t1_ = _rowsum(y)  # zeta5 = x5*RowSum(y) - y
+    zeta5 = _fused2(t1_, x5, y)[0]  # fused loop: zeta5; (43)
+    del t1_, x5
+    xi4 = _dense_KT(W5, zeta5)  # (16)
+    del zeta5
+    zeta4 = xi4  # (15)
+    del xi4
+    xi3 = _flatten1d_KT(zeta4, 8, 6)  # (16)
+    del zeta4
+    zeta3 = dg3*xi3  # (15)
+    del dg3, xi3
+    xi2 = _conv1d_KT(W3, zeta3, 2, 0, 2, 16, 29127)  # (16)
+    del zeta3
+    zeta2 = xi2  # (15)
+    del xi2
+    xi1 = _avgpool1d_KT(zeta2, 2)  # (16)
+    del zeta2
+    zeta1 = dg1*xi1  # (15)
+    del dg1, xi1
+    xi0 = _conv1d_KT(W1, zeta1, 1, 2, 1, 32, 13107)  # (16)
+    del zeta1
+    return (xi0,)
+
+
 def _penalty(W1, b1, W3, b3, W5, b5, x0, y):
     z1 = b1.reshape((-1, 1)) + _conv1d_K(W1, x0, 1, 2, 1, 13107)  # (8)
     x1 = np.maximum(0, z1)  # (8)
@@ -848,6 +898,15 @@ def value_and_grad(params, x, y=None, v=None, seed=None, weight=None):
     lam = _lam(weight)
     out = _value_and_grad(W1, b1, W3, b3, W5, b5, x0, y, lam)
     return float(out[0][0]), dict(zip(['W1', 'b1', 'W3', 'b3', 'W5', 'b5'], out[1:]))
+
+
+def input_grad(params, x, y):
+    """grad_x l per sample (the loss of each sample, not the batch mean): shape (B, *INPUT_SHAPE),
+    what adversarial examples (FGSM, PGD) and saliency maps need."""
+    x0 = _batch(x)
+    y = _per_sample(y, "y", x0.shape[0], True)
+    W1, b1, W3, b3, W5, b5 = _unpack(params)
+    return _input_grad(W1, b1, W3, b3, W5, b5, x0, y)[0]
 
 
 def vjp(params, x, v):

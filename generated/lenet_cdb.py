@@ -5,7 +5,7 @@ Model sha256: 7c77871acfe0727f0d3ce59224feb2205d021f16e25c5cd7f075e6edbc25dbaf
 
 How each program runs (SCHEDULES; chosen by dbpgen.backend.chooser):
 - forward: fused, predicted per call at batch 128: fused 3.15 ms (+3.9 s to compile); kernels 3.35 ms (not lanes: it cannot run conv2d layers row by row; not jit: conv2d kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function)
-- vjp: fused, predicted per call at batch 128: fused 6.46 ms (+3.9 s to compile); kernels 7 ms (not lanes: it cannot run conv2d layers row by row; not jit: conv2d kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function)
+- vjp, input_grad: fused, predicted per call at batch 128: fused 6.46 ms (+3.9 s to compile); kernels 7 ms (not lanes: it cannot run conv2d layers row by row; not jit: conv2d kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function)
 - jvp, penalty: fused, predicted per call at batch 128: fused 6.48 ms (+3.9 s to compile); kernels 7.05 ms (not lanes: it cannot run conv2d layers row by row; not jit: conv2d kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function)
 - value_and_grad: fused, predicted per call at batch 128: fused 17.6 ms (+3.9 s to compile); kernels 18.5 ms (not lanes: it cannot run conv2d layers row by row; not jit: conv2d kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function)
 
@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_lenet_cdb_d81babcf0a01bc93"
+__name__ = "_dbpgen_lenet_cdb_486d83237daed39c"
 
 
 class _CachedGlobals:
@@ -151,6 +151,7 @@ PEAK_BYTES = {'batch': 128, 'emitted': 42995720, 'naive': 41073664}
 SCHEDULES = {'forward': 'fused',
  'vjp': 'fused',
  'jvp': 'fused',
+ 'input_grad': 'fused',
  'penalty': 'fused',
  'value_and_grad': 'fused'}
 
@@ -576,6 +577,62 @@ def _fused2(t, x, y):
     return (zeta_out,)
 
 
+def _input_grad(W1, b1, W3, b3, W6, b6, x0, y):
+    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291)  # (8)
+    x1 = np.maximum(0, z1)  # (8)
+    dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
+    del z1
+    z2 = _avgpool_K(x1, 2)  # (8)
+    del x1
+    x2 = z2  # (8)
+    del z2
+    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327)  # (8)
+    del x2
+    x3 = np.maximum(0, z3)  # (8)
+    dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
+    del z3
+    z4 = _avgpool_K(x3, 2)  # (8)
+    del x3
+    x4 = z4  # (8)
+    del z4
+    z5 = _flatten_K(x4)  # (8)
+    del x4
+    x5 = z5  # (8)
+    del z5
+    t0_ = _dense_K(W6, x5)  # z6 = b6 + K_6(W6, x5)
+    del x5
+    z6 = t0_ + b6  # (8)
+    del t0_
+    x6 = _softmax(z6)  # (8)
+    del z6
+    t1_ = _rowsum(y)  # zeta6 = x6*RowSum(y) - y
+    zeta6 = _fused2(t1_, x6, y)[0]  # fused loop: zeta6; (43)
+    del t1_, x6
+    xi5 = _dense_KT(W6, zeta6)  # (16)
+    del zeta6
+    zeta5 = xi5  # (15)
+    del xi5
+    xi4 = _flatten_KT(zeta5, 16, 4, 4)  # (16)
+    del zeta5
+    zeta4 = xi4  # (15)
+    del xi4
+    xi3 = _avgpool_KT(zeta4, 2)  # (16)
+    del zeta4
+    zeta3 = dg3*xi3  # (15)
+    del dg3, xi3
+    xi2 = _conv2d_KT(W3, zeta3, 1, 0, 1, 12, 12, 327)  # (16)
+    del zeta3
+    zeta2 = xi2  # (15)
+    del xi2
+    xi1 = _avgpool_KT(zeta2, 2)  # (16)
+    del zeta2
+    zeta1 = dg1*xi1  # (15)
+    del dg1, xi1
+    xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28, 291)  # (16)
+    del zeta1
+    return (xi0,)
+
+
 def _penalty(W1, b1, W3, b3, W6, b6, x0, y):
     z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291)  # (8)
     x1 = np.maximum(0, z1)  # (8)
@@ -923,6 +980,15 @@ def value_and_grad(params, x, y=None, v=None, seed=None, weight=None):
     lam = _lam(weight)
     out = _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam)
     return float(out[0][0]), dict(zip(['W1', 'b1', 'W3', 'b3', 'W6', 'b6'], out[1:]))
+
+
+def input_grad(params, x, y):
+    """grad_x l per sample (the loss of each sample, not the batch mean): shape (B, *INPUT_SHAPE),
+    what adversarial examples (FGSM, PGD) and saliency maps need."""
+    x0 = _batch(x)
+    y = _per_sample(y, "y", x0.shape[0], True)
+    W1, b1, W3, b3, W6, b6 = _unpack(params)
+    return _input_grad(W1, b1, W3, b3, W6, b6, x0, y)[0]
 
 
 def vjp(params, x, v):

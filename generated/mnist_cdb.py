@@ -7,6 +7,7 @@ How each program runs (SCHEDULES; chosen by dbpgen.backend.chooser):
 - forward: kernels, predicted per call at batch 128: kernels 0.779 ms; fused 0.765 ms (+2.1 s to compile), jit 0.777 ms (+1.9 s to compile) (not lanes: a layer wider than 32 units)
 - vjp: fused, predicted per call at batch 128: fused 1.54 ms (+2.1 s to compile); kernels 1.58 ms, jit 1.57 ms (+3.2 s to compile) (not lanes: a layer wider than 32 units)
 - jvp: fused, predicted per call at batch 128: fused 1.56 ms (+2.1 s to compile); kernels 1.62 ms, jit 1.62 ms (+3.2 s to compile) (not lanes: a layer wider than 32 units)
+- input_grad: fused, predicted per call at batch 128: fused 1.54 ms (+2.1 s to compile); kernels 1.58 ms, jit 1.57 ms (+3.1 s to compile) (not lanes: a layer wider than 32 units)
 - penalty: fused, predicted per call at batch 128: fused 1.56 ms (+2.1 s to compile); kernels 1.62 ms, jit 1.62 ms (+3.4 s to compile) (not lanes: a layer wider than 32 units)
 - value_and_grad: fused, predicted per call at batch 128: fused 4.01 ms (+2.1 s to compile); kernels 4.1 ms, jit 4.09 ms (+6 s to compile) (not lanes: a layer wider than 32 units)
 
@@ -25,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_cdb_31f30e39e3c8cb29"
+__name__ = "_dbpgen_mnist_cdb_5e91fe1cf8f8e40c"
 
 
 class _CachedGlobals:
@@ -125,6 +126,7 @@ PEAK_BYTES = {'batch': 128, 'emitted': 5333088, 'naive': 5028864}
 SCHEDULES = {'forward': 'kernels',
  'vjp': 'fused',
  'jvp': 'fused',
+ 'input_grad': 'fused',
  'penalty': 'fused',
  'value_and_grad': 'fused'}
 
@@ -333,6 +335,36 @@ def _fused3(t, x, y):
             zeta = t[i, 0]*x[i, k] - y[i, k]  # (43)
             zeta_out[i, k] = zeta
     return (zeta_out,)
+
+
+def _input_grad(W1, b1, W2, b2, W3, b3, x0, y):
+    t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused0(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
+    del t0_
+    t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
+    del x1
+    x2, dg2 = _fused0(b2, t1_)  # fused loop: z2, x2, dg2; (8); g' (9), SymPy
+    del t1_
+    t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
+    del x2
+    z3 = t2_ + b3  # (8)
+    del t2_
+    x3 = _softmax(z3)  # (8)
+    del z3
+    t3_ = _rowsum(y)  # zeta3 = x3*RowSum(y) - y
+    zeta3 = _fused3(t3_, x3, y)[0]  # fused loop: zeta3; (43)
+    del t3_, x3
+    xi2 = _dense_KT(W3, zeta3)  # (16)
+    del zeta3
+    zeta2 = dg2*xi2  # (15)
+    del dg2, xi2
+    xi1 = _dense_KT(W2, zeta2)  # (16)
+    del zeta2
+    zeta1 = dg1*xi1  # (15)
+    del dg1, xi1
+    xi0 = _dense_KT(W1, zeta1)  # (16)
+    del zeta1
+    return (xi0,)
 
 
 def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
@@ -679,6 +711,15 @@ def value_and_grad(params, x, y=None, v=None, seed=None, weight=None):
     lam = _lam(weight)
     out = _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam)
     return float(out[0][0]), dict(zip(['W1', 'b1', 'W2', 'b2', 'W3', 'b3'], out[1:]))
+
+
+def input_grad(params, x, y):
+    """grad_x l per sample (the loss of each sample, not the batch mean): shape (B, *INPUT_SHAPE),
+    what adversarial examples (FGSM, PGD) and saliency maps need."""
+    x0 = _batch(x)
+    y = _per_sample(y, "y", x0.shape[0], True)
+    W1, b1, W2, b2, W3, b3 = _unpack(params)
+    return _input_grad(W1, b1, W2, b2, W3, b3, x0, y)[0]
 
 
 def vjp(params, x, v):

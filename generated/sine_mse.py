@@ -6,6 +6,7 @@ Model sha256: 4ae85ca9ffcf1a5c71ae730ff1723138836f296906a75e04082cc8655b93f73e
 How each program runs (SCHEDULES; chosen by dbpgen.backend.chooser):
 - forward: lanes, predicted per call at batch 128: lanes 0.0101 ms (+0.8 s to compile); jit 0.0142 ms (+1.9 s to compile), fused 0.0158 ms (+2.1 s to compile), kernels 0.0161 ms
 - vjp, jvp: lanes, predicted per call at batch 128: lanes 0.0114 ms (+1.1 s to compile); jit 0.0187 ms (+2.8 s to compile), fused 0.0225 ms (+2.1 s to compile), kernels 0.0235 ms
+- input_grad: lanes, predicted per call at batch 128: lanes 0.0117 ms (+1.2 s to compile); jit 0.0204 ms (+3.2 s to compile), fused 0.0254 ms (+2.1 s to compile), kernels 0.0266 ms
 - value_and_grad: lanes, predicted per call at batch 128: lanes 0.012 ms (+1.4 s to compile); jit 0.0229 ms (+3.7 s to compile), fused 0.0297 ms (+2.1 s to compile), kernels 0.0306 ms
 
 Imports only numpy and numba (and the standard library). See EQUATIONS for the derived
@@ -23,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_mse_7f088e2a8e97546f"
+__name__ = "_dbpgen_sine_mse_e03ab9786141e0a1"
 
 
 class _CachedGlobals:
@@ -100,7 +101,11 @@ PEAK_BYTES = {'batch': 128, 'emitted': 37400, 'naive': 36864}
 # how each program runs: lanes (batch-minor fused kernel), jit (one jitted function),
 # fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
 # operators' own kernels), count (plain Python counting K, K^T, K^box)
-SCHEDULES = {'forward': 'lanes', 'vjp': 'lanes', 'jvp': 'lanes', 'value_and_grad': 'lanes'}
+SCHEDULES = {'forward': 'lanes',
+ 'vjp': 'lanes',
+ 'jvp': 'lanes',
+ 'input_grad': 'lanes',
+ 'value_and_grad': 'lanes'}
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
 # (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
@@ -343,6 +348,102 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
             for b in range(nb):
                 Ju_out[b + c0, i] = h3[i, b]
     return (Ju_out,)
+
+
+@numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+def _input_grad(W1, b1, W2, b2, W3, b3, x0, y):
+    B = x0.shape[0]  # batch size
+    ws = np.empty((70, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
+    n5_ = W2.shape[0]  # a width, read at run time
+    n8_ = W1.shape[0]  # a width, read at run time
+    x0_t = ws[0:1]  # x0 by chunk, samples last
+    y_t = ws[1:2]  # y by chunk, samples last
+    z1 = ws[2:10]
+    x1 = ws[10:18]
+    dg1 = ws[18:26]
+    z2 = ws[26:31]
+    x2 = ws[31:36]
+    dg2 = ws[36:41]
+    z3 = ws[41:42]
+    x3 = z3  # (8)
+    xi3 = ws[42:43]
+    zeta3 = xi3  # (15)
+    xi2 = ws[43:48]
+    zeta2 = ws[48:53]
+    xi1 = ws[53:61]
+    zeta1 = ws[61:69]
+    xi0 = ws[69:70]
+    xi0_out = np.empty((B, 1), dtype=DTYPE)  # xi0, samples first
+    kr0 = np.empty((64,), dtype=DTYPE)  # a row of K or K^T
+    for c0 in range(0, B, 64):  # chunks of 64 samples
+        nb = min(64, B - c0)  # samples in this chunk
+        for i in range(1):  # chunk of x0, transposed
+            for b in range(nb):
+                x0_t[i, b] = x0[b + c0, i]
+        for i in range(1):  # chunk of y, transposed
+            for b in range(nb):
+                y_t[i, b] = y[b + c0, i]
+        for i in range(n8_):  # z1 = b1 + K_1(W1, x0), (8)
+            for b in range(nb):
+                kr0[b] = 0.0
+            for k in range(1):
+                w = W1[i, k]
+                for b in range(nb):
+                    kr0[b] += w*x0_t[k, b]
+            for b in range(nb):
+                z1[i, b] = b1[i] + kr0[b]
+                x1[i, b] = np.maximum(0, z1[i, b])  # x1 = Max(0, z1), (8)
+                dg1[i, b] = (1.0 if z1[i, b] > 0 else 0.0)  # dg1 = Heaviside(z1), g' (9), SymPy
+        for i in range(n5_):  # z2 = b2 + K_2(W2, x1), (8)
+            for b in range(nb):
+                kr0[b] = 0.0
+            for k in range(n8_):
+                w = W2[i, k]
+                for b in range(nb):
+                    kr0[b] += w*x1[k, b]
+            for b in range(nb):
+                z2[i, b] = b2[i] + kr0[b]
+                x2[i, b] = np.maximum(0, z2[i, b])  # x2 = Max(0, z2), (8)
+                dg2[i, b] = (1.0 if z2[i, b] > 0 else 0.0)  # dg2 = Heaviside(z2), g' (9), SymPy
+        for i in range(1):  # z3 = b3 + K_3(W3, x2), (8)
+            for b in range(nb):
+                kr0[b] = 0.0
+            for k in range(n5_):
+                w = W3[i, k]
+                for b in range(nb):
+                    kr0[b] += w*x2[k, b]
+            for b in range(nb):
+                z3[i, b] = b3[0] + kr0[b]
+                xi3[i, b] = -2*y_t[0, b] + 2*z3[0, b]  # xi3 = 2*x3 - 2*y, Alg. 1: xi_L = v
+        for i in range(n5_):  # xi2 = K^T_3(W3, zeta3), (16)
+            for b in range(nb):
+                xi2[i, b] = 0.0
+            for k in range(1):
+                w = W3[k, i]
+                for b in range(nb):
+                    xi2[i, b] += w*xi3[k, b]
+            for b in range(nb):
+                zeta2[i, b] = dg2[i, b]*xi2[i, b]  # zeta2 = dg2*xi2, (15)
+        for i in range(n8_):  # xi1 = K^T_2(W2, zeta2), (16)
+            for b in range(nb):
+                xi1[i, b] = 0.0
+            for k in range(n5_):
+                w = W2[k, i]
+                for b in range(nb):
+                    xi1[i, b] += w*zeta2[k, b]
+            for b in range(nb):
+                zeta1[i, b] = dg1[i, b]*xi1[i, b]  # zeta1 = dg1*xi1, (15)
+        for i in range(1):  # xi0 = K^T_1(W1, zeta1), (16)
+            for b in range(nb):
+                xi0[i, b] = 0.0
+            for k in range(n8_):
+                w = W1[k, i]
+                for b in range(nb):
+                    xi0[i, b] += w*zeta1[k, b]
+        for i in range(1):  # xi0 back to samples first
+            for b in range(nb):
+                xi0_out[b + c0, i] = xi0[i, b]
+    return (xi0_out,)
 
 
 @numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
@@ -595,6 +696,15 @@ def value_and_grad(params, x, y=None, v=None, seed=None, weight=None):
     lam = _lam(weight)
     out = _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y)
     return float(out[0][0]), dict(zip(['W1', 'b1', 'W2', 'b2', 'W3', 'b3'], out[1:]))
+
+
+def input_grad(params, x, y):
+    """grad_x l per sample (the loss of each sample, not the batch mean): shape (B, *INPUT_SHAPE),
+    what adversarial examples (FGSM, PGD) and saliency maps need."""
+    x0 = _batch(x)
+    y = _per_sample(y, "y", x0.shape[0], True)
+    W1, b1, W2, b2, W3, b3 = _unpack(params)
+    return _input_grad(W1, b1, W2, b2, W3, b3, x0, y)[0]
 
 
 def vjp(params, x, v):

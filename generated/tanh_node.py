@@ -7,6 +7,7 @@ How each program runs (SCHEDULES; chosen by dbpgen.backend.chooser):
 - forward: kernels, predicted per call at batch 128: kernels 0.151 ms; fused 0.151 ms (+2.1 s to compile), jit 0.605 ms (+1.9 s to compile) (not lanes: a layer wider than 32 units)
 - vjp: fused, predicted per call at batch 128: fused 0.26 ms (+2.1 s to compile); kernels 0.288 ms, jit 0.738 ms (+3 s to compile) (not lanes: a layer wider than 32 units)
 - jvp: fused, predicted per call at batch 128: fused 0.262 ms (+2.1 s to compile); kernels 0.291 ms, jit 0.741 ms (+3 s to compile) (not lanes: a layer wider than 32 units)
+- input_grad: fused, predicted per call at batch 128: fused 0.269 ms (+2.1 s to compile); kernels 0.298 ms, jit 0.747 ms (+3.2 s to compile) (not lanes: a layer wider than 32 units)
 - penalty: fused, predicted per call at batch 128: fused 0.263 ms (+2.1 s to compile); kernels 0.293 ms, jit 0.742 ms (+3.2 s to compile) (not lanes: a layer wider than 32 units)
 - value_and_grad: fused, predicted per call at batch 128: fused 0.597 ms (+2.1 s to compile); kernels 0.642 ms, jit 1.08 ms (+6.1 s to compile) (not lanes: a layer wider than 32 units)
 
@@ -25,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_tanh_node_1a6a77d3c30acc48"
+__name__ = "_dbpgen_tanh_node_c1741e8c479cbbe3"
 
 
 class _CachedGlobals:
@@ -127,6 +128,7 @@ PEAK_BYTES = {'batch': 128, 'emitted': 2770000, 'naive': 2196480}
 SCHEDULES = {'forward': 'kernels',
  'vjp': 'fused',
  'jvp': 'fused',
+ 'input_grad': 'fused',
  'penalty': 'fused',
  'value_and_grad': 'fused'}
 
@@ -281,6 +283,50 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
     return (q3,)
 
 
+@numba.njit(cache=True)
+def _fused2(b, t, y):
+    zeta_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
+    for i in range(t.shape[0]):  # samples
+        for k in range(t.shape[1]):  # units
+            z = b[k] + t[i, k]  # (8)
+            x = z  # (8)
+            xi = 2*x - 2*y[i, k]  # Alg. 1: xi_L = v
+            zeta = xi  # (15)
+            zeta_out[i, k] = zeta
+    return (zeta_out,)
+
+
+def _input_grad(W1, b1, W2, b2, W3, b3, x0, y):
+    t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
+    z1 = t0_ + b1  # (8)
+    del t0_
+    x1 = np.tanh(z1)  # (8)
+    del z1
+    dg1 = _fused0(x1)[0]  # fused loop: dg1; g' (9), SymPy
+    t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
+    del x1
+    z2 = t1_ + b2  # (8)
+    del t1_
+    x2 = np.tanh(z2)  # (8)
+    del z2
+    dg2 = _fused0(x2)[0]  # fused loop: dg2; g' (9), SymPy
+    t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
+    del x2
+    zeta3 = _fused2(b3, t2_, y)[0]  # fused loop: z3, x3, xi3, zeta3; (8); Alg. 1: xi_L = v; (15)
+    del t2_
+    xi2 = _dense_KT(W3, zeta3)  # (16)
+    del zeta3
+    zeta2 = dg2*xi2  # (15)
+    del dg2, xi2
+    xi1 = _dense_KT(W2, zeta2)  # (16)
+    del zeta2
+    zeta1 = dg1*xi1  # (15)
+    del dg1, xi1
+    xi0 = _dense_KT(W1, zeta1)  # (16)
+    del zeta1
+    return (xi0,)
+
+
 def _penalty(W1, b1, W2, b2, W3, x0, v):
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
     z1 = t0_ + b1  # (8)
@@ -315,7 +361,7 @@ def _penalty(W1, b1, W2, b2, W3, x0, v):
 
 
 @numba.njit(cache=True)
-def _fused2(x):
+def _fused3(x):
     dg_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     ddg_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
@@ -328,7 +374,7 @@ def _fused2(x):
 
 
 @numba.njit(cache=True)
-def _fused3(b, t, v, B, lam, t_1_out):
+def _fused4(b, t, v, B, lam, t_1_out):
     x_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
     zeta_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
     for i in range(t.shape[0]):  # samples
@@ -345,7 +391,7 @@ def _fused3(b, t, v, B, lam, t_1_out):
 
 
 @numba.njit(cache=True)
-def _fused4(dg, xi, B, lam, t_out):
+def _fused5(dg, xi, B, lam, t_out):
     zeta_out = np.empty((dg.shape[0], dg.shape[1]), dtype=DTYPE)
     for i in range(dg.shape[0]):  # samples
         for k in range(dg.shape[1]):  # units
@@ -357,7 +403,7 @@ def _fused4(dg, xi, B, lam, t_out):
 
 
 @numba.njit(cache=True)
-def _fused5(dg, xi, B, lam, t_out):
+def _fused6(dg, xi, B, lam, t_out):
     zeta_out = np.empty((dg.shape[0], dg.shape[1]), dtype=DTYPE)
     for i in range(dg.shape[0]):  # samples
         for k in range(dg.shape[1]):  # units
@@ -369,7 +415,7 @@ def _fused5(dg, xi, B, lam, t_out):
 
 
 @numba.njit(cache=True)
-def _fused6(t, dg, q_out):
+def _fused7(t, dg, q_out):
     h_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
     for i in range(t.shape[0]):  # samples
         for k in range(t.shape[1]):  # units
@@ -381,7 +427,7 @@ def _fused6(t, dg, q_out):
 
 
 @numba.njit(cache=True)
-def _fused7(dg, h, q_out):
+def _fused8(dg, h, q_out):
     for i in range(dg.shape[0]):  # samples
         for k in range(dg.shape[1]):  # units
             q = dg[i, k]*h[i, k]  # (21)
@@ -390,7 +436,7 @@ def _fused7(dg, h, q_out):
 
 
 @numba.njit(cache=True)
-def _fused8(x, y):
+def _fused9(x, y):
     delta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
         for k in range(x.shape[1]):  # units
@@ -400,7 +446,7 @@ def _fused8(x, y):
 
 
 @numba.njit(cache=True)
-def _fused9(R, lam, t):
+def _fused10(R, lam, t):
     t_1_out = np.zeros((R.shape[1],), dtype=DTYPE)
     for i in range(R.shape[0]):  # samples
         for k in range(R.shape[1]):  # units
@@ -409,7 +455,7 @@ def _fused9(R, lam, t):
 
 
 @numba.njit(cache=True)
-def _fused10(delta, B, t_out):
+def _fused11(delta, B, t_out):
     eps_out = np.empty((delta.shape[0], delta.shape[1]), dtype=DTYPE)
     t_1_out = np.zeros((delta.shape[1],), dtype=DTYPE)
     for i in range(delta.shape[0]):  # samples
@@ -423,7 +469,7 @@ def _fused10(delta, B, t_out):
 
 
 @numba.njit(cache=True)
-def _fused11(ddg, dg, h, lam, t, xi, B, t_1_out):
+def _fused12(ddg, dg, h, lam, t, xi, B, t_1_out):
     eps_out = np.empty((ddg.shape[0], ddg.shape[1]), dtype=DTYPE)
     t_2_out = np.zeros((ddg.shape[1],), dtype=DTYPE)
     for i in range(ddg.shape[0]):  # samples
@@ -437,7 +483,7 @@ def _fused11(ddg, dg, h, lam, t, xi, B, t_1_out):
 
 
 @numba.njit(cache=True)
-def _fused12(ddg, dg, h, lam, t, xi, B, t_1_out):
+def _fused13(ddg, dg, h, lam, t, xi, B, t_1_out):
     t_2_out = np.zeros((ddg.shape[1],), dtype=DTYPE)
     for i in range(ddg.shape[0]):  # samples
         for k in range(ddg.shape[1]):  # units
@@ -461,23 +507,23 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
     del t0_
     x1 = np.tanh(z1)  # (8)
     del z1
-    dg1, ddg1 = _fused2(x1)  # fused loop: dg1, ddg1; g' (9), SymPy; g'' (9), SymPy
+    dg1, ddg1 = _fused3(x1)  # fused loop: dg1, ddg1; g' (9), SymPy; g'' (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
     z2 = t1_ + b2  # (8)
     del t1_
     x2 = np.tanh(z2)  # (8)
     del z2
-    dg2, ddg2 = _fused2(x2)  # fused loop: dg2, ddg2; g' (9), SymPy; g'' (9), SymPy
+    dg2, ddg2 = _fused3(x2)  # fused loop: dg2, ddg2; g' (9), SymPy; g'' (9), SymPy
     t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
-    x3, zeta3, t14_ = _fused3(b3, t2_, v, B, lam, S3y_[:B])  # fused loop: z3, x3, xi3, zeta3, t14_; (8); Alg. 1: xi_L = v; (15); (31), (32)
+    x3, zeta3, t14_ = _fused4(b3, t2_, v, B, lam, S3y_[:B])  # fused loop: z3, x3, xi3, zeta3, t14_; (8); Alg. 1: xi_L = v; (15); (31), (32)
     del t14_, t2_
     xi2 = _dense_KT(W3, zeta3)  # (16)
     del zeta3
-    zeta2, t11_ = _fused4(dg2, xi2, B, lam, S2y_[:B])  # fused loop: zeta2, t11_; (15); (31), (32)
+    zeta2, t11_ = _fused5(dg2, xi2, B, lam, S2y_[:B])  # fused loop: zeta2, t11_; (15); (31), (32)
     del t11_
     xi1 = _dense_KT(W2, zeta2)  # (16)
     del zeta2
-    zeta1, t9_ = _fused5(dg1, xi1, B, lam, S1y_[B:])  # fused loop: zeta1, t9_; (15); (31), (32)
+    zeta1, t9_ = _fused6(dg1, xi1, B, lam, S1y_[B:])  # fused loop: zeta1, t9_; (15); (31), (32)
     del t9_
     xi0 = _dense_KT_into(W1, zeta1, S1x_[B:])  # (16)
     del zeta1
@@ -486,28 +532,28 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
     del s
     t3_ = _dense_K(W1, xi0)  # h1 = 2*K_1(W1, xi0)
     del xi0
-    h1, q1 = _fused6(t3_, dg1, S2x_[:B])  # fused loop: h1, q1; (20); (21)
+    h1, q1 = _fused7(t3_, dg1, S2x_[:B])  # fused loop: h1, q1; (20); (21)
     del t3_
     h2 = _dense_K(W2, q1)  # (20)
     del q1
-    q2 = _fused7(dg2, h2, S3x_[:B])[0]  # fused loop: q2; (21)
+    q2 = _fused8(dg2, h2, S3x_[:B])[0]  # fused loop: q2; (21)
     del q2
-    delta3 = _fused8(x3, y)[0]  # fused loop: delta3; (33)
+    delta3 = _fused9(x3, y)[0]  # fused loop: delta3; (33)
     t4_ = _rowsum((x3 - y)**2)  # J = Σ_b(R*lam + RowSum((x3 - y)**2))/B
     del x3
-    t5_ = _fused9(R, lam, t4_)[0]  # fused loop: t5_; J = (1/B) sum_b [l + lam R]
+    t5_ = _fused10(R, lam, t4_)[0]  # fused loop: t5_; J = (1/B) sum_b [l + lam R]
     del R, t4_
     J = t5_/B  # J = (1/B) sum_b [l + lam R]
     del t5_
-    eps3, t15_, t16_ = _fused10(delta3, B, S3y_[B:])  # fused loop: eps3, t15_, t16_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
+    eps3, t15_, t16_ = _fused11(delta3, B, S3y_[B:])  # fused loop: eps3, t15_, t16_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
     del delta3, t15_
     t6_ = _dense_KT(W3, eps3)  # eps2 = ddg2*h2*lam*xi2 + dg2*K^T_3(W3, eps3)
     del eps3
-    eps2, t12_, t13_ = _fused11(ddg2, dg2, h2, lam, t6_, xi2, B, S2y_[B:])  # fused loop: eps2, t12_, t13_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
+    eps2, t12_, t13_ = _fused12(ddg2, dg2, h2, lam, t6_, xi2, B, S2y_[B:])  # fused loop: eps2, t12_, t13_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
     del ddg2, dg2, h2, t12_, t6_, xi2
     t7_ = _dense_KT(W2, eps2)  # eps1 = ddg1*h1*lam*xi1 + dg1*K^T_2(W2, eps2)
     del eps2
-    t8_, t10_ = _fused12(ddg1, dg1, h1, lam, t7_, xi1, B, S1y_[:B])  # fused loop: eps1, t8_, t10_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
+    t8_, t10_ = _fused13(ddg1, dg1, h1, lam, t7_, xi1, B, S1y_[:B])  # fused loop: eps1, t8_, t10_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
     del ddg1, dg1, h1, t7_, t8_, xi1
     S1x_[:B] = x0  # copied into its half
     dW1 = _dense_Kbox(S1x_, S1y_)  # (31), (32), one GEMM over the stacked batch
@@ -641,6 +687,15 @@ def value_and_grad(params, x, y=None, v=None, seed=None, weight=None):
     lam = _lam(weight)
     out = _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam)
     return float(out[0][0]), dict(zip(['W1', 'b1', 'W2', 'b2', 'W3', 'b3'], out[1:]))
+
+
+def input_grad(params, x, y):
+    """grad_x l per sample (the loss of each sample, not the batch mean): shape (B, *INPUT_SHAPE),
+    what adversarial examples (FGSM, PGD) and saliency maps need."""
+    x0 = _batch(x)
+    y = _per_sample(y, "y", x0.shape[0], True)
+    W1, b1, W2, b2, W3, b3 = _unpack(params)
+    return _input_grad(W1, b1, W2, b2, W3, b3, x0, y)[0]
 
 
 def vjp(params, x, v):

@@ -483,6 +483,11 @@ class Oracle:
         z_L, _ = self._forward_both(params, x)
         return self._loss_of_zL(z_L, y)
 
+    def input_grad(self, params, x, y):
+        """grad_x of each sample's own loss l(x_L, y), (B, *input)."""
+        x, y = _f64(x), _f64(y)
+        return autograd.grad(lambda x0: anp.sum(self._loss_of_zL(self._forward_both(params, x0)[0], y)))(x)
+
     # ---- xi_0 and the penalty -----------------------------------------
 
     def _vjp_of(self, out_fn, params, x, v):

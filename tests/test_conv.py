@@ -67,6 +67,9 @@ def check(spec, m, rng):
     u = rng.normal(size=x.shape)
     assert_close(m.jvp(params, x, u), oracle.jvp(params, x, u))
     assert_close(m.forward(params, x), oracle.forward(params, x))
+    g = m.input_grad(params, x, y)
+    assert g.shape == x.shape
+    assert_close(g, oracle.input_grad(params, x, y))
 
 
 @pytest.mark.parametrize("spec", CASES, ids=[s["name"] for s in CASES])

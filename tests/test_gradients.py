@@ -39,6 +39,11 @@ def check_against_oracle(spec, module, rng, batch=5):
     assert_close(module.vjp(params, x, v), oracle.vjp(params, x, v))
     u = rng.normal(size=x.shape)
     assert_close(module.jvp(params, x, u), oracle.jvp(params, x, u))
+    if yy is None:
+        with pytest.raises(ValueError, match="no loss"):
+            module.input_grad(params, x, y)
+    else:  # grad_x of each sample's own loss
+        assert_close(module.input_grad(params, x, yy), oracle.input_grad(ref_params, x, yy))
 
 
 def mlp(name, acts, out_act=None, loss="mse", penalty=None, widths=(4, 3), n_in=3, C=2, bias=True):

@@ -51,7 +51,8 @@ def calls(m, batch: int = 3):
             p, kw.get("x", x), kw.get("y", y), kw.get("v"), weight=kw.get("weight"))),
         ("vjp", lambda p, **kw: m.vjp(p, kw.get("x", x), kw.get("v", v))),
         ("jvp", lambda p, **kw: m.jvp(p, kw.get("x", x), kw.get("u", x))),
-    ]
+    ] + ([("input_grad", lambda p, **kw: m.input_grad(p, kw.get("x", x), kw.get("y", y)))]
+         if "input_grad" in m.SCHEDULES else [])  # a model with a loss
 
 
 def expect_error(label: str, name: str, run) -> None:

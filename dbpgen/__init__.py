@@ -3,6 +3,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import Derivation, derive  # noqa: E402
+from .api import Derivation, compile, derive  # noqa: E402,A004
 
-__all__ = ["Derivation", "derive", "__version__"]
+__all__ = ["Derivation", "compile", "derive", "__version__"]

@@ -1,4 +1,5 @@
-"""Python API: `dbpgen.derive(path)` returns the derived, simplified equations."""
+"""Python API: `dbpgen.derive(model)` returns the derived, simplified equations;
+`dbpgen.compile(model)` emits and imports the module."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .compiler import Compiled, build
-from .model import load_model
+from .model import as_model
 from .program import Program
 
 
@@ -49,6 +50,27 @@ class Derivation:
     def __getitem__(self, phase: str) -> list[sp.Eq]:
         return self.equations[phase]
 
+    def __str__(self) -> str:
+        from .equations import equations_text
 
-def derive(path: str | os.PathLike) -> Derivation:
-    return Derivation(build(load_model(path)))
+        return equations_text(self.compiled.model, self.program)
+
+    def _repr_markdown_(self) -> str:
+        """Jupyter: the equations grouped by pass, in LaTeX, and the simplifications."""
+        from .equations import equations_markdown
+
+        return equations_markdown(self.compiled.model, self.program)
+
+
+def derive(model) -> Derivation:
+    """The derivation of a model: a path to a model file, YAML text, or a dict."""
+    return Derivation(build(as_model(model)))
+
+
+def compile(model, out_dir: str | os.PathLike = "generated", *, schedule: str | None = None,
+            jit: bool = True):
+    """Emit <out_dir>/<name>.py for a model (a path, YAML text or a dict) and import it.
+    schedule: force one (see `dbpgen compile --schedule`); jit=False runs it as plain Python."""
+    from .compiler import compile_model, load_generated
+
+    return load_generated(compile_model(as_model(model), out_dir, schedule=schedule), jit=jit)

@@ -72,3 +72,19 @@ def equations_latex(program: Program) -> str:
         lines += [sp.latex(eq, symbol_names=names) + r" \\" for eq in eqs]
     lines.append("% simplifications: " + "; ".join(program.fired))
     return "\n".join(lines) + "\n"
+
+
+def equations_markdown(model: Model, program: Program) -> str:
+    """The equations as Markdown with LaTeX, a section per pass and the simplifications that
+    fired (how a Derivation shows itself in Jupyter)."""
+    names = _latex_names(program)
+    lines = [f"**{model.name}**: {program.name}, L = {model.L}, loss = {model.loss}"
+             + (f", penalty v = {model.penalty.v}" if model.penalty else "")]
+    for phase, eqs in program.equations().items():
+        lines += ["", f"*{phase}*", "", "$$", "\\begin{aligned}"]
+        lines += [sp.latex(eq.lhs, symbol_names=names) + " &= " + sp.latex(eq.rhs, symbol_names=names) + r" \\"
+                  for eq in eqs]
+        lines += ["\\end{aligned}", "$$"]
+    lines += ["", "*simplifications*", ""]
+    lines += [f"- {note}" for note in program.fired] or ["- (none fired)"]
+    return "\n".join(lines) + "\n"

@@ -86,6 +86,25 @@ def load_model(path: str | Path) -> Model:
     return model_from_dict(_parse_yaml(raw, source), source, hashlib.sha256(raw).hexdigest())
 
 
+def as_model(model) -> Model:
+    """A Model from a Model, a path to a model file, YAML text, or a dict as YAML gives it
+    (the Python API's `model` argument); errors name "<text>" or "<dict>" for the last two."""
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, dict):
+        try:  # checked as the same model in a file would be
+            text = yaml.safe_dump(model, sort_keys=False).encode()
+        except yaml.YAMLError as exc:
+            raise ModelError("<dict>", "file", f"holds a value YAML cannot write ({exc})") from None
+        return model_from_dict(_parse_yaml(text, "<dict>"), "<dict>", hashlib.sha256(text).hexdigest())
+    if isinstance(model, str) and "\n" in model:
+        raw = model.encode()
+        return model_from_dict(_parse_yaml(raw, "<text>"), "<text>", hashlib.sha256(raw).hexdigest())
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model)
+    raise TypeError(f"model must be a path, YAML text or a dict, not {type(model).__name__}")
+
+
 class _Loader(yaml.SafeLoader):
     """yaml.SafeLoader that bounds what aliases expand to. yaml.safe_dump writes aliases for
     repeated layers, so they are allowed; but a few nested ones (a "billion laughs") stand

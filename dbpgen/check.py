@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 
 from .compiler import build, load_generated
+from .errors import ModelError
 from .model import load_model
 
 EPS = 1e-6
@@ -40,38 +41,56 @@ def _agree(analytic: float, numeric: float, rtol: float) -> tuple[bool, float]:
 
 
 def check_model(path, batch: int = 4, seed: int = 0, rtol: float = 1e-5) -> tuple[bool, str]:
+    """(every check passed, the report). A module that fails to import or to run is a
+    ModelError of one line (a compiler bug: the parser accepted what it cannot emit)."""
     model = replace(load_model(path), dtype="float64")
     with tempfile.TemporaryDirectory() as tmp:
         target = f"{tmp}/{model.name}.py"
         with open(target, "w", encoding="utf-8") as f:
             f.write(build(model).source())
-        m = load_generated(target)
-        rng = np.random.default_rng(seed)
-        params = m.init_params(seed)
-        x, y, v = _inputs(model, rng, batch)
-        vv = v if model.penalty and model.penalty.v == "given" else None
+        try:
+            return _check_module(path, model, load_generated(target), batch, seed, rtol)
+        except Exception as exc:  # anything the emitted code raises
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ModelError(str(path), "check", f"the emitted module fails at run time: "
+                                                 f"{type(exc).__name__}: {first}") from None
 
-        def value(p):
-            return m.value_and_grad(p, x, y=y, v=vv)[0]
 
-        _, grads = m.value_and_grad(params, x, y=y, v=vv)
-        lines, ok = [], True
-        for name, g in grads.items():
-            worst = 0.0
-            for d in _directions(g.shape, rng):
-                plus = dict(params, **{name: params[name] + EPS * d})
-                minus = dict(params, **{name: params[name] - EPS * d})
-                good, err = _agree(float(np.sum(g * d)), (value(plus) - value(minus)) / (2 * EPS), rtol)
-                ok, worst = ok and good, max(worst, err)
-            lines.append(f"  d/d{name:<6} max relative error {worst:.2e}")
-        u = rng.normal(size=x.shape)
-        numeric = (m.forward(params, x + EPS * u) - m.forward(params, x - EPS * u)) / (2 * EPS)
-        good, err = _agree(float(np.sum(m.jvp(params, x, u) * v)), float(np.sum(numeric * v)), rtol)
+def _check_module(path, model, m, batch: int, seed: int, rtol: float) -> tuple[bool, str]:
+    rng = np.random.default_rng(seed)
+    params = m.init_params(seed)
+    x, y, v = _inputs(model, rng, batch)
+    vv = v if model.penalty and model.penalty.v == "given" else None
+
+    def value(p):
+        return m.value_and_grad(p, x, y=y, v=vv)[0]
+
+    _, grads = m.value_and_grad(params, x, y=y, v=vv)
+    lines, ok = [], True
+    for name, g in grads.items():
+        worst = 0.0
+        for d in _directions(g.shape, rng):
+            plus = dict(params, **{name: params[name] + EPS * d})
+            minus = dict(params, **{name: params[name] - EPS * d})
+            good, err = _agree(float(np.sum(g * d)), (value(plus) - value(minus)) / (2 * EPS), rtol)
+            ok, worst = ok and good, max(worst, err)
+        lines.append(f"  d/d{name:<6} max relative error {worst:.2e}")
+    u = rng.normal(size=x.shape)
+    numeric = (m.forward(params, x + EPS * u) - m.forward(params, x - EPS * u)) / (2 * EPS)
+    good, err = _agree(float(np.sum(m.jvp(params, x, u) * v)), float(np.sum(numeric * v)), rtol)
+    ok = ok and good
+    lines.append(f"  jvp        relative error {err:.2e}")
+    good, err = _agree(float(np.sum(m.vjp(params, x, v) * u)), float(np.sum(numeric * v)), rtol)
+    ok = ok and good
+    lines.append(f"  vjp        relative error {err:.2e}")
+    if model.loss != "none":  # grad_x of each sample's loss: differences of B * J at weight 0
+        def total(x0):
+            return batch * m.value_and_grad(params, x0, y=y, v=vv, weight=0.0)[0]
+
+        good, err = _agree(float(np.sum(m.input_grad(params, x, y) * u)),
+                           (total(x + EPS * u) - total(x - EPS * u)) / (2 * EPS), rtol)
         ok = ok and good
-        lines.append(f"  jvp        relative error {err:.2e}")
-        good, err = _agree(float(np.sum(m.vjp(params, x, v) * u)), float(np.sum(numeric * v)), rtol)
-        ok = ok and good
-        lines.append(f"  vjp        relative error {err:.2e}")
+        lines.append(f"  input_grad relative error {err:.2e}")
     verdict = "OK" if ok else "MISMATCH"
     head = f"{path}: {verdict}: gradients vs central differences (float64, eps={EPS}, rtol={rtol})"
     return ok, "\n".join([head] + lines)

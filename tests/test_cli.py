@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import import_module
@@ -243,3 +244,23 @@ def test_check_smooth_model_ok(tmp_path):
     assert "OK" in result.stdout
     assert "MISMATCH" not in result.stdout
     assert "Traceback" not in result.stderr
+    assert "input_grad relative error" in result.stdout
+
+
+def test_check_reports_a_module_that_fails_at_run_time_in_one_line(tmp_path, monkeypatch, capsys):
+    """Such a module is a compiler bug; were one to slip through, check says so in one line."""
+    from dbpgen import check, cli
+
+    model = write(tmp_path / "smooth.yaml", SMOOTH)
+    real = check.load_generated
+
+    def broken(path, jit=True):
+        m = real(path, jit=False)
+        m.value_and_grad = lambda *a, **k: np.empty(0)[5]  # an IndexError from inside the module
+        return m
+
+    monkeypatch.setattr(check, "load_generated", broken)
+    assert cli.main(["check", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the emitted module fails at run time: IndexError" in err
+    assert err.startswith(str(model)) and "Traceback" not in err

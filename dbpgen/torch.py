@@ -16,6 +16,7 @@ where the dtypes match) and adds the returned gradients to the parameters' `.gra
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 import torch
@@ -37,15 +38,18 @@ def _array(t, dtype):
 class DoubleBackprop:
     """An nn.Sequential's loss + penalty gradients from its compiled double-backpropagation
     module. loss, penalty: as in the model file; name: the module's name (default: the
-    net's class name, lower case); out_dir: where the module is written; jit=False runs it as
+    net's class name, lower case); out_dir: where the module is written (default: a folder
+    dbpgen-torch in the system's temporary directory); jit=False runs it as
     plain Python (for debugging)."""
 
     def __init__(self, net, input_shape, *, loss: str = "none", penalty: dict | None = None,
-                 name: str | None = None, out_dir: str | os.PathLike = "generated", dtype: str | None = None,
+                 name: str | None = None, out_dir: str | os.PathLike | None = None, dtype: str | None = None,
                  jit: bool = True):
         self.net = net
         self.text = from_torch(net, input_shape, name=name or "torch_" + type(net).__name__.lower(), loss=loss,
                                penalty=penalty, dtype=dtype)
+        if out_dir is None:  # outside the user's checkout, kept between runs for Numba's cache
+            out_dir = os.path.join(tempfile.gettempdir(), "dbpgen-torch")
         self.module = _compile(self.text, out_dir, jit=jit)
         tensors = [p for p in net.parameters()]
         if len(tensors) != len(self.module.PARAMS):

@@ -12,7 +12,7 @@ from .model import as_model
 from .program import Program
 
 
-@dataclass
+@dataclass(repr=False)
 class Derivation:
     """The derivation of a model's value_and_grad program.
 
@@ -49,6 +49,11 @@ class Derivation:
 
     def __getitem__(self, phase: str) -> list[sp.Eq]:
         return self.equations[phase]
+
+    def __repr__(self) -> str:
+        passes = ", ".join(self.equations)
+        return (f"<Derivation of {self.compiled.model.name}: {passes}; "
+                f"{len(self.simplifications)} simplifications>")
 
     def __str__(self) -> str:
         from .equations import equations_text

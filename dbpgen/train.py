@@ -98,8 +98,6 @@ def train(module, x, y=None, params: dict | None = None, *, optimizer: str | Opt
     x, y, v may then be Dask arrays (e.g. da.from_npy_stack) that never leave the workers
     whole. The same numbers as without a client, to the rounding of the sums' order.
     """
-    from tqdm.auto import tqdm
-
     if not hasattr(x, "compute"):
         x = np.asarray(x)
     n = len(x)
@@ -130,8 +128,13 @@ def train(module, x, y=None, params: dict | None = None, *, optimizer: str | Opt
 
     parts = max(1, len(client.nthreads())) if client is not None else 1  # a chunk per worker
     result = TrainResult(params=params)
-    bar = tqdm(range(epochs), disable=not progress, unit="epoch", leave=False,
-               desc=os.path.splitext(os.path.basename(getattr(module, "__file__", None) or "train"))[0])
+    if progress:  # tqdm.auto: a widget in Jupyter, text elsewhere
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(epochs), unit="epoch", leave=False,
+                   desc=os.path.splitext(os.path.basename(getattr(module, "__file__", None) or "train"))[0])
+    else:
+        bar = _Quiet(range(epochs))
     for _ in bar:
         order = rng.permutation(n) if shuffle else np.arange(n)
         values = []
@@ -154,6 +157,22 @@ def train(module, x, y=None, params: dict | None = None, *, optimizer: str | Opt
     result.objective = evaluate(module, params, x, y, v, weight=lam, client=client)
     result.loss = evaluate(module, params, x, y, v, weight=0.0, client=client)
     return result
+
+
+class _Quiet:
+    """What train uses of a tqdm bar, doing nothing (progress=False)."""
+
+    def __init__(self, iterable):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
 
 
 def loss_only_module(model_path, out_dir="generated"):

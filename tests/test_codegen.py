@@ -98,7 +98,7 @@ def test_schedules_follow_the_shapes(tmp_path):
 @pytest.mark.parametrize("spec", JITTED, ids=[s["name"] for s in JITTED])
 def test_jitted_matches_oracle_and_plain_python(spec, tmp_path, rng):
     jitted = compile_spec(spec, tmp_path, jit=True)
-    check_against_oracle(spec, jitted, rng)
+    check_against_oracle(spec, jitted, rng, input_grad=False)  # jitted input_grad: test_schedule
     check_jit_equals_plain(spec, jitted, rng)
 
 

@@ -33,7 +33,7 @@ def test_fused_kernels_match_the_oracle_across_chunk_boundaries(spec, tmp_path, 
     module = compile_spec(spec, tmp_path)
     assert fused(module)
     for batch in (1, lanes.CHUNK - 1, lanes.CHUNK, lanes.CHUNK + 1, 2 * lanes.CHUNK + 7):
-        check_against_oracle(spec, module, rng, batch=batch)
+        check_against_oracle(spec, module, rng, batch=batch, input_grad=False)  # lanes input_grad: test_schedule
 
 
 @pytest.mark.parametrize("spec", FUSED[:2], ids=[s["name"] for s in FUSED[:2]])

@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_lenet_cdb_486d83237daed39c"
+__name__ = "_dbpgen_lenet_cdb_e3bf370e0e260d13"
 
 
 class _CachedGlobals:
@@ -208,8 +208,12 @@ def _avgpool_KT(y, k):
 # (zero outside x) is filled by a serial jitted loop, and K, K^T and K^box are one GEMM
 # each per chunk against the (Cout, Cin k k) filter matrix, with the batch inside the
 # GEMM's long axis.  K^T adds its columns back into place (col2im, the adjoint of im2col)
-# in a serial jitted loop.  BLAS's threads are the module's only threads: jitted parallel
-# loops beside them would spin against them for the same cores. --
+# in a serial jitted loop.  Where the operator chose `per_sample` (a filter matrix small
+# enough to stay in cache: a first layer on 1 or 3 channels), the buffer is laid out
+# sample by sample, (n, Cin k k, Ho Wo), and each product is a stack of per-sample GEMMs
+# whose results are already in (B, C, H, W) order: no transposed copies of y or out.
+# BLAS's threads are the module's only threads: jitted parallel loops beside them would
+# spin against them for the same cores. --
 
 
 @numba.njit(cache=True)
@@ -232,6 +236,44 @@ def _conv2d_gather(x, k, stride, padding, dilation, Ho, Wo, cols):
 
 
 @numba.njit(cache=True)
+def _conv2d_gather_samples(x, k, stride, padding, dilation, Ho, Wo, cols):
+    # cols[b, c, i, j, oh, ow] = x[b, c, oh stride + i dilation - padding, ...] (zero outside x):
+    # the per-sample layout (n, Cin, k, k, Ho, Wo), one pass over cols
+    n, Cin, H, Wd = x.shape
+    for b in range(n):
+        for c in range(Cin):
+            for i in range(k):
+                for j in range(k):
+                    for oh in range(Ho):
+                        h = oh * stride + i * dilation - padding
+                        for ow in range(Wo):
+                            w = ow * stride + j * dilation - padding
+                            if h >= 0 and h < H and w >= 0 and w < Wd:
+                                cols[b, c, i, j, oh, ow] = x[b, c, h, w]
+                            else:
+                                cols[b, c, i, j, oh, ow] = 0
+
+
+@numba.njit(cache=True)
+def _conv2d_scatter_samples(cols, k, stride, padding, dilation, out):
+    # the adjoint of _conv2d_gather_samples: cols (n, Cin, k, k, Ho, Wo) added back into out
+    n, Cin, H, Wd = out.shape
+    Ho, Wo = cols.shape[4], cols.shape[5]
+    out[:] = 0
+    for b in range(n):
+        for c in range(Cin):
+            for i in range(k):
+                for j in range(k):
+                    for oh in range(Ho):
+                        h = oh * stride + i * dilation - padding
+                        if h >= 0 and h < H:
+                            for ow in range(Wo):
+                                w = ow * stride + j * dilation - padding
+                                if w >= 0 and w < Wd:
+                                    out[b, c, h, w] += cols[b, c, i, j, oh, ow]
+
+
+@numba.njit(cache=True)
 def _conv2d_scatter(cols, k, stride, padding, dilation, out):
     # the adjoint of _conv2d_gather: out (n, Cin, H, Wd) = the columns added back into place
     n, Cin, H, Wd = out.shape
@@ -250,15 +292,19 @@ def _conv2d_scatter(cols, k, stride, padding, dilation, out):
                                     out[b, c, h, w] += cols[c, i, j, b, oh, ow]
 
 
-def _conv2d_cols(x, k, stride, padding, dilation, Ho, Wo):
-    # the im2col buffer of x (n, Cin, H, Wd): (Cin k k, n Ho Wo)
+def _conv2d_cols(x, k, stride, padding, dilation, Ho, Wo, per_sample):
+    # the im2col buffer of x (n, Cin, H, Wd): (Cin k k, n Ho Wo), or (n, Cin k k, Ho Wo) per sample
     n, Cin = x.shape[0], x.shape[1]
+    if per_sample:
+        cols = np.empty((n, Cin, k, k, Ho, Wo), dtype=x.dtype)
+        _conv2d_gather_samples(x, k, stride, padding, dilation, Ho, Wo, cols)
+        return cols.reshape(n, Cin * k * k, Ho * Wo)
     cols = np.empty((Cin, k, k, n, Ho, Wo), dtype=x.dtype)
     _conv2d_gather(x, k, stride, padding, dilation, Ho, Wo, cols)
     return cols.reshape(Cin * k * k, n * Ho * Wo)
 
 
-def _conv2d_K(W, x, stride, padding, dilation, chunk):
+def _conv2d_K(W, x, stride, padding, dilation, chunk, per_sample):
     B, Cin, H, Wd = x.shape
     Cout = W.shape[0]
     k = W.shape[2]
@@ -268,12 +314,15 @@ def _conv2d_K(W, x, stride, padding, dilation, chunk):
     out = np.empty((B, Cout, Ho, Wo), dtype=x.dtype)
     for b0 in range(0, B, chunk):
         b1 = min(B, b0 + chunk)
-        cols = _conv2d_cols(x[b0:b1], k, stride, padding, dilation, Ho, Wo)
-        out[b0:b1] = (Wm @ cols).reshape(Cout, b1 - b0, Ho, Wo).transpose(1, 0, 2, 3)
+        cols = _conv2d_cols(x[b0:b1], k, stride, padding, dilation, Ho, Wo, per_sample)
+        if per_sample:
+            np.matmul(Wm, cols, out=out[b0:b1].reshape(b1 - b0, Cout, Ho * Wo))
+        else:
+            out[b0:b1] = (Wm @ cols).reshape(Cout, b1 - b0, Ho, Wo).transpose(1, 0, 2, 3)
     return out
 
 
-def _conv2d_KT(W, y, stride, padding, dilation, H, Wd, chunk):
+def _conv2d_KT(W, y, stride, padding, dilation, H, Wd, chunk, per_sample):
     B, Cout, Ho, Wo = y.shape
     Cin = W.shape[1]
     k = W.shape[2]
@@ -282,21 +331,28 @@ def _conv2d_KT(W, y, stride, padding, dilation, H, Wd, chunk):
     for b0 in range(0, B, chunk):
         b1 = min(B, b0 + chunk)
         n = b1 - b0
-        yt = y[b0:b1].transpose(1, 0, 2, 3).reshape(Cout, n * Ho * Wo)
-        cols = (WmT @ yt).reshape(Cin, k, k, n, Ho, Wo)
-        _conv2d_scatter(cols, k, stride, padding, dilation, out[b0:b1])
+        if per_sample:
+            cols = np.matmul(WmT, y[b0:b1].reshape(n, Cout, Ho * Wo)).reshape(n, Cin, k, k, Ho, Wo)
+            _conv2d_scatter_samples(cols, k, stride, padding, dilation, out[b0:b1])
+        else:
+            yt = y[b0:b1].transpose(1, 0, 2, 3).reshape(Cout, n * Ho * Wo)
+            cols = (WmT @ yt).reshape(Cin, k, k, n, Ho, Wo)
+            _conv2d_scatter(cols, k, stride, padding, dilation, out[b0:b1])
     return out
 
 
-def _conv2d_Kbox(x, y, stride, padding, dilation, k, chunk):
+def _conv2d_Kbox(x, y, stride, padding, dilation, k, chunk, per_sample):
     B, Cin = x.shape[0], x.shape[1]
     Cout, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
     grad = np.zeros((Cout, Cin * k * k), dtype=x.dtype)
     for b0 in range(0, B, chunk):
         b1 = min(B, b0 + chunk)
-        cols = _conv2d_cols(x[b0:b1], k, stride, padding, dilation, Ho, Wo)
-        yt = y[b0:b1].transpose(1, 0, 2, 3).reshape(Cout, (b1 - b0) * Ho * Wo)
-        grad += yt @ cols.T
+        n = b1 - b0
+        cols = _conv2d_cols(x[b0:b1], k, stride, padding, dilation, Ho, Wo, per_sample)
+        if per_sample:  # one small product per sample, summed
+            grad += np.matmul(y[b0:b1].reshape(n, Cout, Ho * Wo), cols.transpose(0, 2, 1)).sum(axis=0)
+        else:
+            grad += y[b0:b1].transpose(1, 0, 2, 3).reshape(Cout, n * Ho * Wo) @ cols.T
     return grad.reshape(Cout, Cin, k, k)
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
@@ -405,14 +461,14 @@ def _logsumexp(z):
 
 
 def _forward(W1, b1, W3, b3, W6, b6, x0):
-    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291)  # (8)
+    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # (8)
     x1 = np.maximum(0, z1)  # (8)
     del z1
     z2 = _avgpool_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327)  # (8)
+    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # (8)
     del x2
     x3 = np.maximum(0, z3)  # (8)
     del z3
@@ -444,7 +500,7 @@ def _fused0(t, x, xi):
 
 
 def _vjp(W1, b1, W3, b3, W6, b6, x0, v):
-    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291)  # (8)
+    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # (8)
     x1 = np.maximum(0, z1)  # (8)
     dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
     del z1
@@ -452,7 +508,7 @@ def _vjp(W1, b1, W3, b3, W6, b6, x0, v):
     del x1
     x2 = z2  # (8)
     del z2
-    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327)  # (8)
+    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # (8)
     del x2
     x3 = np.maximum(0, z3)  # (8)
     dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
@@ -487,7 +543,7 @@ def _vjp(W1, b1, W3, b3, W6, b6, x0, v):
     del zeta4
     zeta3 = dg3*xi3  # (15)
     del dg3, xi3
-    xi2 = _conv2d_KT(W3, zeta3, 1, 0, 1, 12, 12, 327)  # (16)
+    xi2 = _conv2d_KT(W3, zeta3, 1, 0, 1, 12, 12, 327, False)  # (16)
     del zeta3
     zeta2 = xi2  # (15)
     del xi2
@@ -495,7 +551,7 @@ def _vjp(W1, b1, W3, b3, W6, b6, x0, v):
     del zeta2
     zeta1 = dg1*xi1  # (15)
     del dg1, xi1
-    xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28, 291)  # (16)
+    xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28, 291, True)  # (16)
     del zeta1
     return (xi0,)
 
@@ -511,7 +567,7 @@ def _fused1(h, t, x):
 
 
 def _jvp(W1, b1, W3, b3, W6, b6, x0, u):
-    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291)  # (8)
+    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # (8)
     x1 = np.maximum(0, z1)  # (8)
     dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
     del z1
@@ -519,7 +575,7 @@ def _jvp(W1, b1, W3, b3, W6, b6, x0, u):
     del x1
     x2 = z2  # (8)
     del z2
-    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327)  # (8)
+    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # (8)
     del x2
     x3 = np.maximum(0, z3)  # (8)
     dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
@@ -539,7 +595,7 @@ def _jvp(W1, b1, W3, b3, W6, b6, x0, u):
     x6 = _softmax(z6)  # (8)
     del z6
     q0 = u  # q_0 = u
-    h1 = _conv2d_K(W1, q0, 1, 0, 1, 291)  # (20)
+    h1 = _conv2d_K(W1, q0, 1, 0, 1, 291, True)  # (20)
     del q0
     q1 = dg1*h1  # (21)
     del dg1, h1
@@ -547,7 +603,7 @@ def _jvp(W1, b1, W3, b3, W6, b6, x0, u):
     del q1
     q2 = h2  # (21)
     del h2
-    h3 = _conv2d_K(W3, q2, 1, 0, 1, 327)  # (20)
+    h3 = _conv2d_K(W3, q2, 1, 0, 1, 327, False)  # (20)
     del q2
     q3 = dg3*h3  # (21)
     del dg3, h3
@@ -578,7 +634,7 @@ def _fused2(t, x, y):
 
 
 def _input_grad(W1, b1, W3, b3, W6, b6, x0, y):
-    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291)  # (8)
+    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # (8)
     x1 = np.maximum(0, z1)  # (8)
     dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
     del z1
@@ -586,7 +642,7 @@ def _input_grad(W1, b1, W3, b3, W6, b6, x0, y):
     del x1
     x2 = z2  # (8)
     del z2
-    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327)  # (8)
+    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # (8)
     del x2
     x3 = np.maximum(0, z3)  # (8)
     dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
@@ -620,7 +676,7 @@ def _input_grad(W1, b1, W3, b3, W6, b6, x0, y):
     del zeta4
     zeta3 = dg3*xi3  # (15)
     del dg3, xi3
-    xi2 = _conv2d_KT(W3, zeta3, 1, 0, 1, 12, 12, 327)  # (16)
+    xi2 = _conv2d_KT(W3, zeta3, 1, 0, 1, 12, 12, 327, False)  # (16)
     del zeta3
     zeta2 = xi2  # (15)
     del xi2
@@ -628,13 +684,13 @@ def _input_grad(W1, b1, W3, b3, W6, b6, x0, y):
     del zeta2
     zeta1 = dg1*xi1  # (15)
     del dg1, xi1
-    xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28, 291)  # (16)
+    xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28, 291, True)  # (16)
     del zeta1
     return (xi0,)
 
 
 def _penalty(W1, b1, W3, b3, W6, b6, x0, y):
-    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291)  # (8)
+    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # (8)
     x1 = np.maximum(0, z1)  # (8)
     dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
     del z1
@@ -642,7 +698,7 @@ def _penalty(W1, b1, W3, b3, W6, b6, x0, y):
     del x1
     x2 = z2  # (8)
     del z2
-    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327)  # (8)
+    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # (8)
     del x2
     x3 = np.maximum(0, z3)  # (8)
     dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
@@ -676,7 +732,7 @@ def _penalty(W1, b1, W3, b3, W6, b6, x0, y):
     del zeta4
     zeta3 = dg3*xi3  # (15)
     del dg3, xi3
-    xi2 = _conv2d_KT(W3, zeta3, 1, 0, 1, 12, 12, 327)  # (16)
+    xi2 = _conv2d_KT(W3, zeta3, 1, 0, 1, 12, 12, 327, False)  # (16)
     del zeta3
     zeta2 = xi2  # (15)
     del xi2
@@ -684,7 +740,7 @@ def _penalty(W1, b1, W3, b3, W6, b6, x0, y):
     del zeta2
     zeta1 = dg1*xi1  # (15)
     del dg1, xi1
-    xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28, 291)  # (16)
+    xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28, 291, True)  # (16)
     del zeta1
     s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     del xi0
@@ -750,7 +806,7 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     B = x0.shape[0]  # batch size
     S6x_ = np.empty((2*B, 256), dtype=DTYPE)  # [q5; x5] stacked over the batch
     S6y_ = np.empty((2*B, 10), dtype=DTYPE)  # [t6_; t7_] stacked over the batch
-    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291)  # (8)
+    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # (8)
     x1 = np.maximum(0, z1)  # (8)
     dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
     del z1
@@ -758,7 +814,7 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     del x1
     x2 = z2  # (8)
     del z2
-    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327)  # (8)
+    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # (8)
     x3 = np.maximum(0, z3)  # (8)
     dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
     del z3
@@ -789,25 +845,25 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     del zeta4
     zeta3 = dg3*xi3  # (15)
     del xi3
-    xi2 = _conv2d_KT(W3, zeta3, 1, 0, 1, 12, 12, 327)  # (16)
+    xi2 = _conv2d_KT(W3, zeta3, 1, 0, 1, 12, 12, 327, False)  # (16)
     zeta2 = xi2  # (15)
     del xi2
     xi1 = _avgpool_KT(zeta2, 2)  # (16)
     del zeta2
     zeta1 = dg1*xi1  # (15)
     del xi1
-    xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28, 291)  # (16)
+    xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28, 291, True)  # (16)
     s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     R = s  # (10)
     del s
-    h1 = 2*_conv2d_K(W1, xi0, 1, 0, 1, 291)  # (20)
+    h1 = 2*_conv2d_K(W1, xi0, 1, 0, 1, 291, True)  # (20)
     q1 = dg1*h1  # (21)
     del h1
     h2 = _avgpool_K(q1, 2)  # (20)
     del q1
     q2 = h2  # (21)
     del h2
-    h3 = _conv2d_K(W3, q2, 1, 0, 1, 327)  # (20)
+    h3 = _conv2d_K(W3, q2, 1, 0, 1, 327, False)  # (20)
     q3 = dg3*h3  # (21)
     del h3
     h4 = _avgpool_K(q3, 2)  # (20)
@@ -835,7 +891,7 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     del eta4
     eta3 = dg3*gamma3  # (28)
     del dg3, gamma3
-    gamma2 = _conv2d_KT(W3, eta3, 1, 0, 1, 12, 12, 327)  # (30)
+    gamma2 = _conv2d_KT(W3, eta3, 1, 0, 1, 12, 12, 327, False)  # (30)
     eta2 = gamma2  # (28)
     del gamma2
     gamma1 = _avgpool_KT(eta2, 2)  # (30)
@@ -849,11 +905,11 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     del R, t1_, t3_, t4_
     J = t5_/B  # J = (1/B) sum_b [l + lam R]
     del t5_
-    dW1 = _conv2d_Kbox(x0, (eta1*lam + zeta1)/B, 1, 0, 1, 5, 291) + _conv2d_Kbox(xi0, 2*lam*zeta1/B, 1, 0, 1, 5, 291)  # (31), (32)
+    dW1 = _conv2d_Kbox(x0, (eta1*lam + zeta1)/B, 1, 0, 1, 5, 291, True) + _conv2d_Kbox(xi0, 2*lam*zeta1/B, 1, 0, 1, 5, 291, True)  # (31), (32)
     del xi0
     db1 = _bsum_channels(eta1*lam + zeta1)/B  # (31), (33)
     del eta1, zeta1
-    dW3 = _conv2d_Kbox(q2, lam*zeta3/B, 1, 0, 1, 5, 327) + _conv2d_Kbox(x2, (eta3*lam + zeta3)/B, 1, 0, 1, 5, 327)  # (31), (32)
+    dW3 = _conv2d_Kbox(q2, lam*zeta3/B, 1, 0, 1, 5, 327, False) + _conv2d_Kbox(x2, (eta3*lam + zeta3)/B, 1, 0, 1, 5, 327, False)  # (31), (32)
     del q2, x2
     db3 = _bsum_channels(eta3*lam + zeta3)/B  # (31), (33)
     del eta3, zeta3

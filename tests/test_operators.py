@@ -88,7 +88,9 @@ def conv_cases(draw):
     H, Wd = draw(st.integers(lo, lo + 7)), draw(st.integers(lo, lo + 7))
     seed = draw(st.integers(0, 2**32 - 1))
     chunk = draw(st.integers(1, 3))  # samples per im2col buffer: uneven last chunks included
-    return dict(B=B, Cin=Cin, Cout=Cout, k=k, s=s, p=p, d=d, H=H, Wd=Wd, seed=seed, chunk=chunk)
+    per_sample = draw(st.booleans())  # one GEMM per sample, or one over the chunk
+    return dict(B=B, Cin=Cin, Cout=Cout, k=k, s=s, p=p, d=d, H=H, Wd=Wd, seed=seed, chunk=chunk,
+                per_sample=per_sample)
 
 
 def conv_arrays(c, dtype=np.float64):
@@ -103,9 +105,9 @@ def conv_arrays(c, dtype=np.float64):
 def apply_conv(ns, c, W, x, y):
     geometry = (c["s"], c["p"], c["d"])
     return (
-        ns["_conv2d_K"](W, x, *geometry, c["chunk"]),
-        ns["_conv2d_KT"](W, y, *geometry, c["H"], c["Wd"], c["chunk"]),
-        ns["_conv2d_Kbox"](x, y, *geometry, c["k"], c["chunk"]),
+        ns["_conv2d_K"](W, x, *geometry, c["chunk"], c["per_sample"]),
+        ns["_conv2d_KT"](W, y, *geometry, c["H"], c["Wd"], c["chunk"], c["per_sample"]),
+        ns["_conv2d_Kbox"](x, y, *geometry, c["k"], c["chunk"], c["per_sample"]),
     )
 
 
@@ -171,7 +173,7 @@ def test_conv2d_theorem_2_3_weight_adjoint_of_KT_is_Kbox(mode, c):
     assert_same(dot(KTy, x), dot(W, Kbox), scale)
     # and K^T is linear in theta (so that it has a weight-adjoint at all)
     W2 = np.random.default_rng(c["seed"] + 1).normal(size=W.shape)
-    geometry = (c["s"], c["p"], c["d"], c["H"], c["Wd"], c["chunk"])
+    geometry = (c["s"], c["p"], c["d"], c["H"], c["Wd"], c["chunk"], c["per_sample"])
     np.testing.assert_allclose(
         ns["_conv2d_KT"](2.0 * W + W2, y, *geometry),
         2.0 * KTy + ns["_conv2d_KT"](W2, y, *geometry),
@@ -321,11 +323,14 @@ def all_calls(dtype):
     Wl, xl, yl = (rng.normal(size=s).astype(dtype) for s in ((4, 5), (2, 5), (2, 4)))
     geometry = (c["s"], c["p"], c["d"])
     return [
-        ("_conv2d_K", (W, x, *geometry, 1)),
-        ("_conv2d_KT", (W, y, *geometry, c["H"], c["Wd"], 1)),
-        ("_conv2d_Kbox", (x, y, *geometry, c["k"], 1)),
-        ("_conv2d_K", (W, x, 1, 0, 1, 2)),  # the no-padding branch, one chunk
-        ("_conv2d_KT", (W, np.ones((2, 2, 7, 6), dtype), 1, 0, 1, 9, 8, 2)),
+        ("_conv2d_K", (W, x, *geometry, 1, False)),
+        ("_conv2d_KT", (W, y, *geometry, c["H"], c["Wd"], 1, False)),
+        ("_conv2d_Kbox", (x, y, *geometry, c["k"], 1, False)),
+        ("_conv2d_K", (W, x, *geometry, 2, True)),  # per-sample GEMMs
+        ("_conv2d_KT", (W, y, *geometry, c["H"], c["Wd"], 2, True)),
+        ("_conv2d_Kbox", (x, y, *geometry, c["k"], 2, True)),
+        ("_conv2d_K", (W, x, 1, 0, 1, 2, False)),  # the no-padding branch, one chunk
+        ("_conv2d_KT", (W, np.ones((2, 2, 7, 6), dtype), 1, 0, 1, 9, 8, 2, False)),
         ("_avgpool_K", (xp, 2)), ("_avgpool_KT", (yp, 2)),
         ("_downsample_K", (xp, 2)), ("_downsample_KT", (yd, 2)),
         ("_flatten_K", (xp,)), ("_flatten_KT", (rng.normal(size=(2, 72)).astype(dtype), 3, 4, 6)),
@@ -410,14 +415,16 @@ def test_conv_chunks_do_not_change_the_result():
         for s, p, d in ((1, 0, 1), (2, 1, 2)):
             c = dict(B=B, Cin=3, Cout=4, k=3, s=s, p=p, d=d, H=11, Wd=10, seed=B)
             W, x, y = conv_arrays(c)
-            whole = (ns["_conv2d_K"](W, x, s, p, d, B), ns["_conv2d_KT"](W, y, s, p, d, 11, 10, B),
-                     ns["_conv2d_Kbox"](x, y, s, p, d, 3, B))
+            whole = (ns["_conv2d_K"](W, x, s, p, d, B, False), ns["_conv2d_KT"](W, y, s, p, d, 11, 10, B, False),
+                     ns["_conv2d_Kbox"](x, y, s, p, d, 3, B, False))
             for chunk in (1, 2, 4):
-                parts = (ns["_conv2d_K"](W, x, s, p, d, chunk), ns["_conv2d_KT"](W, y, s, p, d, 11, 10, chunk),
-                         ns["_conv2d_Kbox"](x, y, s, p, d, 3, chunk))
-                for a, b in zip(parts, whole):
-                    close(a, b)
-                    assert a.flags.c_contiguous
+                for per_sample in (False, True):  # and one GEMM per sample gives it too
+                    parts = (ns["_conv2d_K"](W, x, s, p, d, chunk, per_sample),
+                             ns["_conv2d_KT"](W, y, s, p, d, 11, 10, chunk, per_sample),
+                             ns["_conv2d_Kbox"](x, y, s, p, d, 3, chunk, per_sample))
+                    for a, b in zip(parts, whole):
+                        close(a, b)
+                        assert a.flags.c_contiguous
 
 
 def test_kernels_are_cacheable():

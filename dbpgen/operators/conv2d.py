@@ -8,6 +8,7 @@ from ._base import IMAGE, SEQUENCE, Im2colKernels, needs_rank, size
 KIND = "conv2d"
 TEMPLATE = "ops/conv2d.py.j2"
 KEYS = ("channels", "kernel", "stride", "padding", "dilation")
+PER_SAMPLE_FILTER = 512  # numbers of a filter matrix that per-sample GEMMs run from cache
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,22 @@ class Conv2d(Im2colKernels):
     def flops(self, in_shape) -> int:
         return 2 * size(self.out_shape(in_shape)) * in_shape[0] * self.kernel * self.kernel
 
+    def per_sample(self, in_shape) -> bool:
+        """One GEMM per sample instead of one over the chunk: where the filter matrix
+        (out x in k k) has at most PER_SAMPLE_FILTER numbers, each per-sample product streams
+        its columns past a filter held in cache, and the results need no transposed copies;
+        a larger filter is worth reusing across the whole chunk in one GEMM."""
+        return self.out * in_shape[0] * self.kernel ** 2 <= PER_SAMPLE_FILTER
+
+    def workspace(self, which: str, in_shape, batch: int) -> int:
+        extra = 0
+        if which == "Kbox" and self.per_sample(in_shape):  # the per-sample products before their sum
+            extra = min(batch, self.chunk(in_shape)) * self.out * in_shape[0] * self.kernel ** 2
+        return super().workspace(which, in_shape, batch) + extra
+
     def kernel_args(self, which: str, in_shape) -> tuple:
         common = (self.stride, self.padding, self.dilation)
-        chunk = (self.chunk(in_shape),)
+        chunk = (self.chunk(in_shape), self.per_sample(in_shape))
         if which == "KT":
             return common + (in_shape[1], in_shape[2]) + chunk
         if which == "Kbox":

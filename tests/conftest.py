@@ -2,14 +2,21 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import numpy as np
-import pytest
-import yaml
-from hypothesis import settings
+# The suite checks what the emitted code computes, not how fast: Numba compiles it without
+# LLVM's optimizations (NUMBA_OPT=0, about 40% less compile time), set before numba is
+# imported and inherited by every worker and subprocess. tests/test_optimized.py runs
+# each schedule once optimized (NUMBA_OPT=3, fastmath reassociation included).
+os.environ.setdefault("NUMBA_OPT", "0")
 
-from dbpgen.compiler import compile_file, load_generated
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+from dbpgen.compiler import compile_file, load_generated  # noqa: E402
 
 # CI (.ci/run sets CI=1) replays one fixed set of Hypothesis examples, so that a landing is not
 # decided by a new draw; anywhere else every run draws new ones and keeps hunting.

@@ -263,7 +263,7 @@ def test_train_command_with_dask(modules, client, tmp_path):
     # lazy regularization: every second step runs <name>_loss, the network without its penalty,
     # on the cluster too; in this process the same numbers come from weight=0
     for lazy, data_arg, address, out in ((2, tmp_path / "stack", client.scheduler.address, "cluster.npz"),
-                                         (1, tmp_path / "data.npz", "local:2", "local.npz")):
+                                         (1, tmp_path / "data.npz", "local:1", "local.npz")):
         alone = train(m, x, y, optimizer="adam", epochs=2, batch_size=8, seed=0, lazy=lazy, progress=False).params
         done = run("--data", str(data_arg), "--dask", address, "--lazy", str(lazy), out=out)
         assert done.returncode == 0, done.stderr

@@ -30,7 +30,7 @@ MARKED = [p for p in DOCUMENTS if blocks(p)]
 
 def test_the_readme_marks_its_examples_runnable():
     langs = [lang for lang, _ in blocks(ROOT / "README.md")]
-    assert langs.count("python") >= 3 and langs.count("bash") >= 2
+    assert langs.count("python") >= 3 and langs.count("bash") >= 1
     text = (ROOT / "README.md").read_text()
     assert text.count(MARK) == len(langs)  # no mark without a block right under it
     assert len(text.splitlines()) <= 300

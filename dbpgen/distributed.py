@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ import numpy as np
 PINNED = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SPLIT_EVERY = 8  # chunks' sums added per task of the tree reduction
 
+_UPLOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> module names sent
 _LOADED: dict[str, object] = {}  # this process's imports of uploaded modules (worker side)
 LOADS: dict[str, int] = {}       # how often each was imported in this process
 
@@ -167,14 +169,13 @@ def upload(client, m) -> str:
     """Send m's file to every worker, present and future, under the module's own name;
     the name the workers import it by."""
     name = m.__name__
-    uploaded = getattr(client, "_dbpgen_uploaded", set())
+    uploaded = _UPLOADED.setdefault(client, set())
     if name not in uploaded:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{name}.py"
             shutil.copyfile(m.__file__, path)
             client.upload_file(str(path), load=False)
         uploaded.add(name)
-        client._dbpgen_uploaded = uploaded
     return name
 
 

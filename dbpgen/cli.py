@@ -5,6 +5,7 @@ Bad input prints one line naming the file and the field and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import tempfile
@@ -256,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as exc:
         print(exc, file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`dbpgen equations m.yaml | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except OSError as exc:
         print(f"{getattr(exc, 'filename', None) or args.model}: {exc.strerror or exc}", file=sys.stderr)
         return 2

@@ -264,3 +264,14 @@ def test_check_reports_a_module_that_fails_at_run_time_in_one_line(tmp_path, mon
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the emitted module fails at run time: IndexError" in err
     assert err.startswith(str(model)) and "Traceback" not in err
+
+
+def test_a_closed_pipe_ends_the_output_quietly(tmp_path):
+    """`dbpgen equations model.yaml --stages | head -1`: the rest is not wanted; no error
+    line. 30 layers after each of the passes: far more than a pipe's buffer holds."""
+    deep = "\n".join(["name: deep", "input: [2]", "loss: mse", "layers:"]
+                     + ["  - {dense: 3, act: tanh}"] * 30 + ["  - {dense: 1}"]) + "\n"
+    model = write(tmp_path / "deep.yaml", deep)
+    done = subprocess.run(f"{sys.executable} -m dbpgen equations {model} --stages | head -1", shell=True,
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.stdout.count("\n") == 1 and done.stderr == "", done.stderr

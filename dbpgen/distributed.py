@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import shutil
 import tempfile
 import weakref
 from pathlib import Path
@@ -50,10 +49,11 @@ def _import(name: str):
     return module
 
 
-def _chunk_sums(x, y, v, params, *, module, seed, weight, block_info=None):
-    """[n J, n dJ/dtheta_1, ...] of one chunk of n samples, as one row."""
+def _chunk_sums(x, y, v, first, params, *, module, seed, weight):
+    """[n J, n dJ/dtheta_1, ...] of one chunk of n samples, as one row; first: a one-element
+    array, the chunk's first sample in the data set."""
     m = _import(module)
-    first = block_info[0]["array-location"][0][0]  # the chunk's first sample in the data set
+    first = int(first[0])
     n = len(x)
     if v is None and hasattr(m, "directions"):  # random / projections: drawn per sample index
         v = m.directions(n, seed, first)
@@ -171,9 +171,13 @@ def upload(client, m) -> str:
     name = m.__name__
     uploaded = _UPLOADED.setdefault(client, set())
     if name not in uploaded:
+        text = Path(m.__file__).read_text(encoding="utf-8")
+        if f'__name__ = "{name}"' not in text:  # a later compile of the same name replaced the file
+            raise ValueError(f"{m.__file__} no longer holds the module {name} (it was compiled again since "
+                             f"it was imported); import it again")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{name}.py"
-            shutil.copyfile(m.__file__, path)
+            path.write_text(text, encoding="utf-8")
             client.upload_file(str(path), load=False)
         uploaded.add(name)
     return name
@@ -196,11 +200,20 @@ def sums(m, params, x, y=None, v=None, *, seed=None, weight=None, chunks=None, c
     client = client if client is not None else client_for()
     name = upload(client, m)
     width = 1 + sum(int(np.prod(s)) for s in m.PARAM_SHAPES.values())
-    rows = da.map_blocks(_chunk_sums, x, y, v, dask.delayed(params, pure=True),
-                         module=name, seed=seed, weight=weight, dtype=np.float64,
-                         chunks=((1,) * x.numblocks[0], (width,)), drop_axis=list(range(2, x.ndim)),
-                         meta=np.empty((0, 0), dtype=np.float64))
+    first = da.from_array(np.cumsum((0,) + x.chunks[0][:-1]), chunks=1)  # each chunk's first sample
+    # explicit indices: axis 0 ("i") is the batch of every array, the others are each array's own
+    # (map_blocks would line arrays of different ranks up by their last axes)
+    rows = da.blockwise(_chunk_sums, "ij", x, _index(x, "abcdef"), y, _index(y, "klmn"), v, _index(v, "pqrs"),
+                        first, "i", dask.delayed(params, pure=True), None,
+                        new_axes={"j": width}, adjust_chunks={"i": 1}, concatenate=True, align_arrays=False,
+                        module=name, seed=seed, weight=weight, dtype=np.float64,
+                        meta=np.empty((0, 0), dtype=np.float64))
     return rows.sum(axis=0, split_every=split_every)
+
+
+def _index(a, letters: str):
+    """a's blockwise index: "i" for the batch axis, a letter of its own for each other axis."""
+    return None if a is None else "i" + letters[:a.ndim - 1]
 
 
 def value_and_grad(m, params, x, y=None, v=None, *, seed=None, client=None, chunks=None, weight=None,

@@ -15,6 +15,7 @@ where the dtypes match) and adds the returned gradients to the parameters' `.gra
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 
@@ -37,8 +38,8 @@ def _array(t, dtype):
 
 class DoubleBackprop:
     """An nn.Sequential's loss + penalty gradients from its compiled double-backpropagation
-    module. loss, penalty: as in the model file; name: the module's name (default: the
-    net's class name, lower case); out_dir: where the module is written (default: a folder
+    module. loss, penalty: as in the model file; name: the module's name (default: torch_
+    and a digest of the model file); out_dir: where the module is written (default: a folder
     dbpgen-torch in the system's temporary directory); jit=False runs it as
     plain Python (for debugging)."""
 
@@ -46,8 +47,10 @@ class DoubleBackprop:
                  name: str | None = None, out_dir: str | os.PathLike | None = None, dtype: str | None = None,
                  jit: bool = True):
         self.net = net
-        self.text = from_torch(net, input_shape, name=name or "torch_" + type(net).__name__.lower(), loss=loss,
-                               penalty=penalty, dtype=dtype)
+        if name is None:  # one file per distinct model: two nets never write over each other's module
+            draft = from_torch(net, input_shape, name="torch_net", loss=loss, penalty=penalty, dtype=dtype)
+            name = "torch_" + hashlib.sha256(draft.encode()).hexdigest()[:12]
+        self.text = from_torch(net, input_shape, name=name, loss=loss, penalty=penalty, dtype=dtype)
         if out_dir is None:  # outside the user's checkout, kept between runs for Numba's cache
             out_dir = os.path.join(tempfile.gettempdir(), "dbpgen-torch")
         self.module = _compile(self.text, out_dir, jit=jit)

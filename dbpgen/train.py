@@ -98,8 +98,7 @@ def train(module, x, y=None, params: dict | None = None, *, optimizer: str | Opt
     x, y, v may then be Dask arrays (e.g. da.from_npy_stack) that never leave the workers
     whole. The same numbers as without a client, to the rounding of the sums' order.
     """
-    if not hasattr(x, "compute"):
-        x = np.asarray(x)
+    x, y, v = (a if a is None or hasattr(a, "compute") else np.asarray(a) for a in (x, y, v))
     n = len(x)
     if y is not None and len(y) != n or v is not None and len(v) != n:
         raise ValueError(f"x, y and v must have the same number of samples ({n})")

@@ -138,6 +138,44 @@ def test_a_path_to_the_module_works_as_the_module(modules, client):
                 m.value_and_grad(params, x, y))
 
 
+def test_inputs_of_any_rank_line_up_by_the_batch_axis(client, tmp_path):
+    """Images with integer class labels, and projections with directions given as (N, n, C):
+    every array is chunked along its batch axis, whatever its rank."""
+    cnn = {"name": "d_cnn", "input": [1, 6, 6], "loss": "nll",
+           "layers": [{"conv2d": {"channels": 2, "kernel": 3}, "act": "tanh"}, "flatten",
+                      {"dense": 3, "act": "softmax"}],
+           "penalty": {"v": "loss_gradient", "weight": 0.2}}
+    proj = mlp("d_proj_given", ["tanh"], None, "none", {"v": "projections", "count": 2}, widths=(4,), C=3)
+    rng = np.random.default_rng(7)
+    for spec, x, y, v in ((cnn, rng.normal(size=(11, 1, 6, 6)), rng.integers(0, 3, 11), None),
+                          (proj, rng.normal(size=(11, 3)), None, rng.normal(size=(11, 2, 3)))):
+        (tmp_path / spec["name"]).mkdir()
+        m = compile_spec(spec, tmp_path / spec["name"], jit=False, schedule="kernels")
+        params = m.init_params(seed=1)
+        want = m.value_and_grad(params, x, y, v=v)
+        for rows in ((11,), (4, 4, 3), (1,) * 11):
+            assert_same(dist.value_and_grad(m, params, chunked(x, rows), chunked(y, rows), chunked(v, rows),
+                                            client=client), want)
+
+
+def test_a_module_whose_file_was_compiled_again_is_refused(tmp_path):
+    m = compile_spec(SPECS["cdb"], tmp_path, jit=False, schedule="kernels")
+    compile_spec(dict(SPECS["cdb"], penalty=dict(CDB, weight=0.9)), tmp_path, jit=False, schedule="kernels")
+    x, y, _ = data("cdb", m)
+    with pytest.raises(ValueError, match="no longer holds the module"):
+        dist.value_and_grad(m, m.init_params(seed=0), x, y, client=Untouched())
+
+
+class Untouched:
+    """A client the module check must fail before: any use but the upload's lookup is a failure."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"work was sent to the cluster ({name})")
+
+    def __hash__(self):
+        return 1
+
+
 class Untouchable:
     """A client stand-in that fails the test if anything is sent to it."""
 

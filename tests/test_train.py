@@ -354,3 +354,17 @@ def test_cli_train_bad_input_in_a_real_process(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr == "missing.npz: file: no such file\n" and "Traceback" not in proc.stderr
+
+
+def test_labels_and_directions_may_be_python_lists(tmp_path):
+    from conftest import compile_spec
+    from dbpgen.train import train
+
+    spec = {"name": "lists", "input": [2], "loss": "nll", "layers": [{"dense": 3, "act": "softmax"}]}
+    m = compile_spec(spec, tmp_path, jit=False)
+    x = np.random.default_rng(0).normal(size=(10, 2))
+    labels = [int(i) for i in np.arange(10) % 3]
+    a = train(m, x, labels, epochs=2, batch_size=4, progress=False)
+    b = train(m, x, np.array(labels), epochs=2, batch_size=4, progress=False)
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k])

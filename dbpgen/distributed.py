@@ -187,6 +187,11 @@ def sums(m, params, x, y=None, v=None, *, seed=None, weight=None, chunks=None, c
          split_every: int = SPLIT_EVERY):
     """The lazy Dask array [N J, N dJ/dtheta flattened] of value_and_grad, after every check;
     uploads the module to `client`'s workers."""
+    return _sums(m, params, x, y, v, seed, weight, chunks, client, split_every)[1]
+
+
+def _sums(m, params, x, y, v, seed, weight, chunks, client, split_every):
+    """(module, the lazy sums, the client): every check before a cluster is started or used."""
     import dask
     import dask.array as da
 
@@ -208,7 +213,7 @@ def sums(m, params, x, y=None, v=None, *, seed=None, weight=None, chunks=None, c
                         new_axes={"j": width}, adjust_chunks={"i": 1}, concatenate=True, align_arrays=False,
                         module=name, seed=seed, weight=weight, dtype=np.float64,
                         meta=np.empty((0, 0), dtype=np.float64))
-    return rows.sum(axis=0, split_every=split_every)
+    return m, rows.sum(axis=0, split_every=split_every), client
 
 
 def _index(a, letters: str):
@@ -223,14 +228,8 @@ def value_and_grad(m, params, x, y=None, v=None, *, seed=None, client=None, chun
     arrays (to rounding). x, y, v: Dask arrays chunked along the batch axis only, alike, or
     NumPy arrays (chunked by `chunks`, default Dask's "auto"). client: a distributed.Client
     (default: the current one, or a new local cluster)."""
-    m = _module(m)
+    m, total, client = _sums(m, params, x, y, v, seed, weight, chunks, client, split_every)
     n = x.shape[0] if hasattr(x, "shape") else len(x)
-    if client is None:
-        _check_params(m, params)
-        _inputs(m, x, y, v, chunks)  # bad input is an error before a cluster starts
-        client = client_for()
-    total = sums(m, params, x, y, v, seed=seed, weight=weight, chunks=chunks, client=client,
-                 split_every=split_every)
     flat = np.asarray(client.compute(total).result()) / n
     grads, start = {}, 1
     for k, shape in m.PARAM_SHAPES.items():

@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_conv1d_cdb_90bc8e3a6acee412"
+__name__ = "_dbpgen_conv1d_cdb_0c0f8bd2132710d2"
 
 
 class _CachedGlobals:
@@ -137,7 +137,7 @@ input-space argument first; lam = penalty weight, B = batch size.
 
 OPS = {'emitted': {'K': 10, 'KT': 9, 'Kbox': 6, 'flops': 42752},
  'naive': {'K': 10, 'KT': 9, 'Kbox': 9, 'flops': 50560}}
-PEAK_BYTES = {'batch': 128, 'emitted': 2054152, 'naive': 2814976}
+PEAK_BYTES = {'batch': 128, 'emitted': 2160680, 'naive': 2814976}
 # how each program runs: lanes (batch-minor fused kernel), jit (one jitted function),
 # fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
 # operators' own kernels), count (plain Python counting K, K^T, K^box)
@@ -158,13 +158,14 @@ def _avgpool1d_K(x, k):
     B, C, T = x.shape
     To = T // k
     out = np.empty((B, C, To), dtype=x.dtype)
+    scale = x.dtype.type(1.0 / k)
     for b in range(B):
         for c in range(C):
             for t in range(To):
                 acc = x[b, c, t * k]
                 for i in range(1, k):
                     acc += x[b, c, t * k + i]
-                out[b, c, t] = acc / k
+                out[b, c, t] = acc * scale
     return out
 
 
@@ -172,10 +173,11 @@ def _avgpool1d_K(x, k):
 def _avgpool1d_KT(y, k):
     B, C, To = y.shape
     out = np.empty((B, C, To * k), dtype=y.dtype)
+    scale = y.dtype.type(1.0 / k)
     for b in range(B):
         for c in range(C):
             for t in range(To):
-                v = y[b, c, t] / k
+                v = y[b, c, t] * scale
                 for i in range(k):
                     out[b, c, t * k + i] = v
     return out
@@ -329,13 +331,17 @@ def _rowsum(a):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath={"reassoc"})
 def _bsum_channels(a):
-    # the adjoint of a per-channel bias: sum over batch and space
-    out = np.zeros(a.shape[1], dtype=a.dtype)
-    for i in range(a.shape[0]):
-        for c in range(a.shape[1]):
-            out[c] += np.sum(a[i, c])
+    # the adjoint of a per-channel bias: sum over batch and space, one channel at a time
+    a3 = np.ascontiguousarray(a).reshape((a.shape[0], a.shape[1], -1))
+    out = np.empty(a.shape[1], dtype=a.dtype)
+    for c in range(a3.shape[1]):
+        acc = 0.0
+        for i in range(a3.shape[0]):
+            for k in range(a3.shape[2]):
+                acc += a3[i, c, k]
+        out[c] = acc
     return out
 
 
@@ -374,33 +380,60 @@ def _logsumexp(z):
 # -- derived programs -----------------------------------------------------------------
 
 
+@numba.njit(cache=True)
+def _fused0(b, t_1):
+    x_out = np.empty((t_1.shape[0], t_1.shape[1], t_1.shape[2]), dtype=DTYPE)
+    for i in range(t_1.shape[0]):  # samples
+        for c in range(t_1.shape[1]):  # channels
+            for t in range(t_1.shape[2]):
+                z = b[c] + t_1[i, c, t]  # (8)
+                x = np.maximum(0, z)  # (8)
+                x_out[i, c, t] = x
+    return (x_out,)
+
+
 def _forward(W1, b1, W3, b3, W5, b5, x0):
-    z1 = b1.reshape((-1, 1)) + _conv1d_K(W1, x0, 1, 2, 1, 13107)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    del z1
+    t0_ = _conv1d_K(W1, x0, 1, 2, 1, 13107)  # z1 = b1 + K_1(W1, x0)
+    x1 = _fused0(b1, t0_)[0]  # fused loop: z1, x1; (8)
+    del t0_
     z2 = _avgpool1d_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    z3 = b3.reshape((-1, 1)) + _conv1d_K(W3, x2, 2, 0, 2, 29127)  # (8)
+    t1_ = _conv1d_K(W3, x2, 2, 0, 2, 29127)  # z3 = b3 + K_3(W3, x2)
     del x2
-    x3 = np.maximum(0, z3)  # (8)
-    del z3
+    x3 = _fused0(b3, t1_)[0]  # fused loop: z3, x3; (8)
+    del t1_
     z4 = _flatten1d_K(x3)  # (8)
     del x3
     x4 = z4  # (8)
     del z4
-    t0_ = _dense_K(W5, x4)  # z5 = b5 + K_5(W5, x4)
+    t2_ = _dense_K(W5, x4)  # z5 = b5 + K_5(W5, x4)
     del x4
-    z5 = t0_ + b5  # (8)
-    del t0_
+    z5 = t2_ + b5  # (8)
+    del t2_
     x5 = _softmax(z5)  # (8)
     del z5
     return (x5,)
 
 
 @numba.njit(cache=True)
-def _fused0(t, x, xi):
+def _fused1(b, t_1):
+    x_out = np.empty((t_1.shape[0], t_1.shape[1], t_1.shape[2]), dtype=DTYPE)
+    dg_out = np.empty((t_1.shape[0], t_1.shape[1], t_1.shape[2]), dtype=DTYPE)
+    for i in range(t_1.shape[0]):  # samples
+        for c in range(t_1.shape[1]):  # channels
+            for t in range(t_1.shape[2]):
+                z = b[c] + t_1[i, c, t]  # (8)
+                x = np.maximum(0, z)  # (8)
+                x_out[i, c, t] = x
+                dg = (1.0 if z > 0 else 0.0)  # g' (9), SymPy
+                dg_out[i, c, t] = dg
+    return (x_out, dg_out,)
+
+
+@numba.njit(cache=True)
+def _fused2(t, x, xi):
     zeta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
         for k in range(x.shape[1]):  # units
@@ -410,33 +443,31 @@ def _fused0(t, x, xi):
 
 
 def _vjp(W1, b1, W3, b3, W5, b5, x0, v):
-    z1 = b1.reshape((-1, 1)) + _conv1d_K(W1, x0, 1, 2, 1, 13107)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
-    del z1
+    t0_ = _conv1d_K(W1, x0, 1, 2, 1, 13107)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
+    del t0_
     z2 = _avgpool1d_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    z3 = b3.reshape((-1, 1)) + _conv1d_K(W3, x2, 2, 0, 2, 29127)  # (8)
+    t1_ = _conv1d_K(W3, x2, 2, 0, 2, 29127)  # z3 = b3 + K_3(W3, x2)
     del x2
-    x3 = np.maximum(0, z3)  # (8)
-    dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
-    del z3
+    x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
+    del t1_
     z4 = _flatten1d_K(x3)  # (8)
     del x3
     x4 = z4  # (8)
     del z4
-    t0_ = _dense_K(W5, x4)  # z5 = b5 + K_5(W5, x4)
+    t2_ = _dense_K(W5, x4)  # z5 = b5 + K_5(W5, x4)
     del x4
-    z5 = t0_ + b5  # (8)
-    del t0_
+    z5 = t2_ + b5  # (8)
+    del t2_
     x5 = _softmax(z5)  # (8)
     del z5
     xi5 = v  # Alg. 1: xi_L = v
-    t1_ = _rowdot(x5, xi5).reshape((-1, 1))  # zeta5 = x5*xi5 - x5*<x5, xi5>
-    zeta5 = _fused0(t1_, x5, xi5)[0]  # fused loop: zeta5; (15)
-    del t1_, x5, xi5
+    t3_ = _rowdot(x5, xi5).reshape((-1, 1))  # zeta5 = x5*xi5 - x5*<x5, xi5>
+    zeta5 = _fused2(t3_, x5, xi5)[0]  # fused loop: zeta5; (15)
+    del t3_, x5, xi5
     xi4 = _dense_KT(W5, zeta5)  # (16)
     del zeta5
     zeta4 = xi4  # (15)
@@ -459,7 +490,7 @@ def _vjp(W1, b1, W3, b3, W5, b5, x0, v):
 
 
 @numba.njit(cache=True)
-def _fused1(h, t, x):
+def _fused3(h, t, x):
     q_out = np.empty((h.shape[0], h.shape[1]), dtype=DTYPE)
     for i in range(h.shape[0]):  # samples
         for k in range(h.shape[1]):  # units
@@ -469,27 +500,25 @@ def _fused1(h, t, x):
 
 
 def _jvp(W1, b1, W3, b3, W5, b5, x0, u):
-    z1 = b1.reshape((-1, 1)) + _conv1d_K(W1, x0, 1, 2, 1, 13107)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
-    del z1
+    t0_ = _conv1d_K(W1, x0, 1, 2, 1, 13107)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
+    del t0_
     z2 = _avgpool1d_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    z3 = b3.reshape((-1, 1)) + _conv1d_K(W3, x2, 2, 0, 2, 29127)  # (8)
+    t1_ = _conv1d_K(W3, x2, 2, 0, 2, 29127)  # z3 = b3 + K_3(W3, x2)
     del x2
-    x3 = np.maximum(0, z3)  # (8)
-    dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
-    del z3
+    x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
+    del t1_
     z4 = _flatten1d_K(x3)  # (8)
     del x3
     x4 = z4  # (8)
     del z4
-    t0_ = _dense_K(W5, x4)  # z5 = b5 + K_5(W5, x4)
+    t2_ = _dense_K(W5, x4)  # z5 = b5 + K_5(W5, x4)
     del x4
-    z5 = t0_ + b5  # (8)
-    del t0_
+    z5 = t2_ + b5  # (8)
+    del t2_
     x5 = _softmax(z5)  # (8)
     del z5
     q0 = u  # q_0 = u
@@ -511,14 +540,14 @@ def _jvp(W1, b1, W3, b3, W5, b5, x0, u):
     del h4
     h5 = _dense_K(W5, q4)  # (20)
     del q4
-    t1_ = _rowdot(h5, x5).reshape((-1, 1))  # q5 = h5*x5 - x5*<h5, x5>
-    q5 = _fused1(h5, t1_, x5)[0]  # fused loop: q5; (21)
-    del h5, t1_, x5
+    t3_ = _rowdot(h5, x5).reshape((-1, 1))  # q5 = h5*x5 - x5*<h5, x5>
+    q5 = _fused3(h5, t3_, x5)[0]  # fused loop: q5; (21)
+    del h5, t3_, x5
     return (q5,)
 
 
 @numba.njit(cache=True)
-def _fused2(t, x, y):
+def _fused4(t, x, y):
     zeta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
         for k in range(x.shape[1]):  # units
@@ -528,32 +557,30 @@ def _fused2(t, x, y):
 
 
 def _input_grad(W1, b1, W3, b3, W5, b5, x0, y):
-    z1 = b1.reshape((-1, 1)) + _conv1d_K(W1, x0, 1, 2, 1, 13107)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
-    del z1
+    t0_ = _conv1d_K(W1, x0, 1, 2, 1, 13107)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
+    del t0_
     z2 = _avgpool1d_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    z3 = b3.reshape((-1, 1)) + _conv1d_K(W3, x2, 2, 0, 2, 29127)  # (8)
+    t1_ = _conv1d_K(W3, x2, 2, 0, 2, 29127)  # z3 = b3 + K_3(W3, x2)
     del x2
-    x3 = np.maximum(0, z3)  # (8)
-    dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
-    del z3
+    x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
+    del t1_
     z4 = _flatten1d_K(x3)  # (8)
     del x3
     x4 = z4  # (8)
     del z4
-    t0_ = _dense_K(W5, x4)  # z5 = b5 + K_5(W5, x4)
+    t2_ = _dense_K(W5, x4)  # z5 = b5 + K_5(W5, x4)
     del x4
-    z5 = t0_ + b5  # (8)
-    del t0_
+    z5 = t2_ + b5  # (8)
+    del t2_
     x5 = _softmax(z5)  # (8)
     del z5
-    t1_ = _rowsum(y)  # zeta5 = x5*RowSum(y) - y
-    zeta5 = _fused2(t1_, x5, y)[0]  # fused loop: zeta5; (43)
-    del t1_, x5
+    t3_ = _rowsum(y)  # zeta5 = x5*RowSum(y) - y
+    zeta5 = _fused4(t3_, x5, y)[0]  # fused loop: zeta5; (43)
+    del t3_, x5
     xi4 = _dense_KT(W5, zeta5)  # (16)
     del zeta5
     zeta4 = xi4  # (15)
@@ -576,32 +603,30 @@ def _input_grad(W1, b1, W3, b3, W5, b5, x0, y):
 
 
 def _penalty(W1, b1, W3, b3, W5, b5, x0, y):
-    z1 = b1.reshape((-1, 1)) + _conv1d_K(W1, x0, 1, 2, 1, 13107)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
-    del z1
+    t0_ = _conv1d_K(W1, x0, 1, 2, 1, 13107)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
+    del t0_
     z2 = _avgpool1d_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    z3 = b3.reshape((-1, 1)) + _conv1d_K(W3, x2, 2, 0, 2, 29127)  # (8)
+    t1_ = _conv1d_K(W3, x2, 2, 0, 2, 29127)  # z3 = b3 + K_3(W3, x2)
     del x2
-    x3 = np.maximum(0, z3)  # (8)
-    dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
-    del z3
+    x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
+    del t1_
     z4 = _flatten1d_K(x3)  # (8)
     del x3
     x4 = z4  # (8)
     del z4
-    t0_ = _dense_K(W5, x4)  # z5 = b5 + K_5(W5, x4)
+    t2_ = _dense_K(W5, x4)  # z5 = b5 + K_5(W5, x4)
     del x4
-    z5 = t0_ + b5  # (8)
-    del t0_
+    z5 = t2_ + b5  # (8)
+    del t2_
     x5 = _softmax(z5)  # (8)
     del z5
-    t1_ = _rowsum(y)  # zeta5 = x5*RowSum(y) - y
-    zeta5 = _fused2(t1_, x5, y)[0]  # fused loop: zeta5; (43)
-    del t1_, x5
+    t3_ = _rowsum(y)  # zeta5 = x5*RowSum(y) - y
+    zeta5 = _fused4(t3_, x5, y)[0]  # fused loop: zeta5; (43)
+    del t3_, x5
     xi4 = _dense_KT(W5, zeta5)  # (16)
     del zeta5
     zeta4 = xi4  # (15)
@@ -628,7 +653,7 @@ def _penalty(W1, b1, W3, b3, W5, b5, x0, y):
 
 
 @numba.njit(cache=True)
-def _fused3(z, x_out):
+def _fused5(z, x_out):
     for i in range(z.shape[0]):  # samples
         for k in range(z.shape[1]):  # units
             x = z[i, k]  # (8)
@@ -637,7 +662,7 @@ def _fused3(z, x_out):
 
 
 @numba.njit(cache=True)
-def _fused4(t, x, y, B, lam, t_1_out):
+def _fused6(t, x, y, B, lam, t_1_out):
     zeta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
         for k in range(x.shape[1]):  # units
@@ -649,7 +674,47 @@ def _fused4(t, x, y, B, lam, t_1_out):
 
 
 @numba.njit(cache=True)
-def _fused5(h, q_out):
+def _fused7(dg, xi, B, lam):
+    zeta_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2]), dtype=DTYPE)
+    t_1_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2]), dtype=DTYPE)
+    for i in range(dg.shape[0]):  # samples
+        for c in range(dg.shape[1]):  # channels
+            for t in range(dg.shape[2]):
+                zeta = dg[i, c, t]*xi[i, c, t]  # (15)
+                zeta_out[i, c, t] = zeta
+                t_1 = lam*zeta/B  # (31), (32)
+                t_1_out[i, c, t] = t_1
+    return (zeta_out, t_1_out,)
+
+
+@numba.njit(cache=True)
+def _fused8(dg, xi, B, lam):
+    zeta_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2]), dtype=DTYPE)
+    t_1_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2]), dtype=DTYPE)
+    for i in range(dg.shape[0]):  # samples
+        for c in range(dg.shape[1]):  # channels
+            for t in range(dg.shape[2]):
+                zeta = dg[i, c, t]*xi[i, c, t]  # (15)
+                zeta_out[i, c, t] = zeta
+                t_1 = 2*lam*zeta/B  # (31), (32)
+                t_1_out[i, c, t] = t_1
+    return (zeta_out, t_1_out,)
+
+
+@numba.njit(cache=True)
+def _fused9(t_1, dg):
+    q_out = np.empty((t_1.shape[0], t_1.shape[1], t_1.shape[2]), dtype=DTYPE)
+    for i in range(t_1.shape[0]):  # samples
+        for c in range(t_1.shape[1]):  # channels
+            for t in range(t_1.shape[2]):
+                h = 2*t_1[i, c, t]  # (20)
+                q = h*dg[i, c, t]  # (21)
+                q_out[i, c, t] = q
+    return (q_out,)
+
+
+@numba.njit(cache=True)
+def _fused10(h, q_out):
     for i in range(h.shape[0]):  # samples
         for k in range(h.shape[1]):  # units
             q = h[i, k]  # (21)
@@ -658,7 +723,7 @@ def _fused5(h, q_out):
 
 
 @numba.njit(cache=True)
-def _fused6(h, t, t_1, x, B, lam, zeta, t_2_out):
+def _fused11(h, t, t_1, x, B, lam, zeta, t_2_out):
     eta_out = np.empty((h.shape[0], h.shape[1]), dtype=DTYPE)
     t_3_out = np.zeros((h.shape[1],), dtype=DTYPE)
     for i in range(h.shape[0]):  # samples
@@ -672,7 +737,39 @@ def _fused6(h, t, t_1, x, B, lam, zeta, t_2_out):
 
 
 @numba.njit(cache=True)
-def _fused7(R, lam, t, t_1, t_2):
+def _fused12(dg, gamma, B, lam, zeta):
+    eta_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2]), dtype=DTYPE)
+    t_1_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2]), dtype=DTYPE)
+    t_2_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2]), dtype=DTYPE)
+    for i in range(dg.shape[0]):  # samples
+        for c in range(dg.shape[1]):  # channels
+            for t in range(dg.shape[2]):
+                eta = dg[i, c, t]*gamma[i, c, t]  # (28)
+                eta_out[i, c, t] = eta
+                t_1 = (eta*lam + zeta[i, c, t])/B  # (31), (32)
+                t_1_out[i, c, t] = t_1
+                t_2 = eta*lam + zeta[i, c, t]  # (31), (33)
+                t_2_out[i, c, t] = t_2
+    return (eta_out, t_1_out, t_2_out,)
+
+
+@numba.njit(cache=True)
+def _fused13(dg, gamma, B, lam, zeta):
+    t_1_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2]), dtype=DTYPE)
+    t_2_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2]), dtype=DTYPE)
+    for i in range(dg.shape[0]):  # samples
+        for c in range(dg.shape[1]):  # channels
+            for t in range(dg.shape[2]):
+                eta = dg[i, c, t]*gamma[i, c, t]  # (28)
+                t_1 = (eta*lam + zeta[i, c, t])/B  # (31), (32)
+                t_1_out[i, c, t] = t_1
+                t_2 = eta*lam + zeta[i, c, t]  # (31), (33)
+                t_2_out[i, c, t] = t_2
+    return (t_1_out, t_2_out,)
+
+
+@numba.njit(cache=True)
+def _fused14(R, lam, t, t_1, t_2):
     t_3_out = np.zeros((R.shape[1],), dtype=DTYPE)
     for i in range(R.shape[0]):  # samples
         for k in range(R.shape[1]):  # units
@@ -683,52 +780,50 @@ def _fused7(R, lam, t, t_1, t_2):
 def _value_and_grad(W1, b1, W3, b3, W5, b5, x0, y, lam):
     B = x0.shape[0]  # batch size
     S5x_ = np.empty((2*B, 48), dtype=DTYPE)  # [q4; x4] stacked over the batch
-    S5y_ = np.empty((2*B, 4), dtype=DTYPE)  # [t6_; t7_] stacked over the batch
-    z1 = b1.reshape((-1, 1)) + _conv1d_K(W1, x0, 1, 2, 1, 13107)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
-    del z1
+    S5y_ = np.empty((2*B, 4), dtype=DTYPE)  # [t15_; t16_] stacked over the batch
+    t0_ = _conv1d_K(W1, x0, 1, 2, 1, 13107)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
+    del t0_
     z2 = _avgpool1d_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    z3 = b3.reshape((-1, 1)) + _conv1d_K(W3, x2, 2, 0, 2, 29127)  # (8)
-    x3 = np.maximum(0, z3)  # (8)
-    dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
-    del z3
+    t1_ = _conv1d_K(W3, x2, 2, 0, 2, 29127)  # z3 = b3 + K_3(W3, x2)
+    x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
+    del t1_
     z4 = _flatten1d_K(x3)  # (8)
     del x3
-    x4 = _fused3(z4, S5x_[B:])[0]  # fused loop: x4; (8)
+    x4 = _fused5(z4, S5x_[B:])[0]  # fused loop: x4; (8)
     del z4
-    t0_ = _dense_K(W5, x4)  # z5 = b5 + K_5(W5, x4)
+    t2_ = _dense_K(W5, x4)  # z5 = b5 + K_5(W5, x4)
     del x4
-    z5 = t0_ + b5  # (8)
-    del t0_
+    z5 = t2_ + b5  # (8)
+    del t2_
     x5 = _softmax(z5)  # (8)
-    t1_ = _rowsum(y)  # zeta5 = x5*RowSum(y) - y
-    zeta5, t6_ = _fused4(t1_, x5, y, B, lam, S5y_[:B])  # fused loop: zeta5, t6_; (43); (31), (32)
-    del t6_
+    t3_ = _rowsum(y)  # zeta5 = x5*RowSum(y) - y
+    zeta5, t15_ = _fused6(t3_, x5, y, B, lam, S5y_[:B])  # fused loop: zeta5, t15_; (43); (31), (32)
+    del t15_
     xi4 = _dense_KT(W5, zeta5)  # (16)
     zeta4 = xi4  # (15)
     del xi4
     xi3 = _flatten1d_KT(zeta4, 8, 6)  # (16)
     del zeta4
-    zeta3 = dg3*xi3  # (15)
+    zeta3, t12_ = _fused7(dg3, xi3, B, lam)  # fused loop: zeta3, t12_; (15); (31), (32)
     del xi3
     xi2 = _conv1d_KT(W3, zeta3, 2, 0, 2, 16, 29127)  # (16)
     zeta2 = xi2  # (15)
     del xi2
     xi1 = _avgpool1d_KT(zeta2, 2)  # (16)
     del zeta2
-    zeta1 = dg1*xi1  # (15)
+    zeta1, t10_ = _fused8(dg1, xi1, B, lam)  # fused loop: zeta1, t10_; (15); (31), (32)
     del xi1
     xi0 = _conv1d_KT(W1, zeta1, 1, 2, 1, 32, 13107)  # (16)
     s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     R = s  # (10)
     del s
-    h1 = 2*_conv1d_K(W1, xi0, 1, 2, 1, 13107)  # (20)
-    q1 = dg1*h1  # (21)
-    del h1
+    t4_ = _conv1d_K(W1, xi0, 1, 2, 1, 13107)  # h1 = 2*K_1(W1, xi0)
+    q1 = _fused9(t4_, dg1)[0]  # fused loop: h1, q1; (20); (21)
+    del t4_
     h2 = _avgpool1d_K(q1, 2)  # (20)
     del q1
     q2 = h2  # (21)
@@ -738,47 +833,48 @@ def _value_and_grad(W1, b1, W3, b3, W5, b5, x0, y, lam):
     del h3
     h4 = _flatten1d_K(q3)  # (20)
     del q3
-    q4 = _fused5(h4, S5x_[:B])[0]  # fused loop: q4; (21)
+    q4 = _fused10(h4, S5x_[:B])[0]  # fused loop: q4; (21)
     del h4
     h5 = _dense_K(W5, q4)  # (20)
     del q4
-    t2_ = _rowdot(h5, x5).reshape((-1, 1))  # eta5 = (h5*x5 - x5*<h5, x5>)*RowSum(y)
-    eta5, t7_, t8_ = _fused6(h5, t1_, t2_, x5, B, lam, zeta5, S5y_[B:])  # fused loop: eta5, t7_, t8_; (44); (31), (32); (31), (33)
-    del h5, t2_, t7_, x5, zeta5
+    t5_ = _rowdot(h5, x5).reshape((-1, 1))  # eta5 = (h5*x5 - x5*<h5, x5>)*RowSum(y)
+    eta5, t16_, t17_ = _fused11(h5, t3_, t5_, x5, B, lam, zeta5, S5y_[B:])  # fused loop: eta5, t16_, t17_; (44); (31), (32); (31), (33)
+    del h5, t16_, t5_, x5, zeta5
     gamma4 = _dense_KT(W5, eta5)  # (30)
     del eta5
     eta4 = gamma4  # (28)
     del gamma4
     gamma3 = _flatten1d_KT(eta4, 8, 6)  # (30)
     del eta4
-    eta3 = dg3*gamma3  # (28)
-    del dg3, gamma3
+    eta3, t13_, t14_ = _fused12(dg3, gamma3, B, lam, zeta3)  # fused loop: eta3, t13_, t14_; (28); (31), (32); (31), (33)
+    del dg3, gamma3, zeta3
     gamma2 = _conv1d_KT(W3, eta3, 2, 0, 2, 16, 29127)  # (30)
+    del eta3
     eta2 = gamma2  # (28)
     del gamma2
     gamma1 = _avgpool1d_KT(eta2, 2)  # (30)
     del eta2
-    eta1 = dg1*gamma1  # (28)
-    del dg1, gamma1
-    t3_ = _rowsum(y*z5)  # J = Σ_b(R*lam + LogSumExp(z5)*RowSum(y) - RowSum(y*z5))/B
-    t4_ = _logsumexp(z5)  # J = Σ_b(R*lam + LogSumExp(z5)*RowSum(y) - RowSum(y*z5))/B
+    t9_, t11_ = _fused13(dg1, gamma1, B, lam, zeta1)  # fused loop: eta1, t9_, t11_; (28); (31), (32); (31), (33)
+    del dg1, gamma1, zeta1
+    t6_ = _rowsum(y*z5)  # J = Σ_b(R*lam + LogSumExp(z5)*RowSum(y) - RowSum(y*z5))/B
+    t7_ = _logsumexp(z5)  # J = Σ_b(R*lam + LogSumExp(z5)*RowSum(y) - RowSum(y*z5))/B
     del z5
-    t5_ = _fused7(R, lam, t1_, t3_, t4_)[0]  # fused loop: t5_; J = (1/B) sum_b [l + lam R]
-    del R, t1_, t3_, t4_
-    J = t5_/B  # J = (1/B) sum_b [l + lam R]
-    del t5_
-    dW1 = _conv1d_Kbox(x0, (eta1*lam + zeta1)/B, 1, 2, 1, 5, 13107) + _conv1d_Kbox(xi0, 2*lam*zeta1/B, 1, 2, 1, 5, 13107)  # (31), (32)
-    del xi0
-    db1 = _bsum_channels(eta1*lam + zeta1)/B  # (31), (33)
-    del eta1, zeta1
-    dW3 = _conv1d_Kbox(q2, lam*zeta3/B, 2, 0, 2, 3, 29127) + _conv1d_Kbox(x2, (eta3*lam + zeta3)/B, 2, 0, 2, 3, 29127)  # (31), (32)
-    del q2, x2
-    db3 = _bsum_channels(eta3*lam + zeta3)/B  # (31), (33)
-    del eta3, zeta3
+    t8_ = _fused14(R, lam, t3_, t6_, t7_)[0]  # fused loop: t8_; J = (1/B) sum_b [l + lam R]
+    del R, t3_, t6_, t7_
+    J = t8_/B  # J = (1/B) sum_b [l + lam R]
+    del t8_
+    dW1 = _conv1d_Kbox(x0, t9_, 1, 2, 1, 5, 13107) + _conv1d_Kbox(xi0, t10_, 1, 2, 1, 5, 13107)  # (31), (32)
+    del t10_, t9_, xi0
+    db1 = _bsum_channels(t11_)/B  # (31), (33)
+    del t11_
+    dW3 = _conv1d_Kbox(q2, t12_, 2, 0, 2, 3, 29127) + _conv1d_Kbox(x2, t13_, 2, 0, 2, 3, 29127)  # (31), (32)
+    del q2, t12_, t13_, x2
+    db3 = _bsum_channels(t14_)/B  # (31), (33)
+    del t14_
     dW5 = _dense_Kbox(S5x_, S5y_)  # (31), (32), one GEMM over the stacked batch
     del S5x_, S5y_
-    db5 = t8_/B  # (31), (33)
-    del t8_
+    db5 = t17_/B  # (31), (33)
+    del t17_
     return (J, dW1, db1, dW3, db3, dW5, db5,)
 
 

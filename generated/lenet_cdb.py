@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_lenet_cdb_e3bf370e0e260d13"
+__name__ = "_dbpgen_lenet_cdb_e6c85efdd8434c82"
 
 
 class _CachedGlobals:
@@ -144,7 +144,7 @@ input-space argument first; lam = penalty weight, B = batch size.
 
 OPS = {'emitted': {'K': 12, 'KT': 11, 'Kbox': 6, 'flops': 3662848},
  'naive': {'K': 12, 'KT': 11, 'Kbox': 9, 'flops': 4307968}}
-PEAK_BYTES = {'batch': 128, 'emitted': 42995720, 'naive': 41073664}
+PEAK_BYTES = {'batch': 128, 'emitted': 44044296, 'naive': 41073664}
 # how each program runs: lanes (batch-minor fused kernel), jit (one jitted function),
 # fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
 # operators' own kernels), count (plain Python counting K, K^T, K^box)
@@ -169,17 +169,21 @@ def _avgpool_K(x, k):
     Ho = H // k
     Wo = Wd // k
     out = np.empty((B, C, Ho, Wo), dtype=x.dtype)
+    scale = x.dtype.type(1.0 / (k * k))  # in x's dtype: no float64 arithmetic on float32 data
+    rows = np.empty(Wd, dtype=x.dtype)  # the k rows of one window row, added: contiguous passes
     for b in range(B):
         for c in range(C):
             for oh in range(Ho):
+                for w in range(Wd):
+                    rows[w] = x[b, c, oh * k, w]
+                for i in range(1, k):
+                    for w in range(Wd):
+                        rows[w] += x[b, c, oh * k + i, w]
                 for ow in range(Wo):
-                    acc = x[b, c, oh * k, ow * k]
+                    acc = rows[ow * k]
                     for j in range(1, k):
-                        acc += x[b, c, oh * k, ow * k + j]
-                    for i in range(1, k):
-                        for j in range(k):
-                            acc += x[b, c, oh * k + i, ow * k + j]
-                    out[b, c, oh, ow] = acc / (k * k)
+                        acc += rows[ow * k + j]
+                    out[b, c, oh, ow] = acc * scale
     return out
 
 
@@ -187,14 +191,17 @@ def _avgpool_K(x, k):
 def _avgpool_KT(y, k):
     B, C, Ho, Wo = y.shape
     out = np.empty((B, C, Ho * k, Wo * k), dtype=y.dtype)
+    scale = y.dtype.type(1.0 / (k * k))
     for b in range(B):
         for c in range(C):
             for oh in range(Ho):
-                for i in range(k):
-                    for ow in range(Wo):
-                        v = y[b, c, oh, ow] / (k * k)
-                        for j in range(k):
-                            out[b, c, oh * k + i, ow * k + j] = v
+                for ow in range(Wo):  # the block's first row, then copies of it
+                    v = y[b, c, oh, ow] * scale
+                    for j in range(k):
+                        out[b, c, oh * k, ow * k + j] = v
+                for i in range(1, k):
+                    for w in range(Wo * k):
+                        out[b, c, oh * k + i, w] = out[b, c, oh * k, w]
     return out
 
 # -- conv2d: K(W, x) = W * x (cross-correlation, zero padding, no bias), K^T(W, y) = the
@@ -415,13 +422,17 @@ def _rowsum(a):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath={"reassoc"})
 def _bsum_channels(a):
-    # the adjoint of a per-channel bias: sum over batch and space
-    out = np.zeros(a.shape[1], dtype=a.dtype)
-    for i in range(a.shape[0]):
-        for c in range(a.shape[1]):
-            out[c] += np.sum(a[i, c])
+    # the adjoint of a per-channel bias: sum over batch and space, one channel at a time
+    a3 = np.ascontiguousarray(a).reshape((a.shape[0], a.shape[1], -1))
+    out = np.empty(a.shape[1], dtype=a.dtype)
+    for c in range(a3.shape[1]):
+        acc = 0.0
+        for i in range(a3.shape[0]):
+            for k in range(a3.shape[2]):
+                acc += a3[i, c, k]
+        out[c] = acc
     return out
 
 
@@ -460,18 +471,31 @@ def _logsumexp(z):
 # -- derived programs -----------------------------------------------------------------
 
 
+@numba.njit(cache=True)
+def _fused0(b, t):
+    x_out = np.empty((t.shape[0], t.shape[1], t.shape[2], t.shape[3]), dtype=DTYPE)
+    for i in range(t.shape[0]):  # samples
+        for c in range(t.shape[1]):  # channels
+            for h in range(t.shape[2]):
+                for w in range(t.shape[3]):
+                    z = b[c] + t[i, c, h, w]  # (8)
+                    x = np.maximum(0, z)  # (8)
+                    x_out[i, c, h, w] = x
+    return (x_out,)
+
+
 def _forward(W1, b1, W3, b3, W6, b6, x0):
-    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    del z1
+    t0_ = _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # z1 = b1 + K_1(W1, x0)
+    x1 = _fused0(b1, t0_)[0]  # fused loop: z1, x1; (8)
+    del t0_
     z2 = _avgpool_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # (8)
+    t1_ = _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # z3 = b3 + K_3(W3, x2)
     del x2
-    x3 = np.maximum(0, z3)  # (8)
-    del z3
+    x3 = _fused0(b3, t1_)[0]  # fused loop: z3, x3; (8)
+    del t1_
     z4 = _avgpool_K(x3, 2)  # (8)
     del x3
     x4 = z4  # (8)
@@ -480,17 +504,33 @@ def _forward(W1, b1, W3, b3, W6, b6, x0):
     del x4
     x5 = z5  # (8)
     del z5
-    t0_ = _dense_K(W6, x5)  # z6 = b6 + K_6(W6, x5)
+    t2_ = _dense_K(W6, x5)  # z6 = b6 + K_6(W6, x5)
     del x5
-    z6 = t0_ + b6  # (8)
-    del t0_
+    z6 = t2_ + b6  # (8)
+    del t2_
     x6 = _softmax(z6)  # (8)
     del z6
     return (x6,)
 
 
 @numba.njit(cache=True)
-def _fused0(t, x, xi):
+def _fused1(b, t):
+    x_out = np.empty((t.shape[0], t.shape[1], t.shape[2], t.shape[3]), dtype=DTYPE)
+    dg_out = np.empty((t.shape[0], t.shape[1], t.shape[2], t.shape[3]), dtype=DTYPE)
+    for i in range(t.shape[0]):  # samples
+        for c in range(t.shape[1]):  # channels
+            for h in range(t.shape[2]):
+                for w in range(t.shape[3]):
+                    z = b[c] + t[i, c, h, w]  # (8)
+                    x = np.maximum(0, z)  # (8)
+                    x_out[i, c, h, w] = x
+                    dg = (1.0 if z > 0 else 0.0)  # g' (9), SymPy
+                    dg_out[i, c, h, w] = dg
+    return (x_out, dg_out,)
+
+
+@numba.njit(cache=True)
+def _fused2(t, x, xi):
     zeta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
         for k in range(x.shape[1]):  # units
@@ -500,19 +540,17 @@ def _fused0(t, x, xi):
 
 
 def _vjp(W1, b1, W3, b3, W6, b6, x0, v):
-    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
-    del z1
+    t0_ = _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
+    del t0_
     z2 = _avgpool_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # (8)
+    t1_ = _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # z3 = b3 + K_3(W3, x2)
     del x2
-    x3 = np.maximum(0, z3)  # (8)
-    dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
-    del z3
+    x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
+    del t1_
     z4 = _avgpool_K(x3, 2)  # (8)
     del x3
     x4 = z4  # (8)
@@ -521,16 +559,16 @@ def _vjp(W1, b1, W3, b3, W6, b6, x0, v):
     del x4
     x5 = z5  # (8)
     del z5
-    t0_ = _dense_K(W6, x5)  # z6 = b6 + K_6(W6, x5)
+    t2_ = _dense_K(W6, x5)  # z6 = b6 + K_6(W6, x5)
     del x5
-    z6 = t0_ + b6  # (8)
-    del t0_
+    z6 = t2_ + b6  # (8)
+    del t2_
     x6 = _softmax(z6)  # (8)
     del z6
     xi6 = v  # Alg. 1: xi_L = v
-    t1_ = _rowdot(x6, xi6).reshape((-1, 1))  # zeta6 = x6*xi6 - x6*<x6, xi6>
-    zeta6 = _fused0(t1_, x6, xi6)[0]  # fused loop: zeta6; (15)
-    del t1_, x6, xi6
+    t3_ = _rowdot(x6, xi6).reshape((-1, 1))  # zeta6 = x6*xi6 - x6*<x6, xi6>
+    zeta6 = _fused2(t3_, x6, xi6)[0]  # fused loop: zeta6; (15)
+    del t3_, x6, xi6
     xi5 = _dense_KT(W6, zeta6)  # (16)
     del zeta6
     zeta5 = xi5  # (15)
@@ -557,7 +595,7 @@ def _vjp(W1, b1, W3, b3, W6, b6, x0, v):
 
 
 @numba.njit(cache=True)
-def _fused1(h, t, x):
+def _fused3(h, t, x):
     q_out = np.empty((h.shape[0], h.shape[1]), dtype=DTYPE)
     for i in range(h.shape[0]):  # samples
         for k in range(h.shape[1]):  # units
@@ -567,19 +605,17 @@ def _fused1(h, t, x):
 
 
 def _jvp(W1, b1, W3, b3, W6, b6, x0, u):
-    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
-    del z1
+    t0_ = _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
+    del t0_
     z2 = _avgpool_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # (8)
+    t1_ = _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # z3 = b3 + K_3(W3, x2)
     del x2
-    x3 = np.maximum(0, z3)  # (8)
-    dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
-    del z3
+    x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
+    del t1_
     z4 = _avgpool_K(x3, 2)  # (8)
     del x3
     x4 = z4  # (8)
@@ -588,10 +624,10 @@ def _jvp(W1, b1, W3, b3, W6, b6, x0, u):
     del x4
     x5 = z5  # (8)
     del z5
-    t0_ = _dense_K(W6, x5)  # z6 = b6 + K_6(W6, x5)
+    t2_ = _dense_K(W6, x5)  # z6 = b6 + K_6(W6, x5)
     del x5
-    z6 = t0_ + b6  # (8)
-    del t0_
+    z6 = t2_ + b6  # (8)
+    del t2_
     x6 = _softmax(z6)  # (8)
     del z6
     q0 = u  # q_0 = u
@@ -617,14 +653,14 @@ def _jvp(W1, b1, W3, b3, W6, b6, x0, u):
     del h5
     h6 = _dense_K(W6, q5)  # (20)
     del q5
-    t1_ = _rowdot(h6, x6).reshape((-1, 1))  # q6 = h6*x6 - x6*<h6, x6>
-    q6 = _fused1(h6, t1_, x6)[0]  # fused loop: q6; (21)
-    del h6, t1_, x6
+    t3_ = _rowdot(h6, x6).reshape((-1, 1))  # q6 = h6*x6 - x6*<h6, x6>
+    q6 = _fused3(h6, t3_, x6)[0]  # fused loop: q6; (21)
+    del h6, t3_, x6
     return (q6,)
 
 
 @numba.njit(cache=True)
-def _fused2(t, x, y):
+def _fused4(t, x, y):
     zeta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
         for k in range(x.shape[1]):  # units
@@ -634,19 +670,17 @@ def _fused2(t, x, y):
 
 
 def _input_grad(W1, b1, W3, b3, W6, b6, x0, y):
-    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
-    del z1
+    t0_ = _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
+    del t0_
     z2 = _avgpool_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # (8)
+    t1_ = _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # z3 = b3 + K_3(W3, x2)
     del x2
-    x3 = np.maximum(0, z3)  # (8)
-    dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
-    del z3
+    x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
+    del t1_
     z4 = _avgpool_K(x3, 2)  # (8)
     del x3
     x4 = z4  # (8)
@@ -655,15 +689,15 @@ def _input_grad(W1, b1, W3, b3, W6, b6, x0, y):
     del x4
     x5 = z5  # (8)
     del z5
-    t0_ = _dense_K(W6, x5)  # z6 = b6 + K_6(W6, x5)
+    t2_ = _dense_K(W6, x5)  # z6 = b6 + K_6(W6, x5)
     del x5
-    z6 = t0_ + b6  # (8)
-    del t0_
+    z6 = t2_ + b6  # (8)
+    del t2_
     x6 = _softmax(z6)  # (8)
     del z6
-    t1_ = _rowsum(y)  # zeta6 = x6*RowSum(y) - y
-    zeta6 = _fused2(t1_, x6, y)[0]  # fused loop: zeta6; (43)
-    del t1_, x6
+    t3_ = _rowsum(y)  # zeta6 = x6*RowSum(y) - y
+    zeta6 = _fused4(t3_, x6, y)[0]  # fused loop: zeta6; (43)
+    del t3_, x6
     xi5 = _dense_KT(W6, zeta6)  # (16)
     del zeta6
     zeta5 = xi5  # (15)
@@ -690,19 +724,17 @@ def _input_grad(W1, b1, W3, b3, W6, b6, x0, y):
 
 
 def _penalty(W1, b1, W3, b3, W6, b6, x0, y):
-    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
-    del z1
+    t0_ = _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
+    del t0_
     z2 = _avgpool_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # (8)
+    t1_ = _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # z3 = b3 + K_3(W3, x2)
     del x2
-    x3 = np.maximum(0, z3)  # (8)
-    dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
-    del z3
+    x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
+    del t1_
     z4 = _avgpool_K(x3, 2)  # (8)
     del x3
     x4 = z4  # (8)
@@ -711,15 +743,15 @@ def _penalty(W1, b1, W3, b3, W6, b6, x0, y):
     del x4
     x5 = z5  # (8)
     del z5
-    t0_ = _dense_K(W6, x5)  # z6 = b6 + K_6(W6, x5)
+    t2_ = _dense_K(W6, x5)  # z6 = b6 + K_6(W6, x5)
     del x5
-    z6 = t0_ + b6  # (8)
-    del t0_
+    z6 = t2_ + b6  # (8)
+    del t2_
     x6 = _softmax(z6)  # (8)
     del z6
-    t1_ = _rowsum(y)  # zeta6 = x6*RowSum(y) - y
-    zeta6 = _fused2(t1_, x6, y)[0]  # fused loop: zeta6; (43)
-    del t1_, x6
+    t3_ = _rowsum(y)  # zeta6 = x6*RowSum(y) - y
+    zeta6 = _fused4(t3_, x6, y)[0]  # fused loop: zeta6; (43)
+    del t3_, x6
     xi5 = _dense_KT(W6, zeta6)  # (16)
     del zeta6
     zeta5 = xi5  # (15)
@@ -750,7 +782,7 @@ def _penalty(W1, b1, W3, b3, W6, b6, x0, y):
 
 
 @numba.njit(cache=True)
-def _fused3(z, x_out):
+def _fused5(z, x_out):
     for i in range(z.shape[0]):  # samples
         for k in range(z.shape[1]):  # units
             x = z[i, k]  # (8)
@@ -759,7 +791,7 @@ def _fused3(z, x_out):
 
 
 @numba.njit(cache=True)
-def _fused4(t, x, y, B, lam, t_1_out):
+def _fused6(t, x, y, B, lam, t_1_out):
     zeta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
         for k in range(x.shape[1]):  # units
@@ -771,7 +803,50 @@ def _fused4(t, x, y, B, lam, t_1_out):
 
 
 @numba.njit(cache=True)
-def _fused5(h, q_out):
+def _fused7(dg, xi, B, lam):
+    zeta_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2], dg.shape[3]), dtype=DTYPE)
+    t_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2], dg.shape[3]), dtype=DTYPE)
+    for i in range(dg.shape[0]):  # samples
+        for c in range(dg.shape[1]):  # channels
+            for h in range(dg.shape[2]):
+                for w in range(dg.shape[3]):
+                    zeta = dg[i, c, h, w]*xi[i, c, h, w]  # (15)
+                    zeta_out[i, c, h, w] = zeta
+                    t = lam*zeta/B  # (31), (32)
+                    t_out[i, c, h, w] = t
+    return (zeta_out, t_out,)
+
+
+@numba.njit(cache=True)
+def _fused8(dg, xi, B, lam):
+    zeta_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2], dg.shape[3]), dtype=DTYPE)
+    t_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2], dg.shape[3]), dtype=DTYPE)
+    for i in range(dg.shape[0]):  # samples
+        for c in range(dg.shape[1]):  # channels
+            for h in range(dg.shape[2]):
+                for w in range(dg.shape[3]):
+                    zeta = dg[i, c, h, w]*xi[i, c, h, w]  # (15)
+                    zeta_out[i, c, h, w] = zeta
+                    t = 2*lam*zeta/B  # (31), (32)
+                    t_out[i, c, h, w] = t
+    return (zeta_out, t_out,)
+
+
+@numba.njit(cache=True)
+def _fused9(t, dg):
+    q_out = np.empty((t.shape[0], t.shape[1], t.shape[2], t.shape[3]), dtype=DTYPE)
+    for i in range(t.shape[0]):  # samples
+        for c in range(t.shape[1]):  # channels
+            for h in range(t.shape[2]):
+                for w in range(t.shape[3]):
+                    h_1 = 2*t[i, c, h, w]  # (20)
+                    q = h_1*dg[i, c, h, w]  # (21)
+                    q_out[i, c, h, w] = q
+    return (q_out,)
+
+
+@numba.njit(cache=True)
+def _fused10(h, q_out):
     for i in range(h.shape[0]):  # samples
         for k in range(h.shape[1]):  # units
             q = h[i, k]  # (21)
@@ -780,7 +855,7 @@ def _fused5(h, q_out):
 
 
 @numba.njit(cache=True)
-def _fused6(h, t, t_1, x, B, lam, zeta, t_2_out):
+def _fused11(h, t, t_1, x, B, lam, zeta, t_2_out):
     eta_out = np.empty((h.shape[0], h.shape[1]), dtype=DTYPE)
     t_3_out = np.zeros((h.shape[1],), dtype=DTYPE)
     for i in range(h.shape[0]):  # samples
@@ -794,7 +869,41 @@ def _fused6(h, t, t_1, x, B, lam, zeta, t_2_out):
 
 
 @numba.njit(cache=True)
-def _fused7(R, lam, t, t_1, t_2):
+def _fused12(dg, gamma, B, lam, zeta):
+    eta_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2], dg.shape[3]), dtype=DTYPE)
+    t_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2], dg.shape[3]), dtype=DTYPE)
+    t_1_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2], dg.shape[3]), dtype=DTYPE)
+    for i in range(dg.shape[0]):  # samples
+        for c in range(dg.shape[1]):  # channels
+            for h in range(dg.shape[2]):
+                for w in range(dg.shape[3]):
+                    eta = dg[i, c, h, w]*gamma[i, c, h, w]  # (28)
+                    eta_out[i, c, h, w] = eta
+                    t = (eta*lam + zeta[i, c, h, w])/B  # (31), (32)
+                    t_out[i, c, h, w] = t
+                    t_1 = eta*lam + zeta[i, c, h, w]  # (31), (33)
+                    t_1_out[i, c, h, w] = t_1
+    return (eta_out, t_out, t_1_out,)
+
+
+@numba.njit(cache=True)
+def _fused13(dg, gamma, B, lam, zeta):
+    t_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2], dg.shape[3]), dtype=DTYPE)
+    t_1_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2], dg.shape[3]), dtype=DTYPE)
+    for i in range(dg.shape[0]):  # samples
+        for c in range(dg.shape[1]):  # channels
+            for h in range(dg.shape[2]):
+                for w in range(dg.shape[3]):
+                    eta = dg[i, c, h, w]*gamma[i, c, h, w]  # (28)
+                    t = (eta*lam + zeta[i, c, h, w])/B  # (31), (32)
+                    t_out[i, c, h, w] = t
+                    t_1 = eta*lam + zeta[i, c, h, w]  # (31), (33)
+                    t_1_out[i, c, h, w] = t_1
+    return (t_out, t_1_out,)
+
+
+@numba.njit(cache=True)
+def _fused14(R, lam, t, t_1, t_2):
     t_3_out = np.zeros((R.shape[1],), dtype=DTYPE)
     for i in range(R.shape[0]):  # samples
         for k in range(R.shape[1]):  # units
@@ -805,35 +914,33 @@ def _fused7(R, lam, t, t_1, t_2):
 def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     B = x0.shape[0]  # batch size
     S6x_ = np.empty((2*B, 256), dtype=DTYPE)  # [q5; x5] stacked over the batch
-    S6y_ = np.empty((2*B, 10), dtype=DTYPE)  # [t6_; t7_] stacked over the batch
-    z1 = b1.reshape((-1, 1, 1)) + _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # (8)
-    x1 = np.maximum(0, z1)  # (8)
-    dg1 = ((z1) > 0) * 1.0  # g' (9), SymPy
-    del z1
+    S6y_ = np.empty((2*B, 10), dtype=DTYPE)  # [t15_; t16_] stacked over the batch
+    t0_ = _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # z1 = b1 + K_1(W1, x0)
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
+    del t0_
     z2 = _avgpool_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    z3 = b3.reshape((-1, 1, 1)) + _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # (8)
-    x3 = np.maximum(0, z3)  # (8)
-    dg3 = ((z3) > 0) * 1.0  # g' (9), SymPy
-    del z3
+    t1_ = _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # z3 = b3 + K_3(W3, x2)
+    x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
+    del t1_
     z4 = _avgpool_K(x3, 2)  # (8)
     del x3
     x4 = z4  # (8)
     del z4
     z5 = _flatten_K(x4)  # (8)
     del x4
-    x5 = _fused3(z5, S6x_[B:])[0]  # fused loop: x5; (8)
+    x5 = _fused5(z5, S6x_[B:])[0]  # fused loop: x5; (8)
     del z5
-    t0_ = _dense_K(W6, x5)  # z6 = b6 + K_6(W6, x5)
+    t2_ = _dense_K(W6, x5)  # z6 = b6 + K_6(W6, x5)
     del x5
-    z6 = t0_ + b6  # (8)
-    del t0_
+    z6 = t2_ + b6  # (8)
+    del t2_
     x6 = _softmax(z6)  # (8)
-    t1_ = _rowsum(y)  # zeta6 = x6*RowSum(y) - y
-    zeta6, t6_ = _fused4(t1_, x6, y, B, lam, S6y_[:B])  # fused loop: zeta6, t6_; (43); (31), (32)
-    del t6_
+    t3_ = _rowsum(y)  # zeta6 = x6*RowSum(y) - y
+    zeta6, t15_ = _fused6(t3_, x6, y, B, lam, S6y_[:B])  # fused loop: zeta6, t15_; (43); (31), (32)
+    del t15_
     xi5 = _dense_KT(W6, zeta6)  # (16)
     zeta5 = xi5  # (15)
     del xi5
@@ -843,22 +950,22 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     del xi4
     xi3 = _avgpool_KT(zeta4, 2)  # (16)
     del zeta4
-    zeta3 = dg3*xi3  # (15)
+    zeta3, t12_ = _fused7(dg3, xi3, B, lam)  # fused loop: zeta3, t12_; (15); (31), (32)
     del xi3
     xi2 = _conv2d_KT(W3, zeta3, 1, 0, 1, 12, 12, 327, False)  # (16)
     zeta2 = xi2  # (15)
     del xi2
     xi1 = _avgpool_KT(zeta2, 2)  # (16)
     del zeta2
-    zeta1 = dg1*xi1  # (15)
+    zeta1, t10_ = _fused8(dg1, xi1, B, lam)  # fused loop: zeta1, t10_; (15); (31), (32)
     del xi1
     xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28, 291, True)  # (16)
     s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     R = s  # (10)
     del s
-    h1 = 2*_conv2d_K(W1, xi0, 1, 0, 1, 291, True)  # (20)
-    q1 = dg1*h1  # (21)
-    del h1
+    t4_ = _conv2d_K(W1, xi0, 1, 0, 1, 291, True)  # h1 = 2*K_1(W1, xi0)
+    q1 = _fused9(t4_, dg1)[0]  # fused loop: h1, q1; (20); (21)
+    del t4_
     h2 = _avgpool_K(q1, 2)  # (20)
     del q1
     q2 = h2  # (21)
@@ -872,13 +979,13 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     del h4
     h5 = _flatten_K(q4)  # (20)
     del q4
-    q5 = _fused5(h5, S6x_[:B])[0]  # fused loop: q5; (21)
+    q5 = _fused10(h5, S6x_[:B])[0]  # fused loop: q5; (21)
     del h5
     h6 = _dense_K(W6, q5)  # (20)
     del q5
-    t2_ = _rowdot(h6, x6).reshape((-1, 1))  # eta6 = (h6*x6 - x6*<h6, x6>)*RowSum(y)
-    eta6, t7_, t8_ = _fused6(h6, t1_, t2_, x6, B, lam, zeta6, S6y_[B:])  # fused loop: eta6, t7_, t8_; (44); (31), (32); (31), (33)
-    del h6, t2_, t7_, x6, zeta6
+    t5_ = _rowdot(h6, x6).reshape((-1, 1))  # eta6 = (h6*x6 - x6*<h6, x6>)*RowSum(y)
+    eta6, t16_, t17_ = _fused11(h6, t3_, t5_, x6, B, lam, zeta6, S6y_[B:])  # fused loop: eta6, t16_, t17_; (44); (31), (32); (31), (33)
+    del h6, t16_, t5_, x6, zeta6
     gamma5 = _dense_KT(W6, eta6)  # (30)
     del eta6
     eta5 = gamma5  # (28)
@@ -889,34 +996,35 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     del gamma4
     gamma3 = _avgpool_KT(eta4, 2)  # (30)
     del eta4
-    eta3 = dg3*gamma3  # (28)
-    del dg3, gamma3
+    eta3, t13_, t14_ = _fused12(dg3, gamma3, B, lam, zeta3)  # fused loop: eta3, t13_, t14_; (28); (31), (32); (31), (33)
+    del dg3, gamma3, zeta3
     gamma2 = _conv2d_KT(W3, eta3, 1, 0, 1, 12, 12, 327, False)  # (30)
+    del eta3
     eta2 = gamma2  # (28)
     del gamma2
     gamma1 = _avgpool_KT(eta2, 2)  # (30)
     del eta2
-    eta1 = dg1*gamma1  # (28)
-    del dg1, gamma1
-    t3_ = _rowsum(y*z6)  # J = Σ_b(R*lam + LogSumExp(z6)*RowSum(y) - RowSum(y*z6))/B
-    t4_ = _logsumexp(z6)  # J = Σ_b(R*lam + LogSumExp(z6)*RowSum(y) - RowSum(y*z6))/B
+    t9_, t11_ = _fused13(dg1, gamma1, B, lam, zeta1)  # fused loop: eta1, t9_, t11_; (28); (31), (32); (31), (33)
+    del dg1, gamma1, zeta1
+    t6_ = _rowsum(y*z6)  # J = Σ_b(R*lam + LogSumExp(z6)*RowSum(y) - RowSum(y*z6))/B
+    t7_ = _logsumexp(z6)  # J = Σ_b(R*lam + LogSumExp(z6)*RowSum(y) - RowSum(y*z6))/B
     del z6
-    t5_ = _fused7(R, lam, t1_, t3_, t4_)[0]  # fused loop: t5_; J = (1/B) sum_b [l + lam R]
-    del R, t1_, t3_, t4_
-    J = t5_/B  # J = (1/B) sum_b [l + lam R]
-    del t5_
-    dW1 = _conv2d_Kbox(x0, (eta1*lam + zeta1)/B, 1, 0, 1, 5, 291, True) + _conv2d_Kbox(xi0, 2*lam*zeta1/B, 1, 0, 1, 5, 291, True)  # (31), (32)
-    del xi0
-    db1 = _bsum_channels(eta1*lam + zeta1)/B  # (31), (33)
-    del eta1, zeta1
-    dW3 = _conv2d_Kbox(q2, lam*zeta3/B, 1, 0, 1, 5, 327, False) + _conv2d_Kbox(x2, (eta3*lam + zeta3)/B, 1, 0, 1, 5, 327, False)  # (31), (32)
-    del q2, x2
-    db3 = _bsum_channels(eta3*lam + zeta3)/B  # (31), (33)
-    del eta3, zeta3
+    t8_ = _fused14(R, lam, t3_, t6_, t7_)[0]  # fused loop: t8_; J = (1/B) sum_b [l + lam R]
+    del R, t3_, t6_, t7_
+    J = t8_/B  # J = (1/B) sum_b [l + lam R]
+    del t8_
+    dW1 = _conv2d_Kbox(x0, t9_, 1, 0, 1, 5, 291, True) + _conv2d_Kbox(xi0, t10_, 1, 0, 1, 5, 291, True)  # (31), (32)
+    del t10_, t9_, xi0
+    db1 = _bsum_channels(t11_)/B  # (31), (33)
+    del t11_
+    dW3 = _conv2d_Kbox(q2, t12_, 1, 0, 1, 5, 327, False) + _conv2d_Kbox(x2, t13_, 1, 0, 1, 5, 327, False)  # (31), (32)
+    del q2, t12_, t13_, x2
+    db3 = _bsum_channels(t14_)/B  # (31), (33)
+    del t14_
     dW6 = _dense_Kbox(S6x_, S6y_)  # (31), (32), one GEMM over the stacked batch
     del S6x_, S6y_
-    db6 = t8_/B  # (31), (33)
-    del t8_
+    db6 = t17_/B  # (31), (33)
+    del t17_
     return (J, dW1, db1, dW3, db3, dW6, db6,)
 
 

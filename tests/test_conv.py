@@ -1,6 +1,7 @@
 """Convolutional networks end to end: every penalty kind against the autograd oracle."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +121,24 @@ def test_lenet_benchmark_model_compiles_and_runs(rng, tmp_path):
     x = rng.normal(size=(2, 1, 28, 28))
     value, grads = m.value_and_grad(params, x, np.array([3, 7]))
     assert np.isfinite(value) and set(grads) == {"W1", "b1", "W3", "b3", "W6", "b6"}
+
+
+@pytest.mark.parametrize("kind", ["fused", "kernels"])
+def test_conv_schedules_match_oracle(kind, tmp_path, rng):
+    """Both schedules that run image layers; in `fused`, the coordinate-wise statements of
+    an image (bias, g, g', the M_j products, the K^box operands) run as one jitted loop
+    over (sample, channel, row, column), the bias indexed per channel."""
+    spec = dict(CASES[1], name=f"conv_node_{kind}")
+    m = compile_spec(spec, tmp_path, jit=True, schedule=kind)
+    assert m.SCHEDULES["value_and_grad"] == kind
+    check(spec, m, rng)
+    source = Path(m.__file__).read_text()
+    image_loops = re.findall(r"def (_fused\d+)\(.*\n(?:    .*\n)*?\s+for c in range\(.*# channels\n"
+                             r"\s+for h in range.*\n\s+for w in range", source)
+    if kind == "fused":
+        assert image_loops, "no loop over (sample, channel, row, column)"
+        body = source.split("def _value_and_grad(", 1)[1].split("\ndef ", 1)[0]
+        assert re.search(r"x1, dg1 = _fused\d+\(b1, t\d+_\)", body)  # z1 = b1 + K(W1, x0), g, g'
+        assert "b[c]" in source
+    else:
+        assert not image_loops

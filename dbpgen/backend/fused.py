@@ -27,7 +27,7 @@ from dataclasses import replace
 
 import sympy as sp
 
-from ..functions import BSum, K, Kbox, KT
+from ..functions import Bias, BSum, K, Kbox, KT
 from ..program import Loop, Program, Stmt
 from ..printer import CodegenError
 from ..shapes import BATCH_AXIS, shape_of
@@ -36,8 +36,9 @@ from .common import (B, BATCH_OPS, ELEMENTWISE, LEAVES as _LEAVES, Lowering, bat
                      columns as _columns, coordinatewise, elements, freeze, operations as _operations)
 from .schedule import OPEN, AddTo, Alloc, Call, For, Function, Let, Rows, Shape, Store, elem, name
 
-LOOP_NAMES = {"i", "k"}  # the fused loops' own indices
+LOOP_NAMES = {"i", "k", "c", "h", "w", "t"}  # the fused loops' own indices
 i, k = name("i"), name("k")
+SPACE_AXES = {1: ("t",), 2: ("h", "w")}  # an image's or a sequence's axes after the channel
 
 
 def _coordinatewise(expr: sp.Expr, cheap_only: bool) -> bool:
@@ -55,8 +56,11 @@ class _Fuser(Lowering):
         self.placed: dict[str, sp.Expr] = {}  # value -> the half of a stacked buffer it is written to
 
     @staticmethod
-    def width(shape) -> int | None:
-        """n for a whole-batch (B, n) value with n > 1, else None."""
+    def width(shape):
+        """What a fused loop over a whole-batch value runs over: n for a (B, n) value with
+        n > 1, the non-batch shape (C, H, W) for an image (C, T for a sequence), else None."""
+        if len(shape) - 2 in SPACE_AXES and shape[0] == BATCH_AXIS:
+            return tuple(shape[1:])
         n = _columns(shape)
         return n if n != 1 else None
 
@@ -64,7 +68,7 @@ class _Fuser(Lowering):
         """The width of the (sample, unit) loop a statement runs in: its target's, or for a
         batch sum t = BSum(a) (eq. 33), its argument's (the loop accumulates t[k]; a sum of
         per-sample scalars, such as the objective J, runs over (sample, 1))."""
-        if _accumulates(node):
+        if _accumulates(node):  # an image's sums (over batch and space) stay whole-array helpers
             return _columns(shape_of(_batch_sum(node.expr), self.shapes, self.model))
         return self.width(self.shapes[node.target.name])
 
@@ -77,6 +81,11 @@ class _Fuser(Lowering):
         names = {s.name for s in node.expr.free_symbols}
         if names & LOOP_NAMES or not names <= set(self.shapes):  # e.g. Algorithm 4's index i
             return False
+        width = self.loop_width(node)
+        if isinstance(width, tuple):  # an image: its own shape, per-sample scalars, biases per channel
+            biases = {e.args[1].name for e in node.expr.atoms(Bias)}
+            full = (BATCH_AXIS,) + width
+            return all(self.shapes[n] in (full, (BATCH_AXIS, 1), (), (1,)) or n in biases for n in names)
         shapes = [self.shapes[name] for name in names]
         return all(len(s) <= 1 or (len(s) == 2 and s[0] == BATCH_AXIS) for s in shapes)
 
@@ -155,7 +164,10 @@ class _Fuser(Lowering):
         def visit(e):
             for a in e.args:
                 summed = _batch_sum(a)
-                if summed is not None and (operand(summed) or isinstance(summed, sp.Symbol)
+                if summed is not None and isinstance(self.width(shape_of(summed, self.shapes, self.model)), tuple):
+                    if operand(summed) and summed not in mapping:  # an image's sum: its operand only
+                        mapping[summed] = self.temp(summed, out, node.eq, node.phase)
+                elif summed is not None and (operand(summed) or isinstance(summed, sp.Symbol)
                                            and self.width(self.shapes[summed.name])) \
                         or isinstance(e, BATCH_OPS) and operand(a):
                     if a not in mapping:  # the whole batch sum, or an operand of K^box
@@ -300,7 +312,8 @@ class _Fuser(Lowering):
                 if sym.name not in defined and sym.name not in args:
                     args.append(sym.name)
         width = self.loop_width(stmts[0])
-        ref = next((a for a in args if _columns(self.shapes[a]) == width), None)
+        ref = next((a for a in args if self.shapes[a][:1] == (BATCH_AXIS,)
+                    and (self.width(self.shapes[a]) or _columns(self.shapes[a])) == width), None)
         if ref is None:  # no whole-batch operand to take the batch size from
             return stmts + [Store(self.placed[s.target.name], s.target, "copied into its half")
                             for s in stmts if s.target.name in self.placed]
@@ -308,18 +321,25 @@ class _Fuser(Lowering):
         values = [name(a) for a in args] + [self.placed[n] for n in given]  # what the call passes
         # the kernel's own names carry no layer index, so that the loops of layers of one
         # shape print alike and share one kernel: LLVM work bounded by distinct loops, not depth
-        local = _local_names(args + defined)
+        image = isinstance(width, tuple)  # loops over (sample, channel, space) instead of (sample, unit)
+        axes = ("i", "c") + SPACE_AXES[len(width) - 1] if image else ("i", "k")
+        local = _local_names(args + defined, axes)
         shapes = {local[n]: self.shapes[n] for n in local if n in self.shapes}
         renamed = {sym: sp.Symbol(local[sym.name]) for st in stmts for sym in st.expr.free_symbols
                    if local.get(sym.name, sym.name) != sym.name}
         params = [local[a] for a in args] + [f"{local[n]}_out" for n in given]
         ref = name(local[ref])
         scalars: set[str] = set()  # values of this loop held in scalars
+        biases = {local[e.args[1].name] for st in stmts for e in st.expr.atoms(Bias)}
 
         def element(sym):
             if sym.name in scalars:
                 return None
             shape = shapes.get(sym.name, ())
+            if image and sym.name in biases:  # b_j of a conv layer, one number per channel
+                return elem(sym.name, name("c"))
+            if image and len(shape) == len(axes):
+                return elem(sym.name, *map(name, axes))
             if len(shape) == 2 and shape[0] == BATCH_AXIS:
                 return elem(sym.name, i, 0 if shape[1] == 1 else k)
             if len(shape) == 1:
@@ -329,7 +349,8 @@ class _Fuser(Lowering):
             return None
 
         body = [Alloc(f"{local[n]}_out", (Shape(ref, 1),), zero=True) if n in sums
-                else Alloc(f"{local[n]}_out", (Shape(ref, 0), Shape(ref, 1))) for n in stored if n not in given]
+                else Alloc(f"{local[n]}_out", tuple(Shape(ref, a) for a in range(len(axes))))
+                for n in stored if n not in given]
         inner = []
         for st in stmts:
             target, expr = local[st.target.name], st.expr.xreplace(renamed)
@@ -339,9 +360,12 @@ class _Fuser(Lowering):
             inner.append(Let(target, elements(expr, element), st.eq))
             scalars.add(target)
             if st.target.name in stored:
-                inner.append(Store(elem(f"{target}_out", i, k), name(target)))
-        body.append(For("i", Shape(ref, 0), [For("k", Shape(ref, 1), inner, comment="units")],
-                        scalar=True, comment="samples"))
+                inner.append(Store(elem(f"{target}_out", *map(name, axes)), name(target)))
+        comments = {"i": "samples", "k": "units", "c": "channels"}
+        for axis in reversed(axes):
+            inner = [For(axis, Shape(ref, axes.index(axis)), inner, scalar=axis == "i",
+                         comment=comments.get(axis, ""))]
+        body += inner
         returns = tuple(name(f"{local[n]}_out") for n in stored)
         kernel = freeze(Function("", tuple(params), body, returns, tuple(local[n] for n in stored), decorator="njit"))
         if kernel not in self.registry:  # programs share identical loops (forward, penalty, ...)
@@ -352,10 +376,10 @@ class _Fuser(Lowering):
                      comment=f"fused loop: {', '.join(defined)}; {eqs}", into=tuple(given))]
 
 
-def _local_names(names: list[str]) -> dict[str, str]:
+def _local_names(names: list[str], axes) -> dict[str, str]:
     """Names inside a fused kernel: the program's without digits (z3 -> z, t12_ -> t),
-    numbered where two would meet (x2, x3 -> x, x_1); loop variables stay free."""
-    out, taken = {}, set(LOOP_NAMES) | {"math"}
+    numbered where two would meet (x2, x3 -> x, x_1); the loop's variables stay free."""
+    out, taken = {}, set(axes) | {"math"}
     for given in names:
         stem = re.sub(r"\d+", "", given).rstrip("_") or "a"
         new, n = stem, 0

@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_conv1d_cdb_0c0f8bd2132710d2"
+__name__ = "_dbpgen_conv1d_cdb_2e061904f035a683"
 
 
 class _CachedGlobals:
@@ -393,14 +393,14 @@ def _fused0(b, t_1):
 
 
 def _forward(W1, b1, W3, b3, W5, b5, x0):
-    t0_ = _conv1d_K(W1, x0, 1, 2, 1, 13107)  # z1 = b1 + K_1(W1, x0)
+    t0_ = _conv1d_K(W1, x0, 1, 2, 1, 819)  # z1 = b1 + K_1(W1, x0)
     x1 = _fused0(b1, t0_)[0]  # fused loop: z1, x1; (8)
     del t0_
     z2 = _avgpool1d_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    t1_ = _conv1d_K(W3, x2, 2, 0, 2, 29127)  # z3 = b3 + K_3(W3, x2)
+    t1_ = _conv1d_K(W3, x2, 2, 0, 2, 1820)  # z3 = b3 + K_3(W3, x2)
     del x2
     x3 = _fused0(b3, t1_)[0]  # fused loop: z3, x3; (8)
     del t1_
@@ -443,14 +443,14 @@ def _fused2(t, x, xi):
 
 
 def _vjp(W1, b1, W3, b3, W5, b5, x0, v):
-    t0_ = _conv1d_K(W1, x0, 1, 2, 1, 13107)  # z1 = b1 + K_1(W1, x0)
+    t0_ = _conv1d_K(W1, x0, 1, 2, 1, 819)  # z1 = b1 + K_1(W1, x0)
     x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     del t0_
     z2 = _avgpool1d_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    t1_ = _conv1d_K(W3, x2, 2, 0, 2, 29127)  # z3 = b3 + K_3(W3, x2)
+    t1_ = _conv1d_K(W3, x2, 2, 0, 2, 1820)  # z3 = b3 + K_3(W3, x2)
     del x2
     x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
     del t1_
@@ -476,7 +476,7 @@ def _vjp(W1, b1, W3, b3, W5, b5, x0, v):
     del zeta4
     zeta3 = dg3*xi3  # (15)
     del dg3, xi3
-    xi2 = _conv1d_KT(W3, zeta3, 2, 0, 2, 16, 29127)  # (16)
+    xi2 = _conv1d_KT(W3, zeta3, 2, 0, 2, 16, 1820)  # (16)
     del zeta3
     zeta2 = xi2  # (15)
     del xi2
@@ -484,7 +484,7 @@ def _vjp(W1, b1, W3, b3, W5, b5, x0, v):
     del zeta2
     zeta1 = dg1*xi1  # (15)
     del dg1, xi1
-    xi0 = _conv1d_KT(W1, zeta1, 1, 2, 1, 32, 13107)  # (16)
+    xi0 = _conv1d_KT(W1, zeta1, 1, 2, 1, 32, 819)  # (16)
     del zeta1
     return (xi0,)
 
@@ -500,14 +500,14 @@ def _fused3(h, t, x):
 
 
 def _jvp(W1, b1, W3, b3, W5, b5, x0, u):
-    t0_ = _conv1d_K(W1, x0, 1, 2, 1, 13107)  # z1 = b1 + K_1(W1, x0)
+    t0_ = _conv1d_K(W1, x0, 1, 2, 1, 819)  # z1 = b1 + K_1(W1, x0)
     x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     del t0_
     z2 = _avgpool1d_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    t1_ = _conv1d_K(W3, x2, 2, 0, 2, 29127)  # z3 = b3 + K_3(W3, x2)
+    t1_ = _conv1d_K(W3, x2, 2, 0, 2, 1820)  # z3 = b3 + K_3(W3, x2)
     del x2
     x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
     del t1_
@@ -522,7 +522,7 @@ def _jvp(W1, b1, W3, b3, W5, b5, x0, u):
     x5 = _softmax(z5)  # (8)
     del z5
     q0 = u  # q_0 = u
-    h1 = _conv1d_K(W1, q0, 1, 2, 1, 13107)  # (20)
+    h1 = _conv1d_K(W1, q0, 1, 2, 1, 819)  # (20)
     del q0
     q1 = dg1*h1  # (21)
     del dg1, h1
@@ -530,7 +530,7 @@ def _jvp(W1, b1, W3, b3, W5, b5, x0, u):
     del q1
     q2 = h2  # (21)
     del h2
-    h3 = _conv1d_K(W3, q2, 2, 0, 2, 29127)  # (20)
+    h3 = _conv1d_K(W3, q2, 2, 0, 2, 1820)  # (20)
     del q2
     q3 = dg3*h3  # (21)
     del dg3, h3
@@ -557,14 +557,14 @@ def _fused4(t, x, y):
 
 
 def _input_grad(W1, b1, W3, b3, W5, b5, x0, y):
-    t0_ = _conv1d_K(W1, x0, 1, 2, 1, 13107)  # z1 = b1 + K_1(W1, x0)
+    t0_ = _conv1d_K(W1, x0, 1, 2, 1, 819)  # z1 = b1 + K_1(W1, x0)
     x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     del t0_
     z2 = _avgpool1d_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    t1_ = _conv1d_K(W3, x2, 2, 0, 2, 29127)  # z3 = b3 + K_3(W3, x2)
+    t1_ = _conv1d_K(W3, x2, 2, 0, 2, 1820)  # z3 = b3 + K_3(W3, x2)
     del x2
     x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
     del t1_
@@ -589,7 +589,7 @@ def _input_grad(W1, b1, W3, b3, W5, b5, x0, y):
     del zeta4
     zeta3 = dg3*xi3  # (15)
     del dg3, xi3
-    xi2 = _conv1d_KT(W3, zeta3, 2, 0, 2, 16, 29127)  # (16)
+    xi2 = _conv1d_KT(W3, zeta3, 2, 0, 2, 16, 1820)  # (16)
     del zeta3
     zeta2 = xi2  # (15)
     del xi2
@@ -597,20 +597,20 @@ def _input_grad(W1, b1, W3, b3, W5, b5, x0, y):
     del zeta2
     zeta1 = dg1*xi1  # (15)
     del dg1, xi1
-    xi0 = _conv1d_KT(W1, zeta1, 1, 2, 1, 32, 13107)  # (16)
+    xi0 = _conv1d_KT(W1, zeta1, 1, 2, 1, 32, 819)  # (16)
     del zeta1
     return (xi0,)
 
 
 def _penalty(W1, b1, W3, b3, W5, b5, x0, y):
-    t0_ = _conv1d_K(W1, x0, 1, 2, 1, 13107)  # z1 = b1 + K_1(W1, x0)
+    t0_ = _conv1d_K(W1, x0, 1, 2, 1, 819)  # z1 = b1 + K_1(W1, x0)
     x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     del t0_
     z2 = _avgpool1d_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    t1_ = _conv1d_K(W3, x2, 2, 0, 2, 29127)  # z3 = b3 + K_3(W3, x2)
+    t1_ = _conv1d_K(W3, x2, 2, 0, 2, 1820)  # z3 = b3 + K_3(W3, x2)
     del x2
     x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
     del t1_
@@ -635,7 +635,7 @@ def _penalty(W1, b1, W3, b3, W5, b5, x0, y):
     del zeta4
     zeta3 = dg3*xi3  # (15)
     del dg3, xi3
-    xi2 = _conv1d_KT(W3, zeta3, 2, 0, 2, 16, 29127)  # (16)
+    xi2 = _conv1d_KT(W3, zeta3, 2, 0, 2, 16, 1820)  # (16)
     del zeta3
     zeta2 = xi2  # (15)
     del xi2
@@ -643,7 +643,7 @@ def _penalty(W1, b1, W3, b3, W5, b5, x0, y):
     del zeta2
     zeta1 = dg1*xi1  # (15)
     del dg1, xi1
-    xi0 = _conv1d_KT(W1, zeta1, 1, 2, 1, 32, 13107)  # (16)
+    xi0 = _conv1d_KT(W1, zeta1, 1, 2, 1, 32, 819)  # (16)
     del zeta1
     s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     del xi0
@@ -781,14 +781,14 @@ def _value_and_grad(W1, b1, W3, b3, W5, b5, x0, y, lam):
     B = x0.shape[0]  # batch size
     S5x_ = np.empty((2*B, 48), dtype=DTYPE)  # [q4; x4] stacked over the batch
     S5y_ = np.empty((2*B, 4), dtype=DTYPE)  # [t15_; t16_] stacked over the batch
-    t0_ = _conv1d_K(W1, x0, 1, 2, 1, 13107)  # z1 = b1 + K_1(W1, x0)
+    t0_ = _conv1d_K(W1, x0, 1, 2, 1, 819)  # z1 = b1 + K_1(W1, x0)
     x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     del t0_
     z2 = _avgpool1d_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    t1_ = _conv1d_K(W3, x2, 2, 0, 2, 29127)  # z3 = b3 + K_3(W3, x2)
+    t1_ = _conv1d_K(W3, x2, 2, 0, 2, 1820)  # z3 = b3 + K_3(W3, x2)
     x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
     del t1_
     z4 = _flatten1d_K(x3)  # (8)
@@ -810,25 +810,25 @@ def _value_and_grad(W1, b1, W3, b3, W5, b5, x0, y, lam):
     del zeta4
     zeta3, t12_ = _fused7(dg3, xi3, B, lam)  # fused loop: zeta3, t12_; (15); (31), (32)
     del xi3
-    xi2 = _conv1d_KT(W3, zeta3, 2, 0, 2, 16, 29127)  # (16)
+    xi2 = _conv1d_KT(W3, zeta3, 2, 0, 2, 16, 1820)  # (16)
     zeta2 = xi2  # (15)
     del xi2
     xi1 = _avgpool1d_KT(zeta2, 2)  # (16)
     del zeta2
     zeta1, t10_ = _fused8(dg1, xi1, B, lam)  # fused loop: zeta1, t10_; (15); (31), (32)
     del xi1
-    xi0 = _conv1d_KT(W1, zeta1, 1, 2, 1, 32, 13107)  # (16)
+    xi0 = _conv1d_KT(W1, zeta1, 1, 2, 1, 32, 819)  # (16)
     s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     R = s  # (10)
     del s
-    t4_ = _conv1d_K(W1, xi0, 1, 2, 1, 13107)  # h1 = 2*K_1(W1, xi0)
+    t4_ = _conv1d_K(W1, xi0, 1, 2, 1, 819)  # h1 = 2*K_1(W1, xi0)
     q1 = _fused9(t4_, dg1)[0]  # fused loop: h1, q1; (20); (21)
     del t4_
     h2 = _avgpool1d_K(q1, 2)  # (20)
     del q1
     q2 = h2  # (21)
     del h2
-    h3 = _conv1d_K(W3, q2, 2, 0, 2, 29127)  # (20)
+    h3 = _conv1d_K(W3, q2, 2, 0, 2, 1820)  # (20)
     q3 = dg3*h3  # (21)
     del h3
     h4 = _flatten1d_K(q3)  # (20)
@@ -848,7 +848,7 @@ def _value_and_grad(W1, b1, W3, b3, W5, b5, x0, y, lam):
     del eta4
     eta3, t13_, t14_ = _fused12(dg3, gamma3, B, lam, zeta3)  # fused loop: eta3, t13_, t14_; (28); (31), (32); (31), (33)
     del dg3, gamma3, zeta3
-    gamma2 = _conv1d_KT(W3, eta3, 2, 0, 2, 16, 29127)  # (30)
+    gamma2 = _conv1d_KT(W3, eta3, 2, 0, 2, 16, 1820)  # (30)
     del eta3
     eta2 = gamma2  # (28)
     del gamma2
@@ -863,11 +863,11 @@ def _value_and_grad(W1, b1, W3, b3, W5, b5, x0, y, lam):
     del R, t3_, t6_, t7_
     J = t8_/B  # J = (1/B) sum_b [l + lam R]
     del t8_
-    dW1 = _conv1d_Kbox(x0, t9_, 1, 2, 1, 5, 13107) + _conv1d_Kbox(xi0, t10_, 1, 2, 1, 5, 13107)  # (31), (32)
+    dW1 = _conv1d_Kbox(x0, t9_, 1, 2, 1, 5, 819) + _conv1d_Kbox(xi0, t10_, 1, 2, 1, 5, 819)  # (31), (32)
     del t10_, t9_, xi0
     db1 = _bsum_channels(t11_)/B  # (31), (33)
     del t11_
-    dW3 = _conv1d_Kbox(q2, t12_, 2, 0, 2, 3, 29127) + _conv1d_Kbox(x2, t13_, 2, 0, 2, 3, 29127)  # (31), (32)
+    dW3 = _conv1d_Kbox(q2, t12_, 2, 0, 2, 3, 1820) + _conv1d_Kbox(x2, t13_, 2, 0, 2, 3, 1820)  # (31), (32)
     del q2, t12_, t13_, x2
     db3 = _bsum_channels(t14_)/B  # (31), (33)
     del t14_

@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_lenet_cdb_e6c85efdd8434c82"
+__name__ = "_dbpgen_lenet_cdb_fd495746a247d757"
 
 
 class _CachedGlobals:
@@ -144,7 +144,7 @@ input-space argument first; lam = penalty weight, B = batch size.
 
 OPS = {'emitted': {'K': 12, 'KT': 11, 'Kbox': 6, 'flops': 3662848},
  'naive': {'K': 12, 'KT': 11, 'Kbox': 9, 'flops': 4307968}}
-PEAK_BYTES = {'batch': 128, 'emitted': 44044296, 'naive': 41073664}
+PEAK_BYTES = {'batch': 128, 'emitted': 35176536, 'naive': 41073664}
 # how each program runs: lanes (batch-minor fused kernel), jit (one jitted function),
 # fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
 # operators' own kernels), count (plain Python counting K, K^T, K^box)
@@ -485,14 +485,14 @@ def _fused0(b, t):
 
 
 def _forward(W1, b1, W3, b3, W6, b6, x0):
-    t0_ = _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # z1 = b1 + K_1(W1, x0)
+    t0_ = _conv2d_K(W1, x0, 1, 0, 1, 18, True)  # z1 = b1 + K_1(W1, x0)
     x1 = _fused0(b1, t0_)[0]  # fused loop: z1, x1; (8)
     del t0_
     z2 = _avgpool_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    t1_ = _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # z3 = b3 + K_3(W3, x2)
+    t1_ = _conv2d_K(W3, x2, 1, 0, 1, 20, False)  # z3 = b3 + K_3(W3, x2)
     del x2
     x3 = _fused0(b3, t1_)[0]  # fused loop: z3, x3; (8)
     del t1_
@@ -540,14 +540,14 @@ def _fused2(t, x, xi):
 
 
 def _vjp(W1, b1, W3, b3, W6, b6, x0, v):
-    t0_ = _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # z1 = b1 + K_1(W1, x0)
+    t0_ = _conv2d_K(W1, x0, 1, 0, 1, 18, True)  # z1 = b1 + K_1(W1, x0)
     x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     del t0_
     z2 = _avgpool_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    t1_ = _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # z3 = b3 + K_3(W3, x2)
+    t1_ = _conv2d_K(W3, x2, 1, 0, 1, 20, False)  # z3 = b3 + K_3(W3, x2)
     del x2
     x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
     del t1_
@@ -581,7 +581,7 @@ def _vjp(W1, b1, W3, b3, W6, b6, x0, v):
     del zeta4
     zeta3 = dg3*xi3  # (15)
     del dg3, xi3
-    xi2 = _conv2d_KT(W3, zeta3, 1, 0, 1, 12, 12, 327, False)  # (16)
+    xi2 = _conv2d_KT(W3, zeta3, 1, 0, 1, 12, 12, 20, False)  # (16)
     del zeta3
     zeta2 = xi2  # (15)
     del xi2
@@ -589,7 +589,7 @@ def _vjp(W1, b1, W3, b3, W6, b6, x0, v):
     del zeta2
     zeta1 = dg1*xi1  # (15)
     del dg1, xi1
-    xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28, 291, True)  # (16)
+    xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28, 18, True)  # (16)
     del zeta1
     return (xi0,)
 
@@ -605,14 +605,14 @@ def _fused3(h, t, x):
 
 
 def _jvp(W1, b1, W3, b3, W6, b6, x0, u):
-    t0_ = _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # z1 = b1 + K_1(W1, x0)
+    t0_ = _conv2d_K(W1, x0, 1, 0, 1, 18, True)  # z1 = b1 + K_1(W1, x0)
     x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     del t0_
     z2 = _avgpool_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    t1_ = _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # z3 = b3 + K_3(W3, x2)
+    t1_ = _conv2d_K(W3, x2, 1, 0, 1, 20, False)  # z3 = b3 + K_3(W3, x2)
     del x2
     x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
     del t1_
@@ -631,7 +631,7 @@ def _jvp(W1, b1, W3, b3, W6, b6, x0, u):
     x6 = _softmax(z6)  # (8)
     del z6
     q0 = u  # q_0 = u
-    h1 = _conv2d_K(W1, q0, 1, 0, 1, 291, True)  # (20)
+    h1 = _conv2d_K(W1, q0, 1, 0, 1, 18, True)  # (20)
     del q0
     q1 = dg1*h1  # (21)
     del dg1, h1
@@ -639,7 +639,7 @@ def _jvp(W1, b1, W3, b3, W6, b6, x0, u):
     del q1
     q2 = h2  # (21)
     del h2
-    h3 = _conv2d_K(W3, q2, 1, 0, 1, 327, False)  # (20)
+    h3 = _conv2d_K(W3, q2, 1, 0, 1, 20, False)  # (20)
     del q2
     q3 = dg3*h3  # (21)
     del dg3, h3
@@ -670,14 +670,14 @@ def _fused4(t, x, y):
 
 
 def _input_grad(W1, b1, W3, b3, W6, b6, x0, y):
-    t0_ = _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # z1 = b1 + K_1(W1, x0)
+    t0_ = _conv2d_K(W1, x0, 1, 0, 1, 18, True)  # z1 = b1 + K_1(W1, x0)
     x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     del t0_
     z2 = _avgpool_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    t1_ = _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # z3 = b3 + K_3(W3, x2)
+    t1_ = _conv2d_K(W3, x2, 1, 0, 1, 20, False)  # z3 = b3 + K_3(W3, x2)
     del x2
     x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
     del t1_
@@ -710,7 +710,7 @@ def _input_grad(W1, b1, W3, b3, W6, b6, x0, y):
     del zeta4
     zeta3 = dg3*xi3  # (15)
     del dg3, xi3
-    xi2 = _conv2d_KT(W3, zeta3, 1, 0, 1, 12, 12, 327, False)  # (16)
+    xi2 = _conv2d_KT(W3, zeta3, 1, 0, 1, 12, 12, 20, False)  # (16)
     del zeta3
     zeta2 = xi2  # (15)
     del xi2
@@ -718,20 +718,20 @@ def _input_grad(W1, b1, W3, b3, W6, b6, x0, y):
     del zeta2
     zeta1 = dg1*xi1  # (15)
     del dg1, xi1
-    xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28, 291, True)  # (16)
+    xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28, 18, True)  # (16)
     del zeta1
     return (xi0,)
 
 
 def _penalty(W1, b1, W3, b3, W6, b6, x0, y):
-    t0_ = _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # z1 = b1 + K_1(W1, x0)
+    t0_ = _conv2d_K(W1, x0, 1, 0, 1, 18, True)  # z1 = b1 + K_1(W1, x0)
     x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     del t0_
     z2 = _avgpool_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    t1_ = _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # z3 = b3 + K_3(W3, x2)
+    t1_ = _conv2d_K(W3, x2, 1, 0, 1, 20, False)  # z3 = b3 + K_3(W3, x2)
     del x2
     x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
     del t1_
@@ -764,7 +764,7 @@ def _penalty(W1, b1, W3, b3, W6, b6, x0, y):
     del zeta4
     zeta3 = dg3*xi3  # (15)
     del dg3, xi3
-    xi2 = _conv2d_KT(W3, zeta3, 1, 0, 1, 12, 12, 327, False)  # (16)
+    xi2 = _conv2d_KT(W3, zeta3, 1, 0, 1, 12, 12, 20, False)  # (16)
     del zeta3
     zeta2 = xi2  # (15)
     del xi2
@@ -772,7 +772,7 @@ def _penalty(W1, b1, W3, b3, W6, b6, x0, y):
     del zeta2
     zeta1 = dg1*xi1  # (15)
     del dg1, xi1
-    xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28, 291, True)  # (16)
+    xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28, 18, True)  # (16)
     del zeta1
     s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     del xi0
@@ -915,14 +915,14 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     B = x0.shape[0]  # batch size
     S6x_ = np.empty((2*B, 256), dtype=DTYPE)  # [q5; x5] stacked over the batch
     S6y_ = np.empty((2*B, 10), dtype=DTYPE)  # [t15_; t16_] stacked over the batch
-    t0_ = _conv2d_K(W1, x0, 1, 0, 1, 291, True)  # z1 = b1 + K_1(W1, x0)
+    t0_ = _conv2d_K(W1, x0, 1, 0, 1, 18, True)  # z1 = b1 + K_1(W1, x0)
     x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     del t0_
     z2 = _avgpool_K(x1, 2)  # (8)
     del x1
     x2 = z2  # (8)
     del z2
-    t1_ = _conv2d_K(W3, x2, 1, 0, 1, 327, False)  # z3 = b3 + K_3(W3, x2)
+    t1_ = _conv2d_K(W3, x2, 1, 0, 1, 20, False)  # z3 = b3 + K_3(W3, x2)
     x3, dg3 = _fused1(b3, t1_)  # fused loop: z3, x3, dg3; (8); g' (9), SymPy
     del t1_
     z4 = _avgpool_K(x3, 2)  # (8)
@@ -952,25 +952,25 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     del zeta4
     zeta3, t12_ = _fused7(dg3, xi3, B, lam)  # fused loop: zeta3, t12_; (15); (31), (32)
     del xi3
-    xi2 = _conv2d_KT(W3, zeta3, 1, 0, 1, 12, 12, 327, False)  # (16)
+    xi2 = _conv2d_KT(W3, zeta3, 1, 0, 1, 12, 12, 20, False)  # (16)
     zeta2 = xi2  # (15)
     del xi2
     xi1 = _avgpool_KT(zeta2, 2)  # (16)
     del zeta2
     zeta1, t10_ = _fused8(dg1, xi1, B, lam)  # fused loop: zeta1, t10_; (15); (31), (32)
     del xi1
-    xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28, 291, True)  # (16)
+    xi0 = _conv2d_KT(W1, zeta1, 1, 0, 1, 28, 28, 18, True)  # (16)
     s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     R = s  # (10)
     del s
-    t4_ = _conv2d_K(W1, xi0, 1, 0, 1, 291, True)  # h1 = 2*K_1(W1, xi0)
+    t4_ = _conv2d_K(W1, xi0, 1, 0, 1, 18, True)  # h1 = 2*K_1(W1, xi0)
     q1 = _fused9(t4_, dg1)[0]  # fused loop: h1, q1; (20); (21)
     del t4_
     h2 = _avgpool_K(q1, 2)  # (20)
     del q1
     q2 = h2  # (21)
     del h2
-    h3 = _conv2d_K(W3, q2, 1, 0, 1, 327, False)  # (20)
+    h3 = _conv2d_K(W3, q2, 1, 0, 1, 20, False)  # (20)
     q3 = dg3*h3  # (21)
     del h3
     h4 = _avgpool_K(q3, 2)  # (20)
@@ -998,7 +998,7 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     del eta4
     eta3, t13_, t14_ = _fused12(dg3, gamma3, B, lam, zeta3)  # fused loop: eta3, t13_, t14_; (28); (31), (32); (31), (33)
     del dg3, gamma3, zeta3
-    gamma2 = _conv2d_KT(W3, eta3, 1, 0, 1, 12, 12, 327, False)  # (30)
+    gamma2 = _conv2d_KT(W3, eta3, 1, 0, 1, 12, 12, 20, False)  # (30)
     del eta3
     eta2 = gamma2  # (28)
     del gamma2
@@ -1013,11 +1013,11 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     del R, t3_, t6_, t7_
     J = t8_/B  # J = (1/B) sum_b [l + lam R]
     del t8_
-    dW1 = _conv2d_Kbox(x0, t9_, 1, 0, 1, 5, 291, True) + _conv2d_Kbox(xi0, t10_, 1, 0, 1, 5, 291, True)  # (31), (32)
+    dW1 = _conv2d_Kbox(x0, t9_, 1, 0, 1, 5, 18, True) + _conv2d_Kbox(xi0, t10_, 1, 0, 1, 5, 18, True)  # (31), (32)
     del t10_, t9_, xi0
     db1 = _bsum_channels(t11_)/B  # (31), (33)
     del t11_
-    dW3 = _conv2d_Kbox(q2, t12_, 1, 0, 1, 5, 327, False) + _conv2d_Kbox(x2, t13_, 1, 0, 1, 5, 327, False)  # (31), (32)
+    dW3 = _conv2d_Kbox(q2, t12_, 1, 0, 1, 5, 20, False) + _conv2d_Kbox(x2, t13_, 1, 0, 1, 5, 20, False)  # (31), (32)
     del q2, t12_, t13_, x2
     db3 = _bsum_channels(t14_)/B  # (31), (33)
     del t14_

@@ -20,9 +20,12 @@ from __future__ import annotations
 import math
 
 VECTOR, SEQUENCE, IMAGE = 1, 2, 3
-# A convolution's im2col buffer holds at most this many numbers (32 MiB in float64): its
-# kernels take the batch that many samples' worth at a time (`Im2colKernels.chunk`)
-BUFFER_ELEMENTS = 1 << 22
+# A convolution's im2col buffer holds about this many numbers (1 MiB in float32, 2 MiB in
+# float64, a core's L2 cache here): its kernels take the batch that many samples' worth at a
+# time (`Im2colKernels.chunk`), so that the GEMM reads the columns the gather loop has just
+# written from cache. Measured on the conv sweep's layers (K + K^T + K^box, float32): 1.1-1.9x
+# faster than one buffer for the whole batch, and the buffers stay small at any batch size.
+BUFFER_ELEMENTS = 1 << 18
 RANK_NAMES = {VECTOR: "a vector", SEQUENCE: "a sequence", IMAGE: "an image"}
 RANK_SHAPES = {VECTOR: "[n]", SEQUENCE: "[channels, length]", IMAGE: "[channels, height, width]"}
 

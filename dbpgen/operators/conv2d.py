@@ -9,6 +9,7 @@ KIND = "conv2d"
 TEMPLATE = "ops/conv2d.py.j2"
 KEYS = ("channels", "kernel", "stride", "padding", "dilation")
 PER_SAMPLE_FILTER = 512  # numbers of a filter matrix that per-sample GEMMs run from cache
+PER_SAMPLE_POSITIONS = 256  # output positions of one sample that make a per-sample GEMM long enough
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,13 @@ class Conv2d(Im2colKernels):
         return 2 * size(self.out_shape(in_shape)) * in_shape[0] * self.kernel * self.kernel
 
     def per_sample(self, in_shape) -> bool:
-        """One GEMM per sample instead of one over the chunk: where the filter matrix
-        (out x in k k) has at most PER_SAMPLE_FILTER numbers, each per-sample product streams
-        its columns past a filter held in cache, and the results need no transposed copies;
-        a larger filter is worth reusing across the whole chunk in one GEMM."""
-        return self.out * in_shape[0] * self.kernel ** 2 <= PER_SAMPLE_FILTER
+        """One GEMM per sample instead of one over the chunk: the results need no transposed
+        copies. Worth it where each product is long (at least PER_SAMPLE_POSITIONS output
+        positions: 16 x 16 and larger images) or the filter matrix (out x in k k) is small
+        enough (PER_SAMPLE_FILTER numbers) to stay in cache while the columns stream past; on
+        small feature maps of many channels one GEMM over the chunk is faster."""
+        _, Ho, Wo = self.out_shape(in_shape)
+        return Ho * Wo >= PER_SAMPLE_POSITIONS or self.out * in_shape[0] * self.kernel ** 2 <= PER_SAMPLE_FILTER
 
     def workspace(self, which: str, in_shape, batch: int) -> int:
         extra = 0

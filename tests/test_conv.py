@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import compile_spec, import_module
+from conftest import compile_spec, import_module, wider_intermediates
 from oracle import Oracle
 from test_gradients import assert_close
 
@@ -88,12 +88,16 @@ def test_conv_network_jitted_and_float32(tmp_path, rng):
     params = m.init_params(seed=1)
     x, y, _ = data(spec, rng)
     value, grads = m.value_and_grad(params, x, y)
-    value32, grads32 = m32.value_and_grad({k: a.astype(np.float32) for k, a in params.items()},
-                                          x.astype(np.float32), y.astype(np.float32))
+    p32, x32, y32 = {k: a.astype(np.float32) for k, a in params.items()}, x.astype(np.float32), y.astype(np.float32)
+    value32, grads32 = m32.value_and_grad(p32, x32, y32)
     assert abs(value32 - value) <= 1e-4 * max(1, abs(value))
     for k in grads:
         assert grads32[k].dtype == np.float32
         assert_close(grads32[k], grads[k], 1e-4)
+    # no float64 array anywhere: the program, and (run as plain Python here) every conv, pool
+    # and fused kernel it calls
+    assert wider_intermediates(m32, lambda: m32.value_and_grad(p32, x32, y32)) == []
+    assert wider_intermediates(m32, lambda: m32.input_grad(p32, x32, y32)) == []
 
 
 def test_naive_and_simplified_conv_programs_agree(tmp_path, rng):

@@ -110,6 +110,15 @@ def test_the_cost_model_ranks_schedules_by_their_work():
     wide_tanh = model_from_dict(mlp("cm_tanh", ["tanh", "tanh"], None, "mse", NODE, widths=(256, 256)), "t.yaml")
     program = build(wide_tanh).programs["value_and_grad"]
     assert cost.predict("fused", wide_tanh, program, 128) < cost.predict("jit", wide_tanh, program, 128)
+    # mish repeats exp, log and tanh of one z in g, g', g'': the schedules that share each
+    # distinct application (fused, kernels) pay for it once, the lanes kernel per call site
+    mish = "z*tanh(log(1 + exp(z)))"
+    narrow_mish = model_from_dict(mlp("cm_mish", [mish, mish], None, "mse", NODE, widths=(32, 32)), "m.yaml")
+    program = build(narrow_mish).programs["value_and_grad"]
+    w = cost.work(narrow_mish, program, 128)
+    assert w.distinct < w.transcendental / 2
+    times = {k: cost.predict(k, narrow_mish, program, 128) for k in ("lanes", "jit", "fused", "kernels")}
+    assert min(times, key=times.get) == "fused", times
 
 
 SMALL = mlp("sched_small", ["tanh", "relu"], None, "mse", NODE, widths=(6, 5))

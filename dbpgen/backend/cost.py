@@ -145,9 +145,11 @@ def _seconds(kind: str, w: Work, m: Machine, scale: float, blas: float) -> float
     if kind == "jit":
         return m.call + blas + scale * (cheap + w.reductions) * m.numpy_element \
             + w.distinct * m.libm_element
+    # fused and kernels evaluate each distinct transcendental application once, as a NumPy
+    # ufunc (Lowering.share_transcendentals)
     if kind == "fused":
         return w.statements * m.statement + blas + scale * (cheap * m.loop_element + w.reductions * m.loop_element) \
-            + scale * w.transcendental * m.ufunc_element
+            + scale * w.distinct * m.ufunc_element
     # kernels, count: NumPy statements over whole arrays
     return w.statements * m.statement + blas + scale * (cheap + w.reductions) * m.numpy_element \
-        + scale * w.transcendental * m.ufunc_element
+        + scale * w.distinct * m.ufunc_element

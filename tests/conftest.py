@@ -43,6 +43,16 @@ def import_module(path: Path, jit: bool = True):
     return load_generated(path, jit=jit)
 
 
+def load_example(name: str):
+    """examples/<name>.py imported as a module (its main() not run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_model(spec: dict, directory: Path) -> Path:
     path = directory / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -2,14 +2,13 @@
 and the attacks of examples/digits_robustness.py checked on a small model."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_example
 
 RESULTS = json.loads((ROOT / "docs" / "digits-robustness.json").read_text())
 MID = RESULTS["epsilons"].index(0.1)  # the ε the doc discusses
@@ -61,10 +60,7 @@ def test_the_regularizers_cost_what_the_table_says():
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("digits_robustness", ROOT / "examples" / "digits_robustness.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("digits_robustness")
 
 
 def test_fgsm_and_pgd_stay_in_the_ball_and_the_box_and_find_errors(script, tmp_path):

@@ -4,20 +4,16 @@ Runs examples/sine_experiment.py's computing part (training included, no matplot
 """
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import load_example
 
 
 @pytest.fixture(scope="module")
 def exp():
-    spec = importlib.util.spec_from_file_location("sine_experiment", ROOT / "examples" / "sine_experiment.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("sine_experiment")
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_conv1d_cdb_2e061904f035a683"
+__name__ = "_dbpgen_conv1d_cdb_8826cee3883d59da"
 
 
 class _CachedGlobals:
@@ -137,7 +137,7 @@ input-space argument first; lam = penalty weight, B = batch size.
 
 OPS = {'emitted': {'K': 10, 'KT': 9, 'Kbox': 6, 'flops': 42752},
  'naive': {'K': 10, 'KT': 9, 'Kbox': 9, 'flops': 50560}}
-PEAK_BYTES = {'batch': 128, 'emitted': 2160680, 'naive': 2814976}
+PEAK_BYTES = {'batch': 128, 'emitted': 2177032, 'naive': 2814976}
 # how each program runs: lanes (batch-minor fused kernel), jit (one jitted function),
 # fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
 # operators' own kernels), count (plain Python counting K, K^T, K^box)
@@ -188,46 +188,52 @@ def _avgpool1d_KT(y, k):
 # To = (T + 2 padding - dilation (k - 1) - 1) // stride + 1.
 # The approach of conv2d: whole-batch GEMMs in NumPy's BLAS as plain Python, `chunk` samples
 # at a time, over the im2col buffer cols[(c, i), (b, t)] = x[b, c, t stride + i dilation - padding]
-# (zero outside x), filled by a serial jitted loop; K^T adds its columns back into place
-# in another. --
+# (zero outside x), filled by a serial jitted loop from a copy of the chunk with its zero
+# ends in place; K^T adds its columns back into a padded chunk in another, then crops it. --
 
 
 @numba.njit(cache=True)
-def _conv1d_gather(x, k, stride, padding, dilation, To, cols):
-    # cols[c, i, b, t] = x[b, c, t stride + i dilation - padding] (zero outside x), for
-    # x (n, Cin, T) and cols (Cin, k, n, To): scalar loops, one pass over cols
-    n, Cin, T = x.shape
+def _conv1d_gather(xp, k, stride, dilation, To, cols):
+    # cols[c, i, b, t] = xp[b, c, t stride + i dilation], for the zero-padded
+    # xp (n, Cin, T + 2 padding) and cols (Cin, k, n, To): one pass over cols, unsigned
+    # indices into xp (no negative-index wraparound: the loop vectorises)
+    n, Cin = xp.shape[0], xp.shape[1]
     for c in range(Cin):
         for i in range(k):
             for b in range(n):
                 for t in range(To):
-                    s = t * stride + i * dilation - padding
-                    if s >= 0 and s < T:
-                        cols[c, i, b, t] = x[b, c, s]
-                    else:
-                        cols[c, i, b, t] = 0
+                    cols[c, i, b, t] = xp[b, c, np.uintp(t * stride + i * dilation)]
 
 
 @numba.njit(cache=True)
-def _conv1d_scatter(cols, k, stride, padding, dilation, out):
-    # the adjoint of _conv1d_gather: out (n, Cin, T) = the columns added back into place
-    n, Cin, T = out.shape
+def _conv1d_scatter(cols, k, stride, dilation, outp):
+    # the adjoint of _conv1d_gather: the columns added back into the zero-padded
+    # outp (n, Cin, T + 2 padding)
+    n, Cin = outp.shape[0], outp.shape[1]
     To = cols.shape[3]
-    out[:] = 0
+    outp[:] = 0
     for c in range(Cin):
         for i in range(k):
             for b in range(n):
                 for t in range(To):
-                    s = t * stride + i * dilation - padding
-                    if s >= 0 and s < T:
-                        out[b, c, s] += cols[c, i, b, t]
+                    outp[b, c, np.uintp(t * stride + i * dilation)] += cols[c, i, b, t]
 
 
-def _conv1d_cols(x, k, stride, padding, dilation, To):
-    # the im2col buffer of x (n, Cin, T): (Cin k, n To)
-    n, Cin = x.shape[0], x.shape[1]
-    cols = np.empty((Cin, k, n, To), dtype=x.dtype)
-    _conv1d_gather(x, k, stride, padding, dilation, To, cols)
+def _conv1d_padded(x, padding, b0, b1, xp):
+    # samples b0:b1 of x (B, Cin, T) with `padding` zeros at both ends: in xp, a buffer
+    # (at least b1 - b0, Cin, T + 2 padding) whose ends are zero
+    if padding == 0:
+        return x[b0:b1]
+    xp = xp[:b1 - b0]
+    xp[:, :, padding:padding + x.shape[2]] = x[b0:b1]
+    return xp
+
+
+def _conv1d_cols(xp, k, stride, dilation, To):
+    # the im2col buffer of the padded xp (n, Cin, Tp): (Cin k, n To)
+    n, Cin = xp.shape[0], xp.shape[1]
+    cols = np.empty((Cin, k, n, To), dtype=xp.dtype)
+    _conv1d_gather(xp, k, stride, dilation, To, cols)
     return cols.reshape(Cin * k, n * To)
 
 
@@ -238,9 +244,10 @@ def _conv1d_K(W, x, stride, padding, dilation, chunk):
     To = (T + 2 * padding - dilation * (k - 1) - 1) // stride + 1
     Wm = W.reshape(Cout, Cin * k)
     out = np.empty((B, Cout, To), dtype=x.dtype)
+    xp = np.zeros((min(B, chunk), Cin, T + 2 * padding), dtype=x.dtype) if padding else None
     for b0 in range(0, B, chunk):
         b1 = min(B, b0 + chunk)
-        cols = _conv1d_cols(x[b0:b1], k, stride, padding, dilation, To)
+        cols = _conv1d_cols(_conv1d_padded(x, padding, b0, b1, xp), k, stride, dilation, To)
         out[b0:b1] = (Wm @ cols).reshape(Cout, b1 - b0, To).transpose(1, 0, 2)
     return out
 
@@ -251,12 +258,16 @@ def _conv1d_KT(W, y, stride, padding, dilation, T, chunk):
     k = W.shape[2]
     WmT = W.reshape(Cout, Cin * k).T
     out = np.empty((B, Cin, T), dtype=y.dtype)
+    outp = np.empty((min(B, chunk), Cin, T + 2 * padding), dtype=y.dtype) if padding else None
     for b0 in range(0, B, chunk):
         b1 = min(B, b0 + chunk)
         n = b1 - b0
+        dst = outp[:n] if padding else out[b0:b1]  # the padded chunk, cropped into out below
         yt = y[b0:b1].transpose(1, 0, 2).reshape(Cout, n * To)
         cols = (WmT @ yt).reshape(Cin, k, n, To)
-        _conv1d_scatter(cols, k, stride, padding, dilation, out[b0:b1])
+        _conv1d_scatter(cols, k, stride, dilation, dst)
+        if padding:
+            out[b0:b1] = dst[:, :, padding:padding + T]
     return out
 
 
@@ -264,9 +275,10 @@ def _conv1d_Kbox(x, y, stride, padding, dilation, k, chunk):
     B, Cin = x.shape[0], x.shape[1]
     Cout, To = y.shape[1], y.shape[2]
     grad = np.zeros((Cout, Cin * k), dtype=x.dtype)
+    xp = np.zeros((min(B, chunk), Cin, x.shape[2] + 2 * padding), dtype=x.dtype) if padding else None
     for b0 in range(0, B, chunk):
         b1 = min(B, b0 + chunk)
-        cols = _conv1d_cols(x[b0:b1], k, stride, padding, dilation, To)
+        cols = _conv1d_cols(_conv1d_padded(x, padding, b0, b1, xp), k, stride, dilation, To)
         yt = y[b0:b1].transpose(1, 0, 2).reshape(Cout, (b1 - b0) * To)
         grad += yt @ cols.T
     return grad.reshape(Cout, Cin, k)

@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_lenet_cdb_fd495746a247d757"
+__name__ = "_dbpgen_lenet_cdb_1ddb6fc650258828"
 
 
 class _CachedGlobals:
@@ -212,10 +212,11 @@ def _avgpool_KT(y, k):
 # Python calling these): the samples are taken `chunk` at a time (the operator's
 # kernel_args, which bound the buffer), their im2col buffer
 #     cols[(c, i, j), (b, oh, ow)] = x[b, c, oh stride + i dilation - padding, ow stride + j dilation - padding]
-# (zero outside x) is filled by a serial jitted loop, and K, K^T and K^box are one GEMM
-# each per chunk against the (Cout, Cin k k) filter matrix, with the batch inside the
-# GEMM's long axis.  K^T adds its columns back into place (col2im, the adjoint of im2col)
-# in a serial jitted loop.  Where the operator chose `per_sample` (a filter matrix small
+# (zero outside x) is filled by a serial jitted loop from a copy of the chunk with its zero
+# border in place (no bounds tests in the loop), and K, K^T and K^box are one GEMM each per
+# chunk against the (Cout, Cin k k) filter matrix, with the batch inside the GEMM's long
+# axis.  K^T adds its columns back into place (col2im, the adjoint of im2col) in a serial
+# jitted loop, into a padded chunk that is then cropped.  Where the operator chose `per_sample` (a filter matrix small
 # enough to stay in cache: a first layer on 1 or 3 channels), the buffer is laid out
 # sample by sample, (n, Cin k k, Ho Wo), and each product is a stack of per-sample GEMMs
 # whose results are already in (B, C, H, W) order: no transposed copies of y or out.
@@ -224,90 +225,90 @@ def _avgpool_KT(y, k):
 
 
 @numba.njit(cache=True)
-def _conv2d_gather(x, k, stride, padding, dilation, Ho, Wo, cols):
-    # cols[c, i, j, b, oh, ow] = x[b, c, oh stride + i dilation - padding, ...] (zero outside x),
-    # for x (n, Cin, H, Wd) and cols (Cin, k, k, n, Ho, Wo): scalar loops, one pass over cols
-    n, Cin, H, Wd = x.shape
+def _conv2d_gather(xp, k, stride, dilation, Ho, Wo, cols):
+    # cols[c, i, j, b, oh, ow] = xp[b, c, oh stride + i dilation, ow stride + j dilation], for
+    # the zero-padded xp (n, Cin, H + 2 padding, Wd + 2 padding) and cols (Cin, k, k, n, Ho, Wo):
+    # one pass over cols.  The indices into xp are unsigned: without Numba's negative-index
+    # wraparound the loop vectorises.
+    n, Cin = xp.shape[0], xp.shape[1]
     for c in range(Cin):
         for i in range(k):
             for j in range(k):
                 for b in range(n):
                     for oh in range(Ho):
-                        h = oh * stride + i * dilation - padding
+                        h = np.uintp(oh * stride + i * dilation)
                         for ow in range(Wo):
-                            w = ow * stride + j * dilation - padding
-                            if h >= 0 and h < H and w >= 0 and w < Wd:
-                                cols[c, i, j, b, oh, ow] = x[b, c, h, w]
-                            else:
-                                cols[c, i, j, b, oh, ow] = 0
+                            cols[c, i, j, b, oh, ow] = xp[b, c, h, np.uintp(ow * stride + j * dilation)]
 
 
 @numba.njit(cache=True)
-def _conv2d_gather_samples(x, k, stride, padding, dilation, Ho, Wo, cols):
-    # cols[b, c, i, j, oh, ow] = x[b, c, oh stride + i dilation - padding, ...] (zero outside x):
-    # the per-sample layout (n, Cin, k, k, Ho, Wo), one pass over cols
-    n, Cin, H, Wd = x.shape
+def _conv2d_gather_samples(xp, k, stride, dilation, Ho, Wo, cols):
+    # the per-sample layout cols (n, Cin, k, k, Ho, Wo) of _conv2d_gather
+    n, Cin = xp.shape[0], xp.shape[1]
     for b in range(n):
         for c in range(Cin):
             for i in range(k):
                 for j in range(k):
                     for oh in range(Ho):
-                        h = oh * stride + i * dilation - padding
+                        h = np.uintp(oh * stride + i * dilation)
                         for ow in range(Wo):
-                            w = ow * stride + j * dilation - padding
-                            if h >= 0 and h < H and w >= 0 and w < Wd:
-                                cols[b, c, i, j, oh, ow] = x[b, c, h, w]
-                            else:
-                                cols[b, c, i, j, oh, ow] = 0
+                            cols[b, c, i, j, oh, ow] = xp[b, c, h, np.uintp(ow * stride + j * dilation)]
 
 
 @numba.njit(cache=True)
-def _conv2d_scatter_samples(cols, k, stride, padding, dilation, out):
-    # the adjoint of _conv2d_gather_samples: cols (n, Cin, k, k, Ho, Wo) added back into out
-    n, Cin, H, Wd = out.shape
+def _conv2d_scatter_samples(cols, k, stride, dilation, outp):
+    # the adjoint of _conv2d_gather_samples: cols (n, Cin, k, k, Ho, Wo) added back into the
+    # zero-padded outp (n, Cin, H + 2 padding, Wd + 2 padding)
+    n, Cin = outp.shape[0], outp.shape[1]
     Ho, Wo = cols.shape[4], cols.shape[5]
-    out[:] = 0
+    outp[:] = 0
     for b in range(n):
         for c in range(Cin):
             for i in range(k):
                 for j in range(k):
                     for oh in range(Ho):
-                        h = oh * stride + i * dilation - padding
-                        if h >= 0 and h < H:
-                            for ow in range(Wo):
-                                w = ow * stride + j * dilation - padding
-                                if w >= 0 and w < Wd:
-                                    out[b, c, h, w] += cols[b, c, i, j, oh, ow]
+                        h = np.uintp(oh * stride + i * dilation)
+                        for ow in range(Wo):
+                            outp[b, c, h, np.uintp(ow * stride + j * dilation)] += cols[b, c, i, j, oh, ow]
 
 
 @numba.njit(cache=True)
-def _conv2d_scatter(cols, k, stride, padding, dilation, out):
-    # the adjoint of _conv2d_gather: out (n, Cin, H, Wd) = the columns added back into place
-    n, Cin, H, Wd = out.shape
+def _conv2d_scatter(cols, k, stride, dilation, outp):
+    # the adjoint of _conv2d_gather: cols (Cin, k, k, n, Ho, Wo) added back into the
+    # zero-padded outp (n, Cin, H + 2 padding, Wd + 2 padding)
+    n, Cin = outp.shape[0], outp.shape[1]
     Ho, Wo = cols.shape[4], cols.shape[5]
-    out[:] = 0
+    outp[:] = 0
     for c in range(Cin):
         for i in range(k):
             for j in range(k):
                 for b in range(n):
                     for oh in range(Ho):
-                        h = oh * stride + i * dilation - padding
-                        if h >= 0 and h < H:
-                            for ow in range(Wo):
-                                w = ow * stride + j * dilation - padding
-                                if w >= 0 and w < Wd:
-                                    out[b, c, h, w] += cols[c, i, j, b, oh, ow]
+                        h = np.uintp(oh * stride + i * dilation)
+                        for ow in range(Wo):
+                            outp[b, c, h, np.uintp(ow * stride + j * dilation)] += cols[c, i, j, b, oh, ow]
 
 
-def _conv2d_cols(x, k, stride, padding, dilation, Ho, Wo, per_sample):
-    # the im2col buffer of x (n, Cin, H, Wd): (Cin k k, n Ho Wo), or (n, Cin k k, Ho Wo) per sample
-    n, Cin = x.shape[0], x.shape[1]
+def _conv2d_padded(x, padding, b0, b1, xp):
+    # samples b0:b1 of x (B, Cin, H, Wd) with `padding` zeros around each image: in xp, a
+    # buffer (at least b1 - b0, Cin, H + 2 padding, Wd + 2 padding) whose border is zero
+    if padding == 0:
+        return x[b0:b1]
+    H, Wd = x.shape[2], x.shape[3]
+    xp = xp[:b1 - b0]
+    xp[:, :, padding:padding + H, padding:padding + Wd] = x[b0:b1]
+    return xp
+
+
+def _conv2d_cols(xp, k, stride, dilation, Ho, Wo, per_sample):
+    # the im2col buffer of the padded xp (n, Cin, Hp, Wp): (Cin k k, n Ho Wo), or (n, Cin k k, Ho Wo) per sample
+    n, Cin = xp.shape[0], xp.shape[1]
     if per_sample:
-        cols = np.empty((n, Cin, k, k, Ho, Wo), dtype=x.dtype)
-        _conv2d_gather_samples(x, k, stride, padding, dilation, Ho, Wo, cols)
+        cols = np.empty((n, Cin, k, k, Ho, Wo), dtype=xp.dtype)
+        _conv2d_gather_samples(xp, k, stride, dilation, Ho, Wo, cols)
         return cols.reshape(n, Cin * k * k, Ho * Wo)
-    cols = np.empty((Cin, k, k, n, Ho, Wo), dtype=x.dtype)
-    _conv2d_gather(x, k, stride, padding, dilation, Ho, Wo, cols)
+    cols = np.empty((Cin, k, k, n, Ho, Wo), dtype=xp.dtype)
+    _conv2d_gather(xp, k, stride, dilation, Ho, Wo, cols)
     return cols.reshape(Cin * k * k, n * Ho * Wo)
 
 
@@ -319,9 +320,10 @@ def _conv2d_K(W, x, stride, padding, dilation, chunk, per_sample):
     Wo = (Wd + 2 * padding - dilation * (k - 1) - 1) // stride + 1
     Wm = W.reshape(Cout, Cin * k * k)
     out = np.empty((B, Cout, Ho, Wo), dtype=x.dtype)
+    xp = np.zeros((min(B, chunk), Cin, H + 2 * padding, Wd + 2 * padding), dtype=x.dtype) if padding else None
     for b0 in range(0, B, chunk):
         b1 = min(B, b0 + chunk)
-        cols = _conv2d_cols(x[b0:b1], k, stride, padding, dilation, Ho, Wo, per_sample)
+        cols = _conv2d_cols(_conv2d_padded(x, padding, b0, b1, xp), k, stride, dilation, Ho, Wo, per_sample)
         if per_sample:
             np.matmul(Wm, cols, out=out[b0:b1].reshape(b1 - b0, Cout, Ho * Wo))
         else:
@@ -335,16 +337,20 @@ def _conv2d_KT(W, y, stride, padding, dilation, H, Wd, chunk, per_sample):
     k = W.shape[2]
     WmT = W.reshape(Cout, Cin * k * k).T
     out = np.empty((B, Cin, H, Wd), dtype=y.dtype)
+    outp = np.empty((min(B, chunk), Cin, H + 2 * padding, Wd + 2 * padding), dtype=y.dtype) if padding else None
     for b0 in range(0, B, chunk):
         b1 = min(B, b0 + chunk)
         n = b1 - b0
+        dst = outp[:n] if padding else out[b0:b1]  # the padded chunk, cropped into out below
         if per_sample:
             cols = np.matmul(WmT, y[b0:b1].reshape(n, Cout, Ho * Wo)).reshape(n, Cin, k, k, Ho, Wo)
-            _conv2d_scatter_samples(cols, k, stride, padding, dilation, out[b0:b1])
+            _conv2d_scatter_samples(cols, k, stride, dilation, dst)
         else:
             yt = y[b0:b1].transpose(1, 0, 2, 3).reshape(Cout, n * Ho * Wo)
             cols = (WmT @ yt).reshape(Cin, k, k, n, Ho, Wo)
-            _conv2d_scatter(cols, k, stride, padding, dilation, out[b0:b1])
+            _conv2d_scatter(cols, k, stride, dilation, dst)
+        if padding:
+            out[b0:b1] = dst[:, :, padding:padding + H, padding:padding + Wd]
     return out
 
 
@@ -352,10 +358,12 @@ def _conv2d_Kbox(x, y, stride, padding, dilation, k, chunk, per_sample):
     B, Cin = x.shape[0], x.shape[1]
     Cout, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
     grad = np.zeros((Cout, Cin * k * k), dtype=x.dtype)
+    H, Wd = x.shape[2], x.shape[3]
+    xp = np.zeros((min(B, chunk), Cin, H + 2 * padding, Wd + 2 * padding), dtype=x.dtype) if padding else None
     for b0 in range(0, B, chunk):
         b1 = min(B, b0 + chunk)
         n = b1 - b0
-        cols = _conv2d_cols(x[b0:b1], k, stride, padding, dilation, Ho, Wo, per_sample)
+        cols = _conv2d_cols(_conv2d_padded(x, padding, b0, b1, xp), k, stride, dilation, Ho, Wo, per_sample)
         if per_sample:  # one small product per sample, summed
             grad += np.matmul(y[b0:b1].reshape(n, Cout, Ho * Wo), cols.transpose(0, 2, 1)).sum(axis=0)
         else:

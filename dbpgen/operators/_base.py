@@ -80,10 +80,19 @@ class Im2colKernels(OperatorBase):
         """Samples per chunk: as many as BUFFER_ELEMENTS allows, at least one."""
         return max(1, BUFFER_ELEMENTS // max(1, self.cols_per_sample(in_shape)))
 
+    def padded_per_sample(self, in_shape) -> int:
+        """Numbers of one sample's input with its zero border (the kernels' padded copy of a
+        chunk, from which the gather loops read without bounds tests); 0 without padding."""
+        if not self.padding:
+            return 0
+        return in_shape[0] * math.prod(n + 2 * self.padding for n in in_shape[1:])
+
     def workspace(self, which: str, in_shape, batch: int) -> int:
-        # one chunk's im2col buffer and the GEMM's other operand or result in channel-major order
+        # one chunk's im2col buffer, the GEMM's other operand or result in channel-major order,
+        # and the chunk's padded copy (K, K^box) or padded result (K^T)
         n = min(batch, self.chunk(in_shape))
-        return n * (self.cols_per_sample(in_shape) + size(self.out_shape(in_shape)))
+        return n * (self.cols_per_sample(in_shape) + size(self.out_shape(in_shape))
+                    + self.padded_per_sample(in_shape))
 
 
 def needs_rank(check, field: str, kind: str, in_shape, ranks: tuple[int, ...], hint: str = "") -> None:

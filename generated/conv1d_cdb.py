@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_conv1d_cdb_8826cee3883d59da"
+__name__ = "_dbpgen_conv1d_cdb_2441f1c6504a1b84"
 
 
 class _CachedGlobals:
@@ -162,9 +162,10 @@ def _avgpool1d_K(x, k):
     for b in range(B):
         for c in range(C):
             for t in range(To):
-                acc = x[b, c, t * k]
+                t0 = np.uintp(t * k)
+                acc = x[b, c, t0]
                 for i in range(1, k):
-                    acc += x[b, c, t * k + i]
+                    acc += x[b, c, t0 + np.uintp(i)]
                 out[b, c, t] = acc * scale
     return out
 
@@ -179,7 +180,7 @@ def _avgpool1d_KT(y, k):
             for t in range(To):
                 v = y[b, c, t] * scale
                 for i in range(k):
-                    out[b, c, t * k + i] = v
+                    out[b, c, np.uintp(t * k + i)] = v
     return out
 
 # -- conv1d: K(W, x) = W * x (cross-correlation as torch.nn.Conv1d, zero padding, no bias),

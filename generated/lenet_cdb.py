@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_lenet_cdb_1ddb6fc650258828"
+__name__ = "_dbpgen_lenet_cdb_56ea5e187065661f"
 
 
 class _CachedGlobals:
@@ -160,7 +160,9 @@ SCHEDULES = {'forward': 'fused',
 # K^T y = y / k^2 spread over each k x k block.  Parameter-free: no K^box.
 # Serial scalar loops over the batch: about as fast under numba as strided 3-d slices and
 # several times quicker to compile (slow as plain Python, which only the tests' small shapes
-# use).  Serial, because BLAS's threads are the module's only threads (see conv2d). --
+# use).  Computed indices are unsigned (np.uintp): no negative-index wraparound, so LLVM
+# vectorises the loops.  Serial, because BLAS's threads are the module's only threads (see
+# conv2d). --
 
 
 @numba.njit(cache=True)
@@ -174,15 +176,17 @@ def _avgpool_K(x, k):
     for b in range(B):
         for c in range(C):
             for oh in range(Ho):
+                h = np.uintp(oh * k)
                 for w in range(Wd):
-                    rows[w] = x[b, c, oh * k, w]
+                    rows[w] = x[b, c, h, w]
                 for i in range(1, k):
                     for w in range(Wd):
-                        rows[w] += x[b, c, oh * k + i, w]
+                        rows[w] += x[b, c, h + np.uintp(i), w]
                 for ow in range(Wo):
-                    acc = rows[ow * k]
+                    w0 = np.uintp(ow * k)
+                    acc = rows[w0]
                     for j in range(1, k):
-                        acc += rows[ow * k + j]
+                        acc += rows[w0 + np.uintp(j)]
                     out[b, c, oh, ow] = acc * scale
     return out
 
@@ -195,13 +199,14 @@ def _avgpool_KT(y, k):
     for b in range(B):
         for c in range(C):
             for oh in range(Ho):
+                h = np.uintp(oh * k)
                 for ow in range(Wo):  # the block's first row, then copies of it
                     v = y[b, c, oh, ow] * scale
                     for j in range(k):
-                        out[b, c, oh * k, ow * k + j] = v
+                        out[b, c, h, np.uintp(ow * k + j)] = v
                 for i in range(1, k):
                     for w in range(Wo * k):
-                        out[b, c, oh * k + i, w] = out[b, c, oh * k, w]
+                        out[b, c, h + np.uintp(i), w] = out[b, c, h, w]
     return out
 
 # -- conv2d: K(W, x) = W * x (cross-correlation, zero padding, no bias), K^T(W, y) = the

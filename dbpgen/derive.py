@@ -500,6 +500,17 @@ def jvp_program(model: Model, name: str = "jvp", head_identity: bool = False) ->
     return verify(Program(name, inputs(model, "x0", "u"), tuple(b.stmts), (("Ju", sym("q", model.L)),)))
 
 
+def power_step_program(model: Model) -> Program:
+    """One power iteration's J J^T v (section 4.1.3): the forward pass once, Alg. 1 from
+    xi_L = v, then Alg. 2 from q_0 = xi_0, whose q_L is J (J^T v)."""
+    b = _Builder()
+    forward(model, b)
+    head = model.penalty.on_logits
+    backward(model, b, sym("v"), head)
+    backward_backward(model, b, sym("xi0"), head, eq0="q_0 = xi_0 = J^T v")
+    return verify(Program("power_step", inputs(model, "x0", "v"), tuple(b.stmts), (("JJTv", sym("q", model.L)),)))
+
+
 def value_and_grad_program(model: Model, algorithm: str | None = None) -> Program:
     """J and its gradients: forward, backward, backward-backward, forward-backward, eq. (31)."""
     b = _Builder()
@@ -543,8 +554,7 @@ def derive_programs(model: Model) -> dict[str, Program]:
         programs["input_grad"] = input_grad_program(model)
     if model.penalty:
         programs["penalty"] = penalty_program(model)
-    if model.penalty and model.penalty.v == "random":  # J^T and J of the penalised output
-        programs["power_vjp"] = vjp_program(model, "power_vjp", model.penalty.on_logits)
-        programs["power_jvp"] = jvp_program(model, "power_jvp", model.penalty.on_logits)
+    if model.penalty and model.penalty.v == "random":  # J J^T of the penalised output
+        programs["power_step"] = power_step_program(model)
     programs["value_and_grad"] = value_and_grad_program(model)
     return programs

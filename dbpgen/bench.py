@@ -167,6 +167,8 @@ def _check_penalty(model: Model):
     pen = model.penalty
     if pen and pen.v not in ("loss_gradient", "output", "given", "random", "jacobian"):
         raise Unsupported(f"v: {pen.v}")
+    if pen and pen.v == "random" and pen.iterations:  # the peers take v as given: less work
+        raise Unsupported(f"v: random with {pen.iterations} power iterations (the peers hold v as given)")
 
 
 # -- dbpgen ------------------------------------------------------------------------

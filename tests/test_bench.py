@@ -86,6 +86,22 @@ def test_peers_give_zero_gradients_to_parameters_the_penalty_does_not_reach():
             np.testing.assert_allclose(theirs, ours, rtol=1e-7, atol=1e-12, err_msg=peer)
 
 
+def test_peers_refuse_power_iterations_they_would_not_run():
+    """v: random with k > 0 power iterations: the peers would take v as given and skip the
+    2k passes dbpgen runs, so the harness reports them unsupported instead of timing them."""
+    spec = {"name": "power", "input": [3], "layers": [{"dense": 4, "act": "tanh"}, {"dense": 2}],
+            "loss": "mse", "penalty": {"v": "random", "iterations": 2, "weight": 0.1}}
+    model = model_from_dict(spec, "power")
+    x, y, v = bench.problem(model, 4)
+    with pytest.raises(bench.Unsupported, match="2 power iterations"):
+        bench._check_penalty(model)
+    for peer in INSTALLED:
+        with pytest.raises(bench.Unsupported, match="2 power iterations"):
+            bench.RUNNERS[peer](model, {}, x, y, v)
+    spec["penalty"]["iterations"] = 0
+    bench._check_penalty(model_from_dict(spec, "power"))  # without iterations: compared as given
+
+
 def test_outputs_sweep_rewrites_the_last_layer(tmp_path, capsys):
     path = bench.with_outputs(BENCHMARKS / "mnist_jac.yaml", 3, tmp_path)
     model = load_model(path)

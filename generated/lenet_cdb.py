@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_lenet_cdb_56ea5e187065661f"
+__name__ = "_dbpgen_lenet_cdb_6af154e4dd1e03db"
 
 
 class _CachedGlobals:
@@ -221,10 +221,11 @@ def _avgpool_KT(y, k):
 # border in place (no bounds tests in the loop), and K, K^T and K^box are one GEMM each per
 # chunk against the (Cout, Cin k k) filter matrix, with the batch inside the GEMM's long
 # axis.  K^T adds its columns back into place (col2im, the adjoint of im2col) in a serial
-# jitted loop, into a padded chunk that is then cropped.  Where the operator chose `per_sample` (a filter matrix small
-# enough to stay in cache: a first layer on 1 or 3 channels), the buffer is laid out
-# sample by sample, (n, Cin k k, Ho Wo), and each product is a stack of per-sample GEMMs
-# whose results are already in (B, C, H, W) order: no transposed copies of y or out.
+# jitted loop, into a padded chunk that is then cropped.  Where the operator chose
+# `per_sample` (a filter matrix small enough to stay in cache: a first layer on 1 or 3
+# channels), the buffer is laid out sample by sample, (n, Cin k k, Ho Wo), and each
+# product is a stack of per-sample GEMMs whose results are already in (B, C, H, W) order:
+# no transposed copies of y or out.
 # BLAS's threads are the module's only threads: jitted parallel loops beside them would
 # spin against them for the same cores. --
 

@@ -88,7 +88,7 @@ def test_peers_give_zero_gradients_to_parameters_the_penalty_does_not_reach():
 
 def test_peers_refuse_power_iterations_they_would_not_run():
     """v: random with k > 0 power iterations: the peers would take v as given and skip the
-    2k passes dbpgen runs, so the harness reports them unsupported instead of timing them."""
+    k power iterations dbpgen runs first, so the harness reports them unsupported instead of timing them."""
     spec = {"name": "power", "input": [3], "layers": [{"dense": 4, "act": "tanh"}, {"dense": 2}],
             "loss": "mse", "penalty": {"v": "random", "iterations": 2, "weight": 0.1}}
     model = model_from_dict(spec, "power")

@@ -7,8 +7,8 @@ iteration, and what it reads from outside stays live to its end. A whole-array s
 with more than one operation makes one unnamed temporary of its size while it runs (NumPy
 evaluates a * b + c as t = a * b; t + c). A plain Python function frees an array where
 the schedule says `del` (at its last read), a jitted one at its last read. An operator's
-kernel adds what it holds while it runs (`workspace`: a convolution's im2col buffer, one
-chunk of the batch) to the statement that applies it. Inputs and parameters are not counted.
+kernel adds what it holds while it runs (`workspace`: a convolution's im2col buffer and
+padded copy, one chunk of the batch) to the statement that applies it. Inputs and parameters are not counted.
 """
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ class OperatorBase:
 
     def workspace(self, which: str, in_shape, batch: int) -> int:
         """Numbers a kernel holds while it runs beside its arguments and result (im2col
-        buffers); counted in PEAK_BYTES (dbpgen/backend/memory.py)."""
+        buffers, padded copies); counted in PEAK_BYTES (dbpgen/backend/memory.py)."""
         return 0
 
 

@@ -8,6 +8,7 @@ table's names; a function outside the table is a one-line error, never a broken 
 from __future__ import annotations
 
 import math
+import warnings
 
 import jinja2
 import numba
@@ -131,13 +132,14 @@ def test_the_scalar_printer_refuses_what_is_not_coordinatewise():
 
 # -- the printed code computes what torch computes ----------------------------------------
 
-def _helpers() -> dict:
-    """The module's helpers (templates/helpers.py.j2), as the emitted module has them."""
+def _helpers(array_jit: str = "@numba.njit") -> dict:
+    """The module's helpers (templates/helpers.py.j2), as the emitted module has them: the
+    whole-array ones jitted (a jitted program calls them) or plain NumPy (array_jit="")."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(ROOT / "templates")),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     names = {e.helper(s) for e in functable.TABLE.values() for s in (False, True)} - {None}
     text = env.get_template("helpers.py.j2").render(helpers=sorted(names), jit="@numba.njit",
-                                                    array_jit="@numba.njit")
+                                                    array_jit=array_jit)
     namespace = {"np": np, "math": math, "numba": numba}
     exec(compile(text, "helpers.py", "exec"), namespace)
     return namespace
@@ -169,9 +171,10 @@ def _reference(name, z, w):
     return ref
 
 
+@pytest.mark.parametrize("array_jit", ["@numba.njit", ""], ids=["jitted", "numpy"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_array_forms_compute_torchs_values(dtype):
-    helpers = _helpers()
+def test_array_forms_compute_torchs_values(dtype, array_jit):
+    helpers = _helpers(array_jit)
     z, w = _inputs(dtype)
     printer = NumbaPrinter(_Model(np.dtype(dtype).name))
     for name, entry in functable.TABLE.items():
@@ -183,6 +186,22 @@ def test_array_forms_compute_torchs_values(dtype):
         ref = _reference(name, z, w)
         tol = 1e-12 if dtype == np.float64 else 1e-6
         np.testing.assert_allclose(got, ref, rtol=tol, atol=tol, equal_nan=True, err_msg=f"{name}: {code}")
+
+
+@pytest.mark.parametrize("array_jit", ["@numba.njit", ""], ids=["jitted", "numpy"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_sigmoid_and_softplus_saturate_without_warnings(dtype, array_jit):
+    """Far out on either side (and at +-inf) the array forms give torch's limits, in the
+    input's dtype, without an overflow warning from exp."""
+    helpers = _helpers(array_jit)
+    z = np.array([-np.inf, -1e4, -800.0, -100.0, 100.0, 800.0, 1e4, np.inf], dtype=dtype)
+    for name in ("sigmoid", "softplus"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = helpers[f"_{name}"](z)
+        assert got.dtype == dtype, name
+        ref = TORCH[name](torch.from_numpy(z.astype(np.float64))).numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-30, err_msg=name)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -124,6 +124,39 @@ def _via_first(ddg: sp.Expr, dg: sp.Expr) -> sp.Expr:
     return attempt(REWRITE_BUDGET, rewrite, ddg)
 
 
+def _fold_sign(expr: sp.Expr) -> sp.Expr:
+    """Exact identities of sp.diff's sign(z) (d|z|/dz), for real z: z sign(z) = |z| and
+    |z| sign(z) = z in every product, then (without DiracDelta, Heaviside or Piecewise terms,
+    which later passes drop or keep as terms) one fraction where that is shorter. softsign's
+    g' = -z sign(z)/(|z| + 1)^2 + 1/(|z| + 1) becomes 1/(|z| + 1)^2: two divisions fewer
+    per coordinate in the emitted loop."""
+    sign, absz = sp.sign(Z), sp.Abs(Z)
+    if not expr.has(sign) or sp.count_ops(expr) > REWRITE_MAX_OPS:
+        return expr
+
+    def fold(product: sp.Mul) -> sp.Expr:
+        powers = product.as_powers_dict()
+        while powers.get(sign, 0) >= 1:
+            if powers.get(Z, 0) >= 1:
+                powers[Z] -= 1
+                powers[absz] = powers.get(absz, 0) + 1
+            elif powers.get(absz, 0) >= 1:
+                powers[absz] -= 1
+                powers[Z] = powers.get(Z, 0) + 1
+            else:
+                break
+            powers[sign] -= 1
+        return sp.Mul(*(base ** e for base, e in powers.items()))
+
+    def rewrite() -> sp.Expr:
+        folded = expr.replace(lambda e: e.is_Mul and e.has(sign), fold)
+        if folded.has(sp.DiracDelta, sp.Heaviside, sp.Piecewise):  # terms a later pass drops
+            return min((expr, folded), key=sp.count_ops)
+        return min((expr, folded, sp.cancel(sp.together(folded))), key=sp.count_ops)
+
+    return attempt(REWRITE_BUDGET, rewrite, expr)
+
+
 @functools.lru_cache(maxsize=None)
 def activation_derivatives(expr: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
     """(g', g'') of g(z) = expr (eq. 9) by sp.diff, in z, x_ = g(z) and dg_ = g'(z).
@@ -134,8 +167,8 @@ def activation_derivatives(expr: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
     """
     reuse = {} if expr.is_Symbol else {expr: _X}
     d1 = sp.diff(expr, Z)
-    dg = d1.replace(sp.DiracDelta, lambda *args: sp.S.Zero).xreplace(reuse)
-    ddg = sp.diff(d1, Z).xreplace(reuse)
+    dg = _fold_sign(d1.replace(sp.DiracDelta, lambda *args: sp.S.Zero)).xreplace(reuse)
+    ddg = _fold_sign(sp.diff(d1, Z)).xreplace(reuse)
     return dg, _via_first(ddg, dg)
 
 

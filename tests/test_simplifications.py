@@ -144,3 +144,25 @@ def test_constant_factor_of_q0_moves_into_K_and_Kbox(tmp_path):
     geqs = {str(eq.lhs): eq.rhs for phase in given.equations.values() for eq in phase}
     assert "q0" in geqs and sp.Symbol("q0") in geqs["h1"].free_symbols
     assert not any(n.startswith("q0 =") for n in given.simplifications)
+
+
+@pytest.mark.parametrize("act", ["z/(1 + abs(z))", "z*abs(z)", "abs(z)**3/(1 + abs(z))", "sign(z)*z**2",
+                                 "abs(z)*sin(z)"])
+def test_sign_products_fold_exactly(act):
+    """d|z|/dz = sign(z): z sign(z) = |z| and |z| sign(z) = z fold in every product
+    (derive._fold_sign), never changing a value; softsign's g' becomes one fraction."""
+    from dbpgen.derive import activation_derivatives
+    from dbpgen.expr import parse_expression
+    from dbpgen.ir import Z
+
+    expr = parse_expression(act, Z, "m", "f")
+    dg, ddg = activation_derivatives(expr)
+    plain = sp.diff(expr, Z)
+    a_e = lambda e: e.replace(sp.DiracDelta, lambda *args: sp.S.Zero)  # noqa: E731 - zero a.e.
+    for ours, theirs in ((dg, plain), (ddg, sp.diff(plain, Z))):
+        for z in (-3.0, -0.7, -1e-3, 1e-3, 0.4, 2.5):
+            value = a_e(ours).subs(Z, z)
+            assert abs(float(value - a_e(theirs).subs(Z, z))) <= 1e-12 * (1 + abs(float(value))), (ours, z)
+        assert not any(isinstance(f, sp.Mul) and {Z, sp.sign(Z)} <= set(f.args) for f in sp.preorder_traversal(ours))
+    if act == "z/(1 + abs(z))":
+        assert not dg.has(sp.sign) and sp.count_ops(dg) < sp.count_ops(plain)

@@ -508,12 +508,12 @@ def penalty_program(model: Model) -> Program:
     return verify(Program("penalty", inputs(model, "x0", "y", "v", "V"), tuple(b.stmts), (("R", sym("R")),)))
 
 
-def vjp_program(model: Model, name: str = "vjp", head_identity: bool = False) -> Program:
+def vjp_program(model: Model) -> Program:
     """xi_0 = (dx_L/dx_0)^* v: Alg. 1 on its own."""
     b = _Builder()
     forward(model, b)
-    backward(model, b, sym("v"), head_identity)
-    return verify(Program(name, inputs(model, "x0", "v"), tuple(b.stmts), (("xi0", sym("xi0")),)))
+    backward(model, b, sym("v"), False)
+    return verify(Program("vjp", inputs(model, "x0", "v"), tuple(b.stmts), (("xi0", sym("xi0")),)))
 
 
 def input_grad_program(model: Model) -> Program:
@@ -525,12 +525,12 @@ def input_grad_program(model: Model) -> Program:
     return verify(Program("input_grad", inputs(model, "x0", "y"), tuple(b.stmts), (("xi0", sym("xi0")),)))
 
 
-def jvp_program(model: Model, name: str = "jvp", head_identity: bool = False) -> Program:
+def jvp_program(model: Model) -> Program:
     """(dx_L/dx_0) u: Alg. 2 with q_0 = u is exactly the forward-mode tangent recursion."""
     b = _Builder()
     forward(model, b)
-    backward_backward(model, b, sym("u"), head_identity, eq0="q_0 = u")
-    return verify(Program(name, inputs(model, "x0", "u"), tuple(b.stmts), (("Ju", sym("q", model.L)),)))
+    backward_backward(model, b, sym("u"), False, eq0="q_0 = u")
+    return verify(Program("jvp", inputs(model, "x0", "u"), tuple(b.stmts), (("Ju", sym("q", model.L)),)))
 
 
 def power_step_program(model: Model) -> Program:

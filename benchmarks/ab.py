@@ -5,12 +5,17 @@
 OLD_DIR and NEW_DIR hold generated modules of the same models (e.g. `generated/` of two
 checkouts). For each model both value_and_grad functions run in turns for SECONDS
 (default 8), after checking that they agree; prints the medians and new/old.
+
+The turns are bursts with a pause between them, as `dbpgen bench` takes them
+(`bench.interleaved_ms`): calls alternated one by one would let one build's BLAS threads,
+still spinning, disturb the other build's call.
 """
 import importlib.util
 import sys
-import time
 
 import numpy as np
+
+from dbpgen.bench import interleaved_ms
 
 
 def load(path: str, name: str):
@@ -32,16 +37,10 @@ def main() -> None:
         y = np.eye(a.N_OUTPUTS)[rng.integers(0, a.N_OUTPUTS, batch)].astype(a.DTYPE)
         va, vb = a.value_and_grad(params, x, y)[0], b.value_and_grad(params, x, y)[0]
         assert abs(va - vb) <= 1e-6 * abs(va) + 1e-9, (name, va, vb)
-        times = ([], [])
-        end = time.time() + seconds
-        while time.time() < end:
-            for module, t in zip((a, b), times):
-                start = time.perf_counter()
-                module.value_and_grad(params, x, y)
-                t.append(time.perf_counter() - start)
-        old, new = (np.median(t) * 1e3 for t in times)
-        print(f"{name:14s} B={batch}  old {old:9.3f} ms  new {new:9.3f} ms  new/old {new / old:.3f}  "
-              f"({len(times[0])} calls each)", flush=True)
+        ms = interleaved_ms({"old": lambda: a.value_and_grad(params, x, y),
+                             "new": lambda: b.value_and_grad(params, x, y)}, seconds, rounds=max(5, int(seconds * 2)))
+        old, new = ms["old"], ms["new"]
+        print(f"{name:14s} B={batch}  old {old:9.3f} ms  new {new:9.3f} ms  new/old {new / old:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,7 @@ def render(model: Model, programs: dict[str, Program], ops: dict, naive: Program
         # a helper that is one array expression (a BLAS call, a ufunc) gains nothing from
         # @njit when only Python calls it, and would cost seconds of LLVM on the first call
         "array_jit": emit.DECORATORS["njit"] if jitted_calls else "",
+        "small_gemm": chooser.SMALL_GEMM,
         "weight": repr(float(pen.weight)) if pen else "0.0",
         "v_kind": pen.v if pen else None,
         "v_index": pen.index if pen else None,

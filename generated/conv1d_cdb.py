@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_conv1d_cdb_2441f1c6504a1b84"
+__name__ = "_dbpgen_conv1d_cdb_e4001528579a3979"
 
 
 class _CachedGlobals:
@@ -44,6 +44,10 @@ N_OUTPUTS = 4
 WEIGHT = 0.1
 PARAMS = ['W1', 'b1', 'W3', 'b3', 'W5', 'b5']
 PARAM_SHAPES = {'W1': (8, 2, 5), 'b1': (8,), 'W3': (8, 8, 3), 'b3': (8,), 'W5': (4, 48), 'b5': (4,)}
+# Up to SMALL_GEMM multiply-adds a product goes to BLAS in a form its small-matrix kernels
+# take (OpenBLAS: both operands C-contiguous, or the first one transposed): one thread, no
+# packing. Past it BLAS packs the operands itself and may split the work between threads.
+SMALL_GEMM = 1000000
 
 
 def _keep_freed_memory():
@@ -286,9 +290,12 @@ def _conv1d_Kbox(x, y, stride, padding, dilation, k, chunk):
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
 # (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
+# (up to SMALL_GEMM multiply-adds in the form BLAS's small-matrix kernels take)
 
 
 def _dense_K(W, x):
+    if x.shape[0] * W.size <= SMALL_GEMM:
+        return x @ np.ascontiguousarray(W.T)
     return x @ W.T
 
 
@@ -297,7 +304,12 @@ def _dense_KT(W, y):
 
 
 def _dense_Kbox(x, y):
-    # summed over the batch: sum_b y_b x_b^T, one GEMM
+    # summed over the batch: sum_b y_b x_b^T; a stacked batch past SMALL_GEMM in two halves
+    n = x.shape[0]
+    if n * x.shape[1] * y.shape[1] > SMALL_GEMM >= (n - n // 2) * x.shape[1] * y.shape[1]:
+        out = y[:n // 2].T @ x[:n // 2]
+        out += y[n // 2:].T @ x[n // 2:]
+        return out
     return y.T @ x
 
 # -- flatten on (C, T): K x = x.reshape(B, C T) in C order (torch x.flatten(1)), K^T y =

@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_cdb_5e91fe1cf8f8e40c"
+__name__ = "_dbpgen_mnist_cdb_c916f0529a7c8415"
 
 
 class _CachedGlobals:
@@ -44,6 +44,10 @@ N_OUTPUTS = 10
 WEIGHT = 0.1
 PARAMS = ['W1', 'b1', 'W2', 'b2', 'W3', 'b3']
 PARAM_SHAPES = {'W1': (256, 784), 'b1': (256,), 'W2': (256, 256), 'b2': (256,), 'W3': (10, 256), 'b3': (10,)}
+# Up to SMALL_GEMM multiply-adds a product goes to BLAS in a form its small-matrix kernels
+# take (OpenBLAS: both operands C-contiguous, or the first one transposed): one thread, no
+# packing. Past it BLAS packs the operands itself and may split the work between threads.
+SMALL_GEMM = 1000000
 
 
 def _keep_freed_memory():
@@ -132,9 +136,12 @@ SCHEDULES = {'forward': 'kernels',
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
 # (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
+# (up to SMALL_GEMM multiply-adds in the form BLAS's small-matrix kernels take)
 
 
 def _dense_K(W, x):
+    if x.shape[0] * W.size <= SMALL_GEMM:
+        return x @ np.ascontiguousarray(W.T)
     return x @ W.T
 
 
@@ -143,7 +150,12 @@ def _dense_KT(W, y):
 
 
 def _dense_Kbox(x, y):
-    # summed over the batch: sum_b y_b x_b^T, one GEMM
+    # summed over the batch: sum_b y_b x_b^T; a stacked batch past SMALL_GEMM in two halves
+    n = x.shape[0]
+    if n * x.shape[1] * y.shape[1] > SMALL_GEMM >= (n - n // 2) * x.shape[1] * y.shape[1]:
+        out = y[:n // 2].T @ x[:n // 2]
+        out += y[n // 2:].T @ x[n // 2:]
+        return out
     return y.T @ x
 
 # -- per-sample reductions and numerically careful coordinate-wise kernels --

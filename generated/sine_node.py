@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_node_10deb6b9efbe0ac3"
+__name__ = "_dbpgen_sine_node_3dd0f235f35a38f2"
 
 
 class _CachedGlobals:
@@ -42,6 +42,10 @@ N_OUTPUTS = 1
 WEIGHT = 1.0
 PARAMS = ['W1', 'b1', 'W2', 'b2', 'W3', 'b3']
 PARAM_SHAPES = {'W1': (8, 1), 'b1': (8,), 'W2': (5, 8), 'b2': (5,), 'W3': (1, 5), 'b3': (1,)}
+# Up to SMALL_GEMM multiply-adds a product goes to BLAS in a form its small-matrix kernels
+# take (OpenBLAS: both operands C-contiguous, or the first one transposed): one thread, no
+# packing. Past it BLAS packs the operands itself and may split the work between threads.
+SMALL_GEMM = 1000000
 
 
 def _keep_freed_memory():
@@ -118,9 +122,12 @@ SCHEDULES = {'forward': 'lanes',
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
 # (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
+# (up to SMALL_GEMM multiply-adds in the form BLAS's small-matrix kernels take)
 
 
 def _dense_K(W, x):
+    if x.shape[0] * W.size <= SMALL_GEMM:
+        return x @ np.ascontiguousarray(W.T)
     return x @ W.T
 
 
@@ -129,7 +136,12 @@ def _dense_KT(W, y):
 
 
 def _dense_Kbox(x, y):
-    # summed over the batch: sum_b y_b x_b^T, one GEMM
+    # summed over the batch: sum_b y_b x_b^T; a stacked batch past SMALL_GEMM in two halves
+    n = x.shape[0]
+    if n * x.shape[1] * y.shape[1] > SMALL_GEMM >= (n - n // 2) * x.shape[1] * y.shape[1]:
+        out = y[:n // 2].T @ x[:n // 2]
+        out += y[n // 2:].T @ x[n // 2:]
+        return out
     return y.T @ x
 
 # -- per-sample reductions and numerically careful coordinate-wise kernels --

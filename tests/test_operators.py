@@ -22,6 +22,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dbpgen.backend.chooser import SMALL_GEMM
+
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 OPS = ("dense", "conv2d", "avgpool", "downsample", "flatten")
 JIT = "@numba.njit(cache=False)"
@@ -51,7 +53,7 @@ def render_ops(jit: str, count_ops: bool = False) -> dict:
         env.get_template(f"ops/{op}.py.j2").render(jit=jit, array_jit=jit, count_ops=count_ops,
                                                    decorators=decorators(jit)) for op in OPS
     )
-    namespace = {"np": np, "numba": numba}
+    namespace = {"np": np, "numba": numba, "SMALL_GEMM": SMALL_GEMM}
     if count_ops:
         namespace["COUNTS"] = {"K": 0, "KT": 0, "Kbox": 0}
     exec(compile(source, f"<ops jit={jit!r} count_ops={count_ops}>", "exec"), namespace)
@@ -425,6 +427,26 @@ def test_conv_chunks_do_not_change_the_result():
                     for a, b in zip(parts, whole):
                         close(a, b)
                         assert a.flags.c_contiguous
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dense_kernels_agree_on_both_sides_of_small_gemm(mode, dtype):
+    """K copies W^T at or below SMALL_GEMM multiply-adds and K^box splits a stacked batch
+    whose halves are: every branch (small, split, large) gives the einsum's product in
+    the input's dtype, C-contiguous."""
+    ns, rng = ops(mode), np.random.default_rng(0)
+    W = rng.standard_normal((64, 48)).astype(dtype)
+    for n in (8, 400, 1000):  # n * 48 * 64: below SMALL_GEMM; over it with halves below; over it halved
+        x, y = rng.standard_normal((n, 48)).astype(dtype), rng.standard_normal((n, 64)).astype(dtype)
+        x64, y64, W64 = (a.astype(np.float64) for a in (x, y, W))
+        for got, want in ((ns["_dense_K"](W, x), np.einsum("oi,bi->bo", W64, x64)),
+                          (ns["_dense_KT"](W, y), np.einsum("oi,bo->bi", W64, y64)),
+                          (ns["_dense_Kbox"](x, y), np.einsum("bi,bo->oi", x64, y64))):
+            assert got.dtype == dtype and got.flags.c_contiguous
+            np.testing.assert_allclose(got, want, rtol=1e-4 if dtype == np.float32 else 1e-12,
+                                       atol=1e-3 if dtype == np.float32 else 1e-10)
+    assert 8 * 48 * 64 <= SMALL_GEMM < 400 * 48 * 64 and 200 * 48 * 64 <= SMALL_GEMM < 500 * 48 * 64
 
 
 def test_kernels_are_cacheable():

@@ -28,6 +28,17 @@ from .schedule import Function
 
 SCHEDULES = ("lanes", "jit", "fused", "kernels", "count")
 
+# A GEMM of at most SMALL_GEMM multiply-adds (M N K) runs fastest on BLAS's small-matrix
+# kernels: one thread, no packing. OpenBLAS (numpy's and scipy's wheels, AVX-512 cores)
+# takes them up to 100^3 for C-contiguous @ C-contiguous and for A^T @ B, never for
+# A @ B^T. Past the threshold it packs and splits the work between threads, and on this
+# 2-core machine moving the operands between the cores' caches costs a small product more
+# than the second core gains: a 3 x 64 ReLU network at batch 128 runs 1.6-2x faster when
+# every product is in the small-matrix form (docs/performance.md). The dense kernels
+# (templates/ops/dense.py.j2) copy W^T for K at or below it, and split a stacked K^box
+# whose halves are.
+SMALL_GEMM = 100 ** 3
+
 JIT_MAX_DEPTH = lanes.MAX_DEPTH  # one jitted function unrolls every layer: LLVM time grows with depth
 
 

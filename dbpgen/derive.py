@@ -126,10 +126,11 @@ def _via_first(ddg: sp.Expr, dg: sp.Expr) -> sp.Expr:
 
 def _fold_sign(expr: sp.Expr) -> sp.Expr:
     """Exact identities of sp.diff's sign(z) (d|z|/dz), for real z: z sign(z) = |z| and
-    |z| sign(z) = z in every product, then (without DiracDelta, Heaviside or Piecewise terms,
-    which later passes drop or keep as terms) one fraction where that is shorter. softsign's
-    g' = -z sign(z)/(|z| + 1)^2 + 1/(|z| + 1) becomes 1/(|z| + 1)^2: two divisions fewer
-    per coordinate in the emitted loop."""
+    |z| sign(z) = z in every product, then the terms other than DiracDelta, Heaviside or
+    Piecewise ones (which later passes drop or keep as terms) as one fraction where that is
+    shorter. softsign's g' = -z sign(z)/(|z| + 1)^2 + 1/(|z| + 1) becomes 1/(|z| + 1)^2 and
+    its g'' (less its DiracDelta term) -2 sign(z)/(|z| + 1)^3: divisions fewer per
+    coordinate in the emitted loop."""
     sign, absz = sp.sign(Z), sp.Abs(Z)
     if not expr.has(sign) or sp.count_ops(expr) > REWRITE_MAX_OPS:
         return expr
@@ -148,11 +149,21 @@ def _fold_sign(expr: sp.Expr) -> sp.Expr:
             powers[sign] -= 1
         return sp.Mul(*(base ** e for base, e in powers.items()))
 
+    def fold_all(e: sp.Expr) -> sp.Expr:
+        return e.replace(lambda t: t.is_Mul and t.has(sign), fold)
+
     def rewrite() -> sp.Expr:
-        folded = expr.replace(lambda e: e.is_Mul and e.has(sign), fold)
-        if folded.has(sp.DiracDelta, sp.Heaviside, sp.Piecewise):  # terms a later pass drops
-            return min((expr, folded), key=sp.count_ops)
-        return min((expr, folded, sp.cancel(sp.together(folded))), key=sp.count_ops)
+        folded = fold_all(expr)
+        # DiracDelta, Heaviside and Piecewise terms stay terms of their own (a later pass
+        # drops or keeps them); the others are joined into one fraction whose numerator,
+        # expanded, folds again: z/(|z| + 1)^3 - sign(z)/(|z| + 1)^2 = -sign(z)/(|z| + 1)^3
+        terms = sp.Add.make_args(folded)
+        kept = sp.Add(*(t for t in terms if t.has(sp.DiracDelta, sp.Heaviside, sp.Piecewise)))
+        rest = sp.Add(*(t for t in terms if not t.has(sp.DiracDelta, sp.Heaviside, sp.Piecewise)))
+        numer, denom = sp.fraction(sp.together(rest))
+        joined = fold_all(sp.expand(numer)) / denom
+        return min((expr, folded, kept + sp.cancel(sp.together(rest)), kept + joined, kept + sp.cancel(joined)),
+                   key=sp.count_ops)
 
     return attempt(REWRITE_BUDGET, rewrite, expr)
 

@@ -147,10 +147,11 @@ def test_constant_factor_of_q0_moves_into_K_and_Kbox(tmp_path):
 
 
 @pytest.mark.parametrize("act", ["z/(1 + abs(z))", "z*abs(z)", "abs(z)**3/(1 + abs(z))", "sign(z)*z**2",
-                                 "abs(z)*sin(z)"])
+                                 "abs(z)*sin(z)", "abs(z)/(1 + abs(z))"])
 def test_sign_products_fold_exactly(act):
     """d|z|/dz = sign(z): z sign(z) = |z| and |z| sign(z) = z fold in every product
-    (derive._fold_sign), never changing a value; softsign's g' becomes one fraction."""
+    (derive._fold_sign), never changing a value; softsign's g' and g'' (less its DiracDelta
+    term) become one fraction each, the numerator folded after joining."""
     from dbpgen.derive import activation_derivatives
     from dbpgen.expr import parse_expression
     from dbpgen.ir import Z
@@ -166,3 +167,7 @@ def test_sign_products_fold_exactly(act):
         assert not any(isinstance(f, sp.Mul) and {Z, sp.sign(Z)} <= set(f.args) for f in sp.preorder_traversal(ours))
     if act == "z/(1 + abs(z))":
         assert not dg.has(sp.sign) and sp.count_ops(dg) < sp.count_ops(plain)
+        assert sp.simplify(a_e(ddg) + 2 * sp.sign(Z) / (sp.Abs(Z) + 1) ** 3) == 0
+        assert sp.count_ops(a_e(ddg)) <= sp.count_ops(-2 * sp.sign(Z) / (sp.Abs(Z) + 1) ** 3)
+    if act == "abs(z)/(1 + abs(z))":
+        assert sp.count_ops(dg) <= sp.count_ops(sp.sign(Z) / (sp.Abs(Z) + 1) ** 2)

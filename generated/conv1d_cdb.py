@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_conv1d_cdb_e4001528579a3979"
+__name__ = "_dbpgen_conv1d_cdb_13186f5f40ac1b1c"
 
 
 class _CachedGlobals:
@@ -157,7 +157,7 @@ SCHEDULES = {'forward': 'fused',
 # over the batch, as for images. --
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _avgpool1d_K(x, k):
     B, C, T = x.shape
     To = T // k
@@ -174,7 +174,7 @@ def _avgpool1d_K(x, k):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _avgpool1d_KT(y, k):
     B, C, To = y.shape
     out = np.empty((B, C, To * k), dtype=y.dtype)
@@ -197,7 +197,7 @@ def _avgpool1d_KT(y, k):
 # ends in place; K^T adds its columns back into a padded chunk in another, then crops it. --
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _conv1d_gather(xp, k, stride, dilation, To, cols):
     # cols[c, i, b, t] = xp[b, c, t stride + i dilation], for the zero-padded
     # xp (n, Cin, T + 2 padding) and cols (Cin, k, n, To): one pass over cols, unsigned
@@ -210,7 +210,7 @@ def _conv1d_gather(xp, k, stride, dilation, To, cols):
                     cols[c, i, b, t] = xp[b, c, np.uintp(t * stride + i * dilation)]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _conv1d_scatter(cols, k, stride, dilation, outp):
     # the adjoint of _conv1d_gather: the columns added back into the zero-padded
     # outp (n, Cin, T + 2 padding)
@@ -316,13 +316,13 @@ def _dense_Kbox(x, y):
 # the reshape back (views, no copy).  Parameter-free: no K^box. --
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _flatten1d_K(x):
     B, C, T = x.shape
     return x.reshape(B, C * T)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _flatten1d_KT(y, C, T):
     return y.reshape(y.shape[0], C, T)
 
@@ -330,7 +330,7 @@ def _flatten1d_KT(y, C, T):
 # (scalar loops: Numba compiles them in a fraction of the time array expressions take)
 
 
-@numba.njit(cache=True, fastmath={"reassoc"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def _rowdot(a, b):
     # per-sample inner product over all non-batch axes: shape (B,)
     a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
@@ -344,7 +344,7 @@ def _rowdot(a, b):
     return out
 
 
-@numba.njit(cache=True, fastmath={"reassoc"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def _rowsum(a):
     a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
     out = np.empty((a.shape[0], 1), dtype=a.dtype)
@@ -356,7 +356,7 @@ def _rowsum(a):
     return out
 
 
-@numba.njit(cache=True, fastmath={"reassoc"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def _bsum_channels(a):
     # the adjoint of a per-channel bias: sum over batch and space, one channel at a time
     a3 = np.ascontiguousarray(a).reshape((a.shape[0], a.shape[1], -1))
@@ -370,7 +370,7 @@ def _bsum_channels(a):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _softmax(z):
     # shifted by the row maximum: exp never overflows
     out = np.empty_like(z)
@@ -387,7 +387,7 @@ def _softmax(z):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _logsumexp(z):
     out = np.empty((z.shape[0], 1), dtype=z.dtype)
     for i in range(z.shape[0]):
@@ -405,7 +405,7 @@ def _logsumexp(z):
 # -- derived programs -----------------------------------------------------------------
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused0(b, t_1):
     x_out = np.empty((t_1.shape[0], t_1.shape[1], t_1.shape[2]), dtype=DTYPE)
     for i in range(t_1.shape[0]):  # samples
@@ -442,7 +442,7 @@ def _forward(W1, b1, W3, b3, W5, b5, x0):
     return (x5,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused1(b, t_1):
     x_out = np.empty((t_1.shape[0], t_1.shape[1], t_1.shape[2]), dtype=DTYPE)
     dg_out = np.empty((t_1.shape[0], t_1.shape[1], t_1.shape[2]), dtype=DTYPE)
@@ -457,7 +457,7 @@ def _fused1(b, t_1):
     return (x_out, dg_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused2(t, x, xi):
     zeta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
@@ -514,7 +514,7 @@ def _vjp(W1, b1, W3, b3, W5, b5, x0, v):
     return (xi0,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused3(h, t, x):
     q_out = np.empty((h.shape[0], h.shape[1]), dtype=DTYPE)
     for i in range(h.shape[0]):  # samples
@@ -571,7 +571,7 @@ def _jvp(W1, b1, W3, b3, W5, b5, x0, u):
     return (q5,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused4(t, x, y):
     zeta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
@@ -677,7 +677,7 @@ def _penalty(W1, b1, W3, b3, W5, b5, x0, y):
     return (R,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused5(z, x_out):
     for i in range(z.shape[0]):  # samples
         for k in range(z.shape[1]):  # units
@@ -686,7 +686,7 @@ def _fused5(z, x_out):
     return (x_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused6(t, x, y, B, lam, t_1_out):
     zeta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
@@ -698,7 +698,7 @@ def _fused6(t, x, y, B, lam, t_1_out):
     return (zeta_out, t_1_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused7(dg, xi, B, lam):
     zeta_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2]), dtype=DTYPE)
     t_1_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2]), dtype=DTYPE)
@@ -712,7 +712,7 @@ def _fused7(dg, xi, B, lam):
     return (zeta_out, t_1_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused8(dg, xi, B, lam):
     zeta_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2]), dtype=DTYPE)
     t_1_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2]), dtype=DTYPE)
@@ -726,7 +726,7 @@ def _fused8(dg, xi, B, lam):
     return (zeta_out, t_1_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused9(t_1, dg):
     q_out = np.empty((t_1.shape[0], t_1.shape[1], t_1.shape[2]), dtype=DTYPE)
     for i in range(t_1.shape[0]):  # samples
@@ -738,7 +738,7 @@ def _fused9(t_1, dg):
     return (q_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused10(h, q_out):
     for i in range(h.shape[0]):  # samples
         for k in range(h.shape[1]):  # units
@@ -747,7 +747,7 @@ def _fused10(h, q_out):
     return (q_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused11(h, t, t_1, x, B, lam, zeta, t_2_out):
     eta_out = np.empty((h.shape[0], h.shape[1]), dtype=DTYPE)
     t_3_out = np.zeros((h.shape[1],), dtype=DTYPE)
@@ -761,7 +761,7 @@ def _fused11(h, t, t_1, x, B, lam, zeta, t_2_out):
     return (eta_out, t_2_out, t_3_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused12(dg, gamma, B, lam, zeta):
     eta_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2]), dtype=DTYPE)
     t_1_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2]), dtype=DTYPE)
@@ -778,7 +778,7 @@ def _fused12(dg, gamma, B, lam, zeta):
     return (eta_out, t_1_out, t_2_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused13(dg, gamma, B, lam, zeta):
     t_1_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2]), dtype=DTYPE)
     t_2_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2]), dtype=DTYPE)
@@ -793,7 +793,7 @@ def _fused13(dg, gamma, B, lam, zeta):
     return (t_1_out, t_2_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused14(R, lam, t, t_1, t_2):
     t_3_out = np.zeros((R.shape[1],), dtype=DTYPE)
     for i in range(R.shape[0]):  # samples

@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_lenet_cdb_5f2dff224a1b9d9c"
+__name__ = "_dbpgen_lenet_cdb_e730e14936d645a1"
 
 
 class _CachedGlobals:
@@ -169,7 +169,7 @@ SCHEDULES = {'forward': 'fused',
 # conv2d). --
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _avgpool_K(x, k):
     B, C, H, Wd = x.shape
     Ho = H // k
@@ -195,7 +195,7 @@ def _avgpool_K(x, k):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _avgpool_KT(y, k):
     B, C, Ho, Wo = y.shape
     out = np.empty((B, C, Ho * k, Wo * k), dtype=y.dtype)
@@ -234,7 +234,7 @@ def _avgpool_KT(y, k):
 # spin against them for the same cores. --
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _conv2d_gather(xp, k, stride, dilation, Ho, Wo, cols):
     # cols[c, i, j, b, oh, ow] = xp[b, c, oh stride + i dilation, ow stride + j dilation], for
     # the zero-padded xp (n, Cin, H + 2 padding, Wd + 2 padding) and cols (Cin, k, k, n, Ho, Wo):
@@ -251,7 +251,7 @@ def _conv2d_gather(xp, k, stride, dilation, Ho, Wo, cols):
                             cols[c, i, j, b, oh, ow] = xp[b, c, h, np.uintp(ow * stride + j * dilation)]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _conv2d_gather_samples(xp, k, stride, dilation, Ho, Wo, cols):
     # the per-sample layout cols (n, Cin, k, k, Ho, Wo) of _conv2d_gather
     n, Cin = xp.shape[0], xp.shape[1]
@@ -265,7 +265,7 @@ def _conv2d_gather_samples(xp, k, stride, dilation, Ho, Wo, cols):
                             cols[b, c, i, j, oh, ow] = xp[b, c, h, np.uintp(ow * stride + j * dilation)]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _conv2d_scatter_samples(cols, k, stride, dilation, outp):
     # the adjoint of _conv2d_gather_samples: cols (n, Cin, k, k, Ho, Wo) added back into the
     # zero-padded outp (n, Cin, H + 2 padding, Wd + 2 padding)
@@ -282,7 +282,7 @@ def _conv2d_scatter_samples(cols, k, stride, dilation, outp):
                             outp[b, c, h, np.uintp(ow * stride + j * dilation)] += cols[b, c, i, j, oh, ow]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _conv2d_scatter(cols, k, stride, dilation, outp):
     # the adjoint of _conv2d_gather: cols (Cin, k, k, n, Ho, Wo) added back into the
     # zero-padded outp (n, Cin, H + 2 padding, Wd + 2 padding)
@@ -408,13 +408,13 @@ def _dense_Kbox(x, y):
 # back.  Both are views of their contiguous argument (no copy).  Parameter-free: no K^box. --
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _flatten_K(x):
     B, C, H, Wd = x.shape
     return x.reshape(B, C * H * Wd)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _flatten_KT(y, C, H, Wd):
     return y.reshape(y.shape[0], C, H, Wd)
 
@@ -422,7 +422,7 @@ def _flatten_KT(y, C, H, Wd):
 # (scalar loops: Numba compiles them in a fraction of the time array expressions take)
 
 
-@numba.njit(cache=True, fastmath={"reassoc"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def _rowdot(a, b):
     # per-sample inner product over all non-batch axes: shape (B,)
     a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
@@ -436,7 +436,7 @@ def _rowdot(a, b):
     return out
 
 
-@numba.njit(cache=True, fastmath={"reassoc"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def _rowsum(a):
     a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
     out = np.empty((a.shape[0], 1), dtype=a.dtype)
@@ -448,7 +448,7 @@ def _rowsum(a):
     return out
 
 
-@numba.njit(cache=True, fastmath={"reassoc"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def _bsum_channels(a):
     # the adjoint of a per-channel bias: sum over batch and space, one channel at a time
     a3 = np.ascontiguousarray(a).reshape((a.shape[0], a.shape[1], -1))
@@ -462,7 +462,7 @@ def _bsum_channels(a):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _softmax(z):
     # shifted by the row maximum: exp never overflows
     out = np.empty_like(z)
@@ -479,7 +479,7 @@ def _softmax(z):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _logsumexp(z):
     out = np.empty((z.shape[0], 1), dtype=z.dtype)
     for i in range(z.shape[0]):
@@ -497,7 +497,7 @@ def _logsumexp(z):
 # -- derived programs -----------------------------------------------------------------
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused0(b, t):
     x_out = np.empty((t.shape[0], t.shape[1], t.shape[2], t.shape[3]), dtype=DTYPE)
     for i in range(t.shape[0]):  # samples
@@ -539,7 +539,7 @@ def _forward(W1, b1, W3, b3, W6, b6, x0):
     return (x6,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused1(b, t):
     x_out = np.empty((t.shape[0], t.shape[1], t.shape[2], t.shape[3]), dtype=DTYPE)
     dg_out = np.empty((t.shape[0], t.shape[1], t.shape[2], t.shape[3]), dtype=DTYPE)
@@ -555,7 +555,7 @@ def _fused1(b, t):
     return (x_out, dg_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused2(t, x, xi):
     zeta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
@@ -620,7 +620,7 @@ def _vjp(W1, b1, W3, b3, W6, b6, x0, v):
     return (xi0,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused3(h, t, x):
     q_out = np.empty((h.shape[0], h.shape[1]), dtype=DTYPE)
     for i in range(h.shape[0]):  # samples
@@ -685,7 +685,7 @@ def _jvp(W1, b1, W3, b3, W6, b6, x0, u):
     return (q6,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused4(t, x, y):
     zeta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
@@ -807,7 +807,7 @@ def _penalty(W1, b1, W3, b3, W6, b6, x0, y):
     return (R,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused5(z, x_out):
     for i in range(z.shape[0]):  # samples
         for k in range(z.shape[1]):  # units
@@ -816,7 +816,7 @@ def _fused5(z, x_out):
     return (x_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused6(t, x, y, B, lam, t_1_out):
     zeta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
@@ -828,7 +828,7 @@ def _fused6(t, x, y, B, lam, t_1_out):
     return (zeta_out, t_1_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused7(dg, xi, B, lam):
     zeta_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2], dg.shape[3]), dtype=DTYPE)
     t_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2], dg.shape[3]), dtype=DTYPE)
@@ -843,7 +843,7 @@ def _fused7(dg, xi, B, lam):
     return (zeta_out, t_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused8(dg, xi, B, lam):
     zeta_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2], dg.shape[3]), dtype=DTYPE)
     t_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2], dg.shape[3]), dtype=DTYPE)
@@ -858,7 +858,7 @@ def _fused8(dg, xi, B, lam):
     return (zeta_out, t_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused9(t, dg):
     q_out = np.empty((t.shape[0], t.shape[1], t.shape[2], t.shape[3]), dtype=DTYPE)
     for i in range(t.shape[0]):  # samples
@@ -871,7 +871,7 @@ def _fused9(t, dg):
     return (q_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused10(h, q_out):
     for i in range(h.shape[0]):  # samples
         for k in range(h.shape[1]):  # units
@@ -880,7 +880,7 @@ def _fused10(h, q_out):
     return (q_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused11(h, t, t_1, x, B, lam, zeta, t_2_out):
     eta_out = np.empty((h.shape[0], h.shape[1]), dtype=DTYPE)
     t_3_out = np.zeros((h.shape[1],), dtype=DTYPE)
@@ -894,7 +894,7 @@ def _fused11(h, t, t_1, x, B, lam, zeta, t_2_out):
     return (eta_out, t_2_out, t_3_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused12(dg, gamma, B, lam, zeta):
     eta_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2], dg.shape[3]), dtype=DTYPE)
     t_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2], dg.shape[3]), dtype=DTYPE)
@@ -912,7 +912,7 @@ def _fused12(dg, gamma, B, lam, zeta):
     return (eta_out, t_out, t_1_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused13(dg, gamma, B, lam, zeta):
     t_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2], dg.shape[3]), dtype=DTYPE)
     t_1_out = np.empty((dg.shape[0], dg.shape[1], dg.shape[2], dg.shape[3]), dtype=DTYPE)
@@ -928,7 +928,7 @@ def _fused13(dg, gamma, B, lam, zeta):
     return (t_out, t_1_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused14(R, lam, t, t_1, t_2):
     t_3_out = np.zeros((R.shape[1],), dtype=DTYPE)
     for i in range(R.shape[0]):  # samples

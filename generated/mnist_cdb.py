@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_cdb_c916f0529a7c8415"
+__name__ = "_dbpgen_mnist_cdb_abc9567ac5eb30e6"
 
 
 class _CachedGlobals:
@@ -162,7 +162,7 @@ def _dense_Kbox(x, y):
 # (scalar loops: Numba compiles them in a fraction of the time array expressions take)
 
 
-@numba.njit(cache=True, fastmath={"reassoc"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def _rowdot(a, b):
     # per-sample inner product over all non-batch axes: shape (B,)
     a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
@@ -181,7 +181,7 @@ def _dense_KT_into(W, y, out):
     return np.matmul(y, W, out=out)
 
 
-@numba.njit(cache=True, fastmath={"reassoc"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def _rowsum(a):
     a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
     out = np.empty((a.shape[0], 1), dtype=a.dtype)
@@ -193,7 +193,7 @@ def _rowsum(a):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _softmax(z):
     # shifted by the row maximum: exp never overflows
     out = np.empty_like(z)
@@ -210,7 +210,7 @@ def _softmax(z):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _logsumexp(z):
     out = np.empty((z.shape[0], 1), dtype=z.dtype)
     for i in range(z.shape[0]):
@@ -243,7 +243,7 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
     return (x3,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused0(b, t):
     x_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
     dg_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
@@ -257,7 +257,7 @@ def _fused0(b, t):
     return (x_out, dg_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused1(t, x, xi):
     zeta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
@@ -298,7 +298,7 @@ def _vjp(W1, b1, W2, b2, W3, b3, x0, v):
     return (xi0,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused2(h, t, x):
     q_out = np.empty((h.shape[0], h.shape[1]), dtype=DTYPE)
     for i in range(h.shape[0]):  # samples
@@ -339,7 +339,7 @@ def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
     return (q3,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused3(t, x, y):
     zeta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
@@ -413,7 +413,7 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
     return (R,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused4(b, t, x_out):
     dg_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
     for i in range(t.shape[0]):  # samples
@@ -426,7 +426,7 @@ def _fused4(b, t, x_out):
     return (x_out, dg_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused5(t, x, y, B, lam, t_1_out):
     zeta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
@@ -438,7 +438,7 @@ def _fused5(t, x, y, B, lam, t_1_out):
     return (zeta_out, t_1_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused6(dg, xi, B, lam, t_out):
     zeta_out = np.empty((dg.shape[0], dg.shape[1]), dtype=DTYPE)
     for i in range(dg.shape[0]):  # samples
@@ -450,7 +450,7 @@ def _fused6(dg, xi, B, lam, t_out):
     return (zeta_out, t_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused7(dg, xi, B, lam, t_out):
     zeta_out = np.empty((dg.shape[0], dg.shape[1]), dtype=DTYPE)
     for i in range(dg.shape[0]):  # samples
@@ -462,7 +462,7 @@ def _fused7(dg, xi, B, lam, t_out):
     return (zeta_out, t_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused8(t, dg, q_out):
     for i in range(t.shape[0]):  # samples
         for k in range(t.shape[1]):  # units
@@ -472,7 +472,7 @@ def _fused8(t, dg, q_out):
     return (q_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused9(dg, h, q_out):
     for i in range(dg.shape[0]):  # samples
         for k in range(dg.shape[1]):  # units
@@ -481,7 +481,7 @@ def _fused9(dg, h, q_out):
     return (q_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused10(h, t, t_1, x, B, lam, zeta, t_2_out):
     eta_out = np.empty((h.shape[0], h.shape[1]), dtype=DTYPE)
     t_3_out = np.zeros((h.shape[1],), dtype=DTYPE)
@@ -495,7 +495,7 @@ def _fused10(h, t, t_1, x, B, lam, zeta, t_2_out):
     return (eta_out, t_2_out, t_3_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused11(dg, gamma, B, lam, zeta, t_out):
     eta_out = np.empty((dg.shape[0], dg.shape[1]), dtype=DTYPE)
     t_1_out = np.zeros((dg.shape[1],), dtype=DTYPE)
@@ -509,7 +509,7 @@ def _fused11(dg, gamma, B, lam, zeta, t_out):
     return (eta_out, t_out, t_1_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused12(dg, gamma, B, lam, zeta, t_out):
     t_1_out = np.zeros((dg.shape[1],), dtype=DTYPE)
     for i in range(dg.shape[0]):  # samples
@@ -521,7 +521,7 @@ def _fused12(dg, gamma, B, lam, zeta, t_out):
     return (t_out, t_1_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused13(R, lam, t, t_1, t_2):
     t_3_out = np.zeros((R.shape[1],), dtype=DTYPE)
     for i in range(R.shape[0]):  # samples

@@ -25,7 +25,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_jac_3a5743ae13d93536"
+__name__ = "_dbpgen_mnist_jac_d43a64e660e17e7b"
 
 
 class _CachedGlobals:
@@ -177,7 +177,7 @@ def _dense_Kbox(x, y):
 # (scalar loops: Numba compiles them in a fraction of the time array expressions take)
 
 
-@numba.njit(cache=True, fastmath={"reassoc"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def _rowdot(a, b):
     # per-sample inner product over all non-batch axes: shape (B,)
     a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
@@ -191,7 +191,7 @@ def _rowdot(a, b):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _softmax(z):
     # shifted by the row maximum: exp never overflows
     out = np.empty_like(z)
@@ -208,7 +208,7 @@ def _softmax(z):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _onehot(x0, C, i):
     # e_i for every sample (Jacobian penalties, paper section 5.4)
     out = np.zeros((x0.shape[0], C), dtype=x0.dtype)
@@ -254,7 +254,7 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
     return (x3,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused0(b, t):
     x_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
     dg_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
@@ -268,7 +268,7 @@ def _fused0(b, t):
     return (x_out, dg_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused1(t, x, xi):
     zeta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
@@ -309,7 +309,7 @@ def _vjp(W1, b1, W2, b2, W3, b3, x0, v):
     return (xi0,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused2(h, t, x):
     q_out = np.empty((h.shape[0], h.shape[1]), dtype=DTYPE)
     for i in range(h.shape[0]):  # samples
@@ -382,7 +382,7 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0):
     return (R,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused3(u, dg):
     q_out = np.empty((u.shape[0], u.shape[1]), dtype=DTYPE)
     for i in range(u.shape[0]):  # samples
@@ -393,7 +393,7 @@ def _fused3(u, dg):
     return (q_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused4(h, t, t_1, t_2, x, xi):
     eta_out = np.empty((h.shape[0], h.shape[1]), dtype=DTYPE)
     for i in range(h.shape[0]):  # samples
@@ -403,7 +403,7 @@ def _fused4(h, t, t_1, t_2, x, xi):
     return (eta_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused5(B, etahat, lam):
     t_out = np.empty((etahat.shape[0], etahat.shape[1]), dtype=DTYPE)
     t_1_out = np.zeros((etahat.shape[1],), dtype=DTYPE)
@@ -415,7 +415,7 @@ def _fused5(B, etahat, lam):
     return (t_out, t_1_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused6(dg, gammahat, B, lam):
     etahat_out = np.empty((dg.shape[0], dg.shape[1]), dtype=DTYPE)
     t_out = np.empty((dg.shape[0], dg.shape[1]), dtype=DTYPE)
@@ -430,7 +430,7 @@ def _fused6(dg, gammahat, B, lam):
     return (etahat_out, t_out, t_1_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused7(dg, gammahat, B, lam):
     t_out = np.empty((dg.shape[0], dg.shape[1]), dtype=DTYPE)
     t_1_out = np.zeros((dg.shape[1],), dtype=DTYPE)
@@ -443,7 +443,7 @@ def _fused7(dg, gammahat, B, lam):
     return (t_out, t_1_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused8(R, lam):
     t_out = np.zeros((R.shape[1],), dtype=DTYPE)
     for i in range(R.shape[0]):  # samples

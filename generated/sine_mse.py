@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_mse_fafc30fac266e09b"
+__name__ = "_dbpgen_sine_mse_cada12e7715195f1"
 
 
 class _CachedGlobals:
@@ -143,7 +143,7 @@ def _dense_Kbox(x, y):
 # -- derived programs -----------------------------------------------------------------
 
 
-@numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _forward(W1, b1, W2, b2, W3, b3, x0):
     B = x0.shape[0]  # batch size
     ws = np.empty((28, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
@@ -198,7 +198,7 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
     return (out_out,)
 
 
-@numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _vjp(W1, b1, W2, b2, W3, x0, v):
     B = x0.shape[0]  # batch size
     ws = np.empty((63, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
@@ -280,7 +280,7 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
     return (xi0_out,)
 
 
-@numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _jvp(W1, b1, W2, b2, W3, x0, u):
     B = x0.shape[0]  # batch size
     ws = np.empty((63, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
@@ -362,7 +362,7 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
     return (Ju_out,)
 
 
-@numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _input_grad(W1, b1, W2, b2, W3, b3, x0, y):
     B = x0.shape[0]  # batch size
     ws = np.empty((70, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
@@ -458,7 +458,7 @@ def _input_grad(W1, b1, W2, b2, W3, b3, x0, y):
     return (xi0_out,)
 
 
-@numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y):
     B = x0.shape[0]  # batch size
     ws = np.empty((71, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value

@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_node_3dd0f235f35a38f2"
+__name__ = "_dbpgen_sine_node_6c649b441f184455"
 
 
 class _CachedGlobals:
@@ -152,7 +152,7 @@ def _dense_Kbox(x, y):
 # -- derived programs -----------------------------------------------------------------
 
 
-@numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _forward(W1, b1, W2, b2, W3, b3, x0):
     B = x0.shape[0]  # batch size
     ws = np.empty((28, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
@@ -207,7 +207,7 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
     return (out_out,)
 
 
-@numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _vjp(W1, b1, W2, b2, W3, x0, v):
     B = x0.shape[0]  # batch size
     ws = np.empty((63, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
@@ -289,7 +289,7 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
     return (xi0_out,)
 
 
-@numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _jvp(W1, b1, W2, b2, W3, x0, u):
     B = x0.shape[0]  # batch size
     ws = np.empty((63, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
@@ -371,7 +371,7 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
     return (Ju_out,)
 
 
-@numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _penalty(W1, b1, W2, b2, W3, x0, v):
     B = x0.shape[0]  # batch size
     ws = np.empty((64, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value
@@ -460,7 +460,7 @@ def _penalty(W1, b1, W2, b2, W3, x0, v):
     return (R_out,)
 
 
-@numba.njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
     B = x0.shape[0]  # batch size
     ws = np.empty((104, 64), dtype=DTYPE)  # workspace: one chunk of every per-sample value

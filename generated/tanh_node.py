@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_tanh_node_d1708859607004ec"
+__name__ = "_dbpgen_tanh_node_a85a369608e19bef"
 
 
 class _CachedGlobals:
@@ -164,7 +164,7 @@ def _dense_Kbox(x, y):
 # (scalar loops: Numba compiles them in a fraction of the time array expressions take)
 
 
-@numba.njit(cache=True, fastmath={"reassoc"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def _rowdot(a, b):
     # per-sample inner product over all non-batch axes: shape (B,)
     a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
@@ -183,7 +183,7 @@ def _dense_KT_into(W, y, out):
     return np.matmul(y, W, out=out)
 
 
-@numba.njit(cache=True, fastmath={"reassoc"})
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def _rowsum(a):
     a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
     out = np.empty((a.shape[0], 1), dtype=a.dtype)
@@ -214,7 +214,7 @@ def _forward(W1, b1, W2, b2, W3, b3, x0):
     return (x3,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused0(x):
     dg_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
@@ -224,7 +224,7 @@ def _fused0(x):
     return (dg_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused1(v):
     zeta_out = np.empty((v.shape[0], v.shape[1]), dtype=DTYPE)
     for i in range(v.shape[0]):  # samples
@@ -295,7 +295,7 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
     return (q3,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused2(b, t, y):
     zeta_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
     for i in range(t.shape[0]):  # samples
@@ -372,7 +372,7 @@ def _penalty(W1, b1, W2, b2, W3, x0, v):
     return (R,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused3(x):
     dg_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     ddg_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
@@ -385,7 +385,7 @@ def _fused3(x):
     return (dg_out, ddg_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused4(b, t, v, B, lam, t_1_out):
     x_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
     zeta_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
@@ -402,7 +402,7 @@ def _fused4(b, t, v, B, lam, t_1_out):
     return (x_out, zeta_out, t_1_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused5(dg, xi, B, lam, t_out):
     zeta_out = np.empty((dg.shape[0], dg.shape[1]), dtype=DTYPE)
     for i in range(dg.shape[0]):  # samples
@@ -414,7 +414,7 @@ def _fused5(dg, xi, B, lam, t_out):
     return (zeta_out, t_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused6(dg, xi, B, lam, t_out):
     zeta_out = np.empty((dg.shape[0], dg.shape[1]), dtype=DTYPE)
     for i in range(dg.shape[0]):  # samples
@@ -426,7 +426,7 @@ def _fused6(dg, xi, B, lam, t_out):
     return (zeta_out, t_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused7(t, dg, q_out):
     h_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
     for i in range(t.shape[0]):  # samples
@@ -438,7 +438,7 @@ def _fused7(t, dg, q_out):
     return (h_out, q_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused8(dg, h, q_out):
     for i in range(dg.shape[0]):  # samples
         for k in range(dg.shape[1]):  # units
@@ -447,7 +447,7 @@ def _fused8(dg, h, q_out):
     return (q_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused9(x, y):
     delta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
     for i in range(x.shape[0]):  # samples
@@ -457,7 +457,7 @@ def _fused9(x, y):
     return (delta_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused10(R, lam, t):
     t_1_out = np.zeros((R.shape[1],), dtype=DTYPE)
     for i in range(R.shape[0]):  # samples
@@ -466,7 +466,7 @@ def _fused10(R, lam, t):
     return (t_1_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused11(delta, B, t_out):
     eps_out = np.empty((delta.shape[0], delta.shape[1]), dtype=DTYPE)
     t_1_out = np.zeros((delta.shape[1],), dtype=DTYPE)
@@ -480,7 +480,7 @@ def _fused11(delta, B, t_out):
     return (eps_out, t_out, t_1_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused12(ddg, dg, h, lam, t, xi, B, t_1_out):
     eps_out = np.empty((ddg.shape[0], ddg.shape[1]), dtype=DTYPE)
     t_2_out = np.zeros((ddg.shape[1],), dtype=DTYPE)
@@ -494,7 +494,7 @@ def _fused12(ddg, dg, h, lam, t, xi, B, t_1_out):
     return (eps_out, t_1_out, t_2_out,)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fused13(ddg, dg, h, lam, t, xi, B, t_1_out):
     t_2_out = np.zeros((ddg.shape[1],), dtype=DTYPE)
     for i in range(ddg.shape[0]):  # samples

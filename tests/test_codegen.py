@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from conftest import BENCHMARKS, ROOT, batch_for, compile_spec, import_module
+from dbpgen.backend.emit import DECORATORS
 from dbpgen.compiler import compile_file
 from oracle import Oracle
 from test_gradients import CDB, GIVEN, NODE, assert_close, check_against_oracle, mlp
@@ -75,7 +76,7 @@ JITTED = [
 
 
 def _decorated(text: str, function: str) -> bool:
-    return f"@numba.njit(cache=True)\ndef {function}(" in text
+    return f"{DECORATORS['njit']}\ndef {function}(" in text
 
 
 def test_schedules_follow_the_shapes(tmp_path):
@@ -85,7 +86,7 @@ def test_schedules_follow_the_shapes(tmp_path):
     text = Path(wide.__file__).read_text()
     assert "def _value_and_grad(" in text and not _decorated(text, "_value_and_grad")
     assert "def _dense_K(W, x):" in text and not _decorated(text, "_dense_K")
-    assert "@numba.njit(cache=True, fastmath={\"reassoc\"})\ndef _rowdot(" in text  # loops stay jitted
+    assert f"{DECORATORS['reassoc']}\ndef _rowdot(" in text  # loops stay jitted
     small = compile_spec(mlp("small", ["relu", "relu"], None, "mse", CDB, widths=(40, 33)), tmp_path, jit=True)
     text = Path(small.__file__).read_text()
     assert _decorated(text, "_value_and_grad") and _decorated(text, "_dense_K")

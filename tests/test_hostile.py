@@ -396,3 +396,22 @@ def test_nan_and_inf_inputs_propagate_as_in_torch(spec, tmp_path, rng):
     # a NaN sample gives a NaN per-sample penalty, the finite samples finite ones
     R = m.penalty(params, x, y)
     assert np.isnan(R[[1, 4]]).all() and np.isfinite(R[[0, 5]]).all()
+
+
+@pytest.mark.parametrize("schedule", ["lanes", "jit", "fused"])
+def test_a_division_by_zero_in_a_jitted_kernel_gives_nan_not_an_exception(schedule, tmp_path, rng):
+    """Jitted kernels divide as NumPy does (error_model="numpy"): sqrt(|z|)'s
+    g' = sign(z) / (2 sqrt(|z|)) at z = 0 is 0/0, NaN as in torch, not a ZeroDivisionError."""
+    spec = {"name": f"h_div0_{schedule}", "input": [3], "loss": "mse", "penalty": PEN,
+            "layers": [{"dense": 4, "act": "sqrt(abs(z))"}, {"dense": 2}]}
+    m = compile_spec(spec, tmp_path, schedule=schedule)
+    params = m.init_params(seed=0)
+    params["W1"][0], params["b1"][0] = 0.0, 0.0  # unit 1's z is exactly 0 in every sample
+    x, y, _ = batch_for(spec, rng)
+    assert np.isfinite(m.forward(params, x)).all()
+    with np.errstate(all="ignore"):
+        value, grads = m.value_and_grad(params, x, y)
+        assert np.isnan(value) and np.isnan(m.penalty(params, x, y)).all()
+    params["W1"][0], params["b1"][0] = 1.0, 1.0  # away from 0 again: finite
+    value, grads = m.value_and_grad(params, x + 10.0, y)
+    assert np.isfinite(value) and all(np.isfinite(g).all() for g in grads.values())

@@ -3,12 +3,13 @@
     python benchmarks/ab.py OLD_DIR NEW_DIR sine_cdb,mnist_cdb [BATCH] [SECONDS]
 
 OLD_DIR and NEW_DIR hold generated modules of the same models (e.g. `generated/` of two
-checkouts). For each model both value_and_grad functions run in turns for SECONDS
-(default 8), after checking that they agree; prints the medians and new/old.
+checkouts). For each model both value_and_grad functions run in turns, after checking that
+they agree; prints the medians and new/old.
 
 The turns are bursts with a pause between them, as `dbpgen bench` takes them
-(`bench.interleaved_ms`): calls alternated one by one would let one build's BLAS threads,
-still spinning, disturb the other build's call.
+(`bench.interleaved_ms`, max(5, 2 SECONDS) rounds; SECONDS defaults to 8): calls alternated one by one would
+let one build's BLAS threads, still spinning, disturb the other build's call. SECONDS is
+the time budget of the bursts (each at most 200 calls); the 0.3 s pauses come on top.
 """
 import importlib.util
 import sys

@@ -26,7 +26,7 @@ from dbpgen.backend.chooser import SMALL_GEMM
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 OPS = ("dense", "conv2d", "avgpool", "downsample", "flatten")
-JIT = "@numba.njit(cache=False)"
+JIT = '@numba.njit(cache=False, error_model="numpy")'  # as emitted (backend/emit.py)
 MODES = ("jit", "plain")
 SETTINGS = settings(max_examples=30, deadline=None)
 RTOL = 1e-10
@@ -429,24 +429,40 @@ def test_conv_chunks_do_not_change_the_result():
                         assert a.flags.c_contiguous
 
 
+def _with_small_gemm(ns: dict, name: str, bound: int):
+    """A plain-Python kernel of `ns` reading SMALL_GEMM = bound instead (its own globals)."""
+    import types
+
+    f = ns[name]
+    return types.FunctionType(f.__code__, {**ns, "SMALL_GEMM": bound}, f.__name__, f.__defaults__)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_dense_kernels_agree_on_both_sides_of_small_gemm(mode, dtype):
     """K copies W^T at or below SMALL_GEMM multiply-adds and K^box splits a stacked batch
-    whose halves are: every branch (small, split, large) gives the einsum's product in
-    the input's dtype, C-contiguous."""
+    whose halves are: every form gives the einsum's product in the input's dtype,
+    C-contiguous, for batches even and odd, below, around and past the bound; the plain
+    kernels also with the bound moved so that every batch takes each branch."""
     ns, rng = ops(mode), np.random.default_rng(0)
     W = rng.standard_normal((64, 48)).astype(dtype)
-    for n in (8, 400, 1000):  # n * 48 * 64: below SMALL_GEMM; over it with halves below; over it halved
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-10)
+    kernels = [ns]
+    if mode == "plain":  # 0: never the small form nor the split; 10**12: always the small form
+        kernels += [{name: _with_small_gemm(ns, name, bound) for name in ("_dense_K", "_dense_KT", "_dense_Kbox")}
+                    for bound in (0, 10 ** 12, 300 * 48 * 64)]  # the last splits 400 and 401, not 651
+    # n * 48 * 64 against SMALL_GEMM: below; over with halves below (even, odd); over, the
+    # larger half (326) over; over
+    for n in (8, 400, 401, 651, 1000):
         x, y = rng.standard_normal((n, 48)).astype(dtype), rng.standard_normal((n, 64)).astype(dtype)
         x64, y64, W64 = (a.astype(np.float64) for a in (x, y, W))
-        for got, want in ((ns["_dense_K"](W, x), np.einsum("oi,bi->bo", W64, x64)),
-                          (ns["_dense_KT"](W, y), np.einsum("oi,bo->bi", W64, y64)),
-                          (ns["_dense_Kbox"](x, y), np.einsum("bi,bo->oi", x64, y64))):
-            assert got.dtype == dtype and got.flags.c_contiguous
-            np.testing.assert_allclose(got, want, rtol=1e-4 if dtype == np.float32 else 1e-12,
-                                       atol=1e-3 if dtype == np.float32 else 1e-10)
-    assert 8 * 48 * 64 <= SMALL_GEMM < 400 * 48 * 64 and 200 * 48 * 64 <= SMALL_GEMM < 500 * 48 * 64
+        for k in kernels:
+            for got, want in ((k["_dense_K"](W, x), np.einsum("oi,bi->bo", W64, x64)),
+                              (k["_dense_KT"](W, y), np.einsum("oi,bo->bi", W64, y64)),
+                              (k["_dense_Kbox"](x, y), np.einsum("bi,bo->oi", x64, y64))):
+                assert got.dtype == dtype and got.flags.c_contiguous
+                np.testing.assert_allclose(got, want, **tol)
+    assert 8 * 48 * 64 <= SMALL_GEMM < 400 * 48 * 64 and 326 * 48 * 64 > SMALL_GEMM >= 201 * 48 * 64
 
 
 def test_kernels_are_cacheable():

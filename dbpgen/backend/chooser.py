@@ -30,13 +30,14 @@ SCHEDULES = ("lanes", "jit", "fused", "kernels", "count")
 
 # A GEMM of at most SMALL_GEMM multiply-adds (M N K) runs fastest on BLAS's small-matrix
 # kernels: one thread, no packing. OpenBLAS (numpy's and scipy's wheels, AVX-512 cores)
-# takes them up to 100^3 for C-contiguous @ C-contiguous and for A^T @ B, never for
-# A @ B^T. Past the threshold it packs and splits the work between threads, and on this
-# 2-core machine moving the operands between the cores' caches costs a small product more
-# than the second core gains: a 3 x 64 ReLU network at batch 128 runs 1.6-2x faster when
-# every product is in the small-matrix form (docs/performance.md). The dense kernels
-# (templates/ops/dense.py.j2) copy W^T for K at or below it, and split a stacked K^box
-# whose halves are.
+# takes them up to 100^3 for C-contiguous @ C-contiguous and for A^T @ B, and for A @ B^T
+# only when the product is tiny. Past them it packs and splits the work between threads,
+# and on this 2-core machine moving the operands between the cores' caches costs a small
+# product more than the second core gains (up to twice its time on a busy machine). The
+# batch is known only at run time, so the dense kernels (templates/ops/dense.py.j2) test
+# it there against this bound: K multiplies by a copy of W^T at or below it, and a stacked
+# K^box whose halves are at or below it runs as two products. Where a BLAS has no such
+# kernels the copy of W^T (2 us for 64 x 64) is all it costs (docs/performance.md).
 SMALL_GEMM = 100 ** 3
 
 JIT_MAX_DEPTH = lanes.MAX_DEPTH  # one jitted function unrolls every layer: LLVM time grows with depth

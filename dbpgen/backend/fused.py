@@ -193,7 +193,9 @@ class _Fuser(Lowering):
         """dW = K^box(a, y) + K^box(c, u) of a dense layer (eq. 31-32) as one GEMM over the
         batch-stacked operands [a; c] and [y; u]: one product with twice the inner dimension
         instead of two and a pass over dW to add them. Each operand is written into its half
-        where it is made (a fused loop, a K or K^T); anything else (an input) is copied."""
+        where it is made (a fused loop, a K or K^T); anything else (an input) is copied.
+        (The dense kernel splits the product again where the batch makes both halves small
+        enough for BLAS's single-threaded kernels: chooser.SMALL_GEMM.)"""
         makers = {n.target.name: n for n in nodes if isinstance(n, Stmt)}
         inputs = {s.name for s in self.program.inputs}
         head, out = [], []

@@ -127,7 +127,30 @@ def test_stages_are_recorded_in_pipeline_order(tmp_path):
     d = derivation(mlp("m", ["relu"], None, "mse", NODE, widths=(3,)), tmp_path)
     assert [name for name, _ in d.stages] == [
         "derive", "vanish_second_derivatives", "propagate_constants", "contract_input_gram",
-        "merge_weight_adjoints", "fold_loss_adjoint", "fold_constant_scale", "eliminate_dead_code"]
+        "hoist_invariant_adjoints", "merge_weight_adjoints", "fold_loss_adjoint", "fold_constant_scale",
+        "eliminate_dead_code"]
+
+
+def test_loop_invariant_weight_adjoints_leave_the_loop_over_v_i(tmp_path):
+    """Naive Jacobian penalty (G'' != 0, tanh): inside the loop over v_i only the weight
+    adjoints whose both arguments change with v_i stay, K^box_j(q_{j-1}, zeta_j); the
+    K^box_j(x_{j-1}, eta_j) are summed once after the loop through grad_b R's sums and merge
+    with the loss's (section 5.4, eq. 31); the oracle tests check the values."""
+    from dbpgen.functions import Kbox
+    from dbpgen.program import Loop
+
+    spec = mlp("m", ["tanh", "tanh"], None, "mse", {"v": "jacobian", "weight": 0.1}, widths=(5, 4))
+    d = derivation(spec, tmp_path)
+    before = dict(d.stages)["contract_input_gram"]
+    after = dict(d.stages)["hoist_invariant_adjoints"]
+
+    def boxes_in_loop(program):
+        loop = next(n for n in program.stmts if isinstance(n, Loop))
+        return [b for acc in loop.accums for b in acc.expr.atoms(Kbox)]
+
+    assert len(boxes_in_loop(before)) == 5 and len(boxes_in_loop(after)) == 3  # the cascade took one
+    assert all(b.args[1].name.startswith(("q", "xi")) for b in boxes_in_loop(after))
+    assert any("loop-invariant weight adjoints" in n for n in d.simplifications)
 
 
 def test_constant_factor_of_q0_moves_into_K_and_Kbox(tmp_path):

@@ -13,7 +13,7 @@ from dataclasses import replace
 import sympy as sp
 
 from ..functions import Kbox, linear_terms
-from ..program import Program, Stmt
+from ..program import Accum, Loop, Program, Role, Stmt, walk
 
 
 def _merge(expr: sp.Expr) -> tuple[sp.Expr, list[str]]:
@@ -49,3 +49,65 @@ def merge_weight_adjoints(program: Program) -> Program:
     if notes:
         fired += ("merged by bilinearity (eq. 31-32): " + "; ".join(notes),)
     return program.with_(stmts=tuple(stmts), fired=fired)
+
+
+def hoist_invariant_adjoints(program: Program) -> Program:
+    """Section 5.4's loop over the vectors v_i, eq. (31) summed over i: a weight adjoint
+    K^box_j(a, y_i) whose input-space argument a is the same for every v_i (x_{j-1} beside
+    eta_j^(i)) sums to K^box_j(a, sum_i y_i), one application after the loop instead of C.
+    The sum is an accumulator the loop already has where one sums y_i (grad_b R, eq. 33),
+    else a new one; the rest of the accumulation stays in the loop (theta^1_j of Alg. 4),
+    and the reader of the accumulated gradient gets the sum of both, where the loss's
+    K^box_j(x_{j-1}, .) can merge with it (merge_weight_adjoints)."""
+    taken = {s.name for s in program.inputs} | {item.target.name for item in walk(program.stmts)}
+    stmts, replaced, notes = [], {}, []
+
+    def fresh(stem: str) -> sp.Symbol:
+        n, name = 0, stem
+        while name in taken:
+            n += 1
+            name = f"{stem}_{n}"
+        taken.add(name)
+        return sp.Symbol(name)
+
+    for node in program.stmts:
+        if not isinstance(node, Loop):
+            stmts.append(replace(node, expr=node.expr.xreplace(replaced)) if replaced else node)
+            continue
+        inside = {s.target for s in node.body} | {node.index}
+        sums = {acc.expr: acc.target for acc in node.accums}
+        accums, extra = [], []
+        for acc in node.accums:
+            kept, hoisted = [], []
+            for coeff, box in linear_terms(acc.expr, (Kbox,)):
+                if box is not None and not (box.args[1].free_symbols | coeff.free_symbols) & inside \
+                        and box.args[2].free_symbols & inside:
+                    hoisted.append((coeff, box))
+                else:
+                    kept.append(coeff if box is None else coeff * box)
+            if not hoisted:
+                accums.append(acc)
+                continue
+            after = []
+            for coeff, box in hoisted:
+                j, a, y = box.args
+                total = sums.get(y)
+                if total is None:
+                    total = fresh(f"etahat{j}")
+                    sums[y] = total
+                    extra.append(Accum(total, y, f"{acc.eq}, summed over i", Role("etahat", int(j))))
+                after.append(coeff * Kbox(j, a, total))
+                notes.append(f"K^□_{j}({a}, {y})")
+            rest = sp.S.Zero
+            if kept:
+                rest = fresh(f"thetahat{acc.role.layer}" if acc.role and acc.role.layer else f"{acc.target}_loop")
+                accums.append(replace(acc, target=rest, expr=sp.Add(*kept),
+                                      role=Role("thetahat", acc.role.layer) if acc.role and acc.role.layer else acc.role))
+            replaced[acc.target] = rest + sp.Add(*after)
+        stmts.append(replace(node, accums=tuple(accums + extra)))
+    if not notes:
+        return program
+    outputs = tuple((label, sp.sympify(expr).xreplace(replaced)) for label, expr in program.outputs)
+    fired = program.fired + ("loop-invariant weight adjoints summed once after the loop over v_i "
+                              "(eq. 31, section 5.4): " + "; ".join(notes),)
+    return program.with_(stmts=tuple(stmts), outputs=outputs, fired=fired)

@@ -1,4 +1,4 @@
-"""Wall-time budgets for SymPy work, so that no model file can hang the compiler.
+"""CPU-time budgets for SymPy work, so that no model file can hang the compiler.
 
 SymPy's cost can grow exponentially with an expression's nesting (exp(exp(...(z))) in
 `is_constant`, sigmoid(sigmoid(...)) in `simplify`), which no syntactic limit catches.
@@ -10,8 +10,11 @@ Every SymPy step that can blow up runs inside `deadline(seconds)`:
 
 Deadlines nest: an inner one never outlives the outer one, and when the outer one expires
 inside the inner block, the exception belongs to the outer block and passes through.
-The timer is SIGALRM (POSIX, main thread). In another thread, or where an outer timer
-already runs (pytest-timeout), there is no limit and the blocks run to completion.
+The budgets count the process's CPU time (ITIMER_PROF, SIGPROF; POSIX, main thread), not
+wall time: an optional rewrite that fits its budget on an idle machine fits it on a loaded
+one too, so what the compiler prints does not depend on what else the machine runs. In
+another thread, or where an outer profiling timer already runs, there is no limit and the
+blocks run to completion.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ def _usable() -> bool:
 
 
 def _expire(signum, frame) -> None:
-    now = time.monotonic()
+    now = time.process_time()
     for token, end in _stack:  # the outermost expired block owns the exception
         if end <= now:
             raise BudgetExceeded(token, 0.0)
@@ -53,27 +56,27 @@ def _expire(signum, frame) -> None:
 
 def _arm() -> None:
     if _stack:
-        remaining = min(end for _, end in _stack) - time.monotonic()
-        signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-3))
+        remaining = min(end for _, end in _stack) - time.process_time()
+        signal.setitimer(signal.ITIMER_PROF, max(remaining, 1e-3))
     else:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.setitimer(signal.ITIMER_PROF, 0)
 
 
 @contextlib.contextmanager
 def deadline(seconds: float) -> Iterator[None]:
-    """Raise BudgetExceeded (with `.seconds`) out of the block after `seconds` of wall time."""
+    """Raise BudgetExceeded (with `.seconds`) out of the block after `seconds` of CPU time."""
     global _foreign_timer
     if not _usable():
         yield
         return
     if not _stack:
-        _foreign_timer = signal.getitimer(signal.ITIMER_REAL)[0] > 0
+        _foreign_timer = signal.getitimer(signal.ITIMER_PROF)[0] > 0
     if _foreign_timer:
         yield
         return
     token = next(_tokens)
-    previous = signal.signal(signal.SIGALRM, _expire) if not _stack else None
-    _stack.append((token, time.monotonic() + seconds))
+    previous = signal.signal(signal.SIGPROF, _expire) if not _stack else None
+    _stack.append((token, time.process_time() + seconds))
     _arm()
     try:
         yield
@@ -82,12 +85,12 @@ def deadline(seconds: float) -> Iterator[None]:
             raise BudgetExceeded(token, seconds) from None
         raise
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)  # the timer may fire just before this
+        signal.setitimer(signal.ITIMER_PROF, 0)  # the timer may fire just before this
         _stack.pop()
         if _stack:
             _arm()
         else:
-            signal.signal(signal.SIGALRM, previous)
+            signal.signal(signal.SIGPROF, previous)
 
 
 def attempt(seconds: float, work: Callable[[], T], fallback: T) -> T:

@@ -53,6 +53,9 @@ def render_ops(jit: str, count_ops: bool = False) -> dict:
         env.get_template(f"ops/{op}.py.j2").render(jit=jit, array_jit=jit, count_ops=count_ops,
                                                    decorators=decorators(jit)) for op in OPS
     )
+    # the dense kernels that write into a half of a stacked buffer (the fused schedule's)
+    source += "\n\n" + env.get_template("helpers.py.j2").render(
+        jit=jit, array_jit=jit, decorators=decorators(jit), helpers={"_dense_K_into", "_dense_KT_into"})
     namespace = {"np": np, "numba": numba, "SMALL_GEMM": SMALL_GEMM}
     if count_ops:
         namespace["COUNTS"] = {"K": 0, "KT": 0, "Kbox": 0}
@@ -449,7 +452,8 @@ def test_dense_kernels_agree_on_both_sides_of_small_gemm(mode, dtype):
     tol = dict(rtol=1e-4, atol=1e-3) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-10)
     kernels = [ns]
     if mode == "plain":  # 0: never the small form nor the split; 10**12: always the small form
-        kernels += [{name: _with_small_gemm(ns, name, bound) for name in ("_dense_K", "_dense_KT", "_dense_Kbox")}
+        kernels += [{name: _with_small_gemm(ns, name, bound)
+                     for name in ("_dense_K", "_dense_KT", "_dense_Kbox", "_dense_K_into", "_dense_KT_into")}
                     for bound in (0, 10 ** 12, 300 * 48 * 64)]  # the last splits 400 and 401, not 651
     # n * 48 * 64 against SMALL_GEMM: below; over with halves below (even, odd); over, the
     # larger half (326) over; over
@@ -457,9 +461,17 @@ def test_dense_kernels_agree_on_both_sides_of_small_gemm(mode, dtype):
         x, y = rng.standard_normal((n, 48)).astype(dtype), rng.standard_normal((n, 64)).astype(dtype)
         x64, y64, W64 = (a.astype(np.float64) for a in (x, y, W))
         for k in kernels:
+            # the _into forms write into a half of a stacked buffer, as the fused schedule has them
+            stacked_y, stacked_x = np.zeros((2 * n, 64), dtype), np.zeros((2 * n, 48), dtype)
+            K_into = k["_dense_K_into"](W, x, stacked_y[n:])
+            KT_into = k["_dense_KT_into"](W, y, stacked_x[:n])
+            assert np.shares_memory(K_into, stacked_y) and np.shares_memory(KT_into, stacked_x)
+            assert not stacked_y[:n].any() and not stacked_x[n:].any()
             for got, want in ((k["_dense_K"](W, x), np.einsum("oi,bi->bo", W64, x64)),
                               (k["_dense_KT"](W, y), np.einsum("oi,bo->bi", W64, y64)),
-                              (k["_dense_Kbox"](x, y), np.einsum("bi,bo->oi", x64, y64))):
+                              (k["_dense_Kbox"](x, y), np.einsum("bi,bo->oi", x64, y64)),
+                              (stacked_y[n:], np.einsum("oi,bi->bo", W64, x64)),
+                              (stacked_x[:n], np.einsum("oi,bo->bi", W64, y64))):
                 assert got.dtype == dtype and got.flags.c_contiguous
                 np.testing.assert_allclose(got, want, **tol)
     assert 8 * 48 * 64 <= SMALL_GEMM < 400 * 48 * 64 and 326 * 48 * 64 > SMALL_GEMM >= 201 * 48 * 64

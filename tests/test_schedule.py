@@ -292,3 +292,26 @@ def test_peak_bytes_match_a_measurement(source, batch, schedule, tmp_path):
                           text=True, env=env, timeout=300, check=True)
     measured = int(done.stdout.split()[-1])
     assert 0.75 * predicted <= measured <= 1.25 * predicted, (measured, predicted)
+
+
+def _dense_spec(width: int) -> dict:
+    return {"name": f"relu{width}", "dtype": "float32", "input": [32], "loss": "mse",
+            "layers": [{"dense": width, "act": "relu"} for _ in range(3)] + [{"dense": 4}],
+            "penalty": {"v": "loss_gradient", "p": "squared_norm", "weight": 0.1}}
+
+
+@pytest.mark.parametrize("width, jitted", [(64, True), (256, False)])
+def test_every_product_of_a_module_goes_to_one_blas(width, jitted, tmp_path):
+    """NumPy's products and Numba's go to two OpenBLAS libraries (numpy's and scipy's), each
+    with its own threads: alternating between them, a 64-wide float32 network at batch 512
+    took 8 ms instead of 0.85, its calls waiting on the other library's spinning threads.
+    Where a jitted program calls the dense kernels (jit), every dense product is jitted,
+    the ones writing into stacked buffers (fused) too; where none does, none is."""
+    import numba
+
+    m = load_generated(compile_file(write_model(_dense_spec(width), tmp_path), tmp_path / "g"))
+    assert ("jit" in m.SCHEDULES.values()) == jitted and "fused" in m.SCHEDULES.values()
+    products = [n for n in ("_dense_K", "_dense_KT", "_dense_Kbox", "_dense_K_into", "_dense_KT_into")
+                if hasattr(m, n)]
+    assert "_dense_KT_into" in products  # the fused value_and_grad's stacked buffers
+    assert {isinstance(getattr(m, n), numba.core.registry.CPUDispatcher) for n in products} == {jitted}

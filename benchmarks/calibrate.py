@@ -47,7 +47,7 @@ def _tanh_loop(a, out):
 def _lane_libm(x, out):
     for i in range(x.shape[0]):
         for b in range(x.shape[1]):
-            out[i, b] = np.tanh(x[i, b]) + np.exp(x[i, b]) + np.log(1.0 + x[i, b] * x[i, b])
+            out[i, b] = np.tanh(x[i, b])  # other functions: cost.LIBM_RELATIVE
 
 
 @numba.njit(cache=False, fastmath={"reassoc", "contract", "nsz", "arcp"})
@@ -88,7 +88,7 @@ def main() -> None:
     libm_element = seconds(lambda: _tanh_loop(a, out)) / n
     W, x, rows = rng.normal(size=(32, 32)), rng.normal(size=(32, 64)), np.zeros((32, 64))
     lane_flop = seconds(lambda: _lane_rows(W, x, rows)) / (2 * 32 * 32 * 64)
-    lane_libm = seconds(lambda: _lane_libm(x, rows)) / (3 * 32 * 64)  # tanh, exp, log
+    lane_libm = seconds(lambda: _lane_libm(x, rows)) / (32 * 64)
     call = seconds(lambda: _nothing(a, b, out, W, x, rows, one, tiny))
     machine = Machine(gemm_rate=float(f"{gemm_rate:.3g}"), gemm_knee=float(f"{gemm_knee:.3g}"),
                       blas_call=float(f"{blas_call:.3g}"), statement=float(f"{statement:.3g}"),

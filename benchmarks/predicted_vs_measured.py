@@ -36,6 +36,8 @@ MODELS = [
     dense("pm_tanh512_node", [512, 512], "tanh", "none", NODE, n_in=128, C=1),
     dense("pm_softplus48_jac", [48, 48], "softplus", "nll", JAC, C=10),
     dense("pm_mish32", [32, 32], "z*tanh(log(1 + exp(z)))", "mse", CDB),
+    dense("pm_tanh16x3", [16] * 3, "tanh", "mse", CDB),
+    dense("pm_softplus8x3", [8] * 3, "softplus", "mse", CDB),
 ]
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
+from ..functable import entry_for
 from ..functions import BSum, Dot, Gram, GramBox, GramMul, GramOut, K, Kbox, KT, RowSum
 from ..ir import Model
 from ..program import Program, trips
@@ -43,8 +44,8 @@ class Machine:
     numpy_element: float = 4.3e-10  # s per element of one NumPy operation (a pass over memory)
     ufunc_element: float = 1.7e-9  # s per element of a transcendental NumPy ufunc (SIMD)
     loop_element: float = 2.2e-10  # s per element per operation in a jitted loop
-    libm_element: float = 1.56e-8  # s per element of a scalar libm call in a jitted loop
-    lane_libm: float = 5.9e-9      # the same in the lanes kernel (fastmath loops; exp, log, tanh)
+    libm_element: float = 1.56e-8  # s per element of a scalar libm tanh in a jitted loop
+    lane_libm: float = 9.5e-9      # the same in the lanes kernel (fastmath loops)
     lane_flop: float = 5.5e-11     # s per flop of K, K^T, K^box in the lanes kernel's loops
     call: float = 9.7e-7           # s of calling a jitted function (argument unboxing)
     api: float = 8.0e-6            # s of the module's API around a program (argument checks)
@@ -52,6 +53,21 @@ class Machine:
 
 
 MACHINE = Machine()
+
+# One scalar libm evaluation in a jitted loop, relative to tanh (which `libm_element` and
+# `lane_libm` price): by the function table's name, measured in the lanes kernel's loops in
+# float64 and float32 (their mean). tanh costs 9.6 ns per element here, exp 4.4, log 3.6:
+# priced all alike, a 16-wide tanh network was predicted faster as one lanes kernel than
+# as fused loops with NumPy's SIMD tanh, and measured 1.05-1.15x slower.
+LIBM_RELATIVE = {"tanh": 1.0, "sinh": 1.0, "tan": 1.0, "asinh": 1.25, "softplus": 1.4, "erf": 0.75,
+                 "atan": 0.67, "cos": 0.6, "cosh": 0.6, "sin": 0.55, "sigmoid": 0.5, "exp": 0.42,
+                 "log": 0.36}
+# The functions whose whole-array form (fused, kernels) is not one NumPy ufunc: passes over
+# the array (NumPy operations, each a call) and how many of them are transcendental ufuncs
+# (templates/helpers.py.j2: _sigmoid 1 / (1 + exp(-z)), _softplus max(z, 0) +
+# log1p(exp(-|z|))); erf is a jitted loop of libm calls (ARRAY_PASSES None). Priced as one
+# ufunc, softplus was predicted at a third of its measured time.
+ARRAY_PASSES = {"sigmoid": (4, 1), "softplus": (6, 2), "erf": None}
 
 
 @dataclass(frozen=True)
@@ -62,8 +78,9 @@ class Work:
     im2col: tuple[int, ...]        # flops of each application of an operator with its own kernels
     elements: int                  # sum over coordinate-wise statements of elements x operations
     transcendental: int            # elements of transcendental function evaluations, as printed
-    distinct: int                  # the same, each distinct call in the program once (one jitted
-                                   # function: LLVM computes exp(z1) once for g, g' and g'')
+    distinct: tuple[tuple[str, int], ...]  # (function, elements) of each distinct call in the
+                                   # program, once (one jitted function: LLVM computes exp(z1)
+                                   # once for g, g' and g''; the others share a NumPy statement)
     reductions: int                # elements read by per-sample reductions (<a, b>, sums)
     statements: int                # statements (a loop body counted per iteration)
 
@@ -77,7 +94,7 @@ def work(model: Model, program: Program, batch: int) -> Work:
     from ..derive import n_vectors
 
     shapes = program_shapes(model, program, n_vectors(model))
-    gemms, im2col, elements, transcendental, distinct, reductions, statements = [], [], 0, 0, 0, 0, 0
+    gemms, im2col, elements, transcendental, distinct, reductions, statements = [], [], 0, 0, [], 0, 0
     seen: set = set()
 
     def size(expr_shape) -> int:
@@ -108,9 +125,9 @@ def work(model: Model, program: Program, batch: int) -> Work:
             elements += times * n * max(1, operations(expr))
             calls = [f for f in sp.preorder_traversal(expr) if isinstance(f, TRANSCENDENTAL)]
             transcendental += times * n * len(calls)
-            distinct += times * n * len(set(calls) - seen)
+            distinct += [(entry_for(f).name, times * n) for f in sorted(set(calls) - seen, key=sp.default_sort_key)]
             seen |= set(calls)
-    return Work(tuple(gemms), tuple(im2col), elements, transcendental, distinct, reductions, statements)
+    return Work(tuple(gemms), tuple(im2col), elements, transcendental, tuple(distinct), reductions, statements)
 
 
 def _shape(expr, shapes, model):
@@ -141,15 +158,33 @@ def _seconds(kind: str, w: Work, m: Machine, scale: float, blas: float) -> float
     cheap = w.elements - w.transcendental
     if kind == "lanes":
         return m.call + scale * (w.flops * m.lane_flop + w.elements * m.loop_element
-                                 + w.reductions * m.loop_element) + w.distinct * m.lane_libm
+                                 + w.reductions * m.loop_element) + _libm(w) * m.lane_libm
     if kind == "jit":
         return m.call + blas + scale * (cheap + w.reductions) * m.numpy_element \
-            + w.distinct * m.libm_element
-    # fused and kernels evaluate each distinct transcendental application once, as a NumPy
-    # ufunc (Lowering.share_transcendentals)
+            + _libm(w) * m.libm_element
+    # fused and kernels evaluate each distinct transcendental application once, in its
+    # whole-array form (Lowering.share_transcendentals)
     if kind == "fused":
         return w.statements * m.statement + blas + scale * (cheap * m.loop_element + w.reductions * m.loop_element) \
-            + scale * w.distinct * m.ufunc_element
+            + _arrays(w, m, scale)
     # kernels, count: NumPy statements over whole arrays
     return w.statements * m.statement + blas + scale * (cheap + w.reductions) * m.numpy_element \
-        + scale * w.distinct * m.ufunc_element
+        + _arrays(w, m, scale)
+
+
+def _libm(w: Work) -> float:
+    """The distinct transcendental evaluations as scalar libm calls, in tanh evaluations."""
+    return sum(n * LIBM_RELATIVE.get(f, 1.0) for f, n in w.distinct)
+
+
+def _arrays(w: Work, m: Machine, scale: float) -> float:
+    """Seconds of the distinct transcendental evaluations in their whole-array forms."""
+    total = 0.0
+    for f, n in w.distinct:
+        passes = ARRAY_PASSES.get(f, (1, 1))
+        if passes is None:  # a jitted loop of libm calls
+            total += n * LIBM_RELATIVE.get(f, 1.0) * m.lane_libm
+            continue
+        count, ufuncs = passes
+        total += (count - 1) * m.statement + scale * n * ((count - ufuncs) * m.numpy_element + ufuncs * m.ufunc_element)
+    return total

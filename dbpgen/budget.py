@@ -10,11 +10,14 @@ Every SymPy step that can blow up runs inside `deadline(seconds)`:
 
 Deadlines nest: an inner one never outlives the outer one, and when the outer one expires
 inside the inner block, the exception belongs to the outer block and passes through.
-The budgets count the process's CPU time (ITIMER_PROF, SIGPROF; POSIX, main thread), not
-wall time: an optional rewrite that fits its budget on an idle machine fits it on a loaded
-one too, so what the compiler prints does not depend on what else the machine runs. In
-another thread, or where an outer profiling timer already runs, there is no limit and the
-blocks run to completion.
+The budgets count the main thread's CPU time (time.thread_time), not wall time: an optional
+rewrite that fits its budget on an idle machine fits it beside other processes too, so what
+the compiler prints does not depend on what else the machine runs (it still may on a much
+slower CPU). The wake-up is ITIMER_PROF (SIGPROF; POSIX, main thread), which counts the
+whole process's CPU time and so fires early, never late, when other threads of the process
+run (BLAS workers after a product): the handler then waits for the rest. In another thread,
+or where an outer profiling timer already runs, there is no limit and the blocks run to
+completion.
 """
 from __future__ import annotations
 
@@ -47,16 +50,16 @@ def _usable() -> bool:
 
 
 def _expire(signum, frame) -> None:
-    now = time.process_time()
+    now = time.thread_time()
     for token, end in _stack:  # the outermost expired block owns the exception
         if end <= now:
             raise BudgetExceeded(token, 0.0)
-    _arm()  # woken early (timer granularity): wait for the rest
+    _arm()  # woken early (timer granularity, other threads' CPU time): wait for the rest
 
 
 def _arm() -> None:
     if _stack:
-        remaining = min(end for _, end in _stack) - time.process_time()
+        remaining = min(end for _, end in _stack) - time.thread_time()
         signal.setitimer(signal.ITIMER_PROF, max(remaining, 1e-3))
     else:
         signal.setitimer(signal.ITIMER_PROF, 0)
@@ -76,7 +79,7 @@ def deadline(seconds: float) -> Iterator[None]:
         return
     token = next(_tokens)
     previous = signal.signal(signal.SIGPROF, _expire) if not _stack else None
-    _stack.append((token, time.process_time() + seconds))
+    _stack.append((token, time.thread_time() + seconds))
     _arm()
     try:
         yield
@@ -89,7 +92,7 @@ def deadline(seconds: float) -> Iterator[None]:
         _stack.pop()
         if _stack:
             _arm()
-        else:
+        elif previous is not None:  # None: a handler installed from C, which Python cannot restore
             signal.signal(signal.SIGPROF, previous)
 
 

@@ -242,6 +242,36 @@ def test_budgets_nest_and_the_outer_one_wins():
         assert attempt(1.0, lambda: "done", "fallback") == "done"
 
 
+def test_budgets_count_the_compilers_own_cpu_time():
+    """Another thread's CPU time (BLAS workers after a product, a user's thread) does not
+    use up the main thread's budget, and waiting on another process costs none of it."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from dbpgen.budget import deadline
+
+    stop = threading.Event()
+    a = np.ones((400, 400))
+
+    def burn():  # NumPy's product releases the GIL: this thread runs beside the main one
+        while not stop.is_set():
+            a @ a
+
+    worker = threading.Thread(target=burn)
+    worker.start()
+    try:
+        with deadline(0.6):
+            start = time.thread_time()
+            while time.thread_time() - start < 0.3:  # half the budget of the main thread's own CPU
+                pass
+            time.sleep(0.8)  # wall time past the budget, no CPU time
+    finally:
+        stop.set()
+        worker.join()
+
+
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

@@ -103,7 +103,9 @@ def render(model: Model, programs: dict[str, Program], ops: dict, naive: Program
         "jit": "" if count_ops else emit.DECORATORS["njit"],
         "decorators": {k: ("" if count_ops else v) for k, v in emit.DECORATORS.items()},
         # a helper that is one array expression (a BLAS call, a ufunc) gains nothing from
-        # @njit when only Python calls it, and would cost seconds of LLVM on the first call
+        # @njit when only Python calls it, and would cost LLVM time on the first call; where
+        # a jitted program calls them, all are jitted, the ones only Python calls included,
+        # so that every product goes to one BLAS (Numba's; NumPy's is another library)
         "array_jit": emit.DECORATORS["njit"] if jitted_calls else "",
         "small_gemm": chooser.SMALL_GEMM,
         "weight": repr(float(pen.weight)) if pen else "0.0",

@@ -329,8 +329,9 @@ def test_every_product_of_a_module_goes_to_one_blas(width, jitted, tmp_path):
     """NumPy's products and Numba's go to two OpenBLAS libraries (numpy's and scipy's), each
     with its own threads: alternating between them, a 64-wide float32 network at batch 512
     took 8 ms instead of 0.85, its calls waiting on the other library's spinning threads.
-    Where a jitted program calls the dense kernels (jit), every dense product is jitted,
-    the ones writing into stacked buffers (fused) too; where none does, none is."""
+    Where any jitted program calls a helper (jit), every dense product is jitted, the ones
+    writing into stacked buffers that only Python calls (fused) too; where none does, none
+    is."""
     import numba
 
     m = load_generated(compile_file(write_model(_dense_spec(width), tmp_path), tmp_path / "g"))

@@ -182,8 +182,8 @@ def _arrays(w: Work, m: Machine, scale: float) -> float:
     total = 0.0
     for f, n in w.distinct:
         passes = ARRAY_PASSES.get(f, (1, 1))
-        if passes is None:  # a jitted loop of libm calls
-            total += n * LIBM_RELATIVE.get(f, 1.0) * m.lane_libm
+        if passes is None:  # a jitted loop of libm calls (no fastmath), called from Python
+            total += m.call + n * LIBM_RELATIVE.get(f, 1.0) * m.libm_element
             continue
         count, ufuncs = passes
         total += (count - 1) * m.statement + scale * n * ((count - ufuncs) * m.numpy_element + ufuncs * m.ufunc_element)

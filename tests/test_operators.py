@@ -481,7 +481,10 @@ def test_kernels_are_cacheable():
     """Numba refuses to cache (cache=True) a function whose code holds dynamic globals,
     e.g. a call of numba.get_num_threads() in a kernel or any helper it calls: none here."""
     ns = ops("jit")
-    for name, args in all_calls(np.float64):
+    rng = np.random.default_rng(0)
+    W, x, y = (rng.normal(size=s) for s in ((4, 5), (2, 5), (2, 4)))
+    into = [("_dense_K_into", (W, x, np.zeros((4, 4))[2:])), ("_dense_KT_into", (W, y, np.zeros((4, 5))[:2]))]
+    for name, args in all_calls(np.float64) + into:
         ns[name](*args)
         if not hasattr(ns[name], "overloads"):  # plain Python (conv): nothing to cache
             continue

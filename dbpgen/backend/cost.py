@@ -78,7 +78,7 @@ class Work:
     im2col: tuple[int, ...]        # flops of each application of an operator with its own kernels
     elements: int                  # sum over coordinate-wise statements of elements x operations
     transcendental: int            # elements of transcendental function evaluations, as printed
-    distinct: tuple[tuple[str, int], ...]  # (function, elements) of each distinct call in the
+    distinct: tuple[tuple[str, int, int], ...]  # (function, elements, trips) of each distinct call in the
                                    # program, once (one jitted function: LLVM computes exp(z1)
                                    # once for g, g' and g''; the others share a NumPy statement)
     reductions: int                # elements read by per-sample reductions (<a, b>, sums)
@@ -125,7 +125,8 @@ def work(model: Model, program: Program, batch: int) -> Work:
             elements += times * n * max(1, operations(expr))
             calls = [f for f in sp.preorder_traversal(expr) if isinstance(f, TRANSCENDENTAL)]
             transcendental += times * n * len(calls)
-            distinct += [(entry_for(f).name, times * n) for f in sorted(set(calls) - seen, key=sp.default_sort_key)]
+            distinct += [(entry_for(f).name, times * n, times)
+                         for f in sorted(set(calls) - seen, key=sp.default_sort_key)]
             seen |= set(calls)
     return Work(tuple(gemms), tuple(im2col), elements, transcendental, tuple(distinct), reductions, statements)
 
@@ -174,17 +175,17 @@ def _seconds(kind: str, w: Work, m: Machine, scale: float, blas: float) -> float
 
 def _libm(w: Work) -> float:
     """The distinct transcendental evaluations as scalar libm calls, in tanh evaluations."""
-    return sum(n * LIBM_RELATIVE.get(f, 1.0) for f, n in w.distinct)
+    return sum(n * LIBM_RELATIVE.get(f, 1.0) for f, n, _ in w.distinct)
 
 
 def _arrays(w: Work, m: Machine, scale: float) -> float:
     """Seconds of the distinct transcendental evaluations in their whole-array forms."""
     total = 0.0
-    for f, n in w.distinct:
+    for f, n, trips in w.distinct:
         passes = ARRAY_PASSES.get(f, (1, 1))
         if passes is None:  # a jitted loop of libm calls (no fastmath), called from Python
-            total += m.call + n * LIBM_RELATIVE.get(f, 1.0) * m.libm_element
+            total += trips * m.call + n * LIBM_RELATIVE.get(f, 1.0) * m.libm_element
             continue
         count, ufuncs = passes
-        total += (count - 1) * m.statement + scale * n * ((count - ufuncs) * m.numpy_element + ufuncs * m.ufunc_element)
+        total += trips * (count - 1) * m.statement + scale * n * ((count - ufuncs) * m.numpy_element + ufuncs * m.ufunc_element)
     return total

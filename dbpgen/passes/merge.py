@@ -99,10 +99,11 @@ def hoist_invariant_adjoints(program: Program) -> Program:
                 after.append(coeff * Kbox(j, a, total))
                 notes.append(f"K^□_{j}({a}, {y})")
             rest = sp.S.Zero
-            if kept:
-                rest = fresh(f"thetahat{acc.role.layer}" if acc.role and acc.role.layer else f"{acc.target}_loop")
+            if kept:  # the in-loop part: theta^1_j of Alg. 4 where the accumulator is a layer's
+                layer = acc.role.layer if acc.role else None
+                rest = fresh(f"thetahat{layer}" if layer else f"{acc.target}_loop")
                 accums.append(replace(acc, target=rest, expr=sp.Add(*kept),
-                                      role=Role("thetahat", acc.role.layer) if acc.role and acc.role.layer else acc.role))
+                                      role=Role("thetahat", layer) if layer else acc.role))
             replaced[acc.target] = rest + sp.Add(*after)
         stmts.append(replace(node, accums=tuple(accums + extra)))
     if not notes:

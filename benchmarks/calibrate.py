@@ -66,6 +66,31 @@ def _nothing(a, b, c, d, e, f, g, h):
     return (a,)
 
 
+@numba.njit(cache=False)
+def _blas_calls(a, n):
+    # n tiny products from inside a jitted function: BLAS's cost beyond its flops there
+    acc = 0.0
+    for _ in range(n):
+        acc += np.dot(a, a)[0, 0]
+    return acc
+
+
+@numba.njit(cache=False)
+def _fresh(a):
+    out = np.empty((a.shape[0], a.shape[1]))
+    out[0, 0] = a[0, 0]
+    return (out,)
+
+
+@numba.njit(cache=False)
+def _statements(a, n):
+    # n statements of a jitted program: a kernel's call and its fresh output array
+    acc = 0.0
+    for _ in range(n):
+        acc += _fresh(a)[0][0, 0]
+    return acc
+
+
 def main() -> None:
     rng = np.random.default_rng(0)
     big = rng.normal(size=(1024, 1024))
@@ -90,12 +115,15 @@ def main() -> None:
     lane_flop = seconds(lambda: _lane_rows(W, x, rows)) / (2 * 32 * 32 * 64)
     lane_libm = seconds(lambda: _lane_libm(x, rows)) / (32 * 64)
     call = seconds(lambda: _nothing(a, b, out, W, x, rows, one, tiny))
+    jit_blas_call = seconds(lambda: _blas_calls(tiny, 1000)) / 1000
+    jit_statement = seconds(lambda: _statements(tiny, 1000)) / 1000
     machine = Machine(gemm_rate=float(f"{gemm_rate:.3g}"), gemm_knee=float(f"{gemm_knee:.3g}"),
                       blas_call=float(f"{blas_call:.3g}"), statement=float(f"{statement:.3g}"),
                       numpy_element=float(f"{numpy_element:.3g}"), ufunc_element=float(f"{ufunc_element:.3g}"),
                       loop_element=float(f"{loop_element:.3g}"), libm_element=float(f"{libm_element:.3g}"),
                       lane_flop=float(f"{lane_flop:.3g}"), lane_libm=float(f"{lane_libm:.3g}"),
-                      call=float(f"{call:.3g}"))
+                      call=float(f"{call:.3g}"), jit_blas_call=float(f"{jit_blas_call:.3g}"),
+                      jit_statement=float(f"{jit_statement:.3g}"))
     print(machine)
 
 

@@ -82,7 +82,8 @@ def _decorated(text: str, function: str) -> bool:
 def test_schedules_follow_the_shapes(tmp_path):
     """codegen.jit_program: fused kernels (narrow), one jitted function (small), Python over
     BLAS (GEMM-bound); helpers that are one BLAS call are jitted only for jitted callers."""
-    wide = compile_spec(mlp("wide", ["relu", "relu"], None, "mse", CDB, widths=(256, 128)), tmp_path, jit=True)
+    wide = compile_spec(mlp("wide", ["relu", "relu"], None, "mse", CDB, widths=(512, 512), n_in=64), tmp_path,
+                        jit=True)
     text = Path(wide.__file__).read_text()
     assert "def _value_and_grad(" in text and not _decorated(text, "_value_and_grad")
     assert "def _dense_K(W, x):" in text and not _decorated(text, "_dense_K")

@@ -1,8 +1,10 @@
-"""Fused coordinate-wise loops (dbpgen/backend/fused.py) in programs that run as Python over BLAS.
+"""Fused coordinate-wise loops (dbpgen/backend/fused.py) in programs that run as Python over
+BLAS (schedule fused), or as one jitted function calling BLAS and the same loops (jit).
 
-GEMM-bound models take this schedule (the chooser's cost model: BLAS does the work, the
-interpreter between statements costs little beside it);
-their gradients must match the independent autograd oracle, jitted and as plain Python.
+Wide models with transcendental activations take the fused schedule (the chooser's cost
+model: NumPy's SIMD ufuncs, the interpreter between statements costs little beside BLAS);
+their gradients must match the independent autograd oracle, jitted and as plain Python,
+in both schedules.
 What the loops store is checked on the schedule IR in test_schedule.py.
 """
 from __future__ import annotations
@@ -26,10 +28,15 @@ FUSED = [
 ]
 
 
-@pytest.mark.parametrize("spec", FUSED, ids=[s["name"] for s in FUSED])
-def test_fused_programs_match_oracle_and_plain_python(spec, tmp_path, rng):
-    module = compile_spec(spec, tmp_path, jit=True)
-    assert module.SCHEDULES["value_and_grad"] == "fused"
+# every spec in the fused schedule; in a jitted program, the ones with transcendental functions
+# (which the fused schedule leaves to NumPy's ufuncs and a jitted one fuses into its loops)
+CASES = [(s, "fused") for s in FUSED] + [(FUSED[1], "jit"), (FUSED[3], "jit")]
+
+
+@pytest.mark.parametrize("spec, schedule", CASES, ids=[f"{s['name']}-{k}" for s, k in CASES])
+def test_fused_programs_match_oracle_and_plain_python(spec, schedule, tmp_path, rng):
+    module = compile_spec(spec, tmp_path, jit=True, schedule=schedule)
+    assert module.SCHEDULES["value_and_grad"] == schedule
     assert any(name.startswith("_fused") for name in vars(module)), "nothing was fused"
     check_against_oracle(spec, module, rng)
     check_jit_equals_plain(spec, module, rng)
@@ -39,6 +46,14 @@ def test_transcendental_functions_stay_numpy_ufuncs():
     program = (ROOT / "generated" / "tanh_node.py").read_text().split("def _value_and_grad(", 1)[1]
     assert "x1 = np.tanh(z1)" in program
     assert re.search(r"dg1, ddg1 = _fused\d+\(x1\)", program)  # G' and G'' through g': fused
+
+
+def test_the_chooser_takes_ufuncs_for_tanh_and_one_jitted_program_for_relu(tmp_path):
+    """The fused schedule for wide tanh layers (NumPy's SIMD tanh); for ReLU layers of the
+    same width, one jitted program (no interpreter between its statements)."""
+    tanh = compile_spec(FUSED[1], tmp_path)
+    relu = compile_spec(FUSED[0], tmp_path)
+    assert tanh.SCHEDULES["value_and_grad"] == "fused" and relu.SCHEDULES["value_and_grad"] == "jit"
 
 
 @pytest.mark.parametrize("spec", FUSED[:2], ids=[s["name"] for s in FUSED[:2]])

@@ -3,7 +3,7 @@
 Every threshold of the back end is here. The schedules:
 
     lanes    one jitted pass over chunks of samples, batch-minor   (narrow dense networks)
-    jit      one @njit function over whole-batch arrays            (small, cheap programs)
+    jit      one @njit function calling BLAS and fused loops       (small programs, cheap functions)
     fused    Python calling BLAS, coordinate-wise runs jitted      (GEMM-bound or transcendental)
     kernels  Python calling the operators' own kernels             (anything, convolutions)
     count    plain Python counting K, K^T, K^box                   (--count-ops only)
@@ -40,7 +40,11 @@ SCHEDULES = ("lanes", "jit", "fused", "kernels", "count")
 # kernels the copy of W^T (2 us for 64 x 64) is all it costs (docs/performance.md).
 SMALL_GEMM = 100 ** 3
 
-JIT_MAX_DEPTH = lanes.MAX_DEPTH  # one jitted function unrolls every layer: LLVM time grows with depth
+# A jitted program's first call compiles it with every kernel it calls linked in and
+# optimised again (Numba links callees into the caller): about 6-7 s for a 4-layer
+# value_and_grad. Past this many predicted seconds the schedule does not apply, so that a
+# cold start (compile, import, first call) stays within 10 s.
+JIT_MAX_COMPILE = 7.2
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,9 @@ def _static(kind: str, model: Model, program: Program, shapes: dict, count_ops: 
     if kind == "jit" and not small_kernels(model):
         big = next(layer.op.kind for layer in model.layers if not layer.op.small_kernels)
         return f"{big} kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function"
-    if kind == "jit" and len(model.layers) > JIT_MAX_DEPTH:
-        return f"more than {JIT_MAX_DEPTH} layers: LLVM time grows with the unrolled depth"
+    if kind == "jit" and compile_seconds(kind, model, program) > JIT_MAX_COMPILE:
+        return (f"{sum(1 for _ in walk(program.stmts))} statements: more than {JIT_MAX_COMPILE:g} s of LLVM "
+                f"on the first call (it grows with the statements)")
     return None
 
 
@@ -81,11 +86,12 @@ COMPILE_WEIGHT = 0.01
 
 def compile_seconds(kind: str, model: Model, program: Program) -> float:
     """Predicted LLVM seconds of a program's schedule on its first call. Measured: a jitted
-    value_and_grad of mnist_cdb's 33 statements takes about 6 s; a lanes kernel about 2 s;
-    a fused loop about 0.3 s, and layers of one shape share their loops."""
+    value_and_grad of 25 statements (one hidden layer) takes 5.9 s, of 47 (three) 6.9-7.4 s,
+    most of it the dense kernels and fused loops it links in; a lanes kernel about 2 s; a
+    fused loop about 0.3 s, and layers of one shape share their loops."""
     n = sum(1 for _ in walk(program.stmts))
     shapes = len({(layer.in_shape, layer.out_shape) for layer in model.layers})
-    return {"lanes": 0.5 + 0.05 * n, "jit": 1.0 + 0.15 * n, "fused": 0.3 + 0.6 * shapes}.get(kind, 0.0)
+    return {"lanes": 0.5 + 0.05 * n, "jit": 4.2 + 0.06 * n, "fused": 0.3 + 0.6 * shapes}.get(kind, 0.0)
 
 
 def score(kind: str, model: Model, program: Program) -> tuple[float, float]:
@@ -96,7 +102,8 @@ def score(kind: str, model: Model, program: Program) -> tuple[float, float]:
 REASONS = {
     "lanes": f"dense layers at most {lanes.MAX_WIDTH} wide and {lanes.MAX_DEPTH} deep: one jitted pass over "
              f"chunks of {lanes.CHUNK} samples beats a GEMM call per operator",
-    "jit": "small layers and cheap functions: one jitted function, no interpreter between statements",
+    "jit": "small layers and cheap functions: one jitted function calling BLAS and fused loops, "
+           "no interpreter between statements",
     "fused": "Python calls BLAS; runs of coordinate-wise statements are fused into jitted loops",
     "kernels": "Python calls the operators' own kernels",
     "count": "built with --count-ops: plain Python counting K, K^T and K^box",
@@ -107,10 +114,10 @@ def lower(kind: str, model: Model, program: Program, shapes: dict, registry: dic
     """The program lowered as `kind` (raises Unsupported when the lowering cannot)."""
     if kind == "lanes":
         return lanes.lower(model, program, shapes), ()
-    if kind == "fused":
-        entry, kernels = fused.lower(model, program, shapes, registry)
+    if kind in ("fused", "jit"):
+        entry, kernels = fused.lower(model, program, shapes, registry, jit=kind == "jit")
         return entry, tuple(kernels)
-    return arrays.lower(model, program, shapes, "njit" if kind == "jit" else ""), ()
+    return arrays.lower(model, program, shapes, ""), ()
 
 
 def choose(model: Model, program: Program, shapes: dict, forced: str | None = None,

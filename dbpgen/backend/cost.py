@@ -6,8 +6,9 @@ operations, how many of them transcendental), its per-sample reductions and its 
 of statements. A schedule's time is that work priced by what it costs there (`MACHINE`):
 
     lanes    call + every flop in vectorized scalar loops + every element in the same loops
-    jit      call + BLAS per GEMM (no interpreter) + array expressions compiled by Numba
-             (temporaries, and a scalar libm call per transcendental element)
+    jit      call + BLAS per GEMM + coordinate-wise runs in jitted loops, all in one jitted
+             function (no interpreter between statements; a scalar libm call per
+             transcendental element, since NumPy's SIMD ufuncs are not at hand there)
     fused    interpreter per statement + BLAS per GEMM + cheap coordinate-wise runs in jitted
              loops + transcendental ones as NumPy's SIMD ufuncs
     kernels  interpreter per statement + BLAS per GEMM + a NumPy pass per operation
@@ -39,15 +40,17 @@ class Machine:
     gemm_rate: float = 9.5e10      # flop/s of a large GEMM on all cores (NumPy's BLAS)
     gemm_small_rate: float = 1.0e10  # flop/s of a tiny GEMM (one core, no blocking)
     gemm_knee: float = 4.5e5       # flops of one GEMM half way from the small rate to the large
-    blas_call: float = 1.1e-6      # s of one BLAS call beyond its flops
+    blas_call: float = 1.1e-6      # s of one BLAS call beyond its flops, from Python
+    jit_blas_call: float = 7.7e-8  # the same from inside a jitted function (no interpreter)
     statement: float = 4.8e-7      # s of one Python statement of the glue (dispatch, allocation)
     numpy_element: float = 4.3e-10  # s per element of one NumPy operation (a pass over memory)
     ufunc_element: float = 1.7e-9  # s per element of a transcendental NumPy ufunc (SIMD)
     loop_element: float = 2.2e-10  # s per element per operation in a jitted loop
-    libm_element: float = 1.56e-8  # s per element of a scalar libm tanh in a jitted loop
-    lane_libm: float = 9.5e-9      # the same in the lanes kernel (fastmath loops)
+    libm_element: float = 1.56e-8  # s per element of a scalar libm tanh in a jitted loop over a long array
+    lane_libm: float = 9.4e-9      # the same in loops over a layer (the lanes kernel, a jitted program's loops)
     lane_flop: float = 5.5e-11     # s per flop of K, K^T, K^box in the lanes kernel's loops
     call: float = 9.7e-7           # s of calling a jitted function (argument unboxing)
+    jit_statement: float = 1.7e-8  # s of one statement inside a jitted program (a call, an allocation)
     api: float = 8.0e-6            # s of the module's API around a program (argument checks)
     im2col_fraction: float = 0.3   # of the GEMM rate reached by im2col + GEMM kernels (conv)
 
@@ -139,18 +142,18 @@ def _shape(expr, shapes, model):
         return ()
 
 
-def gemm_seconds(flops: int, m: Machine, speedup: float = 1.0) -> float:
+def gemm_seconds(flops: int, m: Machine, speedup: float = 1.0, jitted: bool = False) -> float:
     """One BLAS call: its flops at a rate that grows with its size from gemm_small_rate to
-    gemm_rate (times `speedup`: 2 in float32)."""
+    gemm_rate (times `speedup`: 2 in float32), called from Python or from a jitted function."""
     rate = m.gemm_small_rate + (m.gemm_rate - m.gemm_small_rate) * flops / (flops + m.gemm_knee)
-    return m.blas_call + flops / (rate * speedup)
+    return (m.jit_blas_call if jitted else m.blas_call) + flops / (rate * speedup)
 
 
 def predict(kind: str, model: Model, program: Program, batch: int, m: Machine = MACHINE) -> float:
     """Predicted seconds of one call of `program` in schedule `kind` at `batch`."""
     w = work(model, program, batch)
     scale = 0.5 if model.dtype == "float32" else 1.0  # twice the lanes of SIMD and BLAS
-    blas = sum(gemm_seconds(f, m, 1 / scale) for f in w.gemms)  # float32: twice the rate
+    blas = sum(gemm_seconds(f, m, 1 / scale, kind == "jit") for f in w.gemms)  # float32: twice the rate
     blas += sum(gemm_seconds(f, m, m.im2col_fraction / scale) for f in w.im2col)
     return m.api + _seconds(kind, w, m, scale, blas)
 
@@ -161,8 +164,8 @@ def _seconds(kind: str, w: Work, m: Machine, scale: float, blas: float) -> float
         return m.call + scale * (w.flops * m.lane_flop + w.elements * m.loop_element
                                  + w.reductions * m.loop_element) + _libm(w) * m.lane_libm
     if kind == "jit":
-        return m.call + blas + scale * (cheap + w.reductions) * m.numpy_element \
-            + _libm(w) * m.libm_element
+        return m.call + w.statements * m.jit_statement + blas \
+            + scale * (cheap + w.reductions) * m.loop_element + _libm(w) * m.lane_libm
     # fused and kernels evaluate each distinct transcendental application once, in its
     # whole-array form (Lowering.share_transcendentals)
     if kind == "fused":

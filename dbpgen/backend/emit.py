@@ -26,7 +26,7 @@ DECORATORS = {
 
 
 # helpers the lowerings call by name (Call nodes); the printers name the others
-SCHEDULE_HELPERS = ("_dense_Kbox", "_dense_K_into", "_dense_KT_into")
+SCHEDULE_HELPERS = ("_dense_Kbox", "_dense_K_into", "_dense_KT_into", "_copy_into")
 # helpers that call other helpers
 DEPENDS = {"_dense_Kbox2": {"_dense_Kbox"}}
 
@@ -155,7 +155,9 @@ class Printer:
                 code = f"{p.doprint(node.target)} += {p.doprint(node.value)}"
             elif isinstance(node, Call):
                 call = f"{node.function}({', '.join(self.array.doprint(a) for a in node.args)})"
-                if node.plain:
+                if not node.targets:
+                    code = call
+                elif node.plain:
                     code = f"{', '.join(node.targets)} = {call}"
                 elif len(node.targets) == 1:
                     code = f"{node.targets[0]} = {call}[0]"

@@ -46,10 +46,13 @@ def _coordinatewise(expr: sp.Expr, cheap_only: bool) -> bool:
 
 
 class _Fuser(Lowering):
-    def __init__(self, model, program: Program, shapes: dict, registry: dict):
+    def __init__(self, model, program: Program, shapes: dict, registry: dict, jit: bool = False):
         super().__init__(model, program, shapes)
         self.registry = registry  # kernel (unnamed) -> name, shared by a module's programs
-        self.transcendental = True  # transcendental functions stay NumPy ufuncs
+        self.jit = jit  # the program itself jitted (schedule `jit`)
+        # Python's glue leaves transcendental functions to NumPy's SIMD ufuncs; in a jitted
+        # program NumPy's ufuncs are not at hand, and they join the loops as libm calls
+        self.transcendental = not jit
         self.kernels: list[Function] = []
         self.operands: dict = {}    # hoisted operand of a batch reduction -> its temporary
         self.reductions: dict = {}  # hoisted reduction -> its temporary
@@ -214,7 +217,7 @@ class _Fuser(Lowering):
                     self.placed[sym.name] = half
                     maker = makers.get(sym.name)
                     if maker is None or not self.fusable(maker) and not self.into_ok(maker):
-                        out.append(Store(half, sym, "copied into its half"))
+                        out.append(self.copy(half, sym))
             out.append(Call((node.target.name,), "_dense_Kbox", (name(bufs[0]), name(bufs[1])), plain=True,
                             comment=f"{node.eq}, one GEMM over the stacked batch"))
         return head + out
@@ -282,6 +285,14 @@ class _Fuser(Lowering):
                 last[sym.name] = len(nodes)
         return last
 
+    def copy(self, half, value):
+        """value copied into its half of a stacked buffer: a slice assignment in Python, a
+        jitted loop in a jitted program (Numba's slice assignment compiles its shape-mismatch
+        message, seconds of LLVM)."""
+        if self.jit:
+            return Call((), "_copy_into", (value, half), comment="copied into its half")
+        return Store(half, value, "copied into its half")
+
     def into_ok(self, node: Stmt) -> bool:
         """A dense K or K^T, which BLAS can write into a given array (_dense_K*_into)."""
         return isinstance(node.expr, (K, KT)) and len(node.expr.args) == 3 \
@@ -317,7 +328,7 @@ class _Fuser(Lowering):
         ref = next((a for a in args if self.shapes[a][:1] == (BATCH_AXIS,)
                     and (self.width(self.shapes[a]) or _columns(self.shapes[a])) == width), None)
         if ref is None:  # no whole-batch operand to take the batch size from
-            return stmts + [Store(self.placed[s.target.name], s.target, "copied into its half")
+            return stmts + [self.copy(self.placed[s.target.name], s.target)
                             for s in stmts if s.target.name in self.placed]
         given = [n for n in stored if n in self.placed]  # written into a stacked buffer
         values = [name(a) for a in args] + [self.placed[n] for n in given]  # what the call passes
@@ -398,11 +409,13 @@ def _accumulates(node) -> bool:
     return isinstance(node, Stmt) and _batch_sum(node.expr) is not None
 
 
-def lower(model, program: Program, shapes: dict, registry: dict) -> tuple[Function, list[Function]]:
-    """(entry, kernels): the program as Python over whole-batch arrays with fused runs as
-    calls, and the fused kernels not already in `registry` (shared by a module's programs)."""
-    fuser = _Fuser(model, program, shapes, registry)
+def lower(model, program: Program, shapes: dict, registry: dict, jit: bool = False) -> tuple[Function, list[Function]]:
+    """(entry, kernels): the program over whole-batch arrays with fused runs as calls, and
+    the fused kernels not already in `registry` (shared by a module's programs). The entry
+    is plain Python (schedule `fused`), or with `jit` one jitted function (schedule `jit`):
+    no interpreter between its statements, every transcendental function in the loops."""
+    fuser = _Fuser(model, program, shapes, registry, jit)
     nodes = fuser.run()
     zeros, values = arrays.returns(program, fuser.shapes)
     body = arrays.statements(nodes, fuser.shapes)
-    return arrays.function(program, body, fuser.shapes, "", zeros, values), fuser.kernels
+    return arrays.function(program, body, fuser.shapes, "njit" if jit else "", zeros, values), fuser.kernels

@@ -31,6 +31,8 @@ MODELS = {
     "jacobian_gram": dict(mlp("jacobian_gram", ["relu"], None, "none", {"v": "jacobian"}, widths=(4,),
                               n_in=40, C=3)),
     "softmax_nll": mlp("softmax_nll", ["relu", "tanh"], "softmax", "nll", CDB),
+    # the naive loop over v_i (G'' != 0): invariant adjoints and the linear recursion leave it
+    "jacobian_tanh": mlp("jacobian_tanh", ["tanh", "tanh"], None, "mse", {"v": "jacobian"}, widths=(4, 3), C=3),
 }
 
 # the name derive.py gives each quantity's target (the stem; the layer follows)

@@ -127,8 +127,8 @@ def test_stages_are_recorded_in_pipeline_order(tmp_path):
     d = derivation(mlp("m", ["relu"], None, "mse", NODE, widths=(3,)), tmp_path)
     assert [name for name, _ in d.stages] == [
         "derive", "vanish_second_derivatives", "propagate_constants", "contract_input_gram",
-        "hoist_invariant_adjoints", "merge_weight_adjoints", "fold_loss_adjoint", "fold_constant_scale",
-        "eliminate_dead_code"]
+        "hoist_invariant_adjoints", "hoist_linear_recursion", "merge_weight_adjoints", "fold_loss_adjoint",
+        "fold_constant_scale", "eliminate_dead_code"]
 
 
 def test_loop_invariant_weight_adjoints_leave_the_loop_over_v_i(tmp_path):
@@ -151,6 +151,32 @@ def test_loop_invariant_weight_adjoints_leave_the_loop_over_v_i(tmp_path):
     assert len(boxes_in_loop(before)) == 5 and len(boxes_in_loop(after)) == 3  # the cascade took one
     assert all(b.args[1].name.startswith(("q", "xi")) for b in boxes_in_loop(after))
     assert any("loop-invariant weight adjoints" in n for n in d.simplifications)
+
+
+@pytest.mark.parametrize("v", ["jacobian", "projections"])
+def test_the_forward_backward_recursion_runs_once_after_the_loop_over_v_i(v, tmp_path):
+    """eq. (28), (30) summed over i: gamma_j = K^T_{j+1}(eta_{j+1}) and eta_j = G''_j h_j xi_j +
+    G'_j gamma_j are linear in eta with operators the loop does not change, and the loop only
+    sums eta_j; so the loop sums the sources G''_j h_j xi_j and the recursion, with its K^T,
+    runs once after it (C - 1 fewer K^T per layer); the oracle tests check the values."""
+    from dbpgen.functions import KT
+    from dbpgen.program import Loop
+
+    spec = mlp("m", ["tanh", "tanh", "tanh"], None, "mse", {"v": v, "weight": 0.1, "count": 3}
+               if v == "projections" else {"v": v, "weight": 0.1}, widths=(5, 4, 6), C=3)
+    d = derivation(spec, tmp_path)
+    before, after = (dict(d.stages)[name] for name in ("hoist_invariant_adjoints", "hoist_linear_recursion"))
+
+    def kt(nodes):
+        return sum(len(n.expr.atoms(KT)) for n in nodes)
+
+    def in_loop(program):
+        return next(n for n in program.stmts if isinstance(n, Loop))
+
+    after_loop = [n for n in after.stmts[after.stmts.index(in_loop(after)) + 1:] if n.phase == "forward-backward"]
+    assert kt(in_loop(before).body) - kt(in_loop(after).body) == kt(after_loop) == 2  # gamma_2, gamma_1
+    assert not any(s.target.name.startswith(("eta", "gamma")) for s in in_loop(after).body)
+    assert any(n.startswith("linear recursion run once after the loop") for n in d.simplifications)
 
 
 def test_constant_factor_of_q0_moves_into_K_and_Kbox(tmp_path):

@@ -6,7 +6,7 @@ from .adjoint import fold_loss_adjoint
 from .constants import propagate_constants
 from .dead_code import eliminate_dead_code
 from .gram import contract_input_gram
-from .merge import hoist_invariant_adjoints, merge_weight_adjoints
+from .merge import hoist_invariant_adjoints, hoist_linear_recursion, merge_weight_adjoints
 from .scale import fold_constant_scale
 from .second_derivative import vanish_second_derivatives
 
@@ -19,6 +19,8 @@ PIPELINE = (
     contract_input_gram,
     # sum_i K^box(x, a_i) = K^box(x, sum_i a_i) over the loop on v_i (eq. 31, section 5.4)
     hoist_invariant_adjoints,
+    # sum_i eta_j^(i): the forward-backward recursion once, on summed sources (eq. 28, 30, section 5.4)
+    hoist_linear_recursion,
     # K^box(x, a) + lam K^box(x, b) = K^box(x, a + lam b) (eq. 31-32)
     merge_weight_adjoints,
     # eps_j = delta_j + lam eta_j: one K^T per layer for loss and penalty ((28) + (15)-(16))

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import sympy as sp
 
-from ..functions import Kbox, linear_terms
+from ..functions import K, Kbox, KT, linear_terms
 from ..program import Accum, Loop, Program, Role, Stmt, walk
 
 
@@ -112,3 +112,124 @@ def hoist_invariant_adjoints(program: Program) -> Program:
     fired = program.fired + ("loop-invariant weight adjoints summed once after the loop over v_i "
                               "(eq. 31, section 5.4): " + "; ".join(notes),)
     return program.with_(stmts=tuple(stmts), outputs=outputs, fired=fired)
+
+
+def hoist_linear_recursion(program: Program) -> Program:
+    """Section 5.4's loop over the vectors v_i, eq. (28) and (30) summed over i: the
+    forward-backward recursion gamma_j = K^T_{j+1}(eta_{j+1}), eta_j = G''_j h_j xi_j +
+    G'_j gamma_j is linear in eta with operators that do not change with v_i, and the loop
+    only sums its eta_j (grad_b R, eq. 33, and the weight adjoints hoisted beside it). So
+    sum_i eta_j^(i) is the same recursion run once after the loop on the summed sources
+    sum_i G''_j h_j xi_j: the loop accumulates the sources, and the K^T of each layer is
+    applied once instead of once per vector. In general: the loop's statements that are
+    read only linearly (by statements of the set, with coefficients and operators the loop
+    does not change, or by an accumulator that sums them as they are) and that reach a
+    K or K^T move after the loop."""
+    out, replaced, notes = [], {}, []
+    taken = {s.name for s in program.inputs} | {item.target.name for item in walk(program.stmts)}
+
+    def fresh(stem: str) -> sp.Symbol:
+        n, name = 0, stem
+        while name in taken:
+            n += 1
+            name = f"{stem}_{n}"
+        taken.add(name)
+        return sp.Symbol(name)
+
+    for index, node in enumerate(program.stmts):
+        if not isinstance(node, Loop):
+            out.append(replace(node, expr=node.expr.xreplace(replaced)) if replaced else node)
+            continue
+        later = {sym for item in walk(program.stmts[index + 1:]) for sym in item.expr.free_symbols}
+        later |= {sym for _, expr in program.outputs for sym in sp.sympify(expr).free_symbols}
+        moved = _linear_part(node, later)
+        if not moved:
+            out.append(node)
+            continue
+        body, accums, after = [], [], []
+        summed = {}  # accumulator target -> the moved value it sums
+        for acc in node.accums:
+            if acc.expr in moved:
+                summed[acc.target] = acc.expr
+            else:
+                accums.append(acc)
+        for stmt in node.body:
+            if stmt.target not in moved:
+                body.append(stmt)
+                continue
+            source, linear = moved[stmt.target]
+            notes.append(str(stmt.target))
+            if linear == 0:  # a source alone: the loop sums it into the value itself
+                accums.append(Accum(stmt.target, source, f"{stmt.eq}, summed over i", stmt.role))
+                continue
+            expr = linear
+            if source != 0:
+                role = stmt.role
+                total = fresh(f"{role.quantity}src{role.layer or ''}" if role else f"{stmt.target}src")
+                accums.append(Accum(total, source, f"{stmt.eq}, its source summed over i", stmt.role))
+                expr = total + linear
+            after.append(replace(stmt, expr=expr, eq=f"{stmt.eq}, summed over i by linearity"))
+        out.append(replace(node, body=tuple(body), accums=tuple(accums)))
+        out += after
+        replaced.update({target: value for target, value in summed.items()})
+    if not notes:
+        return program
+    outputs = tuple((label, sp.sympify(expr).xreplace(replaced)) for label, expr in program.outputs)
+    fired = program.fired + ("linear recursion run once after the loop over v_i on its summed sources "
+                             "(eq. 28, 30, section 5.4): " + ", ".join(notes),)
+    return program.with_(stmts=tuple(out), outputs=outputs, fired=fired)
+
+
+def _split_linear(expr: sp.Expr, values: set, varying: set) -> tuple[sp.Expr, sp.Expr, set]:
+    """expr as (source, linear, bad): linear the terms c * f or c * K(theta, f) /
+    K^T(theta, f) (K(f), K^T(f) of a layer without parameters) with f in values and c, theta
+    free of what the loop changes (varying),
+    source the terms that read no value, bad the values that other terms read."""
+    source, linear, bad = [], [], set()
+    for term in sp.Add.make_args(expr):
+        read = term.free_symbols & values
+        if not read:
+            source.append(term)
+            continue
+        f = next(iter(read))
+        factors = sp.Mul.make_args(term)
+        ops = [a for a in factors if a.has(f)]
+        coeff = sp.Mul(*[a for a in factors if not a.has(f)])
+        if len(read) == 1 and len(ops) == 1 and not coeff.free_symbols & varying and (
+                ops[0] == f or isinstance(ops[0], (K, KT)) and ops[0].args[-1] == f
+                and not any(a.free_symbols & varying for a in ops[0].args[1:-1])):
+            linear.append(term)
+        else:
+            bad |= read
+    return sp.Add(*source), sp.Add(*linear), bad
+
+
+def _linear_part(loop: Loop, later: set) -> dict:
+    """target -> (source, linear) of the loop's statements that move after it: the largest set
+    read only linearly (by its own statements, or summed as they are by an accumulator,
+    never after the loop), restricted to its parts that apply a K or K^T."""
+    varying = {s.target for s in loop.body} | {loop.index}
+    values = {s.target for s in loop.body} - later
+    while True:
+        drop = set()
+        for stmt in loop.body:
+            read = stmt.expr.free_symbols & values
+            if read:
+                drop |= _split_linear(stmt.expr, values, varying)[2] if stmt.target in values else read
+        for acc in loop.accums:
+            read = acc.expr.free_symbols & values
+            if read and acc.expr not in values:
+                drop |= read
+        if not drop:
+            break
+        values -= drop
+    parts = {s.target: _split_linear(s.expr, values, varying)[:2] for s in loop.body if s.target in values}
+    # connected parts (a statement with the values it reads): those with a K or K^T move
+    group = {t: {t} for t in parts}
+    for t, (_, linear) in parts.items():
+        for f in linear.free_symbols & values:
+            merged = group[t] | group[f]
+            for member in merged:
+                group[member] = merged
+    return {t: parts[t] for t in parts
+            if any(parts[m][1].has(K, KT) for m in group[t])}

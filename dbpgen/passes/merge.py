@@ -51,16 +51,9 @@ def merge_weight_adjoints(program: Program) -> Program:
     return program.with_(stmts=tuple(stmts), fired=fired)
 
 
-def hoist_invariant_adjoints(program: Program) -> Program:
-    """Section 5.4's loop over the vectors v_i, eq. (31) summed over i: a weight adjoint
-    K^box_j(a, y_i) whose input-space argument a is the same for every v_i (x_{j-1} beside
-    eta_j^(i)) sums to K^box_j(a, sum_i y_i), one application after the loop instead of C.
-    The sum is an accumulator the loop already has where one sums y_i (grad_b R, eq. 33),
-    else a new one; the rest of the accumulation stays in the loop (theta^1_j of Alg. 4),
-    and the reader of the accumulated gradient gets the sum of both, where the loss's
-    K^box_j(x_{j-1}, .) can merge with it (merge_weight_adjoints)."""
+def _namer(program: Program):
+    """fresh(stem) -> a symbol named stem (stem_1, stem_2, ... where taken) new to the program."""
     taken = {s.name for s in program.inputs} | {item.target.name for item in walk(program.stmts)}
-    stmts, replaced, notes = [], {}, []
 
     def fresh(stem: str) -> sp.Symbol:
         n, name = 0, stem
@@ -69,6 +62,20 @@ def hoist_invariant_adjoints(program: Program) -> Program:
             name = f"{stem}_{n}"
         taken.add(name)
         return sp.Symbol(name)
+
+    return fresh
+
+
+def hoist_invariant_adjoints(program: Program) -> Program:
+    """Section 5.4's loop over the vectors v_i, eq. (31) summed over i: a weight adjoint
+    K^box_j(a, y_i) whose input-space argument a is the same for every v_i (x_{j-1} beside
+    eta_j^(i)) sums to K^box_j(a, sum_i y_i), one application after the loop instead of C.
+    The sum is an accumulator the loop already has where one sums y_i (grad_b R, eq. 33),
+    else a new one; the rest of the accumulation stays in the loop (theta^1_j of Alg. 4),
+    and the reader of the accumulated gradient gets the sum of both, where the loss's
+    K^box_j(x_{j-1}, .) can merge with it (merge_weight_adjoints)."""
+    fresh = _namer(program)
+    stmts, replaced, notes = [], {}, []
 
     for node in program.stmts:
         if not isinstance(node, Loop):
@@ -126,15 +133,7 @@ def hoist_linear_recursion(program: Program) -> Program:
     does not change, or by an accumulator that sums them as they are) and that reach a
     K or K^T move after the loop."""
     out, replaced, notes = [], {}, []
-    taken = {s.name for s in program.inputs} | {item.target.name for item in walk(program.stmts)}
-
-    def fresh(stem: str) -> sp.Symbol:
-        n, name = 0, stem
-        while name in taken:
-            n += 1
-            name = f"{stem}_{n}"
-        taken.add(name)
-        return sp.Symbol(name)
+    fresh = _namer(program)
 
     for index, node in enumerate(program.stmts):
         if not isinstance(node, Loop):

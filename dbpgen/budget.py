@@ -49,10 +49,18 @@ def _usable() -> bool:
     return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
 
 
+# After raising, the handler fires again this often until the block is closed: an exception
+# raised from a signal handler can be lost (one raised while the interpreter runs a
+# finalizer during garbage collection is printed and ignored), and a lost one would leave
+# the block running with no timer armed.
+_RETRY = 0.01
+
+
 def _expire(signum, frame) -> None:
     now = time.thread_time()
     for token, end in _stack:  # the outermost expired block owns the exception
         if end <= now:
+            signal.setitimer(signal.ITIMER_PROF, _RETRY)
             raise BudgetExceeded(token, 0.0)
     _arm()  # woken early (timer granularity, other threads' CPU time): wait for the rest
 
@@ -79,7 +87,8 @@ def deadline(seconds: float) -> Iterator[None]:
         return
     token = next(_tokens)
     previous = signal.signal(signal.SIGPROF, _expire) if not _stack else None
-    _stack.append((token, time.thread_time() + seconds))
+    entry = (token, time.thread_time() + seconds)
+    _stack.append(entry)
     _arm()
     try:
         yield
@@ -88,12 +97,28 @@ def deadline(seconds: float) -> Iterator[None]:
             raise BudgetExceeded(token, seconds) from None
         raise
     finally:
-        signal.setitimer(signal.ITIMER_PROF, 0)  # the timer may fire just before this
-        _stack.pop()
-        if _stack:
+        _close(entry, previous)
+
+
+def _close(entry, previous) -> None:
+    """Take a block off the stack and re-arm the timer for the blocks around it (or restore
+    the handler found at the outermost one). The handler can run between any two of these
+    steps: it may raise for this block until it is off the stack (ignored: the block is
+    closing) or for an outer one (raised once the stack is consistent)."""
+    late = None
+    while True:
+        try:
+            if entry in _stack:
+                _stack.remove(entry)
             _arm()
-        elif previous is not None:  # None: a handler installed from C, which Python cannot restore
-            signal.signal(signal.SIGPROF, previous)
+            if not _stack and previous is not None:  # None: a handler installed from C
+                signal.signal(signal.SIGPROF, previous)
+            break
+        except BudgetExceeded as exc:
+            if exc.token != entry[0]:
+                late = exc
+    if late is not None:
+        raise late
 
 
 def attempt(seconds: float, work: Callable[[], T], fallback: T) -> T:

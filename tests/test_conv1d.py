@@ -116,8 +116,9 @@ def test_conv1d_network_matches_oracle(name, compiled):
 def test_jacobian_algorithms_differ(compiled):
     """naive (C double backprops, G'' != 0) and optimized (Alg. 4, G'' = 0) are two different
     programs; the naive one runs its forward-backward recursion once after the loop on
-    summed sources (hoist_linear_recursion), as Alg. 4 does: as many K and K^T, fewer than
-    the unsimplified program."""
+    summed sources (hoist_linear_recursion), as Alg. 4 does, and both fold it into the
+    loss's backward pass (fold_loss_adjoint): as many K and K^T, fewer than the
+    unsimplified program."""
     naive, optimized = compiled("c1_jac_naive"), compiled("c1_jac_opt")
     assert "(section 5.4, naive)" in naive.EQUATIONS and "Alg. 4 (section 5.4)" in optimized.EQUATIONS
 

@@ -179,6 +179,24 @@ def test_the_forward_backward_recursion_runs_once_after_the_loop_over_v_i(v, tmp
     assert any(n.startswith("linear recursion run once after the loop") for n in d.simplifications)
 
 
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+def test_the_loss_backward_pass_carries_the_summed_penalty_adjoint(act, tmp_path):
+    """After the loop over v_i, the penalty's summed adjoint (eta_j after
+    hoist_linear_recursion, G'' != 0; Algorithm 4's etahat_j, G'' = 0) and the loss's delta_j
+    obey the same linear recursion: eps_j = delta_j + lam eta_j, one K^T per layer for both."""
+    from dbpgen.functions import KT
+    from dbpgen.program import Loop
+
+    out, loss = (None, "mse") if act == "tanh" else ("softmax", "nll")  # relu: eta_L != 0 needs G''_L != 0
+    spec = mlp("m", [act, act], out, loss, {"v": "jacobian", "weight": 0.1}, widths=(5, 4), C=3)
+    d = derivation(spec, tmp_path)
+    assert any(n.startswith("one backward pass for loss and penalty") for n in d.simplifications)
+    program = dict(d.stages)["eliminate_dead_code"]
+    loop = next(n for n in program.stmts if isinstance(n, Loop))
+    after = program.stmts[program.stmts.index(loop) + 1:]
+    assert sum(len(n.expr.atoms(KT)) for n in after) == 2  # eps_2, eps_1: L - 1 for loss and penalty
+
+
 def test_constant_factor_of_q0_moves_into_K_and_Kbox(tmp_path):
     """q_0 = 2 xi_0 (p = squared norm) feeds only K_1 and K^box_1: by linearity the 2 moves
     into them (eq. 20, 32) and q_0 is not formed; a per-sample factor (p = norm) stays."""

@@ -12,6 +12,11 @@ are linear in their K^T argument and G'_j is coordinate-wise linear, so their su
 one K^T per layer instead of two. The pass derives eps_j with SymPy from the statements
 themselves (substituting K^T(delta_{j+1}) = K^T(eps_{j+1}) - lam K^T(eta_{j+1}) and checking
 that delta_{j+1} and eta_{j+1} cancel) and leaves the program alone if they do not.
+With a loop over the vectors v_i (section 5.4), the penalty's adjoint that reaches the
+weight gradients is the sum over i, computed after the loop: eta_j where
+hoist_linear_recursion moved the recursion out of the naive loop, etahat_j in Algorithm 4;
+a loop's accumulation stands as itself (its sum), and a quantity the loop computes per
+iteration leaves the program alone.
 """
 from __future__ import annotations
 
@@ -20,19 +25,36 @@ from dataclasses import replace
 import sympy as sp
 
 from ..functions import KT
-from ..program import LAM, Loop, Program, Role, Stmt, find
+from ..program import LAM, Accum, Loop, Program, Role, Stmt, find
+
+
+def _outside_loops(program: Program, quantity: str) -> dict | None:
+    """layer -> the statement computing `quantity` outside any loop, or the accumulation
+    that sums it over a loop (section 5.4, hoist_linear_recursion); None where a loop
+    computes it per iteration (its value is not one array the pass could fold)."""
+    found: dict = {}
+    for node in program.stmts:
+        if isinstance(node, Loop):
+            if find(node.body, quantity):
+                return None
+            found.update(find(node.accums, quantity))
+    found.update(find([n for n in program.stmts if not isinstance(n, Loop)], quantity))
+    return found
 
 
 def fold_loss_adjoint(program: Program) -> Program:
-    if any(isinstance(node, Loop) for node in program.stmts):
-        return program
-    deltas = find(program.stmts, "delta")
-    layers = sorted(deltas)
-    if not layers or layers != list(range(1, layers[-1] + 1)):
+    deltas = _outside_loops(program, "delta")
+    layers = sorted(deltas or ())
+    if not layers or layers != list(range(1, layers[-1] + 1)) or any(isinstance(d, Accum) for d in deltas.values()):
         return program
     L = layers[-1]
-    etas, gammas = find(program.stmts, "eta"), find(program.stmts, "gamma")
-    out = find(program.stmts, "eta_out")
+    etas, gammas = _outside_loops(program, "eta"), _outside_loops(program, "gamma")
+    out = _outside_loops(program, "eta_out")
+    if not etas and not gammas:  # Algorithm 4: its sums over the loop (eq. 34, summed), eta_L's too
+        etas, gammas = _outside_loops(program, "etahat"), _outside_loops(program, "gammahat")
+        out = {}
+    if etas is None or gammas is None or out is None or any(isinstance(g, Accum) for g in gammas.values()):
+        return program
     if not etas and not out:
         return program  # no penalty adjoint to fold in
     if out:
@@ -41,9 +63,11 @@ def fold_loss_adjoint(program: Program) -> Program:
         etas[L] = out[L]
 
     def value(stmts: dict, j: int):
-        """The right-hand side of the quantity at layer j, or 0 where the cascade of
-        section 5.3 removed its statement."""
-        return stmts[j].expr if j in stmts else sp.S.Zero
+        """The right-hand side of the quantity at layer j; a loop's sum stands as itself;
+        0 where the cascade of section 5.3 removed its statement."""
+        if j not in stmts:
+            return sp.S.Zero
+        return stmts[j].target if isinstance(stmts[j], Accum) else stmts[j].expr
 
     def symbol(stmts: dict, j: int):
         return stmts[j].target if j in stmts else sp.S.Zero

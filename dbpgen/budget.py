@@ -88,9 +88,9 @@ def deadline(seconds: float) -> Iterator[None]:
     token = next(_tokens)
     previous = signal.signal(signal.SIGPROF, _expire) if not _stack else None
     entry = (token, time.thread_time() + seconds)
-    _stack.append(entry)
-    _arm()
     try:
+        _stack.append(entry)
+        _arm()
         yield
     except BudgetExceeded as exc:
         if exc.token == token:

@@ -34,6 +34,8 @@ statements they create roles of their own. The quantities (QUANTITIES):
     gradients (eq. 31-33)       grad_W, grad_b      dJ/dW_j, dJ/db_j
                                 grad_W_R, grad_b_R  grad R summed over a loop's vectors
     made by passes              eps           eps_j = delta_j + lam eta_j (passes/adjoint.py)
+                                source        the part of eta_j a loop sums when the rest of the
+                                              recursion runs after it (passes/merge.py)
                                 gram, gram_zeta, gram_M   G_1 = W_1 W_1^T, u_1 = G_1 zeta_1 and
                                               M_1 = sum c zeta_1 zeta_1^T (passes/gram.py)
 """
@@ -57,7 +59,7 @@ SCALARS = (BATCH, LAM)
 QUANTITIES = frozenset({
     "z", "x", "dg", "ddg", "xi", "zeta", "s", "R", "R_i", "q", "h", "gamma_out", "eta_out",
     "eta", "gamma", "thetahat", "etahat", "gammahat", "delta", "loss", "grad_W", "grad_b",
-    "grad_W_R", "grad_b_R", "eps", "gram", "gram_zeta", "gram_M"})
+    "grad_W_R", "grad_b_R", "eps", "source", "gram", "gram_zeta", "gram_M"})
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_conv1d_cdb_13186f5f40ac1b1c"
+__name__ = "_dbpgen_conv1d_cdb_c13ccd8e6729080f"
 
 
 class _CachedGlobals:
@@ -142,8 +142,8 @@ input-space argument first; lam = penalty weight, B = batch size.
 OPS = {'emitted': {'K': 10, 'KT': 9, 'Kbox': 6, 'flops': 42752},
  'naive': {'K': 10, 'KT': 9, 'Kbox': 9, 'flops': 50560}}
 PEAK_BYTES = {'batch': 128, 'emitted': 2177032, 'naive': 2814976}
-# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function),
-# fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
+# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function calling
+# BLAS and jitted loops), fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
 # operators' own kernels), count (plain Python counting K, K^T, K^box)
 SCHEDULES = {'forward': 'fused',
  'vjp': 'fused',

@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_lenet_cdb_e730e14936d645a1"
+__name__ = "_dbpgen_lenet_cdb_3f55d322c1fdbb40"
 
 
 class _CachedGlobals:
@@ -149,8 +149,8 @@ input-space argument first; lam = penalty weight, B = batch size.
 OPS = {'emitted': {'K': 12, 'KT': 11, 'Kbox': 6, 'flops': 3662848},
  'naive': {'K': 12, 'KT': 11, 'Kbox': 9, 'flops': 4307968}}
 PEAK_BYTES = {'batch': 128, 'emitted': 35176536, 'naive': 41073664}
-# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function),
-# fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
+# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function calling
+# BLAS and jitted loops), fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
 # operators' own kernels), count (plain Python counting K, K^T, K^box)
 SCHEDULES = {'forward': 'fused',
  'vjp': 'fused',

@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_cdb_aec976b3bb2f0dd9"
+__name__ = "_dbpgen_mnist_cdb_d78a1728462ddc42"
 
 
 class _CachedGlobals:
@@ -124,8 +124,8 @@ input-space argument first; lam = penalty weight, B = batch size.
 OPS = {'emitted': {'K': 6, 'KT': 5, 'Kbox': 6, 'flops': 2824192},
  'naive': {'K': 6, 'KT': 5, 'Kbox': 9, 'flops': 3361792}}
 PEAK_BYTES = {'batch': 128, 'emitted': 5333088, 'naive': 5028864}
-# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function),
-# fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
+# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function calling
+# BLAS and jitted loops), fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
 # operators' own kernels), count (plain Python counting K, K^T, K^box)
 SCHEDULES = {'forward': 'kernels',
  'vjp': 'fused',

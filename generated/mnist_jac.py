@@ -25,7 +25,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_jac_c4e3ab3a312a4491"
+__name__ = "_dbpgen_mnist_jac_4f9cb32e3d3a8f6b"
 
 
 class _CachedGlobals:
@@ -140,8 +140,8 @@ OPS = {'emitted': {'K': 23,
              'flops_per_call': 205520896},
  'naive': {'K': 33, 'KT': 50, 'Kbox': 60, 'flops': 23403520}}
 PEAK_BYTES = {'batch': 128, 'emitted': 6424672, 'naive': 7714816}
-# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function),
-# fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
+# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function calling
+# BLAS and jitted loops), fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
 # operators' own kernels), count (plain Python counting K, K^T, K^box)
 SCHEDULES = {'forward': 'kernels',
  'vjp': 'fused',

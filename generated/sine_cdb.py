@@ -25,7 +25,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_cdb_7a2d826a013e1c0f"
+__name__ = "_dbpgen_sine_cdb_8cfe67f09b66513d"
 
 
 class _CachedGlobals:
@@ -126,8 +126,8 @@ input-space argument first; lam = penalty weight, B = batch size.
 OPS = {'emitted': {'K': 6, 'KT': 5, 'Kbox': 6, 'flops': 620},
  'naive': {'K': 6, 'KT': 5, 'Kbox': 9, 'flops': 726}}
 PEAK_BYTES = {'batch': 128, 'emitted': 79896, 'naive': 108544}
-# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function),
-# fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
+# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function calling
+# BLAS and jitted loops), fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
 # operators' own kernels), count (plain Python counting K, K^T, K^box)
 SCHEDULES = {'forward': 'lanes',
  'vjp': 'lanes',

@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_mse_8b24d6f7da4314b5"
+__name__ = "_dbpgen_sine_mse_d7315e82fbd8466c"
 
 
 class _CachedGlobals:
@@ -102,8 +102,8 @@ input-space argument first; lam = penalty weight, B = batch size.
 OPS = {'emitted': {'K': 3, 'KT': 2, 'Kbox': 3, 'flops': 302},
  'naive': {'K': 3, 'KT': 2, 'Kbox': 3, 'flops': 302}}
 PEAK_BYTES = {'batch': 128, 'emitted': 37400, 'naive': 36864}
-# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function),
-# fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
+# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function calling
+# BLAS and jitted loops), fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
 # operators' own kernels), count (plain Python counting K, K^T, K^box)
 SCHEDULES = {'forward': 'lanes',
  'vjp': 'lanes',

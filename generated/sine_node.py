@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_node_c8a4ba82a199b7da"
+__name__ = "_dbpgen_sine_node_e542d18915301702"
 
 
 class _CachedGlobals:
@@ -111,8 +111,8 @@ input-space argument first; lam = penalty weight, B = batch size.
 OPS = {'emitted': {'K': 4, 'KT': 3, 'Kbox': 3, 'flops': 404},
  'naive': {'K': 6, 'KT': 5, 'Kbox': 6, 'flops': 620}}
 PEAK_BYTES = {'batch': 128, 'emitted': 54296, 'naive': 107520}
-# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function),
-# fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
+# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function calling
+# BLAS and jitted loops), fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
 # operators' own kernels), count (plain Python counting K, K^T, K^box)
 SCHEDULES = {'forward': 'lanes',
  'vjp': 'lanes',

@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_tanh_node_6b5abca2d947930d"
+__name__ = "_dbpgen_tanh_node_13ce6d4aea8a1ab8"
 
 
 class _CachedGlobals:
@@ -126,8 +126,8 @@ input-space argument first; lam = penalty weight, B = batch size.
 OPS = {'emitted': {'K': 5, 'KT': 5, 'Kbox': 6, 'flops': 288768},
  'naive': {'K': 6, 'KT': 7, 'Kbox': 9, 'flops': 376832}}
 PEAK_BYTES = {'batch': 128, 'emitted': 2770000, 'naive': 2196480}
-# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function),
-# fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
+# how each program runs: lanes (batch-minor fused kernel), jit (one jitted function calling
+# BLAS and jitted loops), fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
 # operators' own kernels), count (plain Python counting K, K^T, K^box)
 SCHEDULES = {'forward': 'kernels',
  'vjp': 'fused',

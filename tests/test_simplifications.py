@@ -197,6 +197,16 @@ def test_the_loss_backward_pass_carries_the_summed_penalty_adjoint(act, tmp_path
     assert sum(len(n.expr.atoms(KT)) for n in after) == 2  # eps_2, eps_1: L - 1 for loss and penalty
 
 
+def test_a_scaled_penalty_adjoint_is_not_folded(tmp_path):
+    """projections scale R by C/n: the gradients read lam C/n eta_j, which eps_j = delta_j +
+    lam eta_j does not take in whole; folding would keep both recursions, so the pass leaves
+    the program alone and says nothing."""
+    spec = mlp("m", ["tanh", "tanh"], None, "mse", {"v": "projections", "count": 2, "weight": 0.1},
+               widths=(5, 4), C=3)
+    d = derivation(spec, tmp_path)
+    assert not any(n.startswith("one backward pass for loss and penalty") for n in d.simplifications)
+
+
 def test_constant_factor_of_q0_moves_into_K_and_Kbox(tmp_path):
     """q_0 = 2 xi_0 (p = squared norm) feeds only K_1 and K^box_1: by linearity the 2 moves
     into them (eq. 20, 32) and q_0 is not formed; a per-sample factor (p = norm) stays."""

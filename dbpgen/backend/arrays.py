@@ -3,12 +3,10 @@
 The program prints as it is: a statement `t = expr` becomes `t = <NumPy expression>`, in
 which K, K^T and K^box are calls of the operators' kernels (`templates/ops/`), and
 Algorithm 4's loop over Jacobian rows (section 5.4) becomes a Python loop whose
-accumulators are zeroed before it. Three schedules use it and differ only in the decorator:
-`jit` (one @njit function), `kernels` (plain Python calling jitted kernels) and `count`
-(plain Python whose kernels count their applications); the plain-Python ones compute each
-distinct transcendental application once (`Lowering.share_transcendentals`), as LLVM does
-for the jitted one. `fused` starts from it too
-(`dbpgen.backend.fused`).
+accumulators are zeroed before it. Two schedules use it: `kernels` (plain Python calling
+jitted kernels) and `count` (plain Python whose kernels count their applications); both
+compute each distinct transcendental application once (`Lowering.share_transcendentals`).
+`fused` and `jit` start from it too (`dbpgen.backend.fused`).
 """
 from __future__ import annotations
 

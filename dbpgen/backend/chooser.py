@@ -9,7 +9,8 @@ Every threshold of the back end is here. The schedules:
     count    plain Python counting K, K^T, K^box                   (--count-ops only)
 
 A schedule applies when its static conditions hold (capabilities of the layers, a depth
-bound on the schedules that unroll every layer) and its lowering accepts the program (a
+bound on the lanes kernel, a bound on a jitted program's predicted compile time) and its
+lowering accepts the program (a
 lowering raises `Unsupported` with the reason otherwise). Of those that apply, the one
 with the least predicted time per call at REFERENCE_BATCH (`cost.predict`), each second of
 predicted compile time counting as COMPILE_WEIGHT more, wins, and the predictions are the reason

@@ -82,8 +82,8 @@ class Work:
     elements: int                  # sum over coordinate-wise statements of elements x operations
     transcendental: int            # elements of transcendental function evaluations, as printed
     distinct: tuple[tuple[str, int, int], ...]  # (function, elements, trips) of each distinct call in the
-                                   # program, once (one jitted function: LLVM computes exp(z1)
-                                   # once for g, g' and g''; the others share a NumPy statement)
+                                   # program, once (LLVM computes exp(z1) once for g, g' and g''
+                                   # in one loop; fused and kernels share a NumPy statement)
     reductions: int                # elements read by per-sample reductions (<a, b>, sums)
     statements: int                # statements (a loop body counted per iteration)
 

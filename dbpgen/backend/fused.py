@@ -1,4 +1,8 @@
-"""Lowering `fused`: Python over whole-batch arrays, coordinate-wise runs in jitted loops.
+"""Lowerings `fused` and `jit`: whole-batch arrays, coordinate-wise runs in jitted loops.
+
+`fused` prints the program as Python calling BLAS and the loops; `jit` prints the same
+program as one @njit function (`lower(..., jit=True)`), where transcendental functions join
+the loops as libm calls instead of staying NumPy ufuncs (NumPy is not at hand there).
 
 Between the GEMMs of a wide network (K, K^T, K^box: eq. 8, 16, 20, 30, 32), a program
 evaluates coordinate-wise algebra: g_j, G'_j, G''_j (eq. 8-9), the M_j products (eq. 15,
@@ -16,7 +20,7 @@ often it is used, right after the last value it reads (so it joins the loop that
 that value); a batch sum (eq. 33, and the objective J) is accumulated inside the loop
 instead of stored and summed. The two K^box of a dense layer become one GEMM over
 batch-stacked operands, which the statements that make them write in place.
-Transcendental functions stay NumPy statements, each distinct application once
+In `fused`, transcendental functions stay NumPy statements, each distinct application once
 (`Lowering.share_transcendentals`): NumPy's SIMD ufuncs beat Numba's scalar libm calls
 (see common.TRANSCENDENTAL).
 """

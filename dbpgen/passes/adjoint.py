@@ -48,11 +48,12 @@ def fold_loss_adjoint(program: Program) -> Program:
     if not layers or layers != list(range(1, layers[-1] + 1)) or any(isinstance(d, Accum) for d in deltas.values()):
         return program
     L = layers[-1]
-    etas, gammas = _outside_loops(program, "eta"), _outside_loops(program, "gamma")
-    out = _outside_loops(program, "eta_out")
-    if not etas and not gammas:  # Algorithm 4: its sums over the loop (eq. 34, summed), eta_L's too
-        etas, gammas = _outside_loops(program, "etahat"), _outside_loops(program, "gammahat")
-        out = {}
+    hats = _outside_loops(program, "gammahat")
+    if hats:  # Algorithm 4: the recursion runs after the loop on the sums (eq. 34, summed), eta_L's too
+        etas, gammas, out = _outside_loops(program, "etahat"), hats, {}
+    else:
+        etas, gammas = _outside_loops(program, "eta"), _outside_loops(program, "gamma")
+        out = _outside_loops(program, "eta_out")
     if etas is None or gammas is None or out is None or any(isinstance(g, Accum) for g in gammas.values()):
         return program
     if not etas and not out:
@@ -104,6 +105,11 @@ def fold_loss_adjoint(program: Program) -> Program:
             node = replace(node, expr=node.expr.subs(mapping))
         stmts.append(node)
     if not placed:
+        return program
+    # what the weight gradients read of eta must be lam eta_j, all of it now in eps_j (a
+    # penalty scaled otherwise, as projections' C/n, would leave eta beside eps: no fold)
+    left = {symbol(etas, j) for j in layers} - {sp.S.Zero}
+    if any(node.expr.free_symbols & left for node in stmts if node.phase == "gradients"):
         return program
     note = f"one backward pass for loss and penalty: eps_j = delta_j + lam eta_j, j = 1..{L}"
     return program.with_(stmts=tuple(stmts), fired=program.fired + (note,))

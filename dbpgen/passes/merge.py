@@ -163,9 +163,9 @@ def hoist_linear_recursion(program: Program) -> Program:
                 continue
             expr = linear
             if source != 0:
-                role = stmt.role
-                total = fresh(f"{role.quantity}src{role.layer or ''}" if role else f"{stmt.target}src")
-                accums.append(Accum(total, source, f"{stmt.eq}, its source summed over i", stmt.role))
+                layer = stmt.role.layer if stmt.role else None
+                total = fresh(f"{stmt.role.quantity}src{layer}" if layer is not None else f"{stmt.target}src")
+                accums.append(Accum(total, source, f"{stmt.eq}, its source summed over i", Role("source", layer)))
                 expr = total + linear
             after.append(replace(stmt, expr=expr, eq=f"{stmt.eq}, summed over i by linearity"))
         out.append(replace(node, body=tuple(body), accums=tuple(accums)))

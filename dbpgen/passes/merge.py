@@ -66,6 +66,24 @@ def _namer(program: Program):
     return fresh
 
 
+def _substituted(node, replaced: dict):
+    """A statement or loop (its body and accumulations) with the names a hoist replaced."""
+    if not replaced:
+        return node
+    if isinstance(node, Loop):
+        return replace(node, body=tuple(replace(s, expr=s.expr.xreplace(replaced)) for s in node.body),
+                       accums=tuple(replace(a, expr=a.expr.xreplace(replaced)) for a in node.accums))
+    return replace(node, expr=node.expr.xreplace(replaced))
+
+
+def _finished(program: Program, stmts: list, replaced: dict, notes: list, note: str) -> Program:
+    """The program with a hoist's statements, its replacements in the outputs, and its note."""
+    if not notes:
+        return program
+    outputs = tuple((label, sp.sympify(expr).xreplace(replaced)) for label, expr in program.outputs)
+    return program.with_(stmts=tuple(stmts), outputs=outputs, fired=program.fired + (note,))
+
+
 def hoist_invariant_adjoints(program: Program) -> Program:
     """Section 5.4's loop over the vectors v_i, eq. (31) summed over i: a weight adjoint
     K^box_j(a, y_i) whose input-space argument a is the same for every v_i (x_{j-1} beside
@@ -78,8 +96,9 @@ def hoist_invariant_adjoints(program: Program) -> Program:
     stmts, replaced, notes = [], {}, []
 
     for node in program.stmts:
+        node = _substituted(node, replaced)
         if not isinstance(node, Loop):
-            stmts.append(replace(node, expr=node.expr.xreplace(replaced)) if replaced else node)
+            stmts.append(node)
             continue
         inside = {s.target for s in node.body} | {node.index}
         sums = {acc.expr: acc.target for acc in node.accums}
@@ -113,12 +132,8 @@ def hoist_invariant_adjoints(program: Program) -> Program:
                                       role=Role("thetahat", layer) if layer else acc.role))
             replaced[acc.target] = rest + sp.Add(*after)
         stmts.append(replace(node, accums=tuple(accums + extra)))
-    if not notes:
-        return program
-    outputs = tuple((label, sp.sympify(expr).xreplace(replaced)) for label, expr in program.outputs)
-    fired = program.fired + ("loop-invariant weight adjoints summed once after the loop over v_i "
-                              "(eq. 31, section 5.4): " + "; ".join(notes),)
-    return program.with_(stmts=tuple(stmts), outputs=outputs, fired=fired)
+    return _finished(program, stmts, replaced, notes, "loop-invariant weight adjoints summed once after the "
+                     "loop over v_i (eq. 31, section 5.4): " + "; ".join(notes))
 
 
 def hoist_linear_recursion(program: Program) -> Program:
@@ -136,8 +151,9 @@ def hoist_linear_recursion(program: Program) -> Program:
     fresh = _namer(program)
 
     for index, node in enumerate(program.stmts):
+        node = _substituted(node, replaced)
         if not isinstance(node, Loop):
-            out.append(replace(node, expr=node.expr.xreplace(replaced)) if replaced else node)
+            out.append(node)
             continue
         later = {sym for item in walk(program.stmts[index + 1:]) for sym in item.expr.free_symbols}
         later |= {sym for _, expr in program.outputs for sym in sp.sympify(expr).free_symbols}
@@ -171,12 +187,8 @@ def hoist_linear_recursion(program: Program) -> Program:
         out.append(replace(node, body=tuple(body), accums=tuple(accums)))
         out += after
         replaced.update({target: value for target, value in summed.items()})
-    if not notes:
-        return program
-    outputs = tuple((label, sp.sympify(expr).xreplace(replaced)) for label, expr in program.outputs)
-    fired = program.fired + ("linear recursion run once after the loop over v_i on its summed sources "
-                             "(eq. 28, 30, section 5.4): " + ", ".join(notes),)
-    return program.with_(stmts=tuple(out), outputs=outputs, fired=fired)
+    return _finished(program, out, replaced, notes, "linear recursion run once after the loop over v_i on its "
+                     "summed sources (eq. 28, 30, section 5.4): " + ", ".join(notes))
 
 
 def _split_linear(expr: sp.Expr, values: set, varying: set) -> tuple[sp.Expr, sp.Expr, set]:

@@ -85,10 +85,10 @@ def function(program: Program, body: list, shapes: dict, decorator: str, zeros=(
                            shapes=tuple(shapes.items())))
 
 
-def lower(model, program: Program, shapes: dict, decorator: str) -> Function:
-    stmts = program.stmts
-    if not decorator:  # NumPy evaluates what it is given: each transcendental once
-        lowering = Lowering(model, program, shapes)
-        stmts, shapes = lowering.share_transcendentals(stmts), lowering.shapes
+def lower(model, program: Program, shapes: dict) -> Function:
+    """The program as plain Python over whole arrays (kernels, count): NumPy evaluates what
+    it is given, so each distinct transcendental application is computed once."""
+    lowering = Lowering(model, program, shapes)
+    stmts, shapes = lowering.share_transcendentals(program.stmts), lowering.shapes
     zeros, values = returns(program, shapes)
-    return function(program, statements(stmts, shapes), shapes, decorator, zeros, values)
+    return function(program, statements(stmts, shapes), shapes, "", zeros, values)

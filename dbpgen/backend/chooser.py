@@ -118,7 +118,7 @@ def lower(kind: str, model: Model, program: Program, shapes: dict, registry: dic
     if kind in ("fused", "jit"):
         entry, kernels = fused.lower(model, program, shapes, registry, jit=kind == "jit")
         return entry, tuple(kernels)
-    return arrays.lower(model, program, shapes, ""), ()
+    return arrays.lower(model, program, shapes), ()
 
 
 def choose(model: Model, program: Program, shapes: dict, forced: str | None = None,

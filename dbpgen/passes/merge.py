@@ -186,7 +186,7 @@ def hoist_linear_recursion(program: Program) -> Program:
             after.append(replace(stmt, expr=expr, eq=f"{stmt.eq}, summed over i by linearity"))
         out.append(replace(node, body=tuple(body), accums=tuple(accums)))
         out += after
-        replaced.update({target: value for target, value in summed.items()})
+        replaced.update(summed)
     return _finished(program, out, replaced, notes, "linear recursion run once after the loop over v_i on its "
                      "summed sources (eq. 28, 30, section 5.4): " + ", ".join(notes))
 
@@ -194,8 +194,8 @@ def hoist_linear_recursion(program: Program) -> Program:
 def _split_linear(expr: sp.Expr, values: set, varying: set) -> tuple[sp.Expr, sp.Expr, set]:
     """expr as (source, linear, bad): linear the terms c * f or c * K(theta, f) /
     K^T(theta, f) (K(f), K^T(f) of a layer without parameters) with f in values and c, theta
-    free of what the loop changes (varying),
-    source the terms that read no value, bad the values that other terms read."""
+    free of what the loop changes (varying), source the terms that read no value, bad the
+    values that other terms read."""
     source, linear, bad = [], [], set()
     for term in sp.Add.make_args(expr):
         read = term.free_symbols & values

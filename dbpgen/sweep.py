@@ -17,8 +17,11 @@ For each point `run_point` measures, each step in a fresh process with an empty 
 cache directory (NUMBA_CACHE_DIR):
     cold  `dbpgen compile` of the model file (the whole process) + import + first call
     warm  import + first call again, Numba's cache now in place
-and then times the emitted value_and_grad against the peers in this process, as
-`dbpgen bench` does (`bench.measure`).
+    timed  value_and_grad against the peers, taking turns as `dbpgen bench` does
+           (`bench.measure`), in a third fresh process with that cache
+A sweep that timed every point in its own process measured some points up to 1.5x slower
+than `dbpgen bench` on the same module (the 4-conv-layer CNN in float32: 39.5 ms after ten
+other points, 26.1 ms alone): one point per process leaves nothing of the previous ones.
 """
 from __future__ import annotations
 
@@ -258,6 +261,17 @@ y = np.eye(m.N_OUTPUTS, dtype=m.DTYPE)[rng.integers(0, m.N_OUTPUTS, batch)]
 m.value_and_grad(p, x, y)
 print(json.dumps({"seconds": time.perf_counter() - start, "schedule": m.SCHEDULES["value_and_grad"]}))"""
 
+# argv: model file, module, Numba cache, batch, peers (comma-separated), seconds
+MEASURE = """import json, sys
+from dbpgen import bench
+from dbpgen.model import load_model
+from dbpgen.sweep import import_cached
+from pathlib import Path
+model = load_model(sys.argv[1])
+module = import_cached(Path(sys.argv[2]), Path(sys.argv[3]))
+rows = bench.measure(model, module, int(sys.argv[4]), [p for p in sys.argv[5].split(",") if p], float(sys.argv[6]))
+print(json.dumps(rows))"""
+
 
 def _subprocess(args: list[str], env: dict) -> str:
     done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
@@ -314,8 +328,10 @@ def run_point(point: Point, against=("torch",), seconds: float = 1.0, workdir: P
         model = model_from_dict(spec, str(model_file))
         starts = cold_warm(model_file, point.batch, directory)
         row.update({k: starts[k] for k in ("schedule", "compile_s", "cold_s", "warm_s")})
-        module = import_cached(starts["module"], starts["cache"])
-        rows = bench.measure(model, module, point.batch, list(against), seconds)
+        args = [str(model_file), str(starts["module"]), str(starts["cache"]), str(point.batch),
+                ",".join(against), str(seconds)]
+        env = dict(os.environ, NUMBA_CACHE_DIR=str(starts["cache"]))
+        rows = json.loads(_subprocess(["-c", MEASURE, *args], env).splitlines()[-1])
     except Exception as exc:  # noqa: BLE001 - reported in the table
         row["error"] = f"{type(exc).__name__}: {exc}"
         return row

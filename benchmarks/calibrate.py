@@ -7,12 +7,14 @@ the median of repeated timings of the smallest code that exhibits it, float64.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numba
 import numpy as np
 
 from dbpgen.backend.cost import Machine
+from dbpgen.codegen import environment
 
 
 def seconds(fn, repeat: int = 7, budget: float = 0.2) -> float:
@@ -41,6 +43,21 @@ def _madd(a, b, out):
 def _tanh_loop(a, out):
     for i in range(a.shape[0]):
         out[i] = np.tanh(a[i])
+
+
+def _vector_loop():
+    """A jitted loop of the modules' vectorized tanh (templates/helpers.py.j2, float64)."""
+    text = environment().get_template("helpers.py.j2").render(
+        helpers=["_tanh1"], jit='@numba.njit(cache=False, error_model="numpy")', array_jit="", dtype="float64")
+    namespace = {"np": np, "math": math, "numba": numba}
+    exec(compile(text, "helpers.py", "exec"), namespace)
+    tanh1 = namespace["_tanh1"]
+
+    @numba.njit(cache=False, error_model="numpy")
+    def loop(a, out):
+        for i in range(a.shape[0]):
+            out[i] = tanh1(a[i])
+    return loop
 
 
 @numba.njit(cache=False, fastmath={"reassoc", "contract", "nsz", "arcp"})
@@ -111,6 +128,8 @@ def main() -> None:
     ufunc_element = seconds(lambda: np.tanh(a, out=out)) / n
     loop_element = seconds(lambda: _madd(a, b, out)) / n / 2  # two operations per element
     libm_element = seconds(lambda: _tanh_loop(a, out)) / n
+    vector = _vector_loop()
+    vector_element = seconds(lambda: vector(a, out)) / n
     W, x, rows = rng.normal(size=(32, 32)), rng.normal(size=(32, 64)), np.zeros((32, 64))
     lane_flop = seconds(lambda: _lane_rows(W, x, rows)) / (2 * 32 * 32 * 64)
     lane_libm = seconds(lambda: _lane_libm(x, rows)) / (32 * 64)
@@ -122,6 +141,7 @@ def main() -> None:
                       numpy_element=float(f"{numpy_element:.3g}"), ufunc_element=float(f"{ufunc_element:.3g}"),
                       loop_element=float(f"{loop_element:.3g}"), libm_element=float(f"{libm_element:.3g}"),
                       lane_flop=float(f"{lane_flop:.3g}"), lane_libm=float(f"{lane_libm:.3g}"),
+                      vector_element=float(f"{vector_element:.3g}"),
                       call=float(f"{call:.3g}"), jit_blas_call=float(f"{jit_blas_call:.3g}"),
                       jit_statement=float(f"{jit_statement:.3g}"))
     print(machine)

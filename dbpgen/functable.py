@@ -5,7 +5,7 @@ Everything that needs to know the vocabulary reads it from here: the expression 
 (`dbpgen.printer`: NumbaPrinter prints whole arrays with `array`, ScalarPrinter one element
 inside a jitted loop with `scalar`) and the back end's schedules (`ELEMENTWISE_TYPES`: what
 may be evaluated one coordinate at a time; `TRANSCENDENTAL_TYPES`: what costs a libm call
-per coordinate).
+per coordinate; `VECTORIZED_TYPES`: what costs a polynomial in a vectorized loop).
 
 A form is a `str.format` template: `{0}`, `{1}`, ... are the printed arguments, `{one}` and
 `{zero}` the literals 1 and 0 in the model's dtype. A function taking any number of
@@ -40,6 +40,10 @@ class Function:
     transcendental  a libm call per coordinate (exp, log, tanh, sin, erf, sigmoid, ...):
                   NumPy's SIMD ufuncs beat a scalar loop; cheap ones (Abs, sign, Heaviside,
                   Max, Min, sqrt: one or two instructions) fuse into loops
+    vectorized    its scalar form is arithmetic only, no libm call (tanh: `_tanh1`, a
+                  polynomial and selects): LLVM vectorizes the loop around it, so it fuses
+                  into loops like the cheap ones, at its own price per coordinate
+                  (`backend.cost.Machine.vector_element`); not transcendental
     """
 
     name: str
@@ -51,6 +55,7 @@ class Function:
     array_helper: str | None = None
     scalar_helper: str | None = None
     transcendental: bool = False
+    vectorized: bool = False
 
     @property
     def is_class(self) -> bool:
@@ -78,7 +83,8 @@ def _ufunc(name: str, sympy, numpy: str | None = None) -> Function:
 _ENTRIES = (
     _ufunc("exp", sp.exp),
     _ufunc("log", sp.log),
-    _ufunc("tanh", sp.tanh),
+    # NumPy's SIMD ufunc on whole arrays; in loops a vectorized polynomial (templates/helpers.py.j2)
+    Function("tanh", sp.tanh, 1, 1, "np.tanh({0})", "_tanh1({0})", scalar_helper="_tanh1", vectorized=True),
     _ufunc("sinh", sp.sinh),
     _ufunc("cosh", sp.cosh),
     _ufunc("sin", sp.sin),
@@ -141,6 +147,8 @@ ELEMENTWISE_TYPES: tuple[type, ...] = (
 # the table's functions that cost a libm call per coordinate (see Function.transcendental)
 TRANSCENDENTAL_TYPES: tuple[type, ...] = tuple(
     entry.sympy for entry in _ENTRIES if entry.transcendental and entry.is_class)
+# the ones whose scalar form is a vectorized polynomial (see Function.vectorized)
+VECTORIZED_TYPES: tuple[type, ...] = tuple(entry.sympy for entry in _ENTRIES if entry.vectorized)
 
 
 def helpers_needed(expr: sp.Basic, scalar: bool) -> set[str]:

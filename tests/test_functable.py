@@ -84,6 +84,8 @@ def test_the_parser_accepts_exactly_the_table():
     assert common.TRANSCENDENTAL is functable.TRANSCENDENTAL_TYPES
     assert set(functable.TRANSCENDENTAL_TYPES) == {
         e.sympy for e in functable.TABLE.values() if e.transcendental}
+    assert common.VECTORIZED is functable.VECTORIZED_TYPES
+    assert not set(functable.VECTORIZED_TYPES) & set(functable.TRANSCENDENTAL_TYPES)
     assert set(functable.BY_CLASS) <= set(functable.ELEMENTWISE_TYPES)
 
 
@@ -132,14 +134,14 @@ def test_the_scalar_printer_refuses_what_is_not_coordinatewise():
 
 # -- the printed code computes what torch computes ----------------------------------------
 
-def _helpers(array_jit: str = "@numba.njit") -> dict:
+def _helpers(array_jit: str = "@numba.njit", dtype: str = "float64") -> dict:
     """The module's helpers (templates/helpers.py.j2), as the emitted module has them: the
     whole-array ones jitted (a jitted program calls them) or plain NumPy (array_jit="")."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(ROOT / "templates")),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     names = {e.helper(s) for e in functable.TABLE.values() for s in (False, True)} - {None}
     text = env.get_template("helpers.py.j2").render(helpers=sorted(names), jit="@numba.njit",
-                                                    array_jit=array_jit)
+                                                    array_jit=array_jit, dtype=dtype)
     namespace = {"np": np, "math": math, "numba": numba}
     exec(compile(text, "helpers.py", "exec"), namespace)
     return namespace
@@ -208,7 +210,7 @@ def test_sigmoid_and_softplus_saturate_without_warnings(dtype, array_jit):
 def test_scalar_forms_compute_torchs_values_jitted_and_plain(dtype):
     """One jitted loop evaluates every scalar form (NaN and float32 included); the same
     code under plain Python (NUMBA_DISABLE_JIT) gives the same numbers."""
-    helpers = _helpers()
+    helpers = _helpers(dtype=np.dtype(dtype).name)
     printer = Indexed(_Model(np.dtype(dtype).name))
     names = list(functable.TABLE)
     codes = [printer.doprint(applied(functable.TABLE[n])) for n in names]
@@ -230,6 +232,40 @@ def test_scalar_forms_compute_torchs_values_jitted_and_plain(dtype):
         for got in (jitted[k], plain[k]):
             np.testing.assert_allclose(got, ref, rtol=tol, atol=tol, equal_nan=True,
                                        err_msg=f"{name}: {codes[k]}")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_the_vectorized_tanh_is_within_three_ulp_everywhere(dtype):
+    """_tanh1 (a polynomial and selects, no libm call) against NumPy's tanh in float64 on
+    a dense sweep of the whole range, subnormals, signed zeros, infinities and NaN,
+    jitted with the module's error model and as plain Python."""
+    name = np.dtype(dtype).name
+    helpers = _helpers(dtype=name)
+    tanh1 = helpers["_tanh1"]
+    loop = numba.njit(error_model="numpy")(_each)
+    rng = np.random.default_rng(0)
+    a = np.concatenate([rng.standard_normal(20000) * 4, np.linspace(-30, 30, 60001),
+                        np.geomspace(1e-40, 40, 4001), -np.geomspace(1e-40, 40, 4001),
+                        [0.0, -0.0, 5e-324, 1e-310, np.inf, -np.inf, np.nan, 1e300, -1e300]])
+    with np.errstate(over="ignore"):
+        a = a.astype(dtype)
+    got = np.empty_like(a)
+    loop(tanh1, a, got)
+    assert got.dtype == dtype
+    ref = np.tanh(a.astype(np.float64))
+    finite = np.isfinite(ref)
+    ulp = np.abs(got[finite] - ref[finite]) / np.spacing(np.abs(ref[finite]).astype(dtype))
+    assert ulp.max() <= 3, (name, ulp.max(), a[finite][ulp.argmax()])
+    assert np.isnan(got[~finite]).all()
+    assert np.array_equal(np.signbit(got[a == 0]), np.signbit(a[a == 0]))  # tanh(-0) = -0
+    plain = np.array([tanh1.py_func(x) for x in a[::53]])
+    assert plain.dtype == dtype
+    np.testing.assert_array_equal(plain, got[::53])
+
+
+def _each(f, a, out):
+    for i in range(a.shape[0]):
+        out[i] = f(a[i])
 
 
 def test_helpers_needed_are_the_ones_the_printed_code_calls():

@@ -10,6 +10,7 @@ What the loops store is checked on the schedule IR in test_schedule.py.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,7 @@ FUSED = [
 
 # every spec in the fused schedule; in a jitted program, the ones with transcendental functions
 # (which the fused schedule leaves to NumPy's ufuncs and a jitted one fuses into its loops)
+# and tanh (a vectorized polynomial in the loops of both)
 CASES = [(s, "fused") for s in FUSED] + [(FUSED[1], "jit"), (FUSED[3], "jit")]
 
 
@@ -42,18 +44,28 @@ def test_fused_programs_match_oracle_and_plain_python(spec, schedule, tmp_path, 
     check_jit_equals_plain(spec, module, rng)
 
 
-def test_transcendental_functions_stay_numpy_ufuncs():
-    program = (ROOT / "generated" / "tanh_node.py").read_text().split("def _value_and_grad(", 1)[1]
-    assert "x1 = np.tanh(z1)" in program
-    assert re.search(r"dg1, ddg1 = _fused\d+\(x1\)", program)  # G' and G'' through g': fused
+def test_tanh_joins_the_loops_and_libm_functions_stay_numpy_ufuncs(tmp_path):
+    """In the fused schedule tanh is evaluated inside the jitted loops, as the vectorized
+    polynomial _tanh1 (g = tanh(z) in the loop that makes z, g' and g'' through g in the
+    same loop); sigmoid, a libm call per coordinate in a loop, stays a NumPy whole-array
+    statement."""
+    module = compile_spec(FUSED[1], tmp_path, schedule="fused")
+    source = Path(module.__file__).read_text()
+    program = source.split("def _value_and_grad(", 1)[1].split("\ndef ", 1)[0]
+    assert "tanh" not in program and "_sigmoid(" in program
+    loop = re.search(r"x1, dg1, ddg1 = (_fused\d+)\(", program)  # z1, x1, g', g'' in one loop
+    assert loop, program
+    kernel = source.split(f"def {loop.group(1)}(", 1)[1].split("\ndef ", 1)[0]
+    assert "_tanh1(" in kernel
 
 
-def test_the_chooser_takes_ufuncs_for_tanh_and_one_jitted_program_for_relu(tmp_path):
-    """The fused schedule for wide tanh layers (NumPy's SIMD tanh); for ReLU layers of the
-    same width, one jitted program (no interpreter between its statements)."""
+def test_the_chooser_takes_one_jitted_program_for_tanh_and_for_relu(tmp_path):
+    """Layers of 48 units: one jitted program (no interpreter between its statements) for
+    ReLU, and for tanh too, since tanh costs a vectorized polynomial in its loops, not a
+    libm call."""
     tanh = compile_spec(FUSED[1], tmp_path)
     relu = compile_spec(FUSED[0], tmp_path)
-    assert tanh.SCHEDULES["value_and_grad"] == "fused" and relu.SCHEDULES["value_and_grad"] == "jit"
+    assert tanh.SCHEDULES["value_and_grad"] == "jit" and relu.SCHEDULES["value_and_grad"] == "jit"
 
 
 @pytest.mark.parametrize("spec", FUSED[:2], ids=[s["name"] for s in FUSED[:2]])

@@ -10,7 +10,7 @@ from dataclasses import fields, is_dataclass, replace
 
 import sympy as sp
 
-from ..functable import ELEMENTWISE_TYPES, TRANSCENDENTAL_TYPES
+from ..functable import ELEMENTWISE_TYPES, TRANSCENDENTAL_TYPES, VECTORIZED_TYPES
 from ..functions import Bias, BiasBox, BSum, Dot, K, Kbox, KT, RowSum, linear_terms
 from ..ir import Model
 from ..printer import CodegenError
@@ -22,6 +22,7 @@ from .schedule import elem, name
 # (NumPy's SIMD ufuncs beat Numba's scalar calls): from the one function table
 ELEMENTWISE = ELEMENTWISE_TYPES
 TRANSCENDENTAL = TRANSCENDENTAL_TYPES
+VECTORIZED = VECTORIZED_TYPES  # polynomials in loops (tanh): cheap enough to fuse
 PER_SAMPLE_OPS = (K, KT, Dot, RowSum)  # reductions within a sample
 BATCH_OPS = (Kbox, BSum, BiasBox)      # reductions over the batch (eq. 31-33)
 LEAVES = (sp.Symbol, sp.Number, sp.NumberSymbol, sp.logic.boolalg.BooleanAtom)
@@ -243,6 +244,6 @@ def freeze(node):
     return node
 
 
-__all__ = ["B", "BATCH_OPS", "ELEMENTWISE", "LEAVES", "Lowering", "PER_SAMPLE_OPS", "TRANSCENDENTAL",
+__all__ = ["B", "BATCH_OPS", "ELEMENTWISE", "LEAVES", "Lowering", "PER_SAMPLE_OPS", "TRANSCENDENTAL", "VECTORIZED",
            "Unsupported", "batch_sum_arg", "batch_terms", "columns", "coordinatewise",
            "elem", "elements", "freeze", "is_per_sample", "operations", "without_bias"]

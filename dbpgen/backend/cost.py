@@ -2,15 +2,18 @@
 
 A program's work is read off the program itself (`Work`): the GEMMs its K, K^T and K^box
 applications amount to at a batch size, its coordinate-wise statements (elements times
-operations, how many of them transcendental), its per-sample reductions and its number
+operations, how many of them transcendental or vectorized polynomials such as tanh), its
+per-sample reductions and its number
 of statements. A schedule's time is that work priced by what it costs there (`MACHINE`):
 
     lanes    call + every flop in vectorized scalar loops + every element in the same loops
     jit      call + BLAS per GEMM + coordinate-wise runs in jitted loops, all in one jitted
              function (no interpreter between statements; a scalar libm call per
-             transcendental element, since NumPy's SIMD ufuncs are not at hand there)
+             transcendental element, since NumPy's SIMD ufuncs are not at hand there;
+             a vectorized polynomial per tanh)
     fused    interpreter per statement + BLAS per GEMM + cheap coordinate-wise runs in jitted
-             loops + transcendental ones as NumPy's SIMD ufuncs
+             loops (tanh among them, as a vectorized polynomial) + transcendental ones as
+             NumPy's SIMD ufuncs
     kernels  interpreter per statement + BLAS per GEMM + a NumPy pass per operation
 
 The constants are measured on this kind of machine by `benchmarks/calibrate.py`;
@@ -28,29 +31,31 @@ from ..functions import BSum, Dot, Gram, GramBox, GramMul, GramOut, K, Kbox, KT,
 from ..ir import Model
 from ..program import Program, trips
 from ..shapes import program_shapes
-from .common import TRANSCENDENTAL, coordinatewise, is_per_sample, operations
+from .common import TRANSCENDENTAL, VECTORIZED, coordinatewise, is_per_sample, operations
 
 
 @dataclass(frozen=True)
 class Machine:
     """Seconds (or flop/s) of the elementary costs, float64; float32 halves the per-element
-    and per-flop costs of vectorized work. Measured on a 2-core x86-64 machine with
-    `python benchmarks/calibrate.py` (medians of two runs)."""
+    and per-flop costs of vectorized work. Measured on this kind of machine (2 cores of an
+    AMD EPYC with AVX2, no AVX-512: NumPy's float64 tanh is not SIMD there, 17 ns per
+    element) with `python benchmarks/calibrate.py` (medians of six runs)."""
 
-    gemm_rate: float = 9.5e10      # flop/s of a large GEMM on all cores (NumPy's BLAS)
+    gemm_rate: float = 6.7e10      # flop/s of a large GEMM on all cores (NumPy's BLAS)
     gemm_small_rate: float = 1.0e10  # flop/s of a tiny GEMM (one core, no blocking)
-    gemm_knee: float = 4.5e5       # flops of one GEMM half way from the small rate to the large
-    blas_call: float = 1.1e-6      # s of one BLAS call beyond its flops, from Python
-    jit_blas_call: float = 7.7e-8  # the same from inside a jitted function (no interpreter)
-    statement: float = 4.8e-7      # s of one Python statement of the glue (dispatch, allocation)
-    numpy_element: float = 4.3e-10  # s per element of one NumPy operation (a pass over memory)
-    ufunc_element: float = 1.7e-9  # s per element of a transcendental NumPy ufunc (SIMD)
-    loop_element: float = 2.2e-10  # s per element per operation in a jitted loop
-    libm_element: float = 1.56e-8  # s per element of a scalar libm tanh in a jitted loop over a long array
-    lane_libm: float = 9.4e-9      # the same in loops over a layer (the lanes kernel, a jitted program's loops)
-    lane_flop: float = 5.5e-11     # s per flop of K, K^T, K^box in the lanes kernel's loops
-    call: float = 9.7e-7           # s of calling a jitted function (argument unboxing)
-    jit_statement: float = 1.7e-8  # s of one statement inside a jitted program (a call, an allocation)
+    gemm_knee: float = 8.6e5       # flops of one GEMM half way from the small rate to the large
+    blas_call: float = 2.9e-6      # s of one BLAS call beyond its flops, from Python
+    jit_blas_call: float = 1.8e-7  # the same from inside a jitted function (no interpreter)
+    statement: float = 8.7e-7      # s of one Python statement of the glue (dispatch, allocation)
+    numpy_element: float = 5.9e-10 # s per element of one NumPy operation (a pass over memory)
+    ufunc_element: float = 1.7e-8  # s per element of a transcendental NumPy ufunc (tanh, float64)
+    loop_element: float = 3.0e-10  # s per element per operation in a jitted loop
+    libm_element: float = 2.7e-8   # s per element of a scalar libm tanh in a jitted loop over a long array
+    lane_libm: float = 1.9e-8      # the same in loops over a layer (the lanes kernel, a jitted program's loops)
+    vector_element: float = 4.9e-9 # s per element of a vectorized polynomial (tanh's _tanh1) in a jitted loop
+    lane_flop: float = 8.8e-11     # s per flop of K, K^T, K^box in the lanes kernel's loops
+    call: float = 2.6e-6           # s of calling a jitted function (argument unboxing)
+    jit_statement: float = 4.0e-8  # s of one statement inside a jitted program (a call, an allocation)
     api: float = 8.0e-6            # s of the module's API around a program (argument checks)
     im2col_fraction: float = 0.3   # of the GEMM rate reached by im2col + GEMM kernels (conv)
 
@@ -81,6 +86,7 @@ class Work:
     im2col: tuple[int, ...]        # flops of each application of an operator with its own kernels
     elements: int                  # sum over coordinate-wise statements of elements x operations
     transcendental: int            # elements of transcendental function evaluations, as printed
+    vectorized: int                # elements of vectorized polynomial evaluations (tanh), as printed
     distinct: tuple[tuple[str, int, int], ...]  # (function, elements, trips) of each distinct call in the
                                    # program, once (LLVM computes exp(z1) once for g, g' and g''
                                    # in one loop; fused and kernels share a NumPy statement)
@@ -98,6 +104,7 @@ def work(model: Model, program: Program, batch: int) -> Work:
 
     shapes = program_shapes(model, program, n_vectors(model))
     gemms, im2col, elements, transcendental, distinct, reductions, statements = [], [], 0, 0, [], 0, 0
+    vectorized = 0
     seen: set = set()
 
     def size(expr_shape) -> int:
@@ -128,10 +135,12 @@ def work(model: Model, program: Program, batch: int) -> Work:
             elements += times * n * max(1, operations(expr))
             calls = [f for f in sp.preorder_traversal(expr) if isinstance(f, TRANSCENDENTAL)]
             transcendental += times * n * len(calls)
+            vectorized += times * n * len({f for f in sp.preorder_traversal(expr) if isinstance(f, VECTORIZED)})
             distinct += [(entry_for(f).name, times * n, times)
                          for f in sorted(set(calls) - seen, key=sp.default_sort_key)]
             seen |= set(calls)
-    return Work(tuple(gemms), tuple(im2col), elements, transcendental, tuple(distinct), reductions, statements)
+    return Work(tuple(gemms), tuple(im2col), elements, transcendental, vectorized, tuple(distinct), reductions,
+                statements)
 
 
 def _shape(expr, shapes, model):
@@ -159,21 +168,22 @@ def predict(kind: str, model: Model, program: Program, batch: int, m: Machine = 
 
 
 def _seconds(kind: str, w: Work, m: Machine, scale: float, blas: float) -> float:
-    cheap = w.elements - w.transcendental
+    cheap = w.elements - w.transcendental - w.vectorized
+    polynomials = scale * w.vectorized * m.vector_element  # in loops: lanes, jit, fused
     if kind == "lanes":
         return m.call + scale * (w.flops * m.lane_flop + w.elements * m.loop_element
-                                 + w.reductions * m.loop_element) + _libm(w) * m.lane_libm
+                                 + w.reductions * m.loop_element) + _libm(w) * m.lane_libm + polynomials
     if kind == "jit":
         return m.call + w.statements * m.jit_statement + blas \
-            + scale * (cheap + w.reductions) * m.loop_element + _libm(w) * m.lane_libm
+            + scale * (cheap + w.reductions) * m.loop_element + _libm(w) * m.lane_libm + polynomials
     # fused and kernels evaluate each distinct transcendental application once, in its
     # whole-array form (Lowering.share_transcendentals)
     if kind == "fused":
         return w.statements * m.statement + blas + scale * (cheap * m.loop_element + w.reductions * m.loop_element) \
-            + _arrays(w, m, scale)
-    # kernels, count: NumPy statements over whole arrays
+            + _arrays(w, m, scale) + polynomials
+    # kernels, count: NumPy statements over whole arrays (tanh as NumPy's ufunc)
     return w.statements * m.statement + blas + scale * (cheap + w.reductions) * m.numpy_element \
-        + _arrays(w, m, scale)
+        + _arrays(w, m, scale) + scale * w.vectorized * m.ufunc_element
 
 
 def _libm(w: Work) -> float:

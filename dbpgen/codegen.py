@@ -14,7 +14,7 @@ from pathlib import Path
 import jinja2
 
 from . import __version__
-from .backend import chooser, emit
+from .backend import chooser, emit, polynomials
 from .backend.memory import peak_bytes
 from .backend.schedule import verify
 from .derive import n_vectors, params as param_symbols
@@ -100,7 +100,7 @@ def render(model: Model, programs: dict[str, Program], ops: dict, naive: Program
         "peak_bytes": pprint.pformat(peak, sort_dicts=True, width=88),
         "count_ops": count_ops,
         "helpers": sorted(helpers),
-        "dtype": model.dtype,  # helpers with a form per dtype (_tanh1's polynomial)
+        "tanh": polynomials.tanh_form(model.dtype),  # _tanh1's constants in the model's dtype
         "jit": "" if count_ops else emit.DECORATORS["njit"],
         "decorators": {k: ("" if count_ops else v) for k, v in emit.DECORATORS.items()},
         # a helper that is one array expression (a BLAS call, a ufunc) gains nothing from

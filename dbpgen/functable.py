@@ -37,8 +37,8 @@ class Function:
     scalar        how it prints on one element inside a jitted loop, e.g. "_sigmoid1({0})"
     array_helper, scalar_helper   the module-level helper (templates/helpers.py.j2) a form
                   calls, or None for NumPy / math / builtins
-    transcendental  a libm call per coordinate (exp, log, tanh, sin, erf, sigmoid, ...):
-                  NumPy's SIMD ufuncs beat a scalar loop; cheap ones (Abs, sign, Heaviside,
+    transcendental  a libm call per coordinate in a loop (exp, log, sin, erf, sigmoid, ...):
+                  NumPy's ufuncs beat a scalar loop; cheap ones (Abs, sign, Heaviside,
                   Max, Min, sqrt: one or two instructions) fuse into loops
     vectorized    its scalar form is arithmetic only, no libm call (tanh: `_tanh1`, a
                   polynomial and selects): LLVM vectorizes the loop around it, so it fuses

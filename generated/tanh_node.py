@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_tanh_node_1804065d47015da0"
+__name__ = "_dbpgen_tanh_node_8cd8f174935d21f7"
 
 
 class _CachedGlobals:
@@ -211,31 +211,30 @@ def _rowsum(a):
 
 @numba.njit(cache=True, error_model="numpy")
 def _tanh1(z):
-    # one coordinate, for the fused kernels: tanh(z) = sign(z) t / (t + 2) with
-    # t = expm1(2|z|) = 2^k (1 + p(r)) - 1, 2|z| = k ln2 + r, |r| <= ln2 / 2, p a Taylor
-    # polynomial, 2^k a product of selects: arithmetic only, no libm call, so that LLVM
-    # vectorizes the loop around it (NumPy's np.tanh, at hand only outside, is one pass
-    # over memory of its own)
-    y = 2.0 * abs(z)
-    y = 40.0 if y > 40.0 else y  # tanh(20) rounds to 1; NaN stays
+    # one coordinate, for the fused kernels: sign(z) t / (t + 2), t = expm1(2|z|) from a
+    # polynomial of degree 13 and 2^k as selects, arithmetic only (no libm call), so that
+    # LLVM vectorizes the loop around it (constants: dbpgen/backend/polynomials.py)
+    y = abs(z)
+    y = 20.0 if y > 20.0 else y  # tanh rounds to 1 past it; NaN stays NaN
+    y = 2.0 * y
     k = np.floor(y * 1.4426950408889634 + 0.5)
-    n = int(k) if k < 64 else 0  # k in [0, 58]; 0 for NaN
-    r = (y - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10  # ln2, hi + lo
-    p = 1 / 87178291200
-    p = p * r + 1 / 6227020800
-    p = p * r + 1 / 479001600
-    p = p * r + 1 / 39916800
-    p = p * r + 1 / 3628800
-    p = p * r + 1 / 362880
-    p = p * r + 1 / 40320
-    p = p * r + 1 / 5040
-    p = p * r + 1 / 720
-    p = p * r + 1 / 120
-    p = p * r + 1 / 24
-    p = p * r + 1 / 6
+    n = int(k) if k < 64 else 0  # 0 for NaN
+    r = (y - k * 0.6931471803691238) - k * 1.9082149292705877e-10  # |r| <= ln2 / 2
+    p = 1.6059043836821613e-10
+    p = p * r + 2.08767569878681e-09
+    p = p * r + 2.505210838544172e-08
+    p = p * r + 2.755731922398589e-07
+    p = p * r + 2.7557319223985893e-06
+    p = p * r + 2.48015873015873e-05
+    p = p * r + 0.0001984126984126984
+    p = p * r + 0.001388888888888889
+    p = p * r + 0.008333333333333333
+    p = p * r + 0.041666666666666664
+    p = p * r + 0.16666666666666666
     p = p * r + 0.5
-    p = p * r * r + r
-    s = 2.0 if n & 1 else 1.0
+    p = p * r * r + r  # expm1(r)
+    s = 1.0
+    s *= 2.0 if n & 1 else 1.0
     s *= 4.0 if n & 2 else 1.0
     s *= 16.0 if n & 4 else 1.0
     s *= 256.0 if n & 8 else 1.0

@@ -19,7 +19,8 @@ from ..shapes import BATCH_AXIS, shape_of
 from .schedule import elem, name
 
 # coordinate-wise SymPy node types, and the functions that cost a libm call per element
-# (NumPy's SIMD ufuncs beat Numba's scalar calls): from the one function table
+# (NumPy's ufuncs beat Numba's scalar calls; tanh is not one of them, it is VECTORIZED):
+# from the one function table
 ELEMENTWISE = ELEMENTWISE_TYPES
 TRANSCENDENTAL = TRANSCENDENTAL_TYPES
 VECTORIZED = VECTORIZED_TYPES  # polynomials in loops (tanh): cheap enough to fuse
@@ -128,19 +129,20 @@ class Lowering:
         self.shapes[sym.name] = self.shape(expr)
         return sym
 
-    def share_transcendentals(self, nodes: list) -> list:
+    def share_transcendentals(self, nodes: list, types: tuple = TRANSCENDENTAL) -> list:
         """Each transcendental application f(a) of the statements (a coordinate-wise)
         computed once, as its own statement right after the values it reads, and read from
         there on. SymPy's g, g' and g'' of an activation repeat the same f(z) (mish's g''
-        holds tanh(log(exp(z) + 1)) four times and exp(z) eight); as NumPy expressions each
-        one is a SIMD ufunc pass over the layer, and what remains of g, g', g'' is
-        arithmetic that one fused loop takes. A statement that is one application itself
-        (x1 = tanh(z1)) keeps it and lends its name to the others; exp(n a) for a small
-        integer n reads exp(a)**n when exp(a) is made."""
+        holds log(exp(z) + 1) four times and exp(z) eight); as NumPy expressions each one is
+        a ufunc pass over the layer, and what remains of g, g', g'' is arithmetic that one
+        fused loop takes. A statement that is one application itself (x1 = sigmoid(z1))
+        keeps it and lends its name to the others; exp(n a) for a small
+        integer n reads exp(a)**n when exp(a) is made. `types`: the functions shared (the
+        whole-array lowering adds VECTORIZED ones: there tanh is NumPy's ufunc too)."""
         made: dict = {}
         out: list = []
         for node in nodes:
-            if not isinstance(node, Stmt) or not node.expr.has(*TRANSCENDENTAL):
+            if not isinstance(node, Stmt) or not node.expr.has(*types):
                 out.append(node)
                 continue
 
@@ -150,7 +152,7 @@ class Lowering:
                 args = tuple(visit(a) for a in e.args)
                 if args != e.args:
                     e = e.func(*args)
-                if not isinstance(e, TRANSCENDENTAL) or not coordinatewise(e, False):
+                if not isinstance(e, types) or not coordinatewise(e, False):
                     return e
                 if e in made:
                     return made[e]

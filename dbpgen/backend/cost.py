@@ -62,11 +62,10 @@ class Machine:
 
 MACHINE = Machine()
 
-# One scalar libm evaluation in a jitted loop, relative to tanh (which `libm_element` and
-# `lane_libm` price): by the function table's name, measured in the lanes kernel's loops in
-# float64 and float32 (their mean). tanh costs 9.6 ns per element here, exp 4.4, log 3.6:
-# priced all alike, a 16-wide tanh network was predicted faster as one lanes kernel than
-# as fused loops with NumPy's SIMD tanh, and measured 1.05-1.15x slower.
+# One scalar libm evaluation in a jitted loop, relative to libm's tanh (which `libm_element`
+# and `lane_libm` price; tanh itself is a vectorized polynomial in loops, `vector_element`):
+# by the function table's name, measured in the lanes kernel's loops in float64 and float32
+# (their mean), where libm's tanh cost 9.6 ns per element, exp 4.4, log 3.6.
 LIBM_RELATIVE = {"tanh": 1.0, "sinh": 1.0, "tan": 1.0, "asinh": 1.25, "softplus": 1.4, "erf": 0.75,
                  "atan": 0.67, "cos": 0.6, "cosh": 0.6, "sin": 0.55, "sigmoid": 0.5, "exp": 0.42,
                  "log": 0.36}
@@ -171,7 +170,7 @@ def _seconds(kind: str, w: Work, m: Machine, scale: float, blas: float) -> float
     cheap = w.elements - w.transcendental - w.vectorized
     polynomials = scale * w.vectorized * m.vector_element  # in loops: lanes, jit, fused
     if kind == "lanes":
-        return m.call + scale * (w.flops * m.lane_flop + w.elements * m.loop_element
+        return m.call + scale * (w.flops * m.lane_flop + (w.elements - w.vectorized) * m.loop_element
                                  + w.reductions * m.loop_element) + _libm(w) * m.lane_libm + polynomials
     if kind == "jit":
         return m.call + w.statements * m.jit_statement + blas \

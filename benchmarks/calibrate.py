@@ -14,8 +14,7 @@ import numba
 import numpy as np
 
 from dbpgen.backend.cost import Machine
-from dbpgen.backend.polynomials import tanh_form
-from dbpgen.codegen import environment
+from dbpgen.codegen import helpers_source
 
 
 def seconds(fn, repeat: int = 7, budget: float = 0.2) -> float:
@@ -48,8 +47,7 @@ def _tanh_loop(a, out):
 
 def _vector_loop():
     """A jitted loop of the modules' vectorized tanh (templates/helpers.py.j2, float64)."""
-    text = environment().get_template("helpers.py.j2").render(
-        helpers=["_tanh1"], jit='@numba.njit(cache=False, error_model="numpy")', array_jit="", tanh=tanh_form("float64"))
+    text = helpers_source(["_tanh1"], "float64", jit='@numba.njit(cache=False, error_model="numpy")')
     namespace = {"np": np, "math": math, "numba": numba}
     exec(compile(text, "helpers.py", "exec"), namespace)
     tanh1 = namespace["_tanh1"]

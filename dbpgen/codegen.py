@@ -37,6 +37,13 @@ def template_dir() -> Path:
     return Path(str(resources.files("dbpgen.templates")))
 
 
+def helpers_source(helpers, dtype: str, jit: str, array_jit: str = "") -> str:
+    """templates/helpers.py.j2 alone, for the named helpers in `dtype`, each scalar helper
+    under decorator `jit`: how tests and benchmarks run the helpers outside a module."""
+    return environment().get_template("helpers.py.j2").render(
+        helpers=sorted(helpers), jit=jit, array_jit=array_jit, tanh=polynomials.tanh_form(dtype))
+
+
 def environment() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir())),

@@ -12,17 +12,16 @@ import platform
 import re
 import warnings
 
-import jinja2
 import numba
 import numpy as np
 import pytest
 import sympy as sp
 import torch
 
-from conftest import ROOT, write_model
+from conftest import write_model
 from dbpgen import expr as expr_module, functable
 from dbpgen.backend import common
-from dbpgen.backend.polynomials import tanh_form
+from dbpgen.codegen import helpers_source
 from dbpgen.compiler import compile_file
 from dbpgen.errors import ModelError
 from dbpgen.expr import parse_expression
@@ -140,11 +139,8 @@ def test_the_scalar_printer_refuses_what_is_not_coordinatewise():
 def _helpers(array_jit: str = "@numba.njit", dtype: str = "float64", jit: str = "@numba.njit") -> dict:
     """The module's helpers (templates/helpers.py.j2), as the emitted module has them: the
     whole-array ones jitted (a jitted program calls them) or plain NumPy (array_jit="")."""
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(ROOT / "templates")),
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     names = {e.helper(s) for e in functable.TABLE.values() for s in (False, True)} - {None}
-    text = env.get_template("helpers.py.j2").render(helpers=sorted(names), jit=jit,
-                                                    array_jit=array_jit, tanh=tanh_form(dtype))
+    text = helpers_source(names, dtype, jit, array_jit)
     namespace = {"np": np, "math": math, "numba": numba}
     exec(compile(text, "helpers.py", "exec"), namespace)
     return namespace
@@ -241,7 +237,7 @@ def test_scalar_forms_compute_torchs_values_jitted_and_plain(dtype):
 def test_the_vectorized_tanh_is_within_three_ulp_everywhere(dtype):
     """_tanh1 (a polynomial and selects, no libm call) against NumPy's tanh in float64 on
     a dense sweep of the whole range, subnormals, signed zeros, infinities, huge values and
-    NaN; jitted as the module jits it, the loop around it is vectorized (LLVM vector types);
+    NaN; jitted as the module jits it, the loop around it is vectorized (packed multiplies);
     as plain Python (NUMBA_DISABLE_JIT) it gives the same numbers, without a warning."""
     name = np.dtype(dtype).name
     helpers = _helpers(dtype=name, jit='@numba.njit(error_model="numpy")')

@@ -37,11 +37,13 @@ def template_dir() -> Path:
     return Path(str(resources.files("dbpgen.templates")))
 
 
-def helpers_source(helpers, dtype: str, jit: str, array_jit: str = "") -> str:
-    """templates/helpers.py.j2 alone, for the named helpers in `dtype`, each scalar helper
-    under decorator `jit`: how tests and benchmarks run the helpers outside a module."""
+def helpers_source(helpers, dtype: str, jit: str, array_jit: str = "", inline: str | None = None) -> str:
+    """templates/helpers.py.j2 alone, for the named helpers (and the ones they call) in
+    `dtype`, each scalar helper under decorator `jit`, the ones the module inlines under
+    `inline` (default: `jit`): how tests and benchmarks run the helpers outside a module."""
     return environment().get_template("helpers.py.j2").render(
-        helpers=sorted(helpers), jit=jit, array_jit=array_jit, tanh=polynomials.tanh_form(dtype))
+        helpers=sorted(emit.with_dependencies(helpers)), jit=jit, array_jit=array_jit,
+        inline=jit if inline is None else inline, **polynomials.forms(dtype))
 
 
 def environment() -> jinja2.Environment:
@@ -107,8 +109,9 @@ def render(model: Model, programs: dict[str, Program], ops: dict, naive: Program
         "peak_bytes": pprint.pformat(peak, sort_dicts=True, width=88),
         "count_ops": count_ops,
         "helpers": sorted(helpers),
-        "tanh": polynomials.tanh_form(model.dtype),  # _tanh1's constants in the model's dtype
+        **polynomials.forms(model.dtype),  # the vectorized helpers' constants in the model's dtype
         "jit": "" if count_ops else emit.DECORATORS["njit"],
+        "inline": "" if count_ops else emit.DECORATORS["inline"],
         "decorators": {k: ("" if count_ops else v) for k, v in emit.DECORATORS.items()},
         # a helper that is one array expression (a BLAS call, a ufunc) gains nothing from
         # @njit when only Python calls it, and would cost LLVM time on the first call; where

@@ -41,7 +41,8 @@ class Function:
                   NumPy's ufuncs beat a scalar loop; cheap ones (Abs, sign, Heaviside,
                   Max, Min, sqrt: one or two instructions) fuse into loops
     vectorized    its scalar form is arithmetic only, no libm call (tanh: `_tanh1`, a
-                  polynomial and selects): LLVM vectorizes the loop around it, so it fuses
+                  polynomial, selects and bit casts; exp, log, sigmoid, softplus alike,
+                  dbpgen/backend/polynomials.py): LLVM vectorizes the loop around it, so it fuses
                   into loops like the cheap ones, at its own price per coordinate
                   (`backend.cost.Machine.vector_element`); not transcendental
     """
@@ -80,11 +81,17 @@ def _ufunc(name: str, sympy, numpy: str | None = None) -> Function:
     return Function(name, sympy, 1, 1, code, code, transcendental=True)
 
 
+def _vectorized(name: str, sympy, numpy: str | None = None) -> Function:
+    """A function NumPy has as a SIMD ufunc on whole arrays, and that a loop computes as a
+    vectorized polynomial (`_<name>1`, templates/helpers.py.j2)."""
+    return Function(name, sympy, 1, 1, f"np.{numpy or name}({{0}})", f"_{name}1({{0}})",
+                    scalar_helper=f"_{name}1", vectorized=True)
+
+
 _ENTRIES = (
-    _ufunc("exp", sp.exp),
-    _ufunc("log", sp.log),
-    # NumPy's SIMD ufunc on whole arrays; in loops a vectorized polynomial (templates/helpers.py.j2)
-    Function("tanh", sp.tanh, 1, 1, "np.tanh({0})", "_tanh1({0})", scalar_helper="_tanh1", vectorized=True),
+    _vectorized("exp", sp.exp),
+    _vectorized("log", sp.log),
+    _vectorized("tanh", sp.tanh),
     _ufunc("sinh", sp.sinh),
     _ufunc("cosh", sp.cosh),
     _ufunc("sin", sp.sin),
@@ -95,11 +102,12 @@ _ENTRIES = (
     # NumPy has no erf: a jitted loop of math.erf on arrays, math.erf itself on scalars
     Function("erf", sp.erf, 1, 1, "_erf({0})", "math.erf({0})", array_helper="_erf",
              transcendental=True),
-    # numerically stable kernels: exp of -|z| only, never an overflow
+    # numerically stable kernels: exp of -|z| only, never an overflow; in loops, from the
+    # vectorized _exp1 (and _log1p01)
     Function("sigmoid", Sigmoid, 1, 1, "_sigmoid({0})", "_sigmoid1({0})",
-             array_helper="_sigmoid", scalar_helper="_sigmoid1", transcendental=True),
+             array_helper="_sigmoid", scalar_helper="_sigmoid1", vectorized=True),
     Function("softplus", Softplus, 1, 1, "_softplus({0})", "_softplus1({0})",
-             array_helper="_softplus", scalar_helper="_softplus1", transcendental=True),
+             array_helper="_softplus", scalar_helper="_softplus1", vectorized=True),
     # sqrt(x) is Pow(x, 1/2) in SymPy: the printers' _print_Pow uses these forms
     Function("sqrt", sp.sqrt, 1, 1, "np.sqrt({0})", "np.sqrt({0})"),
     Function("Abs", sp.Abs, 1, 1, "np.abs({0})", "abs({0})"),

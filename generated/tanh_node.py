@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_tanh_node_8cd8f174935d21f7"
+__name__ = "_dbpgen_tanh_node_642ae63d5700568e"
 
 
 class _CachedGlobals:
@@ -212,8 +212,8 @@ def _rowsum(a):
 @numba.njit(cache=True, error_model="numpy")
 def _tanh1(z):
     # one coordinate, for the fused kernels: sign(z) t / (t + 2), t = expm1(2|z|) from a
-    # polynomial of degree 13 and 2^k as selects, arithmetic only (no libm call), so that
-    # LLVM vectorizes the loop around it (constants: dbpgen/backend/polynomials.py)
+    # polynomial of degree 13 and 2^k from its bits, arithmetic only (no libm call), so
+    # that LLVM vectorizes the loop around it (constants: dbpgen/backend/polynomials.py)
     y = abs(z)
     y = 20.0 if y > 20.0 else y  # tanh rounds to 1 past it; NaN stays NaN
     y = 2.0 * y
@@ -233,13 +233,7 @@ def _tanh1(z):
     p = p * r + 0.16666666666666666
     p = p * r + 0.5
     p = p * r * r + r  # expm1(r)
-    s = 1.0
-    s *= 2.0 if n & 1 else 1.0
-    s *= 4.0 if n & 2 else 1.0
-    s *= 16.0 if n & 4 else 1.0
-    s *= 256.0 if n & 8 else 1.0
-    s *= 65536.0 if n & 16 else 1.0
-    s *= 4294967296.0 if n & 32 else 1.0
+    s = np.int64((n + 1023) << 52).view(np.float64)  # 2^k
     t = s * p + (s - 1.0)
     return np.copysign(t / (t + 2.0), z)
 

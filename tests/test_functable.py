@@ -136,11 +136,12 @@ def test_the_scalar_printer_refuses_what_is_not_coordinatewise():
 
 # -- the printed code computes what torch computes ----------------------------------------
 
-def _helpers(array_jit: str = "@numba.njit", dtype: str = "float64", jit: str = "@numba.njit") -> dict:
+def _helpers(array_jit: str = "@numba.njit", dtype: str = "float64", jit: str = "@numba.njit",
+             inline: str | None = None) -> dict:
     """The module's helpers (templates/helpers.py.j2), as the emitted module has them: the
     whole-array ones jitted (a jitted program calls them) or plain NumPy (array_jit="")."""
     names = {e.helper(s) for e in functable.TABLE.values() for s in (False, True)} - {None}
-    text = helpers_source(names, dtype, jit, array_jit)
+    text = helpers_source(names, dtype, jit, array_jit, inline)
     namespace = {"np": np, "math": math, "numba": numba}
     exec(compile(text, "helpers.py", "exec"), namespace)
     return namespace
@@ -233,25 +234,47 @@ def test_scalar_forms_compute_torchs_values_jitted_and_plain(dtype):
                                        err_msg=f"{name}: {codes[k]}")
 
 
+def _extended(name, x):
+    """The reference, in x86's 80-bit long double (64 mantissa bits): 11 more than float64."""
+    x = x.astype(np.longdouble)
+    with np.errstate(all="ignore"):
+        return {"tanh": np.tanh, "exp": np.exp, "log": np.log,
+                "sigmoid": lambda a: 1 / (1 + np.exp(-a)),
+                "softplus": lambda a: np.maximum(a, 0) + np.log1p(np.exp(-np.abs(a)))}[name](x)
+
+
+VECTORIZED = sorted(name for name, entry in functable.TABLE.items() if entry.vectorized)
+
+
+def test_the_vectorized_functions_are_exp_log_tanh_sigmoid_softplus():
+    assert VECTORIZED == ["exp", "log", "sigmoid", "softplus", "tanh"]
+    assert not any(functable.TABLE[name].transcendental for name in VECTORIZED)
+
+
+@pytest.mark.skipif(np.finfo(np.longdouble).nmant < 63, reason="the reference needs x86's 80-bit long double")
+@pytest.mark.parametrize("name", VECTORIZED)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_the_vectorized_tanh_is_within_three_ulp_everywhere(dtype):
-    """_tanh1 (a polynomial and selects, no libm call) against NumPy's tanh in float64 on
-    a dense sweep of the whole range, subnormals, signed zeros, infinities, huge values and
-    NaN; jitted as the module jits it, the loop around it is vectorized (packed multiplies);
-    as plain Python (NUMBA_DISABLE_JIT) it gives the same numbers, without a warning."""
-    name = np.dtype(dtype).name
-    helpers = _helpers(dtype=name, jit='@numba.njit(error_model="numpy")')
-    tanh1 = helpers["_tanh1"]
+def test_the_vectorized_functions_are_within_three_ulp_everywhere(dtype, name):
+    """Each vectorized scalar form (a polynomial, selects and bit casts, no libm call)
+    against the function in 80-bit long double on a dense sweep of the whole range,
+    subnormals, signed zeros, infinities, huge values and NaN; jitted as the module jits it,
+    the loop around it is vectorized (packed multiplies); as plain Python (NUMBA_DISABLE_JIT)
+    it gives the same numbers, without a warning but exp's own overflow, as np.exp's."""
+    dt = np.dtype(dtype).name
+    helper = functable.TABLE[name].scalar_helper
+    helpers = _helpers(dtype=dt, jit='@numba.njit(error_model="numpy")',
+                       inline='@numba.njit(error_model="numpy", inline="always")')
     # a loop over an array calling the helper by its global name, as the module's loops do
-    exec("def each(a, out):\n    for i in range(a.shape[0]):\n        out[i] = _tanh1(a[i])\n", helpers)
+    exec(f"def each(a, out):\n    for i in range(a.shape[0]):\n        out[i] = {helper}(a[i])\n", helpers)
     loop = numba.njit(error_model="numpy")(helpers["each"])
     rng = np.random.default_rng(0)
-    specials = [0.0, -0.0, 5e-324, 1e-310, 1e-40, np.inf, -np.inf, np.nan, 1e300, -1e300,
-                float(np.finfo(dtype).max), -float(np.finfo(dtype).max)]
-    a = np.concatenate([rng.standard_normal(20000) * 4, np.linspace(-30, 30, 60001),
-                        np.geomspace(1e-40, 40, 4001), -np.geomspace(1e-40, 40, 4001), specials])
+    info = np.finfo(dtype)
+    tiny, big = float(info.smallest_subnormal), float(info.max)
+    specials = [0.0, -0.0, tiny, -tiny, float(info.smallest_normal), 1e-310, 1e-40, np.inf, -np.inf, np.nan,
+                1e300, -1e300, big, -big, 709.78, 709.79, -745.1, -745.2, 88.72, 88.73, -103.2, -103.3]
     with np.errstate(over="ignore"):
-        a = a.astype(dtype)
+        a = np.concatenate([rng.standard_normal(20000) * 4, np.linspace(-30, 30, 60001), np.linspace(-800, 800, 8001),
+                            np.geomspace(tiny, big, 8001), -np.geomspace(tiny, big, 8001), specials]).astype(dtype)
     got = np.empty_like(a)
     loop(a, got)
     assert got.dtype == dtype
@@ -260,16 +283,20 @@ def test_the_vectorized_tanh_is_within_three_ulp_everywhere(dtype):
     if int(numba.config.OPT) >= 3 and platform.machine() in ("x86_64", "AMD64"):
         packed = r"vmulp%s\s+[^\n]*%%[yz]mm" % ("d" if dtype == np.float64 else "s")
         assert re.search(packed, loop.inspect_asm(loop.signatures[0])), "the loop is not vectorized"
-    ref = np.tanh(a.astype(np.float64))
-    finite = np.isfinite(ref)
-    ulp = np.abs(got[finite] - ref[finite]) / np.spacing(np.abs(ref[finite]).astype(dtype))
-    assert ulp.max() <= 3, (name, ulp.max(), a[finite][ulp.argmax()])
-    assert np.isnan(got[~finite]).all()
-    assert np.array_equal(np.signbit(got[a == 0]), np.signbit(a[a == 0]))  # tanh(-0) = -0
+    ref = _extended(name, a)
+    with np.errstate(over="ignore"):
+        rounded = ref.astype(dtype)  # inf where the result overflows the dtype, 0 where it underflows
+        finite = np.isfinite(rounded)
+        ulp = np.abs(got[finite].astype(np.longdouble) - ref[finite]) / np.spacing(np.abs(rounded[finite]))
+    assert ulp.max() <= 3, (dt, name, float(ulp.max()), a[finite][ulp.argmax()])
+    assert np.array_equal(got[~finite], rounded[~finite], equal_nan=True)
+    zeros = (a == 0) & (rounded == 0)  # tanh(-0) = -0
+    assert np.array_equal(np.signbit(got[zeros]), np.signbit(rounded[zeros]))
     some = np.r_[0:a.size:53, a.size - len(specials):a.size]
-    with warnings.catch_warnings():
+    python = _helpers(array_jit="", dtype=dt, jit="", inline="")[helper]  # as NUMBA_DISABLE_JIT runs it
+    with warnings.catch_warnings(), np.errstate(over="ignore" if name == "exp" else "raise"):
         warnings.simplefilter("error")
-        plain = np.array([tanh1.py_func(x) for x in a[some]])
+        plain = np.array([python(x) for x in a[some]])
     assert plain.dtype == dtype
     np.testing.assert_array_equal(plain, got[some])
 

@@ -24,14 +24,14 @@ FUSED = [
     mlp("fused_relu_softmax_cdb", ["relu", "relu"], "softmax", "nll", CDB, widths=WIDE, C=4),
     mlp("fused_tanh_sigmoid_node", ["tanh", "sigmoid"], None, "mse", NODE, widths=WIDE),
     mlp("fused_leaky_softplus_given", [{"leaky_relu": 0.1}, "softplus"], "sigmoid", "mse", GIVEN, widths=WIDE),
-    mlp("fused_elu_wgan", ["elu", "z**3/3 + z"], None, "mse", WGAN, widths=WIDE),
+    mlp("fused_elu_wgan", ["elu", "z**3/3 + sin(z)"], None, "mse", WGAN, widths=WIDE),
     mlp("fused_relu_nobias_cdb", ["relu", "abs(z)"], None, "mse", CDB, widths=WIDE, bias=False),
 ]
 
 
-# every spec in the fused schedule; in a jitted program, the ones with transcendental functions
-# (which the fused schedule leaves to NumPy's ufuncs and a jitted one fuses into its loops)
-# and tanh (a vectorized polynomial in the loops of both)
+# every spec in the fused schedule; in a jitted program, the ones with a transcendental function
+# (sin: the fused schedule leaves it to NumPy's ufuncs, a jitted one fuses it into its loops)
+# and with tanh and sigmoid (vectorized polynomials in the loops of both)
 CASES = [(s, "fused") for s in FUSED] + [(FUSED[1], "jit"), (FUSED[3], "jit")]
 
 
@@ -44,19 +44,30 @@ def test_fused_programs_match_oracle_and_plain_python(spec, schedule, tmp_path, 
     check_jit_equals_plain(spec, module, rng)
 
 
-def test_tanh_joins_the_loops_and_libm_functions_stay_numpy_ufuncs(tmp_path):
-    """In the fused schedule tanh is evaluated inside the jitted loops, as the vectorized
-    polynomial _tanh1 (g = tanh(z) in the loop that makes z, g' and g'' through g in the
-    same loop); sigmoid, a libm call per coordinate in a loop, stays a NumPy whole-array
-    statement."""
+def _kernels(source: str, program: str) -> str:
+    """The source of the fused loops a program calls."""
+    called = re.findall(r"(_fused\d+)\(", program)
+    assert called, program
+    return "".join(source.split(f"def {name}(", 1)[1].split("\ndef ", 1)[0] for name in set(called))
+
+
+def test_vectorized_functions_join_the_loops_and_libm_functions_stay_numpy_ufuncs(tmp_path):
+    """In the fused schedule tanh, sigmoid and exp (elu's) are evaluated inside the jitted
+    loops, as the vectorized polynomials _tanh1, _sigmoid1 and _exp1 (g = tanh(z) in the loop
+    that makes z, g' and g'' through g in the same loop); sin, a libm call per coordinate in
+    a loop, stays a NumPy whole-array statement."""
     module = compile_spec(FUSED[1], tmp_path, schedule="fused")
     source = Path(module.__file__).read_text()
     program = source.split("def _value_and_grad(", 1)[1].split("\ndef ", 1)[0]
-    assert "tanh" not in program and "_sigmoid(" in program
-    loop = re.search(r"x1, dg1, ddg1 = (_fused\d+)\(", program)  # z1, x1, g', g'' in one loop
-    assert loop, program
-    kernel = source.split(f"def {loop.group(1)}(", 1)[1].split("\ndef ", 1)[0]
-    assert "_tanh1(" in kernel
+    assert "tanh" not in program and "sigmoid" not in program
+    assert re.search(r"x1, dg1, ddg1 = (_fused\d+)\(", program), program  # z1, x1, g', g'' in one loop
+    kernels = _kernels(source, program)
+    assert "_tanh1(" in kernels and "_sigmoid1(" in kernels
+    module = compile_spec(FUSED[3], tmp_path, schedule="fused")
+    source = Path(module.__file__).read_text()
+    program = source.split("def _value_and_grad(", 1)[1].split("\ndef ", 1)[0]
+    assert "np.sin(" in program and "exp" not in program
+    assert "_exp1(" in _kernels(source, program)
 
 
 def test_the_chooser_takes_one_jitted_program_for_tanh_and_for_relu(tmp_path):

@@ -103,8 +103,10 @@ EVERY_FUNCTION = (
     " + erf(z) + exp(-z*z) + log(1 + z*z) + sqrt(1 + z*z) + Abs(z)/4 + sign(z)/8 + Heaviside(z)/8"
     " + Max(z, 0.1*z, -1)/2 + Min(z, 0.5)/2 + sigmoid(z) + softplus(z) + abs(z)/8 + max(z, 0)/8"
     " + min(z, 0)/8 + pi*z/10 + E*z/10")
-# the functions cheap in a jitted function's loops (no libm call; tanh a vectorized polynomial)
-PIECEWISE = "Abs(z)/4 + sign(z)/8 + Heaviside(z)/8 + Max(z, 0.1*z, -1)/2 + Min(z, 0.5)/2 + z*z/4 + tanh(z)/4"
+# the functions cheap in a jitted function's loops (no libm call; tanh, exp, log, sigmoid and
+# softplus vectorized polynomials)
+PIECEWISE = ("Abs(z)/4 + sign(z)/8 + Heaviside(z)/8 + Max(z, 0.1*z, -1)/2 + Min(z, 0.5)/2 + z*z/4 + tanh(z)/4"
+             " + exp(-z*z)/4 + log(1 + z*z)/4 + sigmoid(z)/4 + softplus(z)/4")
 
 
 # whole activations whose g' and g'' carry distributions (DiracDelta, its derivative) that

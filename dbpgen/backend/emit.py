@@ -22,13 +22,22 @@ DECORATORS = {
     "njit": '@numba.njit(cache=True, error_model="numpy")',
     "reassoc": '@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})',
     "lanes": f'@numba.njit(cache=True, error_model="numpy", fastmath={FASTMATH_LANES})',
+    # a scalar helper that calls others (_softplus1): Numba inlines its IR at every call, so
+    # that LLVM sees the calls it makes in the loop and inlines them there (their sum is over
+    # LLVM's inlining threshold, each alone is not), and vectorizes the loop
+    "inline": '@numba.njit(cache=True, error_model="numpy", inline="always")',
 }
 
 
 # helpers the lowerings call by name (Call nodes); the printers name the others
 SCHEDULE_HELPERS = ("_dense_Kbox", "_dense_K_into", "_dense_KT_into", "_copy_into")
 # helpers that call other helpers
-DEPENDS = {"_dense_Kbox2": {"_dense_Kbox"}}
+DEPENDS = {"_dense_Kbox2": {"_dense_Kbox"}, "_sigmoid1": {"_exp1"}, "_softplus1": {"_exp1", "_log1p01"}}
+
+
+def with_dependencies(helpers) -> set[str]:
+    """The named helpers and every helper they call."""
+    return set(helpers).union(*(DEPENDS.get(name, set()) for name in helpers))
 
 
 class _ScheduleNames(NumbaPrinter):
@@ -60,8 +69,7 @@ class _ScheduleNames(NumbaPrinter):
         return super()._print_Min(expr)
 
     def _use(self, code: str, name: str) -> str:
-        self.helpers.add(name)
-        self.helpers |= DEPENDS.get(name, set())
+        self.helpers |= with_dependencies({name})
         return code
 
     def _print_Indexed(self, expr):

@@ -83,11 +83,11 @@ def render(model: Model, programs: dict[str, Program], ops: dict, naive: Program
     for name, lowered in schedules.items():
         for fn in lowered.kernels + (lowered.entry,):
             shapes = fn.array_shapes()
-            view, calls = emit.function(fn, model, _shape_of(model, shapes))
+            view, array_calls, scalar_calls = emit.function(fn, model, _shape_of(model, shapes))
             kernels[name if fn is lowered.entry else fn.name] = view
-            helpers |= calls
-            if fn.decorator:
-                jitted_calls |= calls
+            helpers |= array_calls | scalar_calls
+            if fn.decorator:  # scalar helpers (_tanh1, ...) are jitted anyway
+                jitted_calls |= array_calls
     peak = {"batch": batch, "emitted": peak_bytes(model, schedules["value_and_grad"], batch),
             "naive": peak_live_bytes(model, naive, batch)}
     pen = model.penalty

@@ -188,15 +188,16 @@ class Printer:
             self.lines.append((pad + code, node.comment))
 
 
-def function(fn: Function, model, shape_of=None) -> tuple[dict, set[str]]:
-    """The template's view of one function, and the helpers it calls."""
+def function(fn: Function, model, shape_of=None) -> tuple[dict, set[str], set[str]]:
+    """The template's view of one function; the helpers its whole-array statements call
+    (operator kernels, array helpers); the ones its scalar loops call (_tanh1, ...)."""
     printer = Printer(model, shape_of)
     printer.nodes(fn.body)
     returns = [printer.array.doprint(r) for r in fn.returns]
     calls = {node.function for node in _calls(fn.body)}
     return ({"name": fn.name, "args": list(fn.params), "lines": printer.lines, "returns": returns,
              "labels": list(fn.labels), "jit": DECORATORS[fn.decorator]},
-            printer.helpers | calls)
+            printer.array.helpers | calls, printer.scalar.helpers)
 
 
 def _calls(nodes):

@@ -81,6 +81,8 @@ def _bench(args) -> int:
         raise ModelError("dbpgen bench", "MODEL", "give a model file or --sweep small|full|conv")
     if args.out:
         raise ModelError(args.model, "--out", "only with --sweep")
+    if args.only:
+        raise ModelError(args.model, "--only", "only with --sweep")
     models = [args.model]
     if args.outputs:
         tmp = tempfile.mkdtemp(prefix="dbpgen-bench-")
@@ -95,7 +97,9 @@ def _bench(args) -> int:
 def _sweep(args, against) -> int:
     from . import sweep
 
-    points = sweep.sweep_points(args.sweep, args.dtype)
+    points = sweep.sweep_points(args.sweep, args.dtype, tuple(args.only or ()))
+    if not points:
+        raise ModelError("dbpgen bench", "--only", f"no point of --sweep {args.sweep} matches {args.only}")
 
     def progress(i, n, row):
         done = row.get("error") or f"{row['schedule']}, cold {row['cold_s']:.1f} s, {row['dbpgen_ms']:.3g} ms"
@@ -107,6 +111,7 @@ def _sweep(args, against) -> int:
     print(sweep.summary(rows))
     if args.out:
         command = (f"dbpgen bench --sweep {args.sweep}" + (f" --dtype {args.dtype}" if args.dtype else "")
+                   + "".join(f" --only {t!r}" for t in args.only or ())
                    + f" --against {','.join(against)} --seconds {args.seconds:g}")
         for path in sweep.write(rows, args.out, command, against):
             print(f"wrote {path}", file=sys.stderr)
@@ -212,6 +217,9 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--sweep", choices=["small", "full", "conv"], default=None,
                    help="instead of MODEL, a grid of generated dense and conv models (dbpgen/sweep.py): "
                         "cold/warm start, schedule, ms against the peers, one table row per point")
+    n.add_argument("--only", action="append", default=None, metavar="TEXT",
+                   help="with --sweep: only the points whose 'label dtype B=batch' contains TEXT "
+                        "(repeatable), e.g. --only softplus --only 'float32 B=32'")
     n.add_argument("--out", default=None, help="with --sweep: write the table here (markdown) and "
                                                "the rows beside it as .csv and .json")
     n.add_argument("--batch", type=int, nargs="+", default=[128])

@@ -234,11 +234,13 @@ def small_points() -> list[Point]:
 SIZES = {"small": small_points, "full": full_points, "conv": conv_points}
 
 
-def sweep_points(size: str, dtype: str | None = None) -> list[Point]:
-    """The grid `dbpgen bench --sweep size [--dtype dtype]` runs (size: small | full | conv;
-    dtype: only the points in it)."""
+def sweep_points(size: str, dtype: str | None = None, only: tuple[str, ...] = ()) -> list[Point]:
+    """The grid `dbpgen bench --sweep size [--dtype dtype] [--only TEXT ...]` runs (size:
+    small | full | conv; dtype: only the points in it; only: the points whose
+    "label dtype B=batch" contains one of the texts, e.g. "softplus" or "float32 B=32")."""
     points = SIZES[size]()
-    return [p for p in points if p.dtype == dtype] if dtype else points
+    points = [p for p in points if p.dtype == dtype] if dtype else points
+    return [p for p in points if any(t in f"{p.label} {p.dtype} B={p.batch}" for t in only)] if only else points
 
 
 def check_points(points: list[Point]) -> None:

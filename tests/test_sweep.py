@@ -71,6 +71,20 @@ def test_a_dtype_selects_its_half_of_the_grid():
     assert [p.label for p in half] == [p.label for p in CONV if p.dtype == "float32"]
 
 
+def test_only_selects_the_points_whose_label_dtype_and_batch_contain_a_text(capsys):
+    softplus = sweep.sweep_points("full", only=("softplus",))
+    assert softplus and all("softplus" in p.label for p in softplus)
+    assert len(softplus) == sum("softplus" in p.label for p in FULL)
+    small32 = sweep.sweep_points("full", "float64", only=("B=32", "mish"))
+    assert {p.dtype for p in small32} == {"float64"}
+    assert {p.batch == 32 or "mish" in p.label for p in small32} == {True} and len(small32) >= 2
+    assert main(["bench", "--sweep", "small", "--only", "no such point"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--only" in err and "Traceback" not in err
+    assert main(["bench", "m.yaml", "--only", "softplus"]) == 2
+    assert "only with --sweep" in capsys.readouterr().err
+
+
 def test_points_are_distinct():
     for grid in (FULL, CONV):
         keys = [(p.name, p.batch) for p in grid]

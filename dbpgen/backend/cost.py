@@ -2,7 +2,7 @@
 
 A program's work is read off the program itself (`Work`): the GEMMs its K, K^T and K^box
 applications amount to at a batch size, its coordinate-wise statements (elements times
-operations, how many of them transcendental or vectorized polynomials such as tanh), its
+operations, how many of them libm functions or vectorized polynomials such as tanh), its
 per-sample reductions and its number
 of statements. A schedule's time is that work priced by what it costs there (`MACHINE`):
 
@@ -10,11 +10,13 @@ of statements. A schedule's time is that work priced by what it costs there (`MA
     jit      call + BLAS per GEMM + coordinate-wise runs in jitted loops, all in one jitted
              function (no interpreter between statements; a scalar libm call per
              transcendental element, since NumPy's SIMD ufuncs are not at hand there;
-             a vectorized polynomial per tanh)
+             a vectorized polynomial per tanh, exp, log, sigmoid, softplus)
     fused    interpreter per statement + BLAS per GEMM + cheap coordinate-wise runs in jitted
-             loops (tanh among them, as a vectorized polynomial) + transcendental ones as
-             NumPy's SIMD ufuncs
-    kernels  interpreter per statement + BLAS per GEMM + a NumPy pass per operation
+             loops (the vectorized polynomials among them) + transcendental ones as NumPy's
+             SIMD ufuncs
+    kernels  interpreter per statement + BLAS per GEMM + a NumPy pass per operation, each
+             distinct function application in its whole-array form (NumPy's ufunc, or the
+             passes of _sigmoid and _softplus)
 
 The constants are measured on this kind of machine by `benchmarks/calibrate.py`;
 docs/performance.md sets the predictions beside measurements.
@@ -63,9 +65,10 @@ class Machine:
 MACHINE = Machine()
 
 # One scalar libm evaluation in a jitted loop, relative to libm's tanh (which `libm_element`
-# and `lane_libm` price; tanh itself is a vectorized polynomial in loops, `vector_element`):
-# by the function table's name, measured in the lanes kernel's loops in float64 and float32
-# (their mean), where libm's tanh cost 9.6 ns per element, exp 4.4, log 3.6.
+# and `lane_libm` price): by the function table's name, measured in the lanes kernel's loops
+# in float64 and float32 (their mean), where libm's tanh cost 9.6 ns per element, exp 4.4,
+# log 3.6. tanh, exp, log, sigmoid and softplus are vectorized polynomials in loops
+# (`vector_element`), not libm calls: their entries are the scale, and what a loop saves.
 LIBM_RELATIVE = {"tanh": 1.0, "sinh": 1.0, "tan": 1.0, "asinh": 1.25, "softplus": 1.4, "erf": 0.75,
                  "atan": 0.67, "cos": 0.6, "cosh": 0.6, "sin": 0.55, "sigmoid": 0.5, "exp": 0.42,
                  "log": 0.36}
@@ -86,9 +89,12 @@ class Work:
     elements: int                  # sum over coordinate-wise statements of elements x operations
     transcendental: int            # elements of transcendental function evaluations, as printed
     vectorized: int                # elements of vectorized polynomial evaluations (tanh), as printed
-    distinct: tuple[tuple[str, int, int], ...]  # (function, elements, trips) of each distinct call in the
-                                   # program, once (LLVM computes exp(z1) once for g, g' and g''
-                                   # in one loop; fused and kernels share a NumPy statement)
+    distinct: tuple[tuple[str, int, int], ...]  # (function, elements, trips) of each distinct
+                                   # transcendental call in the program, once (LLVM computes
+                                   # sin(z1) once for g, g' and g'' in one loop; fused and
+                                   # kernels share a NumPy statement)
+    vector_distinct: tuple[tuple[str, int, int], ...]  # the same for the vectorized functions
+                                   # (kernels: each one whole-array form, shared)
     reductions: int                # elements read by per-sample reductions (<a, b>, sums)
     statements: int                # statements (a loop body counted per iteration)
 
@@ -103,7 +109,7 @@ def work(model: Model, program: Program, batch: int) -> Work:
 
     shapes = program_shapes(model, program, n_vectors(model))
     gemms, im2col, elements, transcendental, distinct, reductions, statements = [], [], 0, 0, [], 0, 0
-    vectorized = 0
+    vectorized, vector_distinct = 0, []
     seen: set = set()
 
     def size(expr_shape) -> int:
@@ -133,13 +139,16 @@ def work(model: Model, program: Program, batch: int) -> Work:
             n = size(shape)
             elements += times * n * max(1, operations(expr))
             calls = [f for f in sp.preorder_traversal(expr) if isinstance(f, TRANSCENDENTAL)]
+            polynomials = {f for f in sp.preorder_traversal(expr) if isinstance(f, VECTORIZED)}
             transcendental += times * n * len(calls)
-            vectorized += times * n * len({f for f in sp.preorder_traversal(expr) if isinstance(f, VECTORIZED)})
+            vectorized += times * n * len(polynomials)
             distinct += [(entry_for(f).name, times * n, times)
                          for f in sorted(set(calls) - seen, key=sp.default_sort_key)]
-            seen |= set(calls)
-    return Work(tuple(gemms), tuple(im2col), elements, transcendental, vectorized, tuple(distinct), reductions,
-                statements)
+            vector_distinct += [(entry_for(f).name, times * n, times)
+                                for f in sorted(polynomials - seen, key=sp.default_sort_key)]
+            seen |= set(calls) | polynomials
+    return Work(tuple(gemms), tuple(im2col), elements, transcendental, vectorized, tuple(distinct),
+                tuple(vector_distinct), reductions, statements)
 
 
 def _shape(expr, shapes, model):
@@ -180,9 +189,10 @@ def _seconds(kind: str, w: Work, m: Machine, scale: float, blas: float) -> float
     if kind == "fused":
         return w.statements * m.statement + blas + scale * (cheap * m.loop_element + w.reductions * m.loop_element) \
             + _arrays(w, m, scale) + polynomials
-    # kernels, count: NumPy statements over whole arrays (tanh as NumPy's ufunc)
+    # kernels, count: NumPy statements over whole arrays (the vectorized functions too, in
+    # their whole-array forms: tanh as NumPy's ufunc, softplus as six passes)
     return w.statements * m.statement + blas + scale * (cheap + w.reductions) * m.numpy_element \
-        + _arrays(w, m, scale) + scale * w.vectorized * m.ufunc_element
+        + _arrays(w, m, scale) + _arrays(w, m, scale, w.vector_distinct)
 
 
 def _libm(w: Work) -> float:
@@ -190,10 +200,11 @@ def _libm(w: Work) -> float:
     return sum(n * LIBM_RELATIVE.get(f, 1.0) for f, n, _ in w.distinct)
 
 
-def _arrays(w: Work, m: Machine, scale: float) -> float:
-    """Seconds of the distinct transcendental evaluations in their whole-array forms."""
+def _arrays(w: Work, m: Machine, scale: float, distinct=None) -> float:
+    """Seconds of the distinct transcendental evaluations (or of `distinct`) in their
+    whole-array forms."""
     total = 0.0
-    for f, n, trips in w.distinct:
+    for f, n, trips in w.distinct if distinct is None else distinct:
         passes = ARRAY_PASSES.get(f, (1, 1))
         if passes is None:  # a jitted loop of libm calls (no fastmath), called from Python
             total += trips * m.call + n * LIBM_RELATIVE.get(f, 1.0) * m.libm_element

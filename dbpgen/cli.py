@@ -99,7 +99,9 @@ def _sweep(args, against) -> int:
 
     points = sweep.sweep_points(args.sweep, args.dtype, tuple(args.only or ()))
     if not points:
-        raise ModelError("dbpgen bench", "--only", f"no point of --sweep {args.sweep} matches {args.only}")
+        raise ModelError("dbpgen bench", "--only", f"no point of --sweep {args.sweep}"
+                         + (f" --dtype {args.dtype}" if args.dtype else "") + " contains "
+                         + " or ".join(repr(t) for t in args.only))
 
     def progress(i, n, row):
         done = row.get("error") or f"{row['schedule']}, cold {row['cold_s']:.1f} s, {row['dbpgen_ms']:.3g} ms"
@@ -218,8 +220,9 @@ def parser() -> argparse.ArgumentParser:
                    help="instead of MODEL, a grid of generated dense and conv models (dbpgen/sweep.py): "
                         "cold/warm start, schedule, ms against the peers, one table row per point")
     n.add_argument("--only", action="append", default=None, metavar="TEXT",
-                   help="with --sweep: only the points whose 'label dtype B=batch' contains TEXT "
-                        "(repeatable), e.g. --only softplus --only 'float32 B=32'")
+                   help="with --sweep: only the points whose 'label dtype B=batch' contains TEXT; "
+                        "repeated, the points that contain any of them, e.g. --only softplus "
+                        "--only 'float32 B=32'")
     n.add_argument("--out", default=None, help="with --sweep: write the table here (markdown) and "
                                                "the rows beside it as .csv and .json")
     n.add_argument("--batch", type=int, nargs="+", default=[128])

@@ -37,7 +37,7 @@ class Function:
     scalar        how it prints on one element inside a jitted loop, e.g. "_sigmoid1({0})"
     array_helper, scalar_helper   the module-level helper (templates/helpers.py.j2) a form
                   calls, or None for NumPy / math / builtins
-    transcendental  a libm call per coordinate in a loop (exp, log, sin, erf, sigmoid, ...):
+    transcendental  a libm call per coordinate in a loop (sin, cos, erf, sinh, ...):
                   NumPy's ufuncs beat a scalar loop; cheap ones (Abs, sign, Heaviside,
                   Max, Min, sqrt: one or two instructions) fuse into loops
     vectorized    its scalar form is arithmetic only, no libm call (tanh: `_tanh1`, a

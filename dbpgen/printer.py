@@ -249,7 +249,7 @@ del _cls
 class ScalarPrinter(NumbaPrinter):
     """One element of a coordinate-wise expression, as scalar code inside a jitted loop.
 
-    Functions print in their scalar form from `dbpgen.functable` (_tanh1(a), np.exp(a), math.erf(a),
+    Functions print in their scalar form from `dbpgen.functable` (_tanh1(a), _exp1(a), np.sin(a), math.erf(a),
     _sigmoid1(a), abs(a), np.maximum(a, b): NaN propagates as in torch), selects as
     `(a if c else b)`, Heaviside as a select, integer powers as `a**n` (NumbaPrinter's
     rule: Numba multiplies small ones out and keeps the dtype). Subclasses say

@@ -28,6 +28,15 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"  # the shared benchmark models
 
 
+def pytest_configure(config):
+    if os.environ["NUMBA_OPT"] == "0":
+        # unoptimized, Numba keeps a runtime address in every caller of a function that builds
+        # a NumPy scalar (np.int64(n).view(np.float64) in the vectorized helpers) and does not
+        # cache those callers; optimized, as users run it, it does (tests/test_optimized.py)
+        config.addinivalue_line("filterwarnings", "ignore:Cannot cache compiled function .* as it uses "
+                                "dynamic globals:numba.core.errors.NumbaWarning")
+
+
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", default=False,
                      help="rewrite generated/ from a fresh compile of every example and benchmark "

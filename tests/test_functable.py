@@ -234,8 +234,13 @@ def test_scalar_forms_compute_torchs_values_jitted_and_plain(dtype):
                                        err_msg=f"{name}: {codes[k]}")
 
 
+# x86's 80-bit long double has 64 mantissa bits, 11 more than float64; elsewhere (arm64,
+# Windows) long double may be float64 itself, and float64 references get a 1-ulp allowance
+EXTENDED = np.finfo(np.longdouble).nmant >= 63
+
+
 def _extended(name, x):
-    """The reference, in x86's 80-bit long double (64 mantissa bits): 11 more than float64."""
+    """The reference, in long double: 80-bit on x86 (float64 where the platform has no more)."""
     x = x.astype(np.longdouble)
     with np.errstate(all="ignore"):
         return {"tanh": np.tanh, "exp": np.exp, "log": np.log,
@@ -251,7 +256,6 @@ def test_the_vectorized_functions_are_exp_log_tanh_sigmoid_softplus():
     assert not any(functable.TABLE[name].transcendental for name in VECTORIZED)
 
 
-@pytest.mark.skipif(np.finfo(np.longdouble).nmant < 63, reason="the reference needs x86's 80-bit long double")
 @pytest.mark.parametrize("name", VECTORIZED)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_the_vectorized_functions_are_within_three_ulp_everywhere(dtype, name):
@@ -259,7 +263,8 @@ def test_the_vectorized_functions_are_within_three_ulp_everywhere(dtype, name):
     against the function in 80-bit long double on a dense sweep of the whole range,
     subnormals, signed zeros, infinities, huge values and NaN; jitted as the module jits it,
     the loop around it is vectorized (packed multiplies); as plain Python (NUMBA_DISABLE_JIT)
-    it gives the same numbers, without a warning but exp's own overflow, as np.exp's."""
+    it gives the same numbers, without a warning but exp's own overflow of a finite argument
+    (np.exp's too)."""
     dt = np.dtype(dtype).name
     helper = functable.TABLE[name].scalar_helper
     helpers = _helpers(dtype=dt, jit='@numba.njit(error_model="numpy")',
@@ -277,7 +282,10 @@ def test_the_vectorized_functions_are_within_three_ulp_everywhere(dtype, name):
                             np.geomspace(tiny, big, 8001), -np.geomspace(tiny, big, 8001), specials]).astype(dtype)
     got = np.empty_like(a)
     loop(a, got)
-    assert got.dtype == dtype
+    # the helper itself computes in the dtype: no float64 promotion inside the loop (called
+    # once from Python: an inlined helper has no compiled signature of its own)
+    helpers[helper](a[0])
+    assert [sig.return_type for sig in helpers[helper].nopython_signatures] == [numba.from_dtype(dtype)]
     # packed multiplies on 256- or 512-bit registers, where LLVM optimizes (NUMBA_OPT=3: this
     # test runs so in tests/test_optimized.py; the suite itself compiles with NUMBA_OPT=0)
     if int(numba.config.OPT) >= 3 and platform.machine() in ("x86_64", "AMD64"):
@@ -288,7 +296,8 @@ def test_the_vectorized_functions_are_within_three_ulp_everywhere(dtype, name):
         rounded = ref.astype(dtype)  # inf where the result overflows the dtype, 0 where it underflows
         finite = np.isfinite(rounded)
         ulp = np.abs(got[finite].astype(np.longdouble) - ref[finite]) / np.spacing(np.abs(rounded[finite]))
-    assert ulp.max() <= 3, (dt, name, float(ulp.max()), a[finite][ulp.argmax()])
+    bound = 3 if EXTENDED or dtype == np.float32 else 4  # a float64 reference's own rounding
+    assert ulp.max() <= bound, (dt, name, float(ulp.max()), a[finite][ulp.argmax()])
     assert np.array_equal(got[~finite], rounded[~finite], equal_nan=True)
     zeros = (a == 0) & (rounded == 0)  # tanh(-0) = -0
     assert np.array_equal(np.signbit(got[zeros]), np.signbit(rounded[zeros]))

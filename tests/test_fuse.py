@@ -1,10 +1,10 @@
 """Fused coordinate-wise loops (dbpgen/backend/fused.py) in programs that run as Python over
 BLAS (schedule fused), or as one jitted function calling BLAS and the same loops (jit).
 
-Wide models with transcendental activations take the fused schedule (the chooser's cost
-model: NumPy's SIMD ufuncs, the interpreter between statements costs little beside BLAS);
-their gradients must match the independent autograd oracle, jitted and as plain Python,
-in both schedules.
+Wide models take the fused schedule (the chooser's cost model: the interpreter between
+statements costs little beside BLAS; libm functions such as sin stay NumPy's SIMD ufuncs
+there); their gradients must match the independent autograd oracle, jitted and as plain
+Python, in both schedules.
 What the loops store is checked on the schedule IR in test_schedule.py.
 """
 from __future__ import annotations

@@ -19,11 +19,11 @@ from ..shapes import BATCH_AXIS, shape_of
 from .schedule import elem, name
 
 # coordinate-wise SymPy node types, and the functions that cost a libm call per element
-# (NumPy's ufuncs beat Numba's scalar calls; tanh is not one of them, it is VECTORIZED):
-# from the one function table
+# (NumPy's ufuncs beat Numba's scalar calls; tanh, exp, log, sigmoid and softplus are not
+# among them, they are VECTORIZED): from the one function table
 ELEMENTWISE = ELEMENTWISE_TYPES
 TRANSCENDENTAL = TRANSCENDENTAL_TYPES
-VECTORIZED = VECTORIZED_TYPES  # polynomials in loops (tanh): cheap enough to fuse
+VECTORIZED = VECTORIZED_TYPES  # polynomials in loops (_tanh1, _exp1, ...): cheap enough to fuse
 PER_SAMPLE_OPS = (K, KT, Dot, RowSum)  # reductions within a sample
 BATCH_OPS = (Kbox, BSum, BiasBox)      # reductions over the batch (eq. 31-33)
 LEAVES = (sp.Symbol, sp.Number, sp.NumberSymbol, sp.logic.boolalg.BooleanAtom)

@@ -36,8 +36,14 @@ DEPENDS = {"_dense_Kbox2": {"_dense_Kbox"}, "_sigmoid1": {"_exp1"}, "_softplus1"
 
 
 def with_dependencies(helpers) -> set[str]:
-    """The named helpers and every helper they call."""
-    return set(helpers).union(*(DEPENDS.get(name, set()) for name in helpers))
+    """The named helpers and every helper they call, directly or not."""
+    found, todo = set(), list(helpers)
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            todo += DEPENDS.get(name, ())
+    return found
 
 
 class _ScheduleNames(NumbaPrinter):

@@ -102,6 +102,7 @@ class ExpForm:
     coefficients: tuple[str, ...]  # of expm1, as TanhForm's
     half: str
     one: str
+    inf: str
     degree: int
 
 
@@ -115,7 +116,8 @@ def exp_form(dtype: str) -> ExpForm:
     lit = lambda v: _literal(v, dtype)  # noqa: E731
     return ExpForm(hi=lit(hi), lo=lit(lo), k_limit=lit(2 * math.ceil(-lo / math.log(2))),
                    inv_ln2=tanh.inv_ln2, ln2_hi=tanh.ln2_hi, ln2_lo=tanh.ln2_lo,
-                   coefficients=tanh.coefficients, half=tanh.half, one=tanh.one, degree=tanh.degree)
+                   coefficients=tanh.coefficients, half=tanh.half, one=tanh.one, inf=lit(math.inf),
+                   degree=tanh.degree)
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class LogForm:
     tiny: str                 # the smallest normal float: below it, scale by 2^scale_bits
     scale: str
     scale_bits: int
+    scaled_bias: int          # the exponent's bias of a scaled float: bias + scale_bits
     sqrt2: str
     sqrt2_minus_1: str
     coefficients: tuple[str, ...]  # 1/(2n+1) for n = terms .. 1, in Horner order
@@ -145,10 +148,12 @@ def log_form(dtype: str) -> LogForm:
     info = np.finfo(dtype)
     eps = float(info.eps)
     w_max = ((math.sqrt(2) - 1) / (math.sqrt(2) + 1)) ** 2  # |s| <= (sqrt2 - 1) / (sqrt2 + 1)
-    terms = next(n for n in range(1, 40) if w_max ** n / (2 * n + 1) < eps / 2)
+    # the first number of terms whose remainder, w^(n+1) / (2n + 3) relative to 2s, is below half an ulp
+    terms = next(n for n in range(0, 40) if w_max ** (n + 1) / (2 * n + 3) < eps / 2)
     scale_bits = info.nmant + 2
     lit = lambda v: _literal(v, dtype)  # noqa: E731
     return LogForm(tiny=lit(float(info.smallest_normal)), scale=lit(2.0 ** scale_bits), scale_bits=scale_bits,
+                   scaled_bias=bits_of(dtype).bias + scale_bits,
                    sqrt2=lit(math.sqrt(2)), sqrt2_minus_1=lit(math.sqrt(2) - 1),
                    coefficients=tuple(lit(1 / (2 * n + 1)) for n in range(terms, 0, -1)),
                    ln2_hi=lit(LN2_HI[dtype]), ln2_lo=lit(LN2_LO[dtype]), half=lit(0.5), one=lit(1), two=lit(2),

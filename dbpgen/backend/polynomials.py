@@ -32,18 +32,26 @@ LN2_LO = {"float64": 1.90821492927058770002e-10, "float32": 1.4286068202862268e-
 
 
 @dataclass(frozen=True)
-class TanhForm:
-    """The printed constants of `_tanh1` in one dtype (each a literal in that dtype)."""
+class ReductionForm:
+    """What `_exp1` and `_tanh1` share, in one dtype (each a literal in that dtype): z = k ln2
+    + r with ln2 in two parts, and the Taylor polynomial of expm1 on |r| <= ln2 / 2; `_log1`
+    takes the same two parts of ln2."""
 
-    clamp: str                   # |z| past which tanh(z) rounds to +-1
     inv_ln2: str
     ln2_hi: str
     ln2_lo: str
     coefficients: tuple[str, ...]  # 1/n! for n = degree .. 2, in Horner order
+    degree: int
+
+
+@dataclass(frozen=True)
+class TanhForm:
+    """The printed constants of `_tanh1` in one dtype besides the reduction's."""
+
+    clamp: str                   # |z| past which tanh(z) rounds to +-1
     half: str
     one: str
     two: str
-    degree: int
 
 
 def _literal(value: float, dtype: str) -> str:
@@ -54,16 +62,21 @@ def _literal(value: float, dtype: str) -> str:
     return text if dtype == "float64" else f"np.float32({text})"
 
 
-def tanh_form(dtype: str) -> TanhForm:
+def reduction_form(dtype: str) -> ReductionForm:
     eps = float(np.finfo(dtype).eps)
-    clamp = math.ceil(math.log(4 / eps) / 2) + 1  # 1 - tanh(z) ~ 2 exp(-2z) < eps / 2 past it
     r_max = math.log(2) / 2
     degree = next(d for d in range(2, 30) if r_max ** d / math.factorial(d + 1) < eps / 2)
     lit = lambda v: _literal(v, dtype)  # noqa: E731
-    return TanhForm(
-        clamp=lit(clamp), inv_ln2=lit(1 / math.log(2)), ln2_hi=lit(LN2_HI[dtype]), ln2_lo=lit(LN2_LO[dtype]),
-        coefficients=tuple(lit(1 / math.factorial(n)) for n in range(degree, 1, -1)),
-        half=lit(0.5), one=lit(1), two=lit(2), degree=degree)
+    return ReductionForm(inv_ln2=lit(1 / math.log(2)), ln2_hi=lit(LN2_HI[dtype]), ln2_lo=lit(LN2_LO[dtype]),
+                         coefficients=tuple(lit(1 / math.factorial(n)) for n in range(degree, 1, -1)),
+                         degree=degree)
+
+
+def tanh_form(dtype: str) -> TanhForm:
+    eps = float(np.finfo(dtype).eps)
+    clamp = math.ceil(math.log(4 / eps) / 2) + 1  # 1 - tanh(z) ~ 2 exp(-2z) < eps / 2 past it
+    lit = lambda v: _literal(v, dtype)  # noqa: E731
+    return TanhForm(clamp=lit(clamp), half=lit(0.5), one=lit(1), two=lit(2))
 
 
 @dataclass(frozen=True)
@@ -91,33 +104,25 @@ def bits_of(dtype: str) -> Bits:
 
 @dataclass(frozen=True)
 class ExpForm:
-    """The printed constants of `_exp1` in one dtype."""
+    """The printed constants of `_exp1` in one dtype besides the reduction's."""
 
     hi: str                  # exp overflows to inf past it
     lo: str                  # and rounds to 0 below it
     k_limit: str             # past every k the clamped argument has: NaN's k is not an integer
-    inv_ln2: str
-    ln2_hi: str
-    ln2_lo: str
-    coefficients: tuple[str, ...]  # of expm1, as TanhForm's
     half: str
     one: str
     inf: str
-    degree: int
 
 
 def exp_form(dtype: str) -> ExpForm:
     info = np.finfo(dtype)
     hi = math.ceil(math.log(float(info.max)))
     lo = math.floor(math.log(float(info.smallest_subnormal)) - math.log(2)) - 1  # exp(lo) < half the least float
-    tanh = tanh_form(dtype)
     # 2^k = 2^(k//2) 2^(k - k//2): both halves normal floats for every k in [lo, hi] / ln2
     assert (hi / math.log(2) + 1) // 2 < int(info.maxexp) - 1 and (-lo / math.log(2) + 1) // 2 < -int(info.minexp)
     lit = lambda v: _literal(v, dtype)  # noqa: E731
     return ExpForm(hi=lit(hi), lo=lit(lo), k_limit=lit(2 * math.ceil(-lo / math.log(2))),
-                   inv_ln2=tanh.inv_ln2, ln2_hi=tanh.ln2_hi, ln2_lo=tanh.ln2_lo,
-                   coefficients=tanh.coefficients, half=tanh.half, one=tanh.one, inf=lit(math.inf),
-                   degree=tanh.degree)
+                   half=lit(0.5), one=lit(1), inf=lit(math.inf))
 
 
 @dataclass(frozen=True)
@@ -131,8 +136,6 @@ class LogForm:
     sqrt2: str
     sqrt2_minus_1: str
     coefficients: tuple[str, ...]  # 1/(2n+1) for n = terms .. 1, in Horner order
-    ln2_hi: str
-    ln2_lo: str
     half: str
     one: str
     two: str
@@ -156,10 +159,11 @@ def log_form(dtype: str) -> LogForm:
                    scaled_bias=bits_of(dtype).bias + scale_bits,
                    sqrt2=lit(math.sqrt(2)), sqrt2_minus_1=lit(math.sqrt(2) - 1),
                    coefficients=tuple(lit(1 / (2 * n + 1)) for n in range(terms, 0, -1)),
-                   ln2_hi=lit(LN2_HI[dtype]), ln2_lo=lit(LN2_LO[dtype]), half=lit(0.5), one=lit(1), two=lit(2),
+                   half=lit(0.5), one=lit(1), two=lit(2),
                    three=lit(3), zero=lit(0), inf=lit(math.inf), minus_inf=lit(-math.inf), nan=lit(math.nan), terms=terms)
 
 
 def forms(dtype: str) -> dict:
     """Every vectorized helper's constants in `dtype`, by the name the template uses."""
-    return {"tanh": tanh_form(dtype), "exp": exp_form(dtype), "log": log_form(dtype), "bits": bits_of(dtype)}
+    return {"reduction": reduction_form(dtype), "tanh": tanh_form(dtype), "exp": exp_form(dtype),
+            "log": log_form(dtype), "bits": bits_of(dtype)}

@@ -248,3 +248,25 @@ def test_sign_products_fold_exactly(act):
         assert sp.count_ops(a_e(ddg)) <= sp.count_ops(-2 * sp.sign(Z) / (sp.Abs(Z) + 1) ** 3)
     if act == "abs(z)/(1 + abs(z))":
         assert sp.count_ops(dg) <= sp.count_ops(sp.sign(Z) / (sp.Abs(Z) + 1) ** 2)
+
+
+def test_a_second_derivative_nonzero_at_a_sample_point_is_not_sent_to_simplify(monkeypatch):
+    # mish's g'' cost sp.simplify its whole budget per layer before SymPy gave up; a value
+    # that is clearly nonzero at a sample point settles it without simplify
+    from dbpgen.passes import second_derivative as sd
+
+    z = sp.Symbol("z_sample_test", real=True)
+    mish = sp.diff(z * sp.tanh(sp.log(1 + sp.exp(z))), z, 2)
+
+    def refuse(expr, *args, **kwargs):
+        raise AssertionError("sp.simplify was called")
+
+    monkeypatch.setattr(sd.sp, "simplify", refuse)
+    assert not sd.almost_everywhere_zero(mish)
+    assert sd.nonzero_somewhere(sp.Heaviside(z) - sp.Rational(1, 2))  # nonzero on both sides of 0
+    monkeypatch.undo()
+    # an expression that is 0 everywhere is never nonzero at a sample (its rounding residue
+    # at SAMPLE_DIGITS is far below the threshold), and simplify still proves it
+    zero = sp.sin(z) ** 2 + sp.cos(z) ** 2 - 1 + sp.DiracDelta(z)
+    assert not sd.nonzero_somewhere(sd.without_distributions(zero))
+    assert sd.almost_everywhere_zero(zero)

@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_tanh_node_9257914c23a29bd6"
+__name__ = "_dbpgen_tanh_node_f3d4f9239e9406ae"
 
 
 class _CachedGlobals:
@@ -125,7 +125,7 @@ input-space argument first; lam = penalty weight, B = batch size.
 
 OPS = {'emitted': {'K': 5, 'KT': 5, 'Kbox': 6, 'flops': 288768},
  'naive': {'K': 6, 'KT': 7, 'Kbox': 9, 'flops': 376832}}
-PEAK_BYTES = {'batch': 128, 'emitted': 2507856, 'naive': 2196480}
+PEAK_BYTES = {'batch': 128, 'emitted': 2375720, 'naive': 2196480}
 # how each program runs: lanes (batch-minor fused kernel), jit (one jitted function calling
 # BLAS and jitted loops), fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
 # operators' own kernels), count (plain Python counting K, K^T, K^box)
@@ -265,29 +265,23 @@ def _fused0(b, t):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused1(b, t):
-    x_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
-    for i in range(t.shape[0]):  # samples
-        for k in range(t.shape[1]):  # units
-            z = b[k] + t[i, k]  # (8)
-            x = z  # (8)
-            x_out[i, k] = x
-    return (x_out,)
-
-
-@numba.njit(cache=True, error_model="numpy")
 def _forward(W1, b1, W2, b2, W3, b3, x0):
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
     x1 = _fused0(b1, t0_)[0]  # fused loop: z1, x1; (8)
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
     x2 = _fused0(b2, t1_)[0]  # fused loop: z2, x2; (8)
     t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
-    x3 = _fused1(b3, t2_)[0]  # fused loop: z3, x3; (8)
+    x3 = np.empty((t2_.shape[0], t2_.shape[1]), dtype=DTYPE)  # fused loop: z3, x3; (8)
+    for i in range(t2_.shape[0]):  # samples
+        for k in range(t2_.shape[1]):  # units
+            z_1 = b3[k] + t2_[i, k]  # (8)
+            x_1 = z_1  # (8)
+            x3[i, k] = x_1
     return (x3,)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused2(b, t):
+def _fused1(b, t):
     x_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
     dg_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
     for i in range(t.shape[0]):  # samples
@@ -301,7 +295,7 @@ def _fused2(b, t):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused3(b, t):
+def _fused2(b, t):
     dg_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
     for i in range(t.shape[0]):  # samples
         for k in range(t.shape[1]):  # units
@@ -313,23 +307,17 @@ def _fused3(b, t):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused4(v):
-    zeta_out = np.empty((v.shape[0], v.shape[1]), dtype=DTYPE)
-    for i in range(v.shape[0]):  # samples
-        for k in range(v.shape[1]):  # units
-            xi = v[i, k]  # Alg. 1: xi_L = v
-            zeta = xi  # (15)
-            zeta_out[i, k] = zeta
-    return (zeta_out,)
-
-
-@numba.njit(cache=True, error_model="numpy")
 def _vjp(W1, b1, W2, b2, W3, x0, v):
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
-    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
-    dg2 = _fused3(b2, t1_)[0]  # fused loop: z2, x2, dg2; (8); g' (9), SymPy
-    zeta3 = _fused4(v)[0]  # fused loop: xi3, zeta3; Alg. 1: xi_L = v; (15)
+    dg2 = _fused2(b2, t1_)[0]  # fused loop: z2, x2, dg2; (8); g' (9), SymPy
+    zeta3 = np.empty((v.shape[0], v.shape[1]), dtype=DTYPE)  # fused loop: xi3, zeta3; Alg. 1: xi_L = v; (15)
+    for i in range(v.shape[0]):  # samples
+        for k in range(v.shape[1]):  # units
+            xi_1 = v[i, k]  # Alg. 1: xi_L = v
+            zeta_1 = xi_1  # (15)
+            zeta3[i, k] = zeta_1
     xi2 = _dense_KT(W3, zeta3)  # (16)
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -341,9 +329,9 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
 @numba.njit(cache=True, error_model="numpy")
 def _jvp(W1, b1, W2, b2, W3, x0, u):
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
-    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
-    dg2 = _fused3(b2, t1_)[0]  # fused loop: z2, x2, dg2; (8); g' (9), SymPy
+    dg2 = _fused2(b2, t1_)[0]  # fused loop: z2, x2, dg2; (8); g' (9), SymPy
     q0 = u  # q_0 = u
     h1 = _dense_K(W1, q0)  # (20)
     q1 = dg1*h1  # (21)
@@ -355,26 +343,20 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused5(b, t, y):
-    zeta_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
-    for i in range(t.shape[0]):  # samples
-        for k in range(t.shape[1]):  # units
-            z = b[k] + t[i, k]  # (8)
-            x = z  # (8)
-            xi = 2*x - 2*y[i, k]  # Alg. 1: xi_L = v
-            zeta = xi  # (15)
-            zeta_out[i, k] = zeta
-    return (zeta_out,)
-
-
-@numba.njit(cache=True, error_model="numpy")
 def _input_grad(W1, b1, W2, b2, W3, b3, x0, y):
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
-    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
-    x2, dg2 = _fused2(b2, t1_)  # fused loop: z2, x2, dg2; (8); g' (9), SymPy
+    x2, dg2 = _fused1(b2, t1_)  # fused loop: z2, x2, dg2; (8); g' (9), SymPy
     t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
-    zeta3 = _fused5(b3, t2_, y)[0]  # fused loop: z3, x3, xi3, zeta3; (8); Alg. 1: xi_L = v; (15)
+    zeta3 = np.empty((t2_.shape[0], t2_.shape[1]), dtype=DTYPE)  # fused loop: z3, x3, xi3, zeta3; (8); Alg. 1: xi_L = v; (15)
+    for i in range(t2_.shape[0]):  # samples
+        for k in range(t2_.shape[1]):  # units
+            z_1 = b3[k] + t2_[i, k]  # (8)
+            x_1 = z_1  # (8)
+            xi_1 = 2*x_1 - 2*y[i, k]  # Alg. 1: xi_L = v
+            zeta_1 = xi_1  # (15)
+            zeta3[i, k] = zeta_1
     xi2 = _dense_KT(W3, zeta3)  # (16)
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -386,10 +368,15 @@ def _input_grad(W1, b1, W2, b2, W3, b3, x0, y):
 @numba.njit(cache=True, error_model="numpy")
 def _penalty(W1, b1, W2, b2, W3, x0, v):
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
-    x1, dg1 = _fused2(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
+    x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
-    dg2 = _fused3(b2, t1_)[0]  # fused loop: z2, x2, dg2; (8); g' (9), SymPy
-    zeta3 = _fused4(v)[0]  # fused loop: xi3, zeta3; Alg. 1: xi_L = v; (15)
+    dg2 = _fused2(b2, t1_)[0]  # fused loop: z2, x2, dg2; (8); g' (9), SymPy
+    zeta3 = np.empty((v.shape[0], v.shape[1]), dtype=DTYPE)  # fused loop: xi3, zeta3; Alg. 1: xi_L = v; (15)
+    for i in range(v.shape[0]):  # samples
+        for k in range(v.shape[1]):  # units
+            xi_1 = v[i, k]  # Alg. 1: xi_L = v
+            zeta_1 = xi_1  # (15)
+            zeta3[i, k] = zeta_1
     xi2 = _dense_KT(W3, zeta3)  # (16)
     zeta2 = dg2*xi2  # (15)
     xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -401,7 +388,7 @@ def _penalty(W1, b1, W2, b2, W3, x0, v):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused6(b, t, x_out):
+def _fused3(b, t, x_out):
     dg_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
     ddg_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
     for i in range(t.shape[0]):  # samples
@@ -417,127 +404,6 @@ def _fused6(b, t, x_out):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused7(b, t, v, B, lam, t_1_out):
-    x_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
-    zeta_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
-    for i in range(t.shape[0]):  # samples
-        for k in range(t.shape[1]):  # units
-            z = b[k] + t[i, k]  # (8)
-            x = z  # (8)
-            x_out[i, k] = x
-            xi = v[i, k]  # Alg. 1: xi_L = v
-            zeta = xi  # (15)
-            zeta_out[i, k] = zeta
-            t_1 = lam*zeta/B  # (31), (32)
-            t_1_out[i, k] = t_1
-    return (x_out, zeta_out, t_1_out,)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _fused8(dg, xi, B, lam, t_out):
-    zeta_out = np.empty((dg.shape[0], dg.shape[1]), dtype=DTYPE)
-    for i in range(dg.shape[0]):  # samples
-        for k in range(dg.shape[1]):  # units
-            zeta = dg[i, k]*xi[i, k]  # (15)
-            zeta_out[i, k] = zeta
-            t = lam*zeta/B  # (31), (32)
-            t_out[i, k] = t
-    return (zeta_out, t_out,)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _fused9(dg, xi, B, lam, t_out):
-    zeta_out = np.empty((dg.shape[0], dg.shape[1]), dtype=DTYPE)
-    for i in range(dg.shape[0]):  # samples
-        for k in range(dg.shape[1]):  # units
-            zeta = dg[i, k]*xi[i, k]  # (15)
-            zeta_out[i, k] = zeta
-            t = 2*lam*zeta/B  # (31), (32)
-            t_out[i, k] = t
-    return (zeta_out, t_out,)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _fused10(t, dg, q_out):
-    h_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
-    for i in range(t.shape[0]):  # samples
-        for k in range(t.shape[1]):  # units
-            h = 2*t[i, k]  # (20)
-            h_out[i, k] = h
-            q = h*dg[i, k]  # (21)
-            q_out[i, k] = q
-    return (h_out, q_out,)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _fused11(dg, h, q_out):
-    for i in range(dg.shape[0]):  # samples
-        for k in range(dg.shape[1]):  # units
-            q = dg[i, k]*h[i, k]  # (21)
-            q_out[i, k] = q
-    return (q_out,)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _fused12(x, y):
-    delta_out = np.empty((x.shape[0], x.shape[1]), dtype=DTYPE)
-    for i in range(x.shape[0]):  # samples
-        for k in range(x.shape[1]):  # units
-            delta = 2*x[i, k] - 2*y[i, k]  # (33)
-            delta_out[i, k] = delta
-    return (delta_out,)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _fused13(R, lam, t):
-    t_1_out = np.zeros((R.shape[1],), dtype=DTYPE)
-    for i in range(R.shape[0]):  # samples
-        for k in range(R.shape[1]):  # units
-            t_1_out[k] += lam*R[i, 0] + t[i, 0]  # J = (1/B) sum_b [l + lam R]
-    return (t_1_out,)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _fused14(delta, B, t_out):
-    eps_out = np.empty((delta.shape[0], delta.shape[1]), dtype=DTYPE)
-    t_1_out = np.zeros((delta.shape[1],), dtype=DTYPE)
-    for i in range(delta.shape[0]):  # samples
-        for k in range(delta.shape[1]):  # units
-            eps = delta[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
-            eps_out[i, k] = eps
-            t = eps/B  # (31), (32)
-            t_out[i, k] = t
-            t_1_out[k] += eps  # (31), (33)
-    return (eps_out, t_out, t_1_out,)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _fused15(ddg, dg, h, lam, t, xi, B, t_1_out):
-    eps_out = np.empty((ddg.shape[0], ddg.shape[1]), dtype=DTYPE)
-    t_2_out = np.zeros((ddg.shape[1],), dtype=DTYPE)
-    for i in range(ddg.shape[0]):  # samples
-        for k in range(ddg.shape[1]):  # units
-            eps = lam*ddg[i, k]*h[i, k]*xi[i, k] + dg[i, k]*t[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
-            eps_out[i, k] = eps
-            t_1 = eps/B  # (31), (32)
-            t_1_out[i, k] = t_1
-            t_2_out[k] += eps  # (31), (33)
-    return (eps_out, t_1_out, t_2_out,)
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _fused16(ddg, dg, h, lam, t, xi, B, t_1_out):
-    t_2_out = np.zeros((ddg.shape[1],), dtype=DTYPE)
-    for i in range(ddg.shape[0]):  # samples
-        for k in range(ddg.shape[1]):  # units
-            eps = lam*ddg[i, k]*h[i, k]*xi[i, k] + dg[i, k]*t[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
-            t_1 = eps/B  # (31), (32)
-            t_1_out[i, k] = t_1
-            t_2_out[k] += eps  # (31), (33)
-    return (t_1_out, t_2_out,)
-
-
-@numba.njit(cache=True, error_model="numpy")
 def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
     B = x0.shape[0]  # batch size
     S1x_ = np.empty((2*B, 64), dtype=DTYPE)  # [x0; xi0] stacked over the batch
@@ -547,31 +413,100 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
     S3x_ = np.empty((2*B, 128), dtype=DTYPE)  # [q2; x2] stacked over the batch
     S3y_ = np.empty((2*B, 8), dtype=DTYPE)  # [t14_; t15_] stacked over the batch
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
-    x1, dg1, ddg1 = _fused6(b1, t0_, S2x_[B:])  # fused loop: z1, x1, dg1, ddg1; (8); g' (9), SymPy; g'' (9), SymPy
+    x1, dg1, ddg1 = _fused3(b1, t0_, S2x_[B:])  # fused loop: z1, x1, dg1, ddg1; (8); g' (9), SymPy; g'' (9), SymPy
     t1_ = _dense_K(W2, x1)  # z2 = b2 + K_2(W2, x1)
-    x2, dg2, ddg2 = _fused6(b2, t1_, S3x_[B:])  # fused loop: z2, x2, dg2, ddg2; (8); g' (9), SymPy; g'' (9), SymPy
+    x2, dg2, ddg2 = _fused3(b2, t1_, S3x_[B:])  # fused loop: z2, x2, dg2, ddg2; (8); g' (9), SymPy; g'' (9), SymPy
     t2_ = _dense_K(W3, x2)  # z3 = b3 + K_3(W3, x2)
-    x3, zeta3, t14_ = _fused7(b3, t2_, v, B, lam, S3y_[:B])  # fused loop: z3, x3, xi3, zeta3, t14_; (8); Alg. 1: xi_L = v; (15); (31), (32)
+    t14_ = S3y_[:B]  # fused loop: z3, x3, xi3, zeta3, t14_; (8); Alg. 1: xi_L = v; (15); (31), (32); its half of a stacked buffer
+    x3 = np.empty((t2_.shape[0], t2_.shape[1]), dtype=DTYPE)
+    zeta3 = np.empty((t2_.shape[0], t2_.shape[1]), dtype=DTYPE)
+    for i in range(t2_.shape[0]):  # samples
+        for k in range(t2_.shape[1]):  # units
+            z_1 = b3[k] + t2_[i, k]  # (8)
+            x_1 = z_1  # (8)
+            x3[i, k] = x_1
+            xi_1 = v[i, k]  # Alg. 1: xi_L = v
+            zeta_1 = xi_1  # (15)
+            zeta3[i, k] = zeta_1
+            t_1_1 = lam*zeta_1/B  # (31), (32)
+            t14_[i, k] = t_1_1
     xi2 = _dense_KT(W3, zeta3)  # (16)
-    zeta2, t11_ = _fused8(dg2, xi2, B, lam, S2y_[:B])  # fused loop: zeta2, t11_; (15); (31), (32)
+    t11_ = S2y_[:B]  # fused loop: zeta2, t11_; (15); (31), (32); its half of a stacked buffer
+    zeta2 = np.empty((dg2.shape[0], dg2.shape[1]), dtype=DTYPE)
+    for i in range(dg2.shape[0]):  # samples
+        for k in range(dg2.shape[1]):  # units
+            zeta_2 = dg2[i, k]*xi2[i, k]  # (15)
+            zeta2[i, k] = zeta_2
+            t_2 = lam*zeta_2/B  # (31), (32)
+            t11_[i, k] = t_2
     xi1 = _dense_KT(W2, zeta2)  # (16)
-    zeta1, t9_ = _fused9(dg1, xi1, B, lam, S1y_[B:])  # fused loop: zeta1, t9_; (15); (31), (32)
+    t9_ = S1y_[B:]  # fused loop: zeta1, t9_; (15); (31), (32); its half of a stacked buffer
+    zeta1 = np.empty((dg1.shape[0], dg1.shape[1]), dtype=DTYPE)
+    for i in range(dg1.shape[0]):  # samples
+        for k in range(dg1.shape[1]):  # units
+            zeta_3 = dg1[i, k]*xi1[i, k]  # (15)
+            zeta1[i, k] = zeta_3
+            t_3 = 2*lam*zeta_3/B  # (31), (32)
+            t9_[i, k] = t_3
     xi0 = _dense_KT_into(W1, zeta1, S1x_[B:])  # (16)
     s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
     R = s  # (10)
     t3_ = _dense_K(W1, xi0)  # h1 = 2*K_1(W1, xi0)
-    h1, q1 = _fused10(t3_, dg1, S2x_[:B])  # fused loop: h1, q1; (20); (21)
+    q1 = S2x_[:B]  # fused loop: h1, q1; (20); (21); its half of a stacked buffer
+    h1 = np.empty((t3_.shape[0], t3_.shape[1]), dtype=DTYPE)
+    for i in range(t3_.shape[0]):  # samples
+        for k in range(t3_.shape[1]):  # units
+            h_4 = 2*t3_[i, k]  # (20)
+            h1[i, k] = h_4
+            q_4 = h_4*dg1[i, k]  # (21)
+            q1[i, k] = q_4
     h2 = _dense_K(W2, q1)  # (20)
-    q2 = _fused11(dg2, h2, S3x_[:B])[0]  # fused loop: q2; (21)
-    delta3 = _fused12(x3, y)[0]  # fused loop: delta3; (33)
+    q2 = S3x_[:B]  # fused loop: q2; (21); its half of a stacked buffer
+    for i in range(dg2.shape[0]):  # samples
+        for k in range(dg2.shape[1]):  # units
+            q_5 = dg2[i, k]*h2[i, k]  # (21)
+            q2[i, k] = q_5
+    delta3 = np.empty((x3.shape[0], x3.shape[1]), dtype=DTYPE)  # fused loop: delta3; (33)
+    for i in range(x3.shape[0]):  # samples
+        for k in range(x3.shape[1]):  # units
+            delta_6 = 2*x3[i, k] - 2*y[i, k]  # (33)
+            delta3[i, k] = delta_6
     t4_ = _rowsum((x3 - y)**2)  # J = Σ_b(R*lam + RowSum((x3 - y)**2))/B
-    t5_ = _fused13(R, lam, t4_)[0]  # fused loop: t5_; J = (1/B) sum_b [l + lam R]
+    t5_ = np.zeros((R.shape[1],), dtype=DTYPE)  # fused loop: t5_; J = (1/B) sum_b [l + lam R]
+    for i in range(R.shape[0]):  # samples
+        for k in range(R.shape[1]):  # units
+            t5_[k] += lam*R[i, 0] + t4_[i, 0]  # J = (1/B) sum_b [l + lam R]
     J = t5_/B  # J = (1/B) sum_b [l + lam R]
-    eps3, t15_, t16_ = _fused14(delta3, B, S3y_[B:])  # fused loop: eps3, t15_, t16_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
+    t15_ = S3y_[B:]  # fused loop: eps3, t15_, t16_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33); its half of a stacked buffer
+    eps3 = np.empty((delta3.shape[0], delta3.shape[1]), dtype=DTYPE)
+    t16_ = np.zeros((delta3.shape[1],), dtype=DTYPE)
+    for i in range(delta3.shape[0]):  # samples
+        for k in range(delta3.shape[1]):  # units
+            eps_8 = delta3[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+            eps3[i, k] = eps_8
+            t_8 = eps_8/B  # (31), (32)
+            t15_[i, k] = t_8
+            t16_[k] += eps_8  # (31), (33)
     t6_ = _dense_KT(W3, eps3)  # eps2 = ddg2*h2*lam*xi2 + dg2*K^T_3(W3, eps3)
-    eps2, t12_, t13_ = _fused15(ddg2, dg2, h2, lam, t6_, xi2, B, S2y_[B:])  # fused loop: eps2, t12_, t13_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
+    t12_ = S2y_[B:]  # fused loop: eps2, t12_, t13_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33); its half of a stacked buffer
+    eps2 = np.empty((ddg2.shape[0], ddg2.shape[1]), dtype=DTYPE)
+    t13_ = np.zeros((ddg2.shape[1],), dtype=DTYPE)
+    for i in range(ddg2.shape[0]):  # samples
+        for k in range(ddg2.shape[1]):  # units
+            eps_9 = lam*ddg2[i, k]*h2[i, k]*xi2[i, k] + dg2[i, k]*t6_[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+            eps2[i, k] = eps_9
+            t_1_9 = eps_9/B  # (31), (32)
+            t12_[i, k] = t_1_9
+            t13_[k] += eps_9  # (31), (33)
     t7_ = _dense_KT(W2, eps2)  # eps1 = ddg1*h1*lam*xi1 + dg1*K^T_2(W2, eps2)
-    t8_, t10_ = _fused16(ddg1, dg1, h1, lam, t7_, xi1, B, S1y_[:B])  # fused loop: eps1, t8_, t10_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33)
+    t8_ = S1y_[:B]  # fused loop: eps1, t8_, t10_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33); its half of a stacked buffer
+    t10_ = np.zeros((ddg1.shape[1],), dtype=DTYPE)
+    for i in range(ddg1.shape[0]):  # samples
+        for k in range(ddg1.shape[1]):  # units
+            eps_10 = lam*ddg1[i, k]*h1[i, k]*xi1[i, k] + dg1[i, k]*t7_[i, k]  # eps_j = delta_j + lam eta_j: (28) + (15)-(16)
+            t_1_10 = eps_10/B  # (31), (32)
+            t8_[i, k] = t_1_10
+            t10_[k] += eps_10  # (31), (33)
     _copy_into(x0, S1x_[:B])  # copied into its half
     dW1 = _dense_Kbox(S1x_, S1y_)  # (31), (32), one GEMM over the stacked batch
     db1 = t10_/B  # (31), (33)

@@ -31,17 +31,36 @@ FUSED = [
 
 # every spec in the fused schedule; in a jitted program, the ones with a transcendental function
 # (sin: the fused schedule leaves it to NumPy's ufuncs, a jitted one fuses it into its loops)
-# and with tanh and sigmoid (vectorized polynomials in the loops of both)
-CASES = [(s, "fused") for s in FUSED] + [(FUSED[1], "jit"), (FUSED[3], "jit")]
+# and with tanh and sigmoid (vectorized polynomials in the loops of both); relu and abs:
+# every loop printed inside the jitted program
+CASES = [(s, "fused") for s in FUSED] + [(FUSED[1], "jit"), (FUSED[3], "jit"), (FUSED[4], "jit")]
+
+
+def _program(module, name: str = "value_and_grad") -> str:
+    return Path(module.__file__).read_text().split(f"def _{name}(", 1)[1].split("\ndef ", 1)[0]
 
 
 @pytest.mark.parametrize("spec, schedule", CASES, ids=[f"{s['name']}-{k}" for s, k in CASES])
 def test_fused_programs_match_oracle_and_plain_python(spec, schedule, tmp_path, rng):
     module = compile_spec(spec, tmp_path, jit=True, schedule=schedule)
     assert module.SCHEDULES["value_and_grad"] == schedule
-    assert any(name.startswith("_fused") for name in vars(module)), "nothing was fused"
+    assert "_fused" in _program(module) or schedule == "jit" and "for i in range(" in _program(module), \
+        "nothing was fused"
     check_against_oracle(spec, module, rng)
     check_jit_equals_plain(spec, module, rng)
+
+
+def test_a_jitted_program_prints_its_loops_inline_unless_they_call_a_helper(tmp_path):
+    """A jitted program's loops are printed in it (Numba compiles each once instead of on its
+    own and again linked into the program); a loop calling a vectorized helper stays a
+    function, where LLVM inlines the helper and vectorizes the loop."""
+    relu = _program(compile_spec(FUSED[4], tmp_path, schedule="jit"))
+    assert "_fused" not in relu and relu.count("for i in range(") >= 4, relu
+    module = compile_spec(FUSED[1], tmp_path, schedule="jit")
+    program = _program(module)
+    kernels = _kernels(Path(module.__file__).read_text(), program)
+    assert "_tanh1(" in kernels and "_sigmoid1(" in kernels
+    assert "for i in range(" in program and "_tanh1(" not in program and "_sigmoid1(" not in program
 
 
 def _kernels(source: str, program: str) -> str:

@@ -2,7 +2,8 @@
 
 `fused` prints the program as Python calling BLAS and the loops; `jit` prints the same
 program as one @njit function (`lower(..., jit=True)`), where transcendental functions join
-the loops as libm calls instead of staying NumPy ufuncs (NumPy is not at hand there).
+the loops as libm calls instead of staying NumPy ufuncs (NumPy is not at hand there), and
+the loops are printed in the function itself (`inline`) unless they call a helper.
 
 Between the GEMMs of a wide network (K, K^T, K^box: eq. 8, 16, 20, 30, 32), a program
 evaluates coordinate-wise algebra: g_j, G'_j, G''_j (eq. 8-9), the M_j products (eq. 15,
@@ -31,6 +32,7 @@ from dataclasses import replace
 
 import sympy as sp
 
+from ..functable import helpers_needed
 from ..functions import Bias, BSum, K, Kbox, KT
 from ..program import Loop, Program, Stmt
 from ..printer import CodegenError
@@ -38,7 +40,7 @@ from ..shapes import BATCH_AXIS, shape_of
 from . import arrays
 from .common import (B, BATCH_OPS, ELEMENTWISE, LEAVES as _LEAVES, Lowering, batch_sum_arg as _batch_sum,
                      columns as _columns, coordinatewise, elements, freeze, operations as _operations)
-from .schedule import OPEN, AddTo, Alloc, Call, For, Function, Let, Rows, Shape, Store, elem, name
+from .schedule import OPEN, AddTo, Alloc, Call, For, Function, Let, Rows, Shape, Store, elem, name, walk
 
 LOOP_NAMES = {"i", "k", "c", "h", "w", "t"}  # the fused loops' own indices
 i, k = name("i"), name("k")
@@ -386,11 +388,18 @@ class _Fuser(Lowering):
         returns = tuple(name(f"{local[n]}_out") for n in stored)
         kernel = freeze(Function("", tuple(params), body, returns, tuple(local[n] for n in stored), decorator="njit"))
         if kernel not in self.registry:  # programs share identical loops (forward, penalty, ...)
-            self.registry[kernel] = f"_fused{len(self.registry)}"
+            self.registry[kernel] = _next_name(self.registry)
             self.kernels.append(replace(kernel, name=self.registry[kernel]))
         eqs = "; ".join(dict.fromkeys(s.eq for s in stmts if s.eq))
         return [Call(tuple(stored), self.registry[kernel], tuple(values),
                      comment=f"fused loop: {', '.join(defined)}; {eqs}", into=tuple(given))]
+
+
+def _next_name(registry: dict) -> str:
+    """A kernel name no kernel of the registry has (names of kernels a jitted program
+    printed inline and took out of the registry may be given again)."""
+    used = {int(n[len("_fused"):]) for n in registry.values()}
+    return f"_fused{max(used, default=-1) + 1}"
 
 
 def _local_names(names: list[str], axes) -> dict[str, str]:
@@ -422,4 +431,110 @@ def lower(model, program: Program, shapes: dict, registry: dict, jit: bool = Fal
     nodes = fuser.run()
     zeros, values = arrays.returns(program, fuser.shapes)
     body = arrays.statements(nodes, fuser.shapes)
-    return arrays.function(program, body, fuser.shapes, "njit" if jit else "", zeros, values), fuser.kernels
+    entry = arrays.function(program, body, fuser.shapes, "njit" if jit else "", zeros, values)
+    if not jit:
+        return entry, fuser.kernels
+    # loops that call a vectorized helper (_tanh1, ...) stay functions of their own: with the
+    # helper called from several loops of one function LLVM no longer inlines it, and the
+    # loop is not vectorized (measured: a tanh network's call 1.8 times slower)
+    inlined = {n: replace(k, name=n) for k, n in registry.items() if not _calls_helpers(k)}
+    for kernel in fuser.kernels:
+        if kernel.name in inlined:  # printed inline only: a later program prints it anew
+            del registry[replace(kernel, name="")]
+    kept = [k for k in fuser.kernels if k.name not in inlined]
+    return replace(entry, body=tuple(inline(entry.body, inlined))), kept
+
+
+def _calls_helpers(kernel: Function) -> bool:
+    """Whether a kernel's loop calls a module helper (a vectorized polynomial, _erf, ...)."""
+    return any(helpers_needed(sp.sympify(v), True) for node in walk(kernel.body)
+               for v in (getattr(node, "value", None),) if v is not None)
+
+
+# -- jit: the fused loops printed in the program itself -------------------------------------
+# Numba compiles every jitted function on its own and then links and optimises it again
+# into each jitted caller: a jitted program calling ten fused loops compiles each loop
+# twice, and pays Numba's fixed cost per function ten times more. Printed inline, each loop
+# is compiled once, in the program: measured, a 3-layer value_and_grad's first call took
+# 8.1 s instead of 10.4 s, and a call was no slower.
+
+
+def inline(nodes, kernels: dict, sites: list | None = None, taken: set | None = None) -> list:
+    """nodes with each call of one of `kernels` replaced by the kernel's body: its
+    parameters are the call's arguments (a view of a stacked buffer bound to a name first),
+    its own names numbered per call site, and the call's targets its returned arrays."""
+    sites = [] if sites is None else sites
+    taken = _defined(nodes, calls=True) if taken is None else taken
+    out = []
+    for node in nodes:
+        if isinstance(node, For):
+            out.append(replace(node, body=tuple(inline(node.body, kernels, sites, taken))))
+            continue
+        kernel = kernels.get(node.function) if isinstance(node, Call) else None
+        if kernel is None:
+            out.append(node)
+            continue
+        sites.append(node)
+        suffix = f"_{len(sites)}"
+        # the arrays the loop returns are the call's targets; its scalars are numbered
+        mapping = {str(r): t for r, t in zip(kernel.returns, node.targets)}
+        bound = []
+        for param, arg in zip(kernel.params, node.args):
+            if isinstance(arg, sp.Symbol):
+                if param in mapping:
+                    raise CodegenError(f"{node.function} returns its argument {arg}: cannot inline")
+                mapping[param] = arg.name
+            else:  # a block of rows of a stacked buffer, which the loop writes
+                mapping.setdefault(param, param + suffix)
+                bound.append(Let(mapping[param], arg, "its half of a stacked buffer"))
+        for local in sorted(_defined(kernel.body)):
+            if local not in mapping:
+                mapping[local] = local + suffix
+                while mapping[local] in taken:
+                    mapping[local] += "_"
+                taken.add(mapping[local])
+        body = bound + [_renamed(n, mapping) for n in kernel.body]
+        body[0] = _commented(body[0], node.comment)
+        out += body
+    return out
+
+
+def _defined(nodes, calls: bool = False) -> set[str]:
+    """The names nodes define (arrays and scalars; not loop variables), with `calls` the
+    targets of calls too."""
+    names = set()
+    for node in nodes:
+        if isinstance(node, (Alloc, Let)):
+            names.add(node.target)
+        elif isinstance(node, For):
+            names |= _defined(node.body, calls)
+        elif calls and isinstance(node, Call):
+            names |= set(node.targets)
+    return names
+
+
+def _rename_expr(expr, mapping: dict):
+    expr = sp.sympify(expr)
+    bases = {b: sp.IndexedBase(mapping[str(b.label)], real=True) for b in expr.atoms(sp.IndexedBase)
+             if str(b.label) in mapping}
+    expr = expr.xreplace(bases) if bases else expr
+    return expr.replace(lambda e: isinstance(e, sp.Symbol) and e.name in mapping,
+                        lambda e: name(mapping[e.name]))
+
+
+def _renamed(node, mapping: dict):
+    if isinstance(node, Alloc):
+        return replace(node, target=mapping.get(node.target, node.target),
+                       shape=tuple(_rename_expr(d, mapping) for d in node.shape))
+    if isinstance(node, Let):
+        return replace(node, target=mapping.get(node.target, node.target), value=_rename_expr(node.value, mapping))
+    if isinstance(node, (Store, AddTo)):
+        return replace(node, target=_rename_expr(node.target, mapping), value=_rename_expr(node.value, mapping))
+    if isinstance(node, For):
+        return replace(node, stop=_rename_expr(node.stop, mapping), start=_rename_expr(node.start, mapping),
+                       body=tuple(_renamed(n, mapping) for n in node.body))
+    raise CodegenError(f"cannot inline {node!r}")
+
+
+def _commented(node, comment: str):
+    return replace(node, comment=f"{comment}; {node.comment}" if node.comment else comment)

@@ -12,9 +12,9 @@ A schedule applies when its static conditions hold (capabilities of the layers, 
 bound on the lanes kernel, a bound on a jitted program's predicted compile time) and its
 lowering accepts the program (a
 lowering raises `Unsupported` with the reason otherwise). Of those that apply, the one
-with the least predicted time per call at REFERENCE_BATCH (`cost.predict`), each second of
-predicted compile time counting as COMPILE_WEIGHT more, wins, and the predictions are the reason
-printed in the module's header. `dbpgen compile --schedule NAME` forces one; `--tune`
+with the least predicted time per call at REFERENCE_BATCH (`cost.predict`), weighed by its
+predicted compile time (`rank`: a cold start past COLD_BUDGET seconds costs dearly), wins,
+and the predictions are the reason printed in the module's header. `dbpgen compile --schedule NAME` forces one; `--tune`
 measures them instead (`dbpgen.compiler.tune`).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ..ir import Model
 from ..program import Program, walk
 from . import arrays, cost, fused, lanes
-from .common import Unsupported
+from .common import VECTORIZED, Unsupported
 from .schedule import Function
 
 SCHEDULES = ("lanes", "jit", "fused", "kernels", "count")
@@ -41,11 +41,9 @@ SCHEDULES = ("lanes", "jit", "fused", "kernels", "count")
 # kernels the copy of W^T (2 us for 64 x 64) is all it costs (docs/performance.md).
 SMALL_GEMM = 100 ** 3
 
-# A jitted program's first call compiles it with every kernel it calls linked in and
-# optimised again (Numba links callees into the caller): about 6-7 s for a 4-layer
-# value_and_grad. Past this many predicted seconds the schedule does not apply, so that a
-# cold start (compile, import, first call) stays within 10 s.
-JIT_MAX_COMPILE = 7.2
+# Past this many predicted seconds of compilation on its first call a jitted program does
+# not apply at all (a deep network's: each layer adds its statements to one function).
+JIT_MAX_COMPILE = 12.0
 
 
 @dataclass(frozen=True)
@@ -73,31 +71,51 @@ def _static(kind: str, model: Model, program: Program, shapes: dict, count_ops: 
         big = next(layer.op.kind for layer in model.layers if not layer.op.small_kernels)
         return f"{big} kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function"
     if kind == "jit" and compile_seconds(kind, model, program) > JIT_MAX_COMPILE:
-        return (f"{sum(1 for _ in walk(program.stmts))} statements: more than {JIT_MAX_COMPILE:g} s of LLVM "
-                f"on the first call (it grows with the statements)")
+        return (f"{sum(1 for _ in walk(program.stmts))} statements: more than {JIT_MAX_COMPILE:g} s of "
+                f"compilation on the first call (it grows with the statements)")
     return None
 
 
-# The chooser ranks by predicted time per call at a typical batch, each second of predicted
-# compile time counting as 1% more: of two schedules within a few percent, the one that
-# compiles faster wins; a clearly faster one wins whatever it costs to compile.
+# The chooser ranks by predicted time per call at a typical batch, weighed by what the first
+# call costs to compile. Each predicted second counts as COMPILE_WEIGHT more: of two schedules
+# within a few percent, the one that compiles faster wins. Past the cold-start budget (dbpgen
+# compile, import and the first call within COLD_BUDGET seconds) each second counts as
+# OVER_BUDGET_WEIGHT more: a schedule that misses the budget wins only where it is clearly
+# faster per call: two seconds over the budget cost as much as 50% more time per call.
 REFERENCE_BATCH = 128
-COMPILE_WEIGHT = 0.01
+COMPILE_WEIGHT = 0.015
+COLD_BUDGET = 10.0
+FRONT_SECONDS = 1.9  # dbpgen compile (1.1-2.0 s measured) and importing the module (0.4 s)
+OVER_BUDGET_WEIGHT = 0.25
 
 
 def compile_seconds(kind: str, model: Model, program: Program) -> float:
-    """Predicted LLVM seconds of a program's schedule on its first call. Measured: a jitted
-    value_and_grad of 25 statements (one hidden layer) takes 5.9 s, of 47 (three) 6.9-7.4 s,
-    most of it the dense kernels and fused loops it links in; a lanes kernel about 2 s; a
-    fused loop about 0.3 s, and layers of one shape share their loops."""
+    """Predicted seconds Numba takes to compile a program's schedule on its first call, from
+    first calls measured on this kind of machine (2 cores, AVX2; docs/performance.md):
+    - fused: about 0.2-0.4 s per loop and helper, and layers of one shape share their loops:
+      4-5.5 s for a dense value_and_grad of any depth, 6.5-10 s with convolutions;
+    - kernels: the operators' kernels and whole-array helpers, 2.7-6.8 s;
+    - jit: the loops printed in one function, plus the dense kernels and the loops that
+      call a vectorized helper (_tanh1, ...) on their own: 7.0 s for a 3-layer ReLU
+      value_and_grad of 47 statements, 8.9 s for tanh;
+    - lanes: one function whose length grows with every statement: 10-11.8 s for 50."""
     n = sum(1 for _ in walk(program.stmts))
     shapes = len({(layer.in_shape, layer.out_shape) for layer in model.layers})
-    return {"lanes": 0.5 + 0.05 * n, "jit": 4.2 + 0.06 * n, "fused": 0.3 + 0.6 * shapes}.get(kind, 0.0)
+    helpers = any(stmt.expr.has(*VECTORIZED) for stmt in walk(program.stmts) if hasattr(stmt, "expr"))
+    return {"lanes": 0.21 * n, "jit": 5.0 + 0.04 * n + 1.5 * helpers, "fused": 1.5 + 0.6 * shapes + 0.03 * n,
+            "kernels": 1.5 + 0.6 * shapes}.get(kind, 0.0)
 
 
 def score(kind: str, model: Model, program: Program) -> tuple[float, float]:
     """(predicted seconds per call at REFERENCE_BATCH, predicted compile seconds)."""
     return cost.predict(kind, model, program, REFERENCE_BATCH), compile_seconds(kind, model, program)
+
+
+def rank(score: tuple[float, float]) -> float:
+    """What the chooser minimises: time per call, weighed by compile time (see above)."""
+    call, build = score
+    over = max(0.0, FRONT_SECONDS + build - COLD_BUDGET)
+    return call * (1 + COMPILE_WEIGHT * build + OVER_BUDGET_WEIGHT * over)
 
 
 REASONS = {
@@ -138,7 +156,7 @@ def choose(model: Model, program: Program, shapes: dict, forced: str | None = No
             candidates.append(kind)
     scores = {kind: score(kind, model, program) for kind in candidates} if forced is None and not count_ops else {}
     if scores:  # cheapest first: time per call, weighed by compile time
-        candidates.sort(key=lambda k: scores[k][0] * (1 + COMPILE_WEIGHT * scores[k][1]))
+        candidates.sort(key=lambda k: rank(scores[k]))
     for kind in candidates:
         try:
             snapshot = dict(registry)

@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_mse_9ae4de57811299c0"
+__name__ = "_dbpgen_sine_mse_52ef10165f381b47"
 
 
 class _CachedGlobals:
@@ -114,37 +114,28 @@ SCHEDULES = {'forward': 'lanes',
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
 # (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
 # (up to SMALL_GEMM multiply-adds in the form BLAS's small-matrix kernels take)
-# (np.dot into an allocated product: in a jitted program Numba compiles it in half the
-# time of the @ operator, and NumPy runs both as the same BLAS call)
+# (jitted: np.dot into an allocated product, which Numba compiles in half the time of the
+# @ operator; plain NumPy: @)
 
 
 def _dense_K(W, x):
-    out = np.empty((x.shape[0], W.shape[0]), dtype=x.dtype)
     if x.shape[0] * W.size <= SMALL_GEMM:
-        np.dot(x, np.ascontiguousarray(W.T), out)
-    else:
-        np.dot(x, W.T, out)
-    return out
+        return x @ np.ascontiguousarray(W.T)
+    return x @ W.T
 
 
 def _dense_KT(W, y):
-    out = np.empty((y.shape[0], W.shape[1]), dtype=y.dtype)
-    np.dot(y, W, out)
-    return out
+    return y @ W
 
 
 def _dense_Kbox(x, y):
     # summed over the batch: sum_b y_b x_b^T; a stacked batch past SMALL_GEMM in two halves
     n = x.shape[0]
-    out = np.empty((y.shape[1], x.shape[1]), dtype=x.dtype)
     if n * x.shape[1] * y.shape[1] > SMALL_GEMM >= (n - n // 2) * x.shape[1] * y.shape[1]:
-        np.dot(y[:n // 2].T, x[:n // 2], out)
-        rest = np.empty_like(out)
-        np.dot(y[n // 2:].T, x[n // 2:], rest)
-        out += rest
+        out = y[:n // 2].T @ x[:n // 2]
+        out += y[n // 2:].T @ x[n // 2:]
         return out
-    np.dot(y.T, x, out)
-    return out
+    return y.T @ x
 
 # -- per-sample reductions and numerically careful coordinate-wise kernels --
 # (scalar loops: Numba compiles them in a fraction of the time array expressions take)

@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_tanh_node_128d7af27a992115"
+__name__ = "_dbpgen_tanh_node_4951b3da5b856db1"
 
 
 class _CachedGlobals:
@@ -139,8 +139,8 @@ SCHEDULES = {'forward': 'fused',
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
 # (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
 # (up to SMALL_GEMM multiply-adds in the form BLAS's small-matrix kernels take)
-# (np.dot into an allocated product: in a jitted program Numba compiles it in half the
-# time of the @ operator, and NumPy runs both as the same BLAS call)
+# (jitted: np.dot into an allocated product, which Numba compiles in half the time of the
+# @ operator; plain NumPy: @)
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -7,7 +7,7 @@ How each program runs (SCHEDULES; chosen by dbpgen.backend.chooser):
 - forward: fused, predicted per call at batch 128: fused 4.51 ms (+5.5 s to compile); kernels 4.78 ms (+5.1 s to compile) (not lanes: it cannot run conv2d layers row by row; not jit: conv2d kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function)
 - vjp, input_grad: fused, predicted per call at batch 128: fused 9.23 ms (+5.9 s to compile); kernels 9.98 ms (+5.1 s to compile) (not lanes: it cannot run conv2d layers row by row; not jit: conv2d kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function)
 - jvp, penalty: fused, predicted per call at batch 128: fused 9.26 ms (+5.9 s to compile); kernels 10 ms (+5.1 s to compile) (not lanes: it cannot run conv2d layers row by row; not jit: conv2d kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function)
-- value_and_grad: fused, predicted per call at batch 128: fused 25.1 ms (+6.8 s to compile); kernels 26.4 ms (+5.1 s to compile) (not lanes: it cannot run conv2d layers row by row; not jit: conv2d kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function)
+- value_and_grad: fused, predicted per call at batch 128: fused 25.1 ms (+6.6 s to compile); kernels 26.4 ms (+5.1 s to compile) (not lanes: it cannot run conv2d layers row by row; not jit: conv2d kernels run as Python (NumPy GEMMs over the whole batch), not inside a jitted function)
 
 Imports only numpy and numba (and the standard library). See EQUATIONS for the derived
 recursions (paper: Etmann, "A Closer Look at Double Backpropagation") and OPS for operation
@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_lenet_cdb_41da6a3335738d6d"
+__name__ = "_dbpgen_lenet_cdb_f3e994c12a0e6a40"
 
 
 class _CachedGlobals:

@@ -102,7 +102,7 @@ def compile_seconds(kind: str, model: Model, program: Program) -> float:
     n = sum(1 for _ in walk(program.stmts))
     shapes = len({(layer.in_shape, layer.out_shape) for layer in model.layers})
     helpers = any(stmt.expr.has(*VECTORIZED) for stmt in walk(program.stmts) if hasattr(stmt, "expr"))
-    return {"lanes": 0.21 * n, "jit": 5.0 + 0.04 * n + 1.5 * helpers, "fused": 1.5 + 0.6 * shapes + 0.03 * n,
+    return {"lanes": 0.21 * n, "jit": 5.0 + 0.04 * n + 1.5 * helpers, "fused": 1.5 + 0.6 * shapes + 0.03 * min(n, 50),
             "kernels": 1.5 + 0.6 * shapes}.get(kind, 0.0)
 
 

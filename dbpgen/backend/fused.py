@@ -39,7 +39,8 @@ from ..printer import CodegenError
 from ..shapes import BATCH_AXIS, shape_of
 from . import arrays
 from .common import (B, BATCH_OPS, ELEMENTWISE, LEAVES as _LEAVES, Lowering, batch_sum_arg as _batch_sum,
-                     columns as _columns, coordinatewise, elements, freeze, operations as _operations)
+                     Unsupported, columns as _columns, coordinatewise, elements, freeze,
+                     operations as _operations)
 from .schedule import OPEN, AddTo, Alloc, Call, For, Function, Let, Rows, Shape, Store, elem, name, walk
 
 LOOP_NAMES = {"i", "k", "c", "h", "w", "t"}  # the fused loops' own indices
@@ -455,8 +456,9 @@ def _calls_helpers(kernel: Function) -> bool:
 # Numba compiles every jitted function on its own and then links and optimises it again
 # into each jitted caller: a jitted program calling ten fused loops compiles each loop
 # twice, and pays Numba's fixed cost per function ten times more. Printed inline, each loop
-# is compiled once, in the program: measured, a 3-layer value_and_grad's first call took
-# 8.1 s instead of 10.4 s, and a call was no slower.
+# is compiled once, in the program: measured, a 3-layer ReLU value_and_grad's first call
+# took 7.0 s instead of 10.4 s, and a call was no slower. A kernel that cannot be printed
+# inline raises Unsupported: the chooser then takes another schedule.
 
 
 def inline(nodes, kernels: dict, sites: list | None = None, taken: set | None = None) -> list:
@@ -482,7 +484,7 @@ def inline(nodes, kernels: dict, sites: list | None = None, taken: set | None = 
         for param, arg in zip(kernel.params, node.args):
             if isinstance(arg, sp.Symbol):
                 if param in mapping:
-                    raise CodegenError(f"{node.function} returns its argument {arg}: cannot inline")
+                    raise Unsupported(f"{node.function} returns its argument {arg}: cannot inline it")
                 mapping[param] = arg.name
             else:  # a block of rows of a stacked buffer, which the loop writes
                 mapping.setdefault(param, param + suffix)
@@ -533,7 +535,7 @@ def _renamed(node, mapping: dict):
     if isinstance(node, For):
         return replace(node, stop=_rename_expr(node.stop, mapping), start=_rename_expr(node.start, mapping),
                        body=tuple(_renamed(n, mapping) for n in node.body))
-    raise CodegenError(f"cannot inline {node!r}")
+    raise Unsupported(f"cannot inline {node!r}")
 
 
 def _commented(node, comment: str):

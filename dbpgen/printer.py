@@ -121,8 +121,13 @@ class NumbaPrinter(NumPyPrinter):
             return f"_dense_Kbox2({', '.join(args)})"
         return super()._print_Add(expr, order=order)
 
+    def _matrices(self, expr) -> bool:
+        """Every argument of a per-sample reduction is a (B, n) array (a dense layer's)."""
+        return self.shape_of is not None and all(len(self.shape_of(a)) == 2 for a in expr.args)
+
     def _print_Dot(self, expr):
-        return f"_rowdot({self._print(expr.args[0])}, {self._print(expr.args[1])}).reshape((-1, 1))"
+        a, b = (self._print(arg) for arg in expr.args)
+        return f"_rowdot2({a}, {b})" if self._matrices(expr) else f"_rowdot({a}, {b}).reshape((-1, 1))"
 
     def _print_Mul(self, expr):
         # a per-sample scalar (B, 1) times an image (B, C, H, W): align it with the batch axis
@@ -140,7 +145,7 @@ class NumbaPrinter(NumPyPrinter):
         return f"{name}({', '.join(self._print(a) for a in expr.args)})"
 
     def _print_RowSum(self, expr):
-        return self._call("_rowsum", expr)
+        return self._call("_rowsum2" if self._matrices(expr) else "_rowsum", expr)
 
     def _print_BSum(self, expr):
         return self._call("_bsum", expr)

@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_conv1d_cdb_e35e2aa08e757d43"
+__name__ = "_dbpgen_conv1d_cdb_bd0ae15893f38f30"
 
 
 class _CachedGlobals:
@@ -347,13 +347,25 @@ def _rowdot(a, b):
 
 
 @numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
-def _rowsum(a):
-    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
+def _rowdot2(a, b):
+    # _rowdot of two (B, n) arrays, as a column (B, 1): no copy, no reshape to compile
     out = np.empty((a.shape[0], 1), dtype=a.dtype)
-    for i in range(a2.shape[0]):
+    for i in range(a.shape[0]):
         acc = 0.0
-        for k in range(a2.shape[1]):
-            acc += a2[i, k]
+        for k in range(a.shape[1]):
+            acc += a[i, k] * b[i, k]
+        out[i, 0] = acc
+    return out
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+def _rowsum2(a):
+    # _rowsum of a (B, n) array
+    out = np.empty((a.shape[0], 1), dtype=a.dtype)
+    for i in range(a.shape[0]):
+        acc = 0.0
+        for k in range(a.shape[1]):
+            acc += a[i, k]
         out[i, 0] = acc
     return out
 
@@ -492,7 +504,7 @@ def _vjp(W1, b1, W3, b3, W5, b5, x0, v):
     x5 = _softmax(z5)  # (8)
     del z5
     xi5 = v  # Alg. 1: xi_L = v
-    t3_ = _rowdot(x5, xi5).reshape((-1, 1))  # zeta5 = x5*xi5 - x5*<x5, xi5>
+    t3_ = _rowdot2(x5, xi5)  # zeta5 = x5*xi5 - x5*<x5, xi5>
     zeta5 = _fused2(t3_, x5, xi5)[0]  # fused loop: zeta5; (15)
     del t3_, x5, xi5
     xi4 = _dense_KT(W5, zeta5)  # (16)
@@ -567,7 +579,7 @@ def _jvp(W1, b1, W3, b3, W5, b5, x0, u):
     del h4
     h5 = _dense_K(W5, q4)  # (20)
     del q4
-    t3_ = _rowdot(h5, x5).reshape((-1, 1))  # q5 = h5*x5 - x5*<h5, x5>
+    t3_ = _rowdot2(h5, x5)  # q5 = h5*x5 - x5*<h5, x5>
     q5 = _fused3(h5, t3_, x5)[0]  # fused loop: q5; (21)
     del h5, t3_, x5
     return (q5,)
@@ -605,7 +617,7 @@ def _input_grad(W1, b1, W3, b3, W5, b5, x0, y):
     del t2_
     x5 = _softmax(z5)  # (8)
     del z5
-    t3_ = _rowsum(y)  # zeta5 = x5*RowSum(y) - y
+    t3_ = _rowsum2(y)  # zeta5 = x5*RowSum(y) - y
     zeta5 = _fused4(t3_, x5, y)[0]  # fused loop: zeta5; (43)
     del t3_, x5
     xi4 = _dense_KT(W5, zeta5)  # (16)
@@ -651,7 +663,7 @@ def _penalty(W1, b1, W3, b3, W5, b5, x0, y):
     del t2_
     x5 = _softmax(z5)  # (8)
     del z5
-    t3_ = _rowsum(y)  # zeta5 = x5*RowSum(y) - y
+    t3_ = _rowsum2(y)  # zeta5 = x5*RowSum(y) - y
     zeta5 = _fused4(t3_, x5, y)[0]  # fused loop: zeta5; (43)
     del t3_, x5
     xi4 = _dense_KT(W5, zeta5)  # (16)
@@ -827,7 +839,7 @@ def _value_and_grad(W1, b1, W3, b3, W5, b5, x0, y, lam):
     z5 = t2_ + b5  # (8)
     del t2_
     x5 = _softmax(z5)  # (8)
-    t3_ = _rowsum(y)  # zeta5 = x5*RowSum(y) - y
+    t3_ = _rowsum2(y)  # zeta5 = x5*RowSum(y) - y
     zeta5, t15_ = _fused6(t3_, x5, y, B, lam, S5y_[:B])  # fused loop: zeta5, t15_; (43); (31), (32)
     del t15_
     xi4 = _dense_KT(W5, zeta5)  # (16)
@@ -864,7 +876,7 @@ def _value_and_grad(W1, b1, W3, b3, W5, b5, x0, y, lam):
     del h4
     h5 = _dense_K(W5, q4)  # (20)
     del q4
-    t5_ = _rowdot(h5, x5).reshape((-1, 1))  # eta5 = (h5*x5 - x5*<h5, x5>)*RowSum(y)
+    t5_ = _rowdot2(h5, x5)  # eta5 = (h5*x5 - x5*<h5, x5>)*RowSum(y)
     eta5, t16_, t17_ = _fused11(h5, t3_, t5_, x5, B, lam, zeta5, S5y_[B:])  # fused loop: eta5, t16_, t17_; (44); (31), (32); (31), (33)
     del h5, t16_, t5_, x5, zeta5
     gamma4 = _dense_KT(W5, eta5)  # (30)
@@ -883,7 +895,7 @@ def _value_and_grad(W1, b1, W3, b3, W5, b5, x0, y, lam):
     del eta2
     t9_, t11_ = _fused13(dg1, gamma1, B, lam, zeta1)  # fused loop: eta1, t9_, t11_; (28); (31), (32); (31), (33)
     del dg1, gamma1, zeta1
-    t6_ = _rowsum(y*z5)  # J = Σ_b(R*lam + LogSumExp(z5)*RowSum(y) - RowSum(y*z5))/B
+    t6_ = _rowsum2(y*z5)  # J = Σ_b(R*lam + LogSumExp(z5)*RowSum(y) - RowSum(y*z5))/B
     t7_ = _logsumexp(z5)  # J = Σ_b(R*lam + LogSumExp(z5)*RowSum(y) - RowSum(y*z5))/B
     del z5
     t8_ = _fused14(R, lam, t3_, t6_, t7_)[0]  # fused loop: t8_; J = (1/B) sum_b [l + lam R]

@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_lenet_cdb_f3e994c12a0e6a40"
+__name__ = "_dbpgen_lenet_cdb_1d27e900fc893b5f"
 
 
 class _CachedGlobals:
@@ -439,13 +439,25 @@ def _rowdot(a, b):
 
 
 @numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
-def _rowsum(a):
-    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
+def _rowdot2(a, b):
+    # _rowdot of two (B, n) arrays, as a column (B, 1): no copy, no reshape to compile
     out = np.empty((a.shape[0], 1), dtype=a.dtype)
-    for i in range(a2.shape[0]):
+    for i in range(a.shape[0]):
         acc = 0.0
-        for k in range(a2.shape[1]):
-            acc += a2[i, k]
+        for k in range(a.shape[1]):
+            acc += a[i, k] * b[i, k]
+        out[i, 0] = acc
+    return out
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+def _rowsum2(a):
+    # _rowsum of a (B, n) array
+    out = np.empty((a.shape[0], 1), dtype=a.dtype)
+    for i in range(a.shape[0]):
+        acc = 0.0
+        for k in range(a.shape[1]):
+            acc += a[i, k]
         out[i, 0] = acc
     return out
 
@@ -594,7 +606,7 @@ def _vjp(W1, b1, W3, b3, W6, b6, x0, v):
     x6 = _softmax(z6)  # (8)
     del z6
     xi6 = v  # Alg. 1: xi_L = v
-    t3_ = _rowdot(x6, xi6).reshape((-1, 1))  # zeta6 = x6*xi6 - x6*<x6, xi6>
+    t3_ = _rowdot2(x6, xi6)  # zeta6 = x6*xi6 - x6*<x6, xi6>
     zeta6 = _fused2(t3_, x6, xi6)[0]  # fused loop: zeta6; (15)
     del t3_, x6, xi6
     xi5 = _dense_KT(W6, zeta6)  # (16)
@@ -681,7 +693,7 @@ def _jvp(W1, b1, W3, b3, W6, b6, x0, u):
     del h5
     h6 = _dense_K(W6, q5)  # (20)
     del q5
-    t3_ = _rowdot(h6, x6).reshape((-1, 1))  # q6 = h6*x6 - x6*<h6, x6>
+    t3_ = _rowdot2(h6, x6)  # q6 = h6*x6 - x6*<h6, x6>
     q6 = _fused3(h6, t3_, x6)[0]  # fused loop: q6; (21)
     del h6, t3_, x6
     return (q6,)
@@ -723,7 +735,7 @@ def _input_grad(W1, b1, W3, b3, W6, b6, x0, y):
     del t2_
     x6 = _softmax(z6)  # (8)
     del z6
-    t3_ = _rowsum(y)  # zeta6 = x6*RowSum(y) - y
+    t3_ = _rowsum2(y)  # zeta6 = x6*RowSum(y) - y
     zeta6 = _fused4(t3_, x6, y)[0]  # fused loop: zeta6; (43)
     del t3_, x6
     xi5 = _dense_KT(W6, zeta6)  # (16)
@@ -777,7 +789,7 @@ def _penalty(W1, b1, W3, b3, W6, b6, x0, y):
     del t2_
     x6 = _softmax(z6)  # (8)
     del z6
-    t3_ = _rowsum(y)  # zeta6 = x6*RowSum(y) - y
+    t3_ = _rowsum2(y)  # zeta6 = x6*RowSum(y) - y
     zeta6 = _fused4(t3_, x6, y)[0]  # fused loop: zeta6; (43)
     del t3_, x6
     xi5 = _dense_KT(W6, zeta6)  # (16)
@@ -966,7 +978,7 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     z6 = t2_ + b6  # (8)
     del t2_
     x6 = _softmax(z6)  # (8)
-    t3_ = _rowsum(y)  # zeta6 = x6*RowSum(y) - y
+    t3_ = _rowsum2(y)  # zeta6 = x6*RowSum(y) - y
     zeta6, t15_ = _fused6(t3_, x6, y, B, lam, S6y_[:B])  # fused loop: zeta6, t15_; (43); (31), (32)
     del t15_
     xi5 = _dense_KT(W6, zeta6)  # (16)
@@ -1011,7 +1023,7 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     del h5
     h6 = _dense_K(W6, q5)  # (20)
     del q5
-    t5_ = _rowdot(h6, x6).reshape((-1, 1))  # eta6 = (h6*x6 - x6*<h6, x6>)*RowSum(y)
+    t5_ = _rowdot2(h6, x6)  # eta6 = (h6*x6 - x6*<h6, x6>)*RowSum(y)
     eta6, t16_, t17_ = _fused11(h6, t3_, t5_, x6, B, lam, zeta6, S6y_[B:])  # fused loop: eta6, t16_, t17_; (44); (31), (32); (31), (33)
     del h6, t16_, t5_, x6, zeta6
     gamma5 = _dense_KT(W6, eta6)  # (30)
@@ -1034,7 +1046,7 @@ def _value_and_grad(W1, b1, W3, b3, W6, b6, x0, y, lam):
     del eta2
     t9_, t11_ = _fused13(dg1, gamma1, B, lam, zeta1)  # fused loop: eta1, t9_, t11_; (28); (31), (32); (31), (33)
     del dg1, gamma1, zeta1
-    t6_ = _rowsum(y*z6)  # J = Σ_b(R*lam + LogSumExp(z6)*RowSum(y) - RowSum(y*z6))/B
+    t6_ = _rowsum2(y*z6)  # J = Σ_b(R*lam + LogSumExp(z6)*RowSum(y) - RowSum(y*z6))/B
     t7_ = _logsumexp(z6)  # J = Σ_b(R*lam + LogSumExp(z6)*RowSum(y) - RowSum(y*z6))/B
     del z6
     t8_ = _fused14(R, lam, t3_, t6_, t7_)[0]  # fused loop: t8_; J = (1/B) sum_b [l + lam R]

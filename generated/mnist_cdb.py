@@ -25,7 +25,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_cdb_5547c5fb1fb3922a"
+__name__ = "_dbpgen_mnist_cdb_3caf7c3ba8093619"
 
 
 class _CachedGlobals:
@@ -164,16 +164,14 @@ def _dense_Kbox(x, y):
 
 
 @numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
-def _rowdot(a, b):
-    # per-sample inner product over all non-batch axes: shape (B,)
-    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
-    b2 = np.ascontiguousarray(b).reshape((b.shape[0], -1))
-    out = np.empty(a.shape[0], dtype=a.dtype)
-    for i in range(a2.shape[0]):
+def _rowdot2(a, b):
+    # _rowdot of two (B, n) arrays, as a column (B, 1): no copy, no reshape to compile
+    out = np.empty((a.shape[0], 1), dtype=a.dtype)
+    for i in range(a.shape[0]):
         acc = 0.0
-        for k in range(a2.shape[1]):
-            acc += a2[i, k] * b2[i, k]
-        out[i] = acc
+        for k in range(a.shape[1]):
+            acc += a[i, k] * b[i, k]
+        out[i, 0] = acc
     return out
 
 
@@ -184,13 +182,13 @@ def _dense_KT_into(W, y, out):
 
 
 @numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
-def _rowsum(a):
-    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
+def _rowsum2(a):
+    # _rowsum of a (B, n) array
     out = np.empty((a.shape[0], 1), dtype=a.dtype)
-    for i in range(a2.shape[0]):
+    for i in range(a.shape[0]):
         acc = 0.0
-        for k in range(a2.shape[1]):
-            acc += a2[i, k]
+        for k in range(a.shape[1]):
+            acc += a[i, k]
         out[i, 0] = acc
     return out
 
@@ -297,7 +295,7 @@ def _vjp(W1, b1, W2, b2, W3, b3, x0, v):
     x3 = _softmax(z3)  # (8)
     del z3
     xi3 = v  # Alg. 1: xi_L = v
-    t3_ = _rowdot(x3, xi3).reshape((-1, 1))  # zeta3 = x3*xi3 - x3*<x3, xi3>
+    t3_ = _rowdot2(x3, xi3)  # zeta3 = x3*xi3 - x3*<x3, xi3>
     zeta3 = _fused2(t3_, x3, xi3)[0]  # fused loop: zeta3; (15)
     del t3_, x3, xi3
     xi2 = _dense_KT(W3, zeta3)  # (16)
@@ -348,7 +346,7 @@ def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
     del dg2, h2
     h3 = _dense_K(W3, q2)  # (20)
     del q2
-    t3_ = _rowdot(h3, x3).reshape((-1, 1))  # q3 = h3*x3 - x3*<h3, x3>
+    t3_ = _rowdot2(h3, x3)  # q3 = h3*x3 - x3*<h3, x3>
     q3 = _fused3(h3, t3_, x3)[0]  # fused loop: q3; (21)
     del h3, t3_, x3
     return (q3,)
@@ -378,7 +376,7 @@ def _input_grad(W1, b1, W2, b2, W3, b3, x0, y):
     del t2_
     x3 = _softmax(z3)  # (8)
     del z3
-    t3_ = _rowsum(y)  # zeta3 = x3*RowSum(y) - y
+    t3_ = _rowsum2(y)  # zeta3 = x3*RowSum(y) - y
     zeta3 = _fused4(t3_, x3, y)[0]  # fused loop: zeta3; (43)
     del t3_, x3
     xi2 = _dense_KT(W3, zeta3)  # (16)
@@ -408,7 +406,7 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
     del t2_
     x3 = _softmax(z3)  # (8)
     del z3
-    t3_ = _rowsum(y)  # zeta3 = x3*RowSum(y) - y
+    t3_ = _rowsum2(y)  # zeta3 = x3*RowSum(y) - y
     zeta3 = _fused4(t3_, x3, y)[0]  # fused loop: zeta3; (43)
     del t3_, x3
     xi2 = _dense_KT(W3, zeta3)  # (16)
@@ -421,7 +419,7 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0, y):
     del dg1, xi1
     xi0 = _dense_KT(W1, zeta1)  # (16)
     del zeta1
-    s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
+    s = _rowdot2(xi0, xi0)  # s = ||xi_0||^2
     del xi0
     R = s  # (10)
     del s
@@ -565,7 +563,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     z3 = t2_ + b3  # (8)
     del t2_
     x3 = _softmax(z3)  # (8)
-    t3_ = _rowsum(y)  # zeta3 = x3*RowSum(y) - y
+    t3_ = _rowsum2(y)  # zeta3 = x3*RowSum(y) - y
     zeta3, t15_ = _fused6(t3_, x3, y, B, lam, S3y_[:B])  # fused loop: zeta3, t15_; (43); (31), (32)
     del t15_
     xi2 = _dense_KT(W3, zeta3)  # (16)
@@ -575,7 +573,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     zeta1, t10_ = _fused8(dg1, xi1, B, lam, S1y_[B:])  # fused loop: zeta1, t10_; (15); (31), (32)
     del t10_, xi1
     xi0 = _dense_KT_into(W1, zeta1, S1x_[B:])  # (16)
-    s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
+    s = _rowdot2(xi0, xi0)  # s = ||xi_0||^2
     R = s  # (10)
     del s
     t4_ = _dense_K(W1, xi0)  # h1 = 2*K_1(W1, xi0)
@@ -588,7 +586,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     del h2
     h3 = _dense_K(W3, q2)  # (20)
     del q2
-    t5_ = _rowdot(h3, x3).reshape((-1, 1))  # eta3 = (h3*x3 - x3*<h3, x3>)*RowSum(y)
+    t5_ = _rowdot2(h3, x3)  # eta3 = (h3*x3 - x3*<h3, x3>)*RowSum(y)
     eta3, t16_, t17_ = _fused11(h3, t3_, t5_, x3, B, lam, zeta3, S3y_[B:])  # fused loop: eta3, t16_, t17_; (44); (31), (32); (31), (33)
     del h3, t16_, t5_, x3, zeta3
     gamma2 = _dense_KT(W3, eta3)  # (30)
@@ -599,7 +597,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
     del eta2
     t9_, t11_ = _fused13(dg1, gamma1, B, lam, zeta1, S1y_[:B])  # fused loop: eta1, t9_, t11_; (28); (31), (32); (31), (33)
     del dg1, gamma1, t9_, zeta1
-    t6_ = _rowsum(y*z3)  # J = Σ_b(R*lam + LogSumExp(z3)*RowSum(y) - RowSum(y*z3))/B
+    t6_ = _rowsum2(y*z3)  # J = Σ_b(R*lam + LogSumExp(z3)*RowSum(y) - RowSum(y*z3))/B
     t7_ = _logsumexp(z3)  # J = Σ_b(R*lam + LogSumExp(z3)*RowSum(y) - RowSum(y*z3))/B
     del z3
     t8_ = _fused14(R, lam, t3_, t6_, t7_)[0]  # fused loop: t8_; J = (1/B) sum_b [l + lam R]

@@ -25,7 +25,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_jac_6f9b330e9a911570"
+__name__ = "_dbpgen_mnist_jac_3a92ddecdb6626ba"
 
 
 class _CachedGlobals:
@@ -180,16 +180,14 @@ def _dense_Kbox(x, y):
 
 
 @numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
-def _rowdot(a, b):
-    # per-sample inner product over all non-batch axes: shape (B,)
-    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
-    b2 = np.ascontiguousarray(b).reshape((b.shape[0], -1))
-    out = np.empty(a.shape[0], dtype=a.dtype)
-    for i in range(a2.shape[0]):
+def _rowdot2(a, b):
+    # _rowdot of two (B, n) arrays, as a column (B, 1): no copy, no reshape to compile
+    out = np.empty((a.shape[0], 1), dtype=a.dtype)
+    for i in range(a.shape[0]):
         acc = 0.0
-        for k in range(a2.shape[1]):
-            acc += a2[i, k] * b2[i, k]
-        out[i] = acc
+        for k in range(a.shape[1]):
+            acc += a[i, k] * b[i, k]
+        out[i, 0] = acc
     return out
 
 
@@ -308,7 +306,7 @@ def _vjp(W1, b1, W2, b2, W3, b3, x0, v):
     x3 = _softmax(z3)  # (8)
     del z3
     xi3 = v  # Alg. 1: xi_L = v
-    t3_ = _rowdot(x3, xi3).reshape((-1, 1))  # zeta3 = x3*xi3 - x3*<x3, xi3>
+    t3_ = _rowdot2(x3, xi3)  # zeta3 = x3*xi3 - x3*<x3, xi3>
     zeta3 = _fused2(t3_, x3, xi3)[0]  # fused loop: zeta3; (15)
     del t3_, x3, xi3
     xi2 = _dense_KT(W3, zeta3)  # (16)
@@ -359,7 +357,7 @@ def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
     del dg2, h2
     h3 = _dense_K(W3, q2)  # (20)
     del q2
-    t3_ = _rowdot(h3, x3).reshape((-1, 1))  # q3 = h3*x3 - x3*<h3, x3>
+    t3_ = _rowdot2(h3, x3)  # q3 = h3*x3 - x3*<h3, x3>
     q3 = _fused3(h3, t3_, x3)[0]  # fused loop: q3; (21)
     del h3, t3_, x3
     return (q3,)
@@ -383,14 +381,14 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0):
     R = np.zeros((B, 1), dtype=DTYPE)  # sum over i
     for i in range(10):  # R = scale * sum_i p(J^T v_i)
         xi3 = _onehot(x0, 10, i)  # Alg. 1: xi_L = v
-        t3_ = _rowdot(x3, xi3).reshape((-1, 1))  # zeta3 = x3*xi3 - x3*<x3, xi3>
+        t3_ = _rowdot2(x3, xi3)  # zeta3 = x3*xi3 - x3*<x3, xi3>
         zeta3 = _fused2(t3_, x3, xi3)[0]  # fused loop: zeta3; (15)
         xi2 = _dense_KT(W3, zeta3)  # (16)
         zeta2 = dg2*xi2  # (15)
         xi1 = _dense_KT(W2, zeta2)  # (16)
         zeta1 = dg1*xi1  # (15)
         xi0 = _dense_KT(W1, zeta1)  # (16)
-        s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
+        s = _rowdot2(xi0, xi0)  # s = ||xi_0||^2
         Ri = s  # (10)
         R += Ri  # (10), summed over i
     del dg1, dg2, x3
@@ -488,21 +486,21 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
     etahat3 = np.zeros((B, 10), dtype=DTYPE)  # sum over i
     for i in range(10):  # Alg. 4 (section 5.4): backward and backward-backward per v_i
         xi3 = _onehot(x0, 10, i)  # Alg. 1: xi_L = v
-        t10_ = _rowdot(x3, xi3).reshape((-1, 1))  # zeta3 = x3*xi3 - x3*<x3, xi3>
+        t10_ = _rowdot2(x3, xi3)  # zeta3 = x3*xi3 - x3*<x3, xi3>
         zeta3 = _fused2(t10_, x3, xi3)[0]  # fused loop: zeta3; (15)
         xi2 = _dense_KT(W3, zeta3)  # (16)
         zeta2 = dg2*xi2  # (15)
         xi1 = _dense_KT(W2, zeta2)  # (16)
         zeta1 = dg1*xi1  # (15)
         u1 = _gram_mul(zeta1, G1)  # (16)+(20): K_1 K_1^T = W_1 W_1^T
-        s = _rowdot(u1, zeta1).reshape((-1, 1))  # s = <zeta_1, G zeta_1>
+        s = _rowdot2(u1, zeta1)  # s = <zeta_1, G zeta_1>
         Ri = s  # (10)
         q1 = _fused4(u1, dg1)[0]  # fused loop: h1, q1; (20): h_1 = c(s) G zeta_1; (21)
         h2 = _dense_K(W2, q1)  # (20)
         q2 = dg2*h2  # (21)
         h3 = _dense_K(W3, q2)  # (20)
-        t11_ = _rowdot(h3, x3).reshape((-1, 1))  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
-        t12_ = _rowdot(x3, h3*xi3 - h3*_rowdot(x3, xi3).reshape((-1, 1)) - xi3*_rowdot(h3, x3).reshape((-1, 1))).reshape((-1, 1))  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
+        t11_ = _rowdot2(h3, x3)  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
+        t12_ = _rowdot2(x3, h3*xi3 - h3*_rowdot2(x3, xi3) - xi3*_rowdot2(h3, x3))  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
         eta3 = _fused5(h3, t10_, t11_, t12_, x3, xi3)[0]  # fused loop: eta3; App. B.1, corrected
         R += Ri  # (10), summed over i
         M1 += _gram_box(zeta1, 2*zeta1)  # Alg. 4: theta^1_1 before W_1

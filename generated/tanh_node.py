@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_tanh_node_4951b3da5b856db1"
+__name__ = "_dbpgen_tanh_node_3ae694f923af7426"
 
 
 class _CachedGlobals:
@@ -169,7 +169,9 @@ def _dense_Kbox(x, y):
         np.dot(y[:n // 2].T, x[:n // 2], out)
         rest = np.empty_like(out)
         np.dot(y[n // 2:].T, x[n // 2:], rest)
-        out += rest
+        for i in range(out.shape[0]):  # out += rest, a loop compiles in a fraction of the time
+            for k in range(out.shape[1]):
+                out[i, k] += rest[i, k]
         return out
     np.dot(y.T, x, out)
     return out
@@ -179,16 +181,14 @@ def _dense_Kbox(x, y):
 
 
 @numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
-def _rowdot(a, b):
-    # per-sample inner product over all non-batch axes: shape (B,)
-    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
-    b2 = np.ascontiguousarray(b).reshape((b.shape[0], -1))
-    out = np.empty(a.shape[0], dtype=a.dtype)
-    for i in range(a2.shape[0]):
+def _rowdot2(a, b):
+    # _rowdot of two (B, n) arrays, as a column (B, 1): no copy, no reshape to compile
+    out = np.empty((a.shape[0], 1), dtype=a.dtype)
+    for i in range(a.shape[0]):
         acc = 0.0
-        for k in range(a2.shape[1]):
-            acc += a2[i, k] * b2[i, k]
-        out[i] = acc
+        for k in range(a.shape[1]):
+            acc += a[i, k] * b[i, k]
+        out[i, 0] = acc
     return out
 
 
@@ -209,13 +209,13 @@ def _dense_KT_into(W, y, out):
 
 
 @numba.njit(cache=True, error_model="numpy", fastmath={"reassoc"})
-def _rowsum(a):
-    a2 = np.ascontiguousarray(a).reshape((a.shape[0], -1))
+def _rowsum2(a):
+    # _rowsum of a (B, n) array
     out = np.empty((a.shape[0], 1), dtype=a.dtype)
-    for i in range(a2.shape[0]):
+    for i in range(a.shape[0]):
         acc = 0.0
-        for k in range(a2.shape[1]):
-            acc += a2[i, k]
+        for k in range(a.shape[1]):
+            acc += a[i, k]
         out[i, 0] = acc
     return out
 
@@ -392,7 +392,7 @@ def _penalty(W1, b1, W2, b2, W3, x0, v):
     xi1 = _dense_KT(W2, zeta2)  # (16)
     zeta1 = dg1*xi1  # (15)
     xi0 = _dense_KT(W1, zeta1)  # (16)
-    s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
+    s = _rowdot2(xi0, xi0)  # s = ||xi_0||^2
     R = s  # (10)
     return (R,)
 
@@ -459,7 +459,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
             t_3 = 2*lam*zeta_3/B  # (31), (32)
             t9_[i, k] = t_3
     xi0 = _dense_KT_into(W1, zeta1, S1x_[B:])  # (16)
-    s = _rowdot(xi0, xi0).reshape((-1, 1))  # s = ||xi_0||^2
+    s = _rowdot2(xi0, xi0)  # s = ||xi_0||^2
     R = s  # (10)
     t3_ = _dense_K(W1, xi0)  # h1 = 2*K_1(W1, xi0)
     q1 = S2x_[:B]  # fused loop: h1, q1; (20); (21); its half of a stacked buffer
@@ -481,7 +481,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
         for k in range(x3.shape[1]):  # units
             delta_6 = 2*x3[i, k] - 2*y[i, k]  # (33)
             delta3[i, k] = delta_6
-    t4_ = _rowsum((x3 - y)**2)  # J = Σ_b(R*lam + RowSum((x3 - y)**2))/B
+    t4_ = _rowsum2((x3 - y)**2)  # J = Σ_b(R*lam + RowSum((x3 - y)**2))/B
     t5_ = np.zeros((R.shape[1],), dtype=DTYPE)  # fused loop: t5_; J = (1/B) sum_b [l + lam R]
     for i in range(R.shape[0]):  # samples
         for k in range(R.shape[1]):  # units

@@ -87,7 +87,7 @@ def test_schedules_follow_the_shapes(tmp_path):
     text = Path(wide.__file__).read_text()
     assert "def _value_and_grad(" in text and not _decorated(text, "_value_and_grad")
     assert "def _dense_K(W, x):" in text and not _decorated(text, "_dense_K")
-    assert f"{DECORATORS['reassoc']}\ndef _rowdot(" in text  # loops stay jitted
+    assert f"{DECORATORS['reassoc']}\ndef _rowdot2(" in text  # loops stay jitted
     small = compile_spec(mlp("small", ["relu", "relu"], None, "mse", CDB, widths=(40, 33)), tmp_path, jit=True)
     text = Path(small.__file__).read_text()
     assert _decorated(text, "_value_and_grad") and _decorated(text, "_dense_K")

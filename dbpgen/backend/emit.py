@@ -116,7 +116,7 @@ class _ScheduleNames(NumbaPrinter):
         return self._use(code, helper) if helper else code
 
     def _print_Dot(self, expr):
-        return self._use(super()._print_Dot(expr), "_rowdot")
+        return self._use(super()._print_Dot(expr), "_rowdot2" if self._matrices(expr) else "_rowdot")
 
     def _print_Gram(self, expr):
         return self._use(super()._print_Gram(expr), "_gram")

@@ -23,7 +23,7 @@ from ..program import Loop, Program
 from ..shapes import shape_of
 from .common import (B, BATCH_OPS, ELEMENTWISE, PER_SAMPLE_OPS, Lowering, Unsupported, batch_terms,
                      elements, freeze, is_per_sample)
-from .schedule import OPEN, AddTo, Alloc, For, Function, Int, Let, Shape, Store, View, elem, name
+from .schedule import OPEN, AddTo, Alloc, Call, For, Function, Int, Let, Shape, Store, View, elem, name
 
 CHUNK = 64       # samples per chunk: every buffer of the sine network stays in L1
 MAX_WIDTH = 32   # wider layers: a GEMM call is worth its overhead (docs/performance.md)
@@ -175,12 +175,12 @@ class _Lanes(Lowering):
             return
         body = self.row_loop(rows, comment)
         if expr in ops:  # the whole right-hand side is one K or K^T: accumulate in place
-            self.layer_row(expr, elem(buf, i, b), body)
+            self.layer_row(expr, elem(buf, i), body)
             self.sample_body = None
         else:
             direct = {}
             for n, op in enumerate(ops):
-                self.layer_row(op, elem(f"kr{n}", b), body)
+                self.layer_row(op, name(f"kr{n}"), body)
                 self.scratch = max(self.scratch, n + 1)
                 direct[op] = elem(f"kr{n}", b)
             self.sample_body = self.sample_loop(body)
@@ -188,14 +188,13 @@ class _Lanes(Lowering):
         self.open_rows = rows
 
     def layer_row(self, expr, out, body: list) -> None:
-        """Row i of K (eq. 8, 20) or K^T (eq. 16, 30) of a dense layer: sum_k w_ik col_k."""
+        """Row i of K (eq. 8, 20) or K^T (eq. 16, 30) of a dense layer, sum_k w_ik col_k,
+        into `out` (a row of a buffer, or a scratch row kr0, ...): a call of one helper per
+        direction, so that Numba types and lowers the loops once, not at every product."""
         W, src = expr.args[1], expr.args[2]
         inner = self.shapes[src.name][1]
-        weight = elem(W.name, i, k) if isinstance(expr, K) else elem(W.name, k, i)
-        body.append(For("b", nb, [Store(out, ZERO)]))
-        body.append(For("k", self.size(inner), [
-            Let("w", weight),
-            For("b", nb, [AddTo(out, name("w") * elem(self.buffers[src.name], k, b))])]))
+        helper = "_row_K" if isinstance(expr, K) else "_row_KT"
+        body.append(Call((), helper, (name(W.name), i, name(self.buffers[src.name]), self.size(inner), nb, out)))
 
     def row_reduction(self, expr, out: str, eq: str) -> None:
         """<a, c> or sum_i a_i per sample, into row 0 of a (1, CHUNK) buffer."""

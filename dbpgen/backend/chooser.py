@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir import Model
-from ..program import Program, walk
+from ..program import Loop, Program, walk
 from . import arrays, cost, fused, lanes
 from .common import VECTORIZED, Unsupported
 from .schedule import Function
@@ -97,13 +97,17 @@ def compile_seconds(kind: str, model: Model, program: Program) -> float:
     - kernels: the operators' kernels and whole-array helpers, 2.7-6.8 s;
     - jit: the loops printed in one function, plus the dense kernels and the loops that
       call a vectorized helper (_tanh1, ...) on their own: 7.0 s for a 3-layer ReLU
-      value_and_grad of 47 statements, 8.9 s for tanh;
+      value_and_grad of 47 statements, 8.9 s for tanh; a statement in a loop over
+      Jacobian rows (Algorithm 4) mostly stays a whole-array expression, which Numba
+      compiles as a kernel of its own: 14-15 s for a 3-layer tanh Jacobian penalty whose
+      loop holds 25;
     - lanes: one function whose length grows with every statement (the rows of K and K^T
       are calls of two shared helpers): 7.7-10 s for 50."""
     n = sum(1 for _ in walk(program.stmts))
+    in_loops = sum(len(node.body) + len(node.accums) for node in program.stmts if isinstance(node, Loop))
     shapes = len({(layer.in_shape, layer.out_shape) for layer in model.layers})
     helpers = any(stmt.expr.has(*VECTORIZED) for stmt in walk(program.stmts) if hasattr(stmt, "expr"))
-    return {"lanes": 0.18 * n, "jit": 5.0 + 0.04 * n + 1.5 * helpers, "fused": 1.5 + 0.6 * shapes + 0.03 * min(n, 50),
+    return {"lanes": 0.18 * n, "jit": 5.0 + 0.04 * n + 0.2 * in_loops + 1.5 * helpers, "fused": 1.5 + 0.6 * shapes + 0.03 * min(n, 50),
             "kernels": 1.5 + 0.6 * shapes}.get(kind, 0.0)
 
 

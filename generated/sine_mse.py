@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_mse_7320266ae9e099c5"
+__name__ = "_dbpgen_sine_mse_0432aa0a948aeb2a"
 
 
 class _CachedGlobals:
@@ -155,7 +155,7 @@ def _dense_Kbox(x, y):
 # (scalar loops: Numba compiles them in a fraction of the time array expressions take)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _row_K(W, i, x, n, nb, out):
     # row i of K(W, x) for the nb samples of a chunk, x batch-minor: out[b] = sum_k W[i, k] x[k, b]
     for b in range(nb):
@@ -166,7 +166,7 @@ def _row_K(W, i, x, n, nb, out):
             out[b] += w * x[k, b]
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _row_KT(W, i, y, n, nb, out):
     # row i of K^T(W, y), batch-minor: out[b] = sum_k W[k, i] y[k, b]
     for b in range(nb):
@@ -175,6 +175,17 @@ def _row_KT(W, i, y, n, nb, out):
         w = W[k, i]
         for b in range(nb):
             out[b] += w * y[k, b]
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
+def _box_add(out, y, x, c, m, n, nb):
+    # out += c K^box(x, y) over the nb samples of a chunk, batch-minor: out[i, k] += c sum_b y[i, b] x[k, b]
+    for i in range(m):
+        for k in range(n):
+            acc = 0.0
+            for b in range(nb):
+                acc += y[i, b] * x[k, b]
+            out[i, k] += c * acc
 
 
 
@@ -478,12 +489,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y):
         for i in range(n8_):  # t1_ = delta1/B, operand, computed once
             for b in range(nb):
                 t1_[i, b] = delta1[i, b]/B
-        for i in range(n8_):  # dW1 += K^□_1(x0, delta1/B), (31), (32)
-            for k in range(1):
-                acc = 0.0
-                for b in range(nb):
-                    acc += t1_[i, b]*x0_t[k, b]
-                dW1[i, k] += acc
+        _box_add(dW1, t1_, x0_t, 1.0, n8_, 1, nb)  # dW1 += K^□_1(x0, delta1/B), (31), (32)
         for i in range(n8_):  # db1 += Σ_b(delta1)/B, (31), (33)
             acc = 0.0
             for b in range(nb):
@@ -492,12 +498,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y):
         for i in range(n5_):  # t2_ = delta2/B, operand, computed once
             for b in range(nb):
                 t2_[i, b] = delta2[i, b]/B
-        for i in range(n5_):  # dW2 += K^□_2(x1, delta2/B), (31), (32)
-            for k in range(n8_):
-                acc = 0.0
-                for b in range(nb):
-                    acc += t2_[i, b]*x1[k, b]
-                dW2[i, k] += acc
+        _box_add(dW2, t2_, x1, 1.0, n5_, n8_, nb)  # dW2 += K^□_2(x1, delta2/B), (31), (32)
         for i in range(n5_):  # db2 += Σ_b(delta2)/B, (31), (33)
             acc = 0.0
             for b in range(nb):
@@ -506,12 +507,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y):
         for i in range(1):  # t3_ = delta3/B, operand, computed once
             for b in range(nb):
                 t3_[i, b] = delta3[0, b]/B
-        for i in range(1):  # dW3 += K^□_3(x2, delta3/B), (31), (32)
-            for k in range(n5_):
-                acc = 0.0
-                for b in range(nb):
-                    acc += t3_[i, b]*x2[k, b]
-                dW3[i, k] += acc
+        _box_add(dW3, t3_, x2, 1.0, 1, n5_, nb)  # dW3 += K^□_3(x2, delta3/B), (31), (32)
         for i in range(1):  # db3 += Σ_b(delta3)/B, (31), (33)
             acc = 0.0
             for b in range(nb):

@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_node_91d16d0a4dccc869"
+__name__ = "_dbpgen_sine_node_d65275cf3994d64c"
 
 
 class _CachedGlobals:
@@ -164,7 +164,7 @@ def _dense_Kbox(x, y):
 # (scalar loops: Numba compiles them in a fraction of the time array expressions take)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _row_K(W, i, x, n, nb, out):
     # row i of K(W, x) for the nb samples of a chunk, x batch-minor: out[b] = sum_k W[i, k] x[k, b]
     for b in range(nb):
@@ -175,7 +175,7 @@ def _row_K(W, i, x, n, nb, out):
             out[b] += w * x[k, b]
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _row_KT(W, i, y, n, nb, out):
     # row i of K^T(W, y), batch-minor: out[b] = sum_k W[k, i] y[k, b]
     for b in range(nb):
@@ -184,6 +184,17 @@ def _row_KT(W, i, y, n, nb, out):
         w = W[k, i]
         for b in range(nb):
             out[b] += w * y[k, b]
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
+def _box_add(out, y, x, c, m, n, nb):
+    # out += c K^box(x, y) over the nb samples of a chunk, batch-minor: out[i, k] += c sum_b y[i, b] x[k, b]
+    for i in range(m):
+        for k in range(n):
+            acc = 0.0
+            for b in range(nb):
+                acc += y[i, b] * x[k, b]
+            out[i, k] += c * acc
 
 
 
@@ -496,30 +507,15 @@ def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
         for i in range(n8_):  # t0_ = 2*lam*zeta1/B, operand, computed once
             for b in range(nb):
                 t0_[i, b] = 2*lam*zeta1[i, b]/B
-        for i in range(n8_):  # dW1 += K^□_1(xi0, 2*lam*zeta1/B), (31), (32)
-            for k in range(1):
-                acc = 0.0
-                for b in range(nb):
-                    acc += t0_[i, b]*xi0[k, b]
-                dW1[i, k] += acc
+        _box_add(dW1, t0_, xi0, 1.0, n8_, 1, nb)  # dW1 += K^□_1(xi0, 2*lam*zeta1/B), (31), (32)
         for i in range(n5_):  # t1_ = lam*zeta2/B, operand, computed once
             for b in range(nb):
                 t1_[i, b] = lam*zeta2[i, b]/B
-        for i in range(n5_):  # dW2 += K^□_2(q1, lam*zeta2/B), (31), (32)
-            for k in range(n8_):
-                acc = 0.0
-                for b in range(nb):
-                    acc += q1[k, b]*t1_[i, b]
-                dW2[i, k] += acc
+        _box_add(dW2, t1_, q1, 1.0, n5_, n8_, nb)  # dW2 += K^□_2(q1, lam*zeta2/B), (31), (32)
         for i in range(1):  # t2_ = lam*zeta3/B, operand, computed once
             for b in range(nb):
                 t2_[i, b] = lam*v_t[0, b]/B
-        for i in range(1):  # dW3 += K^□_3(q2, lam*zeta3/B), (31), (32)
-            for k in range(n5_):
-                acc = 0.0
-                for b in range(nb):
-                    acc += q2[k, b]*t2_[i, b]
-                dW3[i, k] += acc
+        _box_add(dW3, t2_, q2, 1.0, 1, n5_, nb)  # dW3 += K^□_3(q2, lam*zeta3/B), (31), (32)
     return (J, dW1, b1_out, dW2, b2_out, dW3, b3_out,)
 
 

@@ -30,7 +30,7 @@ DECORATORS = {
 
 
 # helpers the lowerings call by name (Call nodes); the printers name the others
-SCHEDULE_HELPERS = ("_dense_Kbox", "_dense_K_into", "_dense_KT_into", "_copy_into", "_row_K", "_row_KT")
+SCHEDULE_HELPERS = ("_dense_Kbox", "_dense_K_into", "_dense_KT_into", "_copy_into", "_row_K", "_row_KT", "_box_add")
 # helpers that call other helpers
 DEPENDS = {"_dense_Kbox2": {"_dense_Kbox"}, "_sigmoid1": {"_exp1"}, "_softplus1": {"_exp1", "_log1p01"}}
 

@@ -220,18 +220,16 @@ class _Lanes(Lowering):
         self.allocs.append(Alloc(target.name, shape, zero=True, comment=f"sum over the batch, {eq}"))
         acc = name("acc")
         self.close()
-        if isinstance(terms[0][1], Kbox):
-            parts = []
-            for coeff, op in terms:
+        if isinstance(terms[0][1], Kbox):  # one call of a shared helper per term
+            for n, (coeff, op) in enumerate(terms):
                 if not isinstance(op, Kbox):
                     raise Unsupported(f"mixed batch reductions: {expr}")
                 x = self.operand(self.elementwise(op.args[1]))
                 y = self.operand(self.elementwise(op.args[2]))
-                parts.append(self.at(coeff, i) * elem(self.buffers[y.name], i, b) * elem(self.buffers[x.name], k, b))
-            self.body.append(For("i", self.size(shape[0]), [For("k", self.size(shape[1]), [
-                Let("acc", ZERO),
-                For("b", nb, [AddTo(acc, sp.Add(*parts))]),
-                AddTo(elem(target.name, i, k), acc)])], scalar=True, comment=f"{target} += {expr}, {eq}"))
+                self.body.append(Call((), "_box_add", (
+                    name(target.name), name(self.buffers[y.name]), name(self.buffers[x.name]),
+                    sp.Float(coeff) if coeff.is_Number else coeff, self.size(shape[0]), self.size(shape[1]), nb),
+                    comment="" if n else f"{target} += {expr}, {eq}"))
             return
         parts = []
         for coeff, op in terms:

@@ -7,9 +7,12 @@ program, and in float32.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
-from conftest import batch_for, compile_spec
+from conftest import batch_for, compile_spec, import_module
 from dbpgen.backend import lanes
 from test_codegen import check_float32
 from test_gradients import CDB, NODE, assert_close, check_against_oracle, mlp
@@ -61,5 +64,18 @@ def test_wide_layers_and_softmax_keep_gemm_kernels(tmp_path):
     assert not fused(compile_spec(soft, tmp_path))
 
 
-def test_fused_float32_stays_float32_and_close(tmp_path, rng):
-    assert fused(check_float32(FUSED[1], tmp_path, rng, batch=70))
+@pytest.mark.parametrize("spec", FUSED[:2], ids=[s["name"] for s in FUSED[:2]])
+def test_fused_float32_stays_float32_and_close(spec, tmp_path, rng):
+    m32 = check_float32(spec, tmp_path, rng, batch=70)
+    assert fused(m32)
+    # the same code as plain Python, where a width printed as a float32 literal (lanes_relu_cdb:
+    # one input, one output) would not be a range bound, as Numba lets it be
+    plain = import_module(Path(m32.__file__), jit=False)
+    params = m32.init_params(seed=1)
+    x, y, _ = batch_for(spec, rng, 9)
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    value, grads = plain.value_and_grad(params, x, y)
+    expected, expected_grads = m32.value_and_grad(params, x, y)
+    assert_close(value, expected, 1e-5)
+    for k in grads:
+        assert_close(grads[k], expected_grads[k], 1e-4)

@@ -194,7 +194,7 @@ class _Lanes(Lowering):
         W, src = expr.args[1], expr.args[2]
         inner = self.shapes[src.name][1]
         helper = "_row_K" if isinstance(expr, K) else "_row_KT"
-        body.append(Call((), helper, (name(W.name), i, name(self.buffers[src.name]), self.size(inner), nb, out)))
+        body.append(Call((), helper, (name(W.name), i, name(self.buffers[src.name]), Int(self.size(inner)), nb, out)))
 
     def row_reduction(self, expr, out: str, eq: str) -> None:
         """<a, c> or sum_i a_i per sample, into row 0 of a (1, CHUNK) buffer."""
@@ -228,7 +228,7 @@ class _Lanes(Lowering):
                 y = self.operand(self.elementwise(op.args[2]))
                 self.body.append(Call((), "_box_add", (
                     name(target.name), name(self.buffers[y.name]), name(self.buffers[x.name]),
-                    sp.Float(coeff) if coeff.is_Number else coeff, self.size(shape[0]), self.size(shape[1]), nb),
+                    sp.Float(coeff) if coeff.is_Number else coeff, Int(self.size(shape[0])), Int(self.size(shape[1])), nb),
                     comment="" if n else f"{target} += {expr}, {eq}"))
             return
         parts = []

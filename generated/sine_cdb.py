@@ -25,7 +25,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_cdb_27bab6c0bd58443e"
+__name__ = "_dbpgen_sine_cdb_c71e68f3812e6b0d"
 
 
 class _CachedGlobals:
@@ -203,11 +203,12 @@ def _row_KT(W, i, y, n, nb, out):
 
 
 @numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
-def _box_add(out, y, x, c, m, n, nb):
+def _box_add(out, y, x, c, m, n, nb, zero):
     # out += c K^box(x, y) over the nb samples of a chunk, batch-minor: out[i, k] += c sum_b y[i, b] x[k, b]
+    # (zero: 0 in the model's dtype, the accumulator's type)
     for i in range(m):
         for k in range(n):
-            acc = 0.0
+            acc = zero
             for b in range(nb):
                 acc += y[i, b] * x[k, b]
             out[i, k] += c * acc
@@ -637,8 +638,8 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
             for b in range(nb):
                 t1_[i, b] = (lam*eta1[i, b] + zeta1[i, b])/B
                 t2_[i, b] = 2*lam*zeta1[i, b]/B  # t2_ = 2*lam*zeta1/B, operand, computed once
-        _box_add(dW1, t1_, x0_t, 1.0, n8_, 1, nb)  # dW1 += K^□_1(x0, (eta1*lam + zeta1)/B) + K^□_1(xi0, 2*lam*zeta1/B), (31), (32)
-        _box_add(dW1, t2_, xi0, 1.0, n8_, 1, nb)
+        _box_add(dW1, t1_, x0_t, 1.0, n8_, 1, nb, 0.0)  # dW1 += K^□_1(x0, (eta1*lam + zeta1)/B) + K^□_1(xi0, 2*lam*zeta1/B), (31), (32)
+        _box_add(dW1, t2_, xi0, 1.0, n8_, 1, nb, 0.0)
         for i in range(n8_):  # db1 += Σ_b(eta1*lam + zeta1)/B, (31), (33)
             acc = 0.0
             for b in range(nb):
@@ -648,8 +649,8 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
             for b in range(nb):
                 t3_[i, b] = lam*zeta2[i, b]/B
                 t4_[i, b] = (lam*eta2[i, b] + zeta2[i, b])/B  # t4_ = (eta2*lam + zeta2)/B, operand, computed once
-        _box_add(dW2, t3_, q1, 1.0, n5_, n8_, nb)  # dW2 += K^□_2(q1, lam*zeta2/B) + K^□_2(x1, (eta2*lam + zeta2)/B), (31), (32)
-        _box_add(dW2, t4_, x1, 1.0, n5_, n8_, nb)
+        _box_add(dW2, t3_, q1, 1.0, n5_, n8_, nb, 0.0)  # dW2 += K^□_2(q1, lam*zeta2/B) + K^□_2(x1, (eta2*lam + zeta2)/B), (31), (32)
+        _box_add(dW2, t4_, x1, 1.0, n5_, n8_, nb, 0.0)
         for i in range(n5_):  # db2 += Σ_b(eta2*lam + zeta2)/B, (31), (33)
             acc = 0.0
             for b in range(nb):
@@ -659,8 +660,8 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, lam):
             for b in range(nb):
                 t5_[i, b] = lam*xi3[0, b]/B
                 t6_[i, b] = (lam*gamma3[0, b] + xi3[0, b])/B  # t6_ = (eta3*lam + zeta3)/B, operand, computed once
-        _box_add(dW3, t5_, q2, 1.0, 1, n5_, nb)  # dW3 += K^□_3(q2, lam*zeta3/B) + K^□_3(x2, (eta3*lam + zeta3)/B), (31), (32)
-        _box_add(dW3, t6_, x2, 1.0, 1, n5_, nb)
+        _box_add(dW3, t5_, q2, 1.0, 1, n5_, nb, 0.0)  # dW3 += K^□_3(q2, lam*zeta3/B) + K^□_3(x2, (eta3*lam + zeta3)/B), (31), (32)
+        _box_add(dW3, t6_, x2, 1.0, 1, n5_, nb, 0.0)
         for i in range(1):  # db3 += Σ_b(eta3*lam + zeta3)/B, (31), (33)
             acc = 0.0
             for b in range(nb):

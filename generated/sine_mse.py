@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_mse_c5236c78a3ce45b9"
+__name__ = "_dbpgen_sine_mse_e881a01d286c6261"
 
 
 class _CachedGlobals:
@@ -178,11 +178,12 @@ def _row_KT(W, i, y, n, nb, out):
 
 
 @numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
-def _box_add(out, y, x, c, m, n, nb):
+def _box_add(out, y, x, c, m, n, nb, zero):
     # out += c K^box(x, y) over the nb samples of a chunk, batch-minor: out[i, k] += c sum_b y[i, b] x[k, b]
+    # (zero: 0 in the model's dtype, the accumulator's type)
     for i in range(m):
         for k in range(n):
-            acc = 0.0
+            acc = zero
             for b in range(nb):
                 acc += y[i, b] * x[k, b]
             out[i, k] += c * acc
@@ -489,7 +490,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y):
         for i in range(n8_):  # t1_ = delta1/B, operand, computed once
             for b in range(nb):
                 t1_[i, b] = delta1[i, b]/B
-        _box_add(dW1, t1_, x0_t, 1.0, n8_, 1, nb)  # dW1 += K^□_1(x0, delta1/B), (31), (32)
+        _box_add(dW1, t1_, x0_t, 1.0, n8_, 1, nb, 0.0)  # dW1 += K^□_1(x0, delta1/B), (31), (32)
         for i in range(n8_):  # db1 += Σ_b(delta1)/B, (31), (33)
             acc = 0.0
             for b in range(nb):
@@ -498,7 +499,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y):
         for i in range(n5_):  # t2_ = delta2/B, operand, computed once
             for b in range(nb):
                 t2_[i, b] = delta2[i, b]/B
-        _box_add(dW2, t2_, x1, 1.0, n5_, n8_, nb)  # dW2 += K^□_2(x1, delta2/B), (31), (32)
+        _box_add(dW2, t2_, x1, 1.0, n5_, n8_, nb, 0.0)  # dW2 += K^□_2(x1, delta2/B), (31), (32)
         for i in range(n5_):  # db2 += Σ_b(delta2)/B, (31), (33)
             acc = 0.0
             for b in range(nb):
@@ -507,7 +508,7 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y):
         for i in range(1):  # t3_ = delta3/B, operand, computed once
             for b in range(nb):
                 t3_[i, b] = delta3[0, b]/B
-        _box_add(dW3, t3_, x2, 1.0, 1, n5_, nb)  # dW3 += K^□_3(x2, delta3/B), (31), (32)
+        _box_add(dW3, t3_, x2, 1.0, 1, n5_, nb, 0.0)  # dW3 += K^□_3(x2, delta3/B), (31), (32)
         for i in range(1):  # db3 += Σ_b(delta3)/B, (31), (33)
             acc = 0.0
             for b in range(nb):

@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_node_07611711db81ae8f"
+__name__ = "_dbpgen_sine_node_55070ecf335f5045"
 
 
 class _CachedGlobals:
@@ -187,11 +187,12 @@ def _row_KT(W, i, y, n, nb, out):
 
 
 @numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
-def _box_add(out, y, x, c, m, n, nb):
+def _box_add(out, y, x, c, m, n, nb, zero):
     # out += c K^box(x, y) over the nb samples of a chunk, batch-minor: out[i, k] += c sum_b y[i, b] x[k, b]
+    # (zero: 0 in the model's dtype, the accumulator's type)
     for i in range(m):
         for k in range(n):
-            acc = 0.0
+            acc = zero
             for b in range(nb):
                 acc += y[i, b] * x[k, b]
             out[i, k] += c * acc
@@ -507,15 +508,15 @@ def _value_and_grad(W1, b1, W2, b2, W3, x0, v, lam):
         for i in range(n8_):  # t0_ = 2*lam*zeta1/B, operand, computed once
             for b in range(nb):
                 t0_[i, b] = 2*lam*zeta1[i, b]/B
-        _box_add(dW1, t0_, xi0, 1.0, n8_, 1, nb)  # dW1 += K^□_1(xi0, 2*lam*zeta1/B), (31), (32)
+        _box_add(dW1, t0_, xi0, 1.0, n8_, 1, nb, 0.0)  # dW1 += K^□_1(xi0, 2*lam*zeta1/B), (31), (32)
         for i in range(n5_):  # t1_ = lam*zeta2/B, operand, computed once
             for b in range(nb):
                 t1_[i, b] = lam*zeta2[i, b]/B
-        _box_add(dW2, t1_, q1, 1.0, n5_, n8_, nb)  # dW2 += K^□_2(q1, lam*zeta2/B), (31), (32)
+        _box_add(dW2, t1_, q1, 1.0, n5_, n8_, nb, 0.0)  # dW2 += K^□_2(q1, lam*zeta2/B), (31), (32)
         for i in range(1):  # t2_ = lam*zeta3/B, operand, computed once
             for b in range(nb):
                 t2_[i, b] = lam*v_t[0, b]/B
-        _box_add(dW3, t2_, q2, 1.0, 1, n5_, nb)  # dW3 += K^□_3(q2, lam*zeta3/B), (31), (32)
+        _box_add(dW3, t2_, q2, 1.0, 1, n5_, nb, 0.0)  # dW3 += K^□_3(q2, lam*zeta3/B), (31), (32)
     return (J, dW1, b1_out, dW2, b2_out, dW3, b3_out,)
 
 

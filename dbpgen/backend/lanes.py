@@ -228,7 +228,8 @@ class _Lanes(Lowering):
                 y = self.operand(self.elementwise(op.args[2]))
                 self.body.append(Call((), "_box_add", (
                     name(target.name), name(self.buffers[y.name]), name(self.buffers[x.name]),
-                    sp.Float(coeff) if coeff.is_Number else coeff, Int(self.size(shape[0])), Int(self.size(shape[1])), nb),
+                    sp.Float(coeff) if coeff.is_Number else coeff, Int(self.size(shape[0])), Int(self.size(shape[1])), nb,
+                    ZERO),
                     comment="" if n else f"{target} += {expr}, {eq}"))
             return
         parts = []

@@ -62,19 +62,35 @@ def modules(tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="module")
+def jitted(modules):
+    """kind -> the module of `modules` imported jitted, each imported (and compiled by Numba) once."""
+    loaded = {}
+
+    def get(kind):
+        if kind not in loaded:
+            loaded[kind] = load_generated(modules[kind])
+        return loaded[kind]
+    return get
+
+
+KIND_OF = {spec["name"]: kind for kind, spec in SCHEDULE_SPECS.items()}
+
+
 def test_every_schedule_is_represented(modules):
     for kind in ("lanes", "jit", "fused", "kernels", "count"):
         assert load_generated(modules[kind], jit=False).SCHEDULES["value_and_grad"] == kind
 
 
 @pytest.mark.parametrize("kind", ["lanes", "jit", "fused", "kernels", "count", "h_proj", "h_jac", "h_random"])
-def test_wrong_inputs_are_refused_before_any_kernel_runs(kind, modules, tmp_path):
+def test_wrong_inputs_are_refused_before_any_kernel_runs(kind, modules):
     """Wrong shapes of every parameter, x, y, v, u, wrong dtypes, missing keys and bad weights:
     a ValueError or TypeError naming the argument. In a subprocess, so that an out-of-bounds
-    kernel would show as a crash, with NUMBA_BOUNDSCHECK=1 so that the valid calls (made
-    first) would raise on any out-of-bounds index; unoptimized (NUMBA_OPT=0), which checks
-    the same indices and compiles in half the time."""
-    env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_OPT="0", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    kernel would show as a crash. The kernels run as plain Python (NUMBA_DISABLE_JIT=1): the
+    checks are Python's either way, NumPy refuses any out-of-bounds index of the valid calls
+    (made first) as NUMBA_BOUNDSCHECK=1 would, and nothing is compiled. (The jitted kernels
+    of these modules: test_nan_and_inf_inputs_propagate_as_in_torch, test_float32_in_every_schedule.)"""
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
     done = subprocess.run([sys.executable, str(TESTS / "wrong_inputs.py"), str(modules[kind])],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -90,9 +106,9 @@ def test_class_indices_out_of_range_are_refused(modules):
 
 
 @pytest.mark.parametrize("kind", ["lanes", "jit", "fused"])
-def test_float32_in_every_schedule(kind, tmp_path, rng):
+def test_float32_in_every_schedule(kind, tmp_path, rng, jitted):
     """(The kernels schedule: test_conv.py::test_conv_network_jitted_and_float32.)"""
-    m32 = check_float32(SCHEDULE_SPECS[kind], tmp_path, rng, batch=6, schedule=kind)
+    m32 = check_float32(SCHEDULE_SPECS[kind], tmp_path, rng, batch=6, schedule=kind, m64=jitted(kind))
     assert m32.SCHEDULES["value_and_grad"] == kind
 
 
@@ -429,9 +445,9 @@ def torch_forward(torch, spec, params, x):
 
 
 @pytest.mark.parametrize("spec", NAN_SPECS, ids=[s["name"] for s in NAN_SPECS])
-def test_nan_and_inf_inputs_propagate_as_in_torch(spec, tmp_path, rng):
+def test_nan_and_inf_inputs_propagate_as_in_torch(spec, tmp_path, rng, jitted):
     torch = pytest.importorskip("torch")  # in the test extra; importorskip only for a bare install
-    m = compile_spec(spec, tmp_path)
+    m = jitted(KIND_OF[spec["name"]]) if spec["name"] in KIND_OF else compile_spec(spec, tmp_path)
     params = m.init_params(seed=4)
     x, y, _ = batch_for(spec, rng, batch=6)
     x[1, 0], x[2, 1], x[3, 0], x[4, :] = np.nan, np.inf, -np.inf, np.nan

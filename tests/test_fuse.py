@@ -40,9 +40,23 @@ def _program(module, name: str = "value_and_grad") -> str:
     return Path(module.__file__).read_text().split(f"def _{name}(", 1)[1].split("\ndef ", 1)[0]
 
 
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """(spec, schedule) -> its module compiled and imported jitted, once (lazily) for this file."""
+    out, loaded = tmp_path_factory.mktemp("fused"), {}
+
+    def get(spec, schedule):
+        key = (spec["name"], schedule)
+        if key not in loaded:
+            (out / schedule).mkdir(exist_ok=True)
+            loaded[key] = compile_spec(spec, out / schedule, jit=True, schedule=schedule)
+        return loaded[key]
+    return get
+
+
 @pytest.mark.parametrize("spec, schedule", CASES, ids=[f"{s['name']}-{k}" for s, k in CASES])
-def test_fused_programs_match_oracle_and_plain_python(spec, schedule, tmp_path, rng):
-    module = compile_spec(spec, tmp_path, jit=True, schedule=schedule)
+def test_fused_programs_match_oracle_and_plain_python(spec, schedule, compiled, rng):
+    module = compiled(spec, schedule)
     assert module.SCHEDULES["value_and_grad"] == schedule
     assert "_fused" in _program(module) or schedule == "jit" and "for i in range(" in _program(module), \
         "nothing was fused"
@@ -101,7 +115,10 @@ def test_the_chooser_takes_one_jitted_program_for_tanh_and_for_relu(tmp_path):
     assert tanh.SCHEDULES["value_and_grad"] == "jit" and relu.SCHEDULES["value_and_grad"] == "jit"
 
 
-@pytest.mark.parametrize("spec", FUSED[:2], ids=[s["name"] for s in FUSED[:2]])
-def test_fused_float32_stays_float32(spec, tmp_path, rng):
+FLOAT32 = [(FUSED[0], "fused"), (FUSED[1], "jit")]
+
+
+@pytest.mark.parametrize("spec, schedule", FLOAT32, ids=[f"{s['name']}-{k}" for s, k in FLOAT32])
+def test_fused_float32_stays_float32(spec, schedule, compiled, tmp_path, rng):
     """Fused loops write float32 arrays, and stay within 1e-4 of the float64 module."""
-    check_float32(spec, tmp_path, rng)
+    check_float32(spec, tmp_path, rng, schedule=schedule, m64=compiled(spec, schedule))

@@ -7,8 +7,8 @@ How each program runs (SCHEDULES; chosen by dbpgen.backend.chooser):
 - forward: fused, predicted per call at batch 128: fused 1.1 ms (+3.5 s to compile); kernels 1.12 ms (+3.3 s to compile), jit 1.09 ms (+5.2 s to compile) (not lanes: a layer wider than 32 units)
 - vjp: fused, predicted per call at batch 128: fused 2.21 ms (+3.8 s to compile); jit 2.19 ms (+5.6 s to compile), kernels 2.27 ms (+3.3 s to compile) (not lanes: a layer wider than 32 units)
 - jvp: fused, predicted per call at batch 128: fused 2.24 ms (+3.8 s to compile); jit 2.22 ms (+5.6 s to compile), kernels 2.33 ms (+3.3 s to compile) (not lanes: a layer wider than 32 units)
-- penalty: fused, predicted per call at batch 128: fused 12.4 ms (+3.8 s to compile); kernels 12.9 ms (+3.3 s to compile), jit 12.2 ms (+7.7 s to compile) (not lanes: a layer wider than 32 units)
-- value_and_grad: fused, predicted per call at batch 128: fused 20.3 ms (+4.5 s to compile); kernels 20.9 ms (+3.3 s to compile), jit 19.8 ms (+11 s to compile) (not lanes: a layer wider than 32 units)
+- penalty: fused, predicted per call at batch 128: fused 12.4 ms (+3.8 s to compile); jit 12.2 ms (+6.7 s to compile), kernels 12.9 ms (+3.3 s to compile) (not lanes: a layer wider than 32 units)
+- value_and_grad: fused, predicted per call at batch 128: fused 20.3 ms (+4.5 s to compile); kernels 20.9 ms (+3.3 s to compile), jit 19.8 ms (+8.6 s to compile) (not lanes: a layer wider than 32 units)
 
 Imports only numpy and numba (and the standard library). See EQUATIONS for the derived
 recursions (paper: Etmann, "A Closer Look at Double Backpropagation") and OPS for operation
@@ -25,7 +25,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_jac_d3499e088ec22474"
+__name__ = "_dbpgen_mnist_jac_7857c2357a9f4ab3"
 
 
 class _CachedGlobals:

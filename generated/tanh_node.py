@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_tanh_node_3ae694f923af7426"
+__name__ = "_dbpgen_tanh_node_04bcf176490e931b"
 
 
 class _CachedGlobals:
@@ -125,7 +125,7 @@ input-space argument first; lam = penalty weight, B = batch size.
 
 OPS = {'emitted': {'K': 5, 'KT': 5, 'Kbox': 6, 'flops': 288768},
  'naive': {'K': 6, 'KT': 7, 'Kbox': 9, 'flops': 376832}}
-PEAK_BYTES = {'batch': 128, 'emitted': 2375720, 'naive': 2196480}
+PEAK_BYTES = {'batch': 128, 'emitted': 2375712, 'naive': 2196480}
 # how each program runs: lanes (batch-minor fused kernel), jit (one jitted function calling
 # BLAS and jitted loops), fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
 # operators' own kernels), count (plain Python counting K, K^T, K^box)
@@ -329,9 +329,15 @@ def _vjp(W1, b1, W2, b2, W3, x0, v):
             zeta_1 = xi_1  # (15)
             zeta3[i, k] = zeta_1
     xi2 = _dense_KT(W3, zeta3)  # (16)
-    zeta2 = dg2*xi2  # (15)
+    zeta2 = np.empty((dg2.shape[0], dg2.shape[1]), dtype=DTYPE)  # (15)
+    for i in range(zeta2.shape[0]):
+        for k in range(zeta2.shape[1]):
+            zeta2[i, k] = dg2[i, k]*xi2[i, k]
     xi1 = _dense_KT(W2, zeta2)  # (16)
-    zeta1 = dg1*xi1  # (15)
+    zeta1 = np.empty((dg1.shape[0], dg1.shape[1]), dtype=DTYPE)  # (15)
+    for i in range(zeta1.shape[0]):
+        for k in range(zeta1.shape[1]):
+            zeta1[i, k] = dg1[i, k]*xi1[i, k]
     xi0 = _dense_KT(W1, zeta1)  # (16)
     return (xi0,)
 
@@ -344,9 +350,15 @@ def _jvp(W1, b1, W2, b2, W3, x0, u):
     dg2 = _fused3(b2, t1_)[0]  # fused loop: z2, x2, dg2; (8); g' (9), SymPy
     q0 = u  # q_0 = u
     h1 = _dense_K(W1, q0)  # (20)
-    q1 = dg1*h1  # (21)
+    q1 = np.empty((dg1.shape[0], dg1.shape[1]), dtype=DTYPE)  # (21)
+    for i in range(q1.shape[0]):
+        for k in range(q1.shape[1]):
+            q1[i, k] = dg1[i, k]*h1[i, k]
     h2 = _dense_K(W2, q1)  # (20)
-    q2 = dg2*h2  # (21)
+    q2 = np.empty((dg2.shape[0], dg2.shape[1]), dtype=DTYPE)  # (21)
+    for i in range(q2.shape[0]):
+        for k in range(q2.shape[1]):
+            q2[i, k] = dg2[i, k]*h2[i, k]
     h3 = _dense_K(W3, q2)  # (20)
     q3 = h3  # (21)
     return (q3,)
@@ -368,9 +380,15 @@ def _input_grad(W1, b1, W2, b2, W3, b3, x0, y):
             zeta_1 = xi_1  # (15)
             zeta3[i, k] = zeta_1
     xi2 = _dense_KT(W3, zeta3)  # (16)
-    zeta2 = dg2*xi2  # (15)
+    zeta2 = np.empty((dg2.shape[0], dg2.shape[1]), dtype=DTYPE)  # (15)
+    for i in range(zeta2.shape[0]):
+        for k in range(zeta2.shape[1]):
+            zeta2[i, k] = dg2[i, k]*xi2[i, k]
     xi1 = _dense_KT(W2, zeta2)  # (16)
-    zeta1 = dg1*xi1  # (15)
+    zeta1 = np.empty((dg1.shape[0], dg1.shape[1]), dtype=DTYPE)  # (15)
+    for i in range(zeta1.shape[0]):
+        for k in range(zeta1.shape[1]):
+            zeta1[i, k] = dg1[i, k]*xi1[i, k]
     xi0 = _dense_KT(W1, zeta1)  # (16)
     return (xi0,)
 
@@ -388,9 +406,15 @@ def _penalty(W1, b1, W2, b2, W3, x0, v):
             zeta_1 = xi_1  # (15)
             zeta3[i, k] = zeta_1
     xi2 = _dense_KT(W3, zeta3)  # (16)
-    zeta2 = dg2*xi2  # (15)
+    zeta2 = np.empty((dg2.shape[0], dg2.shape[1]), dtype=DTYPE)  # (15)
+    for i in range(zeta2.shape[0]):
+        for k in range(zeta2.shape[1]):
+            zeta2[i, k] = dg2[i, k]*xi2[i, k]
     xi1 = _dense_KT(W2, zeta2)  # (16)
-    zeta1 = dg1*xi1  # (15)
+    zeta1 = np.empty((dg1.shape[0], dg1.shape[1]), dtype=DTYPE)  # (15)
+    for i in range(zeta1.shape[0]):
+        for k in range(zeta1.shape[1]):
+            zeta1[i, k] = dg1[i, k]*xi1[i, k]
     xi0 = _dense_KT(W1, zeta1)  # (16)
     s = _rowdot2(xi0, xi0)  # s = ||xi_0||^2
     R = s  # (10)
@@ -481,12 +505,18 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
         for k in range(x3.shape[1]):  # units
             delta_6 = 2*x3[i, k] - 2*y[i, k]  # (33)
             delta3[i, k] = delta_6
-    t4_ = _rowsum2((x3 - y)**2)  # J = Σ_b(R*lam + RowSum((x3 - y)**2))/B
+    t4_a = np.empty((x3.shape[0], x3.shape[1]), dtype=DTYPE)
+    for i in range(t4_a.shape[0]):
+        for k in range(t4_a.shape[1]):
+            t4_a[i, k] = (x3[i, k] - y[i, k])**2
+    t4_ = _rowsum2(t4_a)  # J = Σ_b(R*lam + RowSum((x3 - y)**2))/B
     t5_ = np.zeros((R.shape[1],), dtype=DTYPE)  # fused loop: t5_; J = (1/B) sum_b [l + lam R]
     for i in range(R.shape[0]):  # samples
         for k in range(R.shape[1]):  # units
             t5_[k] += lam*R[i, 0] + t4_[i, 0]  # J = (1/B) sum_b [l + lam R]
-    J = t5_/B  # J = (1/B) sum_b [l + lam R]
+    J = np.empty((t5_.shape[0],), dtype=DTYPE)  # J = (1/B) sum_b [l + lam R]
+    for i in range(J.shape[0]):
+        J[i] = t5_[i]/B
     t15_ = S3y_[B:]  # fused loop: eps3, t15_, t16_; eps_j = delta_j + lam eta_j: (28) + (15)-(16); (31), (32); (31), (33); its half of a stacked buffer
     eps3 = np.empty((delta3.shape[0], delta3.shape[1]), dtype=DTYPE)
     t16_ = np.zeros((delta3.shape[1],), dtype=DTYPE)
@@ -519,11 +549,17 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y, v, lam):
             t10_[k] += eps_10  # (31), (33)
     _copy_into(x0, S1x_[:B])  # copied into its half
     dW1 = _dense_Kbox(S1x_, S1y_)  # (31), (32), one GEMM over the stacked batch
-    db1 = t10_/B  # (31), (33)
+    db1 = np.empty((t10_.shape[0],), dtype=DTYPE)  # (31), (33)
+    for i in range(db1.shape[0]):
+        db1[i] = t10_[i]/B
     dW2 = _dense_Kbox(S2x_, S2y_)  # (31), (32), one GEMM over the stacked batch
-    db2 = t13_/B  # (31), (33)
+    db2 = np.empty((t13_.shape[0],), dtype=DTYPE)  # (31), (33)
+    for i in range(db2.shape[0]):
+        db2[i] = t13_[i]/B
     dW3 = _dense_Kbox(S3x_, S3y_)  # (31), (32), one GEMM over the stacked batch
-    db3 = t16_/B  # (31), (33)
+    db3 = np.empty((t16_.shape[0],), dtype=DTYPE)  # (31), (33)
+    for i in range(db3.shape[0]):
+        db3[i] = t16_[i]/B
     return (J, dW1, db1, dW2, db2, dW3, db3,)
 
 

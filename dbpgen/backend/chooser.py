@@ -98,16 +98,15 @@ def compile_seconds(kind: str, model: Model, program: Program) -> float:
     - jit: the loops printed in one function, plus the dense kernels and the loops that
       call a vectorized helper (_tanh1, ...) on their own: 7.0 s for a 3-layer ReLU
       value_and_grad of 47 statements, 8.9 s for tanh; a statement in a loop over
-      Jacobian rows (Algorithm 4) mostly stays a whole-array expression, which Numba
-      compiles as a kernel of its own: 14-15 s for a 3-layer tanh Jacobian penalty whose
-      loop holds 25;
+      Jacobian rows (Algorithm 4) is printed as loops of its own (fused.array_loops),
+      not as an array expression: 10-12.5 s for a 3-layer tanh Jacobian penalty whose loop holds 25;
     - lanes: one function whose length grows with every statement (the rows of K and K^T
       and the K^box of a chunk are calls of shared helpers): 8.3-8.8 s for 50."""
     n = sum(1 for _ in walk(program.stmts))
     in_loops = sum(len(node.body) + len(node.accums) for node in program.stmts if isinstance(node, Loop))
     shapes = len({(layer.in_shape, layer.out_shape) for layer in model.layers})
     helpers = any(stmt.expr.has(*VECTORIZED) for stmt in walk(program.stmts) if hasattr(stmt, "expr"))
-    return {"lanes": 0.17 * n, "jit": 5.0 + 0.04 * n + 0.2 * in_loops + 1.5 * helpers, "fused": 1.5 + 0.6 * shapes + 0.03 * min(n, 50),
+    return {"lanes": 0.17 * n, "jit": 5.0 + 0.04 * n + 0.1 * in_loops + 1.5 * helpers, "fused": 1.5 + 0.6 * shapes + 0.03 * min(n, 50),
             "kernels": 1.5 + 0.6 * shapes}.get(kind, 0.0)
 
 

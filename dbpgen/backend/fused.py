@@ -38,7 +38,7 @@ from ..program import Loop, Program, Stmt
 from ..printer import CodegenError
 from ..shapes import BATCH_AXIS, shape_of
 from . import arrays
-from .common import (B, BATCH_OPS, ELEMENTWISE, LEAVES as _LEAVES, Lowering, batch_sum_arg as _batch_sum,
+from .common import (B, BATCH_OPS, ELEMENTWISE, LEAVES as _LEAVES, PER_SAMPLE_OPS, Lowering, batch_sum_arg as _batch_sum,
                      Unsupported, columns as _columns, coordinatewise, elements, freeze,
                      operations as _operations)
 from .schedule import OPEN, AddTo, Alloc, Call, For, Function, Let, Rows, Shape, Store, elem, name, walk
@@ -443,7 +443,9 @@ def lower(model, program: Program, shapes: dict, registry: dict, jit: bool = Fal
         if kernel.name in inlined:  # printed inline only: a later program prints it anew
             del registry[replace(kernel, name="")]
     kept = [k for k in fuser.kernels if k.name not in inlined]
-    return replace(entry, body=tuple(inline(entry.body, inlined))), kept
+    shapes = dict(fuser.shapes)
+    body = array_loops(inline(entry.body, inlined), shapes, model)
+    return replace(entry, body=tuple(body), shapes=tuple(shapes.items())), kept
 
 
 def _calls_helpers(kernel: Function) -> bool:
@@ -540,3 +542,138 @@ def _renamed(node, mapping: dict):
 
 def _commented(node, comment: str):
     return replace(node, comment=f"{comment}; {node.comment}" if node.comment else comment)
+
+
+# -- jit: array statements left over as loops -------------------------------------------------
+# Numba compiles every whole-array expression of a jitted function ((x4 - y)**2, dg3*xi3) as
+# a kernel of its own, with broadcasting over any strides: about 0.25 s each on the first
+# call, optimized, where a loop over the same elements takes 0.1 s. The coordinate-wise
+# statements no fused loop took (one operator, a statement in Algorithm 4's loop, an
+# accumulation over its rows, an operand of a reduction) are printed as loops instead.
+REDUCTIONS = PER_SAMPLE_OPS + BATCH_OPS
+
+
+def array_loops(nodes, shapes: dict, model, taken: set | None = None, outer: frozenset = frozenset()) -> list:
+    """nodes with each coordinate-wise statement or accumulation over whole arrays a loop
+    over their elements, and each coordinate-wise operand of a reduction (RowSum, K^box, ...)
+    a loop of its own first; `shapes` gets the operands' temporaries."""
+    taken = _defined(nodes, calls=True) | set(shapes) if taken is None else taken
+    out = []
+    for node in nodes:
+        if isinstance(node, For):
+            out.append(replace(node, body=tuple(array_loops(node.body, shapes, model, taken, outer | {node.var}))))
+            continue
+        if isinstance(node, (Let, AddTo)):
+            node = _operands_first(node, shapes, model, taken, outer, out)
+            loop = _reductions_out(node, shapes, model, taken, outer)
+            if loop is not None:
+                out += loop
+                continue
+        out.append(node)
+    return out
+
+
+def _reductions_out(node, shapes: dict, model, taken: set, outer: frozenset) -> list | None:
+    """node as a loop, with each reduction in its value (K^box, K, ...) a statement of its own
+    first (a whole reduction assigned stays a statement), or None where it is not one."""
+    target = node.target if isinstance(node, Let) else getattr(node.target, "name", None)
+    value = sp.sympify(node.value)
+    reductions = [e for e in sp.preorder_traversal(value) if isinstance(e, REDUCTIONS)]
+    if isinstance(node, Let) and isinstance(value, REDUCTIONS) \
+            or any(r.has(*REDUCTIONS) for e in reductions for r in e.args):
+        return None
+    temps, first = {}, []
+    for e in dict.fromkeys(reductions):
+        shape = _shape(e, shapes, model)
+        if shape is None:
+            return None
+        temps[e] = _fresh(f"{target}r", taken)
+        first.append((temps[e], e, shape))
+    local = dict(shapes, **{t: shape for t, _, shape in first})
+    loop = _loop(target, value.xreplace({e: name(t) for e, t in temps.items()}), shapes.get(target), local,
+                 outer, isinstance(node, AddTo))
+    if loop is None:
+        return None
+    shapes.update(local)
+    return [Let(t, e) for t, e, _ in first] + [replace(loop[0], comment=node.comment)] + loop[1:]
+
+
+def _operands_first(node, shapes: dict, model, taken: set, outer: frozenset, out: list):
+    """node with each coordinate-wise operand of a reduction in its value computed by a loop
+    appended to out first."""
+    value = sp.sympify(node.value)
+    if not value.has(*REDUCTIONS):
+        return node
+
+    def operands(e):
+        args = []
+        for arg in e.args:
+            if not isinstance(arg, _LEAVES) and arg.free_symbols and coordinatewise(arg):
+                shape = _shape(arg, shapes, model)
+                temp = _fresh(f"{node.target}a", taken)
+                loop = _loop(temp, arg, shape, shapes, outer)
+                if loop is not None:
+                    shapes[temp] = shape
+                    out.extend(loop)
+                    args.append(name(temp))
+                    continue
+            args.append(arg)
+        return e.func(*args)
+
+    return replace(node, value=value.replace(lambda e: isinstance(e, REDUCTIONS), operands))
+
+
+def _fresh(stem: str, taken: set) -> str:
+    new = re.sub(r"\W", "", stem)
+    while new in taken:
+        new += "_"
+    taken.add(new)
+    return new
+
+
+def _shape(expr, shapes: dict, model):
+    try:
+        return shape_of(expr, shapes, model)
+    except Exception:  # noqa: BLE001 - a shape the rules do not know: no loop
+        return None
+
+
+def _loop(target: str | None, expr: sp.Expr, shape, shapes: dict, outer: frozenset, add: bool = False) -> list | None:
+    """[Alloc, For] computing target = expr element by element (with add: [For] adding expr
+    to target), or None where expr is not a coordinate-wise function of arrays of target's
+    shape, broadcast columns and rows, and scalars."""
+    if target is None or shape is None or len(shape) not in (1, 2) or not add and isinstance(expr, _LEAVES) \
+            or not coordinatewise(expr) or expr.atoms(Bias) or not add and name(target) in expr.free_symbols:
+        return None
+    axes = [a for a in ("i", "k", "i_", "k_", "i__", "k__") if a not in outer][:len(shape)]
+    index = [name(a) for a in axes]
+    whole = None  # an operand of target's own shape, whose sizes a new target takes
+    mapping = {}
+    for sym in sorted(expr.free_symbols, key=lambda s: s.name, reverse=True):  # whole: the first by name
+        if sym.name in outer:
+            continue  # an index of an enclosing loop
+        if sym.name not in shapes and sym.name != "B":
+            return None
+        s = tuple(shapes.get(sym.name, ()))
+        if not s:
+            continue  # a scalar
+        if s == tuple(shape):
+            mapping[sym] = elem(sym.name, *index)
+            whole = sym
+        elif s == (1,):
+            mapping[sym] = elem(sym.name, 0)
+        elif len(shape) == 2 and shape[0] == BATCH_AXIS and s == (BATCH_AXIS, 1):
+            mapping[sym] = elem(sym.name, index[0], 0)
+        elif len(shape) == 2 and len(s) == 1 and s[0] == shape[1]:
+            mapping[sym] = elem(sym.name, index[1])
+        else:
+            return None
+    if whole is None:
+        return None
+    value = expr.xreplace(mapping)
+    body = [AddTo(elem(target, *index), value) if add else Store(elem(target, *index), value)]
+    for axis in reversed(range(len(shape))):
+        body = [For(axes[axis], Shape(name(target), axis), tuple(body), scalar=axis == 0)]
+    if add:
+        return body
+    return [Alloc(target, tuple(Shape(name(whole.name), a) for a in range(len(shape))))] + body

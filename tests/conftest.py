@@ -75,6 +75,22 @@ def compile_spec(spec: dict, directory: Path, jit: bool = True, simplified: bool
     return import_module(out, jit=jit)
 
 
+@pytest.fixture(scope="module")
+def shared_module(tmp_path_factory):
+    """(spec, schedule=None) -> its module compiled and imported jitted, once per test file
+    (lazily), for the tests of that file that check the same module."""
+    out, loaded = tmp_path_factory.mktemp("shared"), {}
+
+    def get(spec: dict, schedule: str | None = None):
+        key = (spec["name"], schedule)
+        if key not in loaded:
+            folder = out / (schedule or "chosen")
+            folder.mkdir(exist_ok=True)
+            loaded[key] = compile_spec(spec, folder, schedule=schedule)
+        return loaded[key]
+    return get
+
+
 def batch_for(spec: dict, rng: np.random.Generator, batch: int = 5):
     """Inputs x, labels y (one-hot for nll) and a direction v for a model spec."""
     n_in = spec["input"][0]

@@ -98,21 +98,9 @@ def test_schedules_follow_the_shapes(tmp_path):
     assert "n8_ = W1.shape[0]" in narrow and "for i in range(n8_):" in narrow
 
 
-@pytest.fixture(scope="module")
-def jitted_module(tmp_path_factory):
-    """spec -> its module compiled and imported jitted, once (lazily) for this file's tests."""
-    out, loaded = tmp_path_factory.mktemp("jitted"), {}
-
-    def get(spec):
-        if spec["name"] not in loaded:
-            loaded[spec["name"]] = compile_spec(spec, out, jit=True)
-        return loaded[spec["name"]]
-    return get
-
-
 @pytest.mark.parametrize("spec", JITTED, ids=[s["name"] for s in JITTED])
-def test_jitted_matches_oracle_and_plain_python(spec, jitted_module, rng):
-    jitted = jitted_module(spec)
+def test_jitted_matches_oracle_and_plain_python(spec, shared_module, rng):
+    jitted = shared_module(spec)
     check_against_oracle(spec, jitted, rng, input_grad=False)  # jitted input_grad: test_schedule
     check_jit_equals_plain(spec, jitted, rng)
 
@@ -152,8 +140,8 @@ def check_float32(spec, tmp_path, rng, batch=8, schedule=None, m64=None):
 
 
 @pytest.mark.parametrize("spec", JITTED[:2], ids=[s["name"] for s in JITTED[:2]])
-def test_float32_within_1e_4_of_float64(spec, jitted_module, tmp_path, rng):
-    check_float32(spec, tmp_path, rng, m64=jitted_module(spec))
+def test_float32_within_1e_4_of_float64(spec, shared_module, tmp_path, rng):
+    check_float32(spec, tmp_path, rng, m64=shared_module(spec))
 
 
 def test_nll_accepts_class_indices_like_torch(tmp_path, rng):

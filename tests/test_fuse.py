@@ -40,23 +40,9 @@ def _program(module, name: str = "value_and_grad") -> str:
     return Path(module.__file__).read_text().split(f"def _{name}(", 1)[1].split("\ndef ", 1)[0]
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    """(spec, schedule) -> its module compiled and imported jitted, once (lazily) for this file."""
-    out, loaded = tmp_path_factory.mktemp("fused"), {}
-
-    def get(spec, schedule):
-        key = (spec["name"], schedule)
-        if key not in loaded:
-            (out / schedule).mkdir(exist_ok=True)
-            loaded[key] = compile_spec(spec, out / schedule, jit=True, schedule=schedule)
-        return loaded[key]
-    return get
-
-
 @pytest.mark.parametrize("spec, schedule", CASES, ids=[f"{s['name']}-{k}" for s, k in CASES])
-def test_fused_programs_match_oracle_and_plain_python(spec, schedule, compiled, rng):
-    module = compiled(spec, schedule)
+def test_fused_programs_match_oracle_and_plain_python(spec, schedule, shared_module, rng):
+    module = shared_module(spec, schedule)
     assert module.SCHEDULES["value_and_grad"] == schedule
     assert "_fused" in _program(module) or schedule == "jit" and "for i in range(" in _program(module), \
         "nothing was fused"
@@ -166,6 +152,6 @@ FLOAT32 = [(FUSED[0], "fused"), (FUSED[1], "jit")]
 
 
 @pytest.mark.parametrize("spec, schedule", FLOAT32, ids=[f"{s['name']}-{k}" for s, k in FLOAT32])
-def test_fused_float32_stays_float32(spec, schedule, compiled, tmp_path, rng):
+def test_fused_float32_stays_float32(spec, schedule, shared_module, tmp_path, rng):
     """Fused loops write float32 arrays, and stay within 1e-4 of the float64 module."""
-    check_float32(spec, tmp_path, rng, schedule=schedule, m64=compiled(spec, schedule))
+    check_float32(spec, tmp_path, rng, schedule=schedule, m64=shared_module(spec, schedule))

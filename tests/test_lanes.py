@@ -26,35 +26,22 @@ FUSED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    """name -> the module of a FUSED spec, compiled and imported once (lazily) and shared
-    by the tests that check it."""
-    out, loaded = tmp_path_factory.mktemp("lanes"), {}
-
-    def get(spec):
-        if spec["name"] not in loaded:
-            loaded[spec["name"]] = compile_spec(spec, out)
-        return loaded[spec["name"]]
-    return get
-
-
 def fused(module) -> bool:
     with open(module.__file__) as f:
         return "workspace: one chunk of every per-sample value" in f.read()
 
 
 @pytest.mark.parametrize("spec", FUSED, ids=[s["name"] for s in FUSED])
-def test_fused_kernels_match_the_oracle_across_chunk_boundaries(spec, compiled, rng):
-    module = compiled(spec)
+def test_fused_kernels_match_the_oracle_across_chunk_boundaries(spec, shared_module, rng):
+    module = shared_module(spec)
     assert fused(module)
     for batch in (1, lanes.CHUNK - 1, lanes.CHUNK, lanes.CHUNK + 1, 2 * lanes.CHUNK + 7):
         check_against_oracle(spec, module, rng, batch=batch, input_grad=False)  # lanes input_grad: test_schedule
 
 
 @pytest.mark.parametrize("spec", FUSED[:2], ids=[s["name"] for s in FUSED[:2]])
-def test_fused_and_array_lowerings_agree(spec, compiled, tmp_path, rng, monkeypatch):
-    a = compiled(spec)
+def test_fused_and_array_lowerings_agree(spec, shared_module, tmp_path, rng, monkeypatch):
+    a = shared_module(spec)
     monkeypatch.setattr(lanes, "MAX_WIDTH", 0)
     b = compile_spec(spec, tmp_path)
     assert fused(a) and not fused(b)
@@ -76,8 +63,8 @@ def test_wide_layers_and_softmax_keep_gemm_kernels(tmp_path):
 
 
 @pytest.mark.parametrize("spec", FUSED[:2], ids=[s["name"] for s in FUSED[:2]])
-def test_fused_float32_stays_float32_and_close(spec, compiled, tmp_path, rng):
-    m32 = check_float32(spec, tmp_path, rng, batch=70, m64=compiled(spec))
+def test_fused_float32_stays_float32_and_close(spec, shared_module, tmp_path, rng):
+    m32 = check_float32(spec, tmp_path, rng, batch=70, m64=shared_module(spec))
     assert fused(m32)
     # the same code as plain Python, where a width printed as a float32 literal (lanes_relu_cdb:
     # one input, one output) would not be a range bound, as Numba lets it be

@@ -139,6 +139,25 @@ def test_vectorized_functions_join_the_loops_and_libm_functions_stay_numpy_ufunc
     assert "_exp1(" in _kernels(source, program)
 
 
+MISH = mlp("fused_mish_cdb", ["z*tanh(log(1 + exp(z)))", "softplus"], None, "mse", CDB, widths=(24, 24))
+
+
+@pytest.mark.parametrize("schedule", ["fused", "jit"])
+def test_a_loop_evaluates_each_vectorized_application_once(schedule, tmp_path, rng):
+    """SymPy's g' and g'' of mish repeat exp(z) and tanh(log(exp(z) + 1)) (g'' holds exp(z)
+    eight times); each loop evaluates every distinct application once, as a scalar of its
+    own (exp(2 z) as the square of exp(z)), and the module still matches the oracle."""
+    module = compile_spec(MISH, tmp_path, schedule=schedule, jit=False)
+    source = Path(module.__file__).read_text()
+    loops = re.findall(r"\ndef (_fused\d+|_value_and_grad)\((.*?)(?=\n\S)", source, re.S)
+    calls = [(name, re.findall(r"(_(?:exp|log|tanh|softplus)1)\(([^()]*)\)", body)) for name, body in loops]
+    assert sum(len(c) for _, c in calls) >= 4, source
+    for name, found in calls:
+        assert len(found) == len(set(found)), (name, found)
+    assert not re.search(r"_(exp|log|tanh)1\(_", source), "a helper applied to a helper's result in place"
+    check_against_oracle(MISH, module, rng)
+
+
 def test_the_chooser_takes_one_jitted_program_for_tanh_and_for_relu(tmp_path):
     """Layers of 48 units: one jitted program (no interpreter between its statements) for
     ReLU, and for tanh too, since tanh costs a vectorized polynomial in its loops, not a

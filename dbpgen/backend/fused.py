@@ -23,7 +23,8 @@ instead of stored and summed. The two K^box of a dense layer become one GEMM ove
 batch-stacked operands, which the statements that make them write in place.
 In `fused`, transcendental functions stay NumPy statements, each distinct application once
 (`Lowering.share_transcendentals`): NumPy's SIMD ufuncs beat Numba's scalar libm calls
-(see common.TRANSCENDENTAL).
+(see common.TRANSCENDENTAL). The vectorized ones (exp, log, tanh, ...) are shared the same
+way and join the loops: mish's g'' repeats exp(z) eight times, its loop evaluates it once.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from ..program import Loop, Program, Stmt
 from ..printer import CodegenError
 from ..shapes import BATCH_AXIS, shape_of
 from . import arrays
-from .common import (B, BATCH_OPS, ELEMENTWISE, LEAVES as _LEAVES, PER_SAMPLE_OPS, Lowering, batch_sum_arg as _batch_sum,
+from .common import (B, BATCH_OPS, TRANSCENDENTAL, VECTORIZED, ELEMENTWISE, LEAVES as _LEAVES, PER_SAMPLE_OPS, Lowering, batch_sum_arg as _batch_sum,
                      Unsupported, columns as _columns, coordinatewise, elements, freeze,
                      operations as _operations)
 from .schedule import OPEN, AddTo, Alloc, Call, For, Function, Let, Rows, Shape, Store, elem, name, walk
@@ -195,7 +196,7 @@ class _Fuser(Lowering):
         return node.expr.xreplace(mapping)
 
     def run(self) -> list:
-        nodes = self.stack(self.hoist(self.share_transcendentals(self.program.stmts)))
+        nodes = self.stack(self.hoist(self.share_transcendentals(self.program.stmts, TRANSCENDENTAL + VECTORIZED)))
         return self.fuse(nodes, [e for _, e in self.program.outputs])
 
     # -- 2. stacked weight adjoints ---------------------------------------------------------

@@ -18,9 +18,9 @@ from dbpgen.model import load_model, model_from_dict
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def dense(name, widths, act, loss, penalty, n_in=16, C=4):
+def dense(name, widths, act, loss, penalty, n_in=16, C=4, dtype="float64"):
     layers = [{"dense": w, "act": act} for w in widths] + [{"dense": C, "act": "softmax" if loss == "nll" else "identity"}]
-    return {"name": name, "input": [n_in], "layers": layers, "loss": loss, "penalty": penalty}
+    return {"name": name, "input": [n_in], "layers": layers, "loss": loss, "penalty": penalty, "dtype": dtype}
 
 
 CDB = {"v": "loss_gradient", "p": "squared_norm", "weight": 0.1}
@@ -38,6 +38,11 @@ MODELS = [
     dense("pm_mish32", [32, 32], "z*tanh(log(1 + exp(z)))", "mse", CDB),
     dense("pm_tanh16x3", [16] * 3, "tanh", "mse", CDB),
     dense("pm_softplus8x3", [8] * 3, "softplus", "mse", CDB),
+    dense("pm_tanh64x3_f32", [64] * 3, "tanh", "mse", CDB, n_in=32, dtype="float32"),
+    dense("pm_tanh64x8_f32", [64] * 8, "tanh", "mse", CDB, n_in=32, dtype="float32"),
+    dense("pm_mish64x3_f32", [64] * 3, "z*tanh(log(1 + exp(z)))", "mse", CDB, n_in=32, dtype="float32"),
+    dense("pm_softplus64x3_f32", [64] * 3, "softplus", "mse", CDB, n_in=32, dtype="float32"),
+    dense("pm_relu256_f32", [256, 256], "relu", "nll", CDB, n_in=128, C=10, dtype="float32"),
 ]
 
 

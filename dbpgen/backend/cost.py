@@ -177,10 +177,13 @@ def predict(kind: str, model: Model, program: Program, batch: int, m: Machine = 
 
 def _seconds(kind: str, w: Work, m: Machine, scale: float, blas: float) -> float:
     cheap = w.elements - w.transcendental - w.vectorized
-    polynomials = scale * w.vectorized * m.vector_element  # in loops: lanes, jit, fused
+    # in the loops of jit and fused each distinct application once (the lowering shares them:
+    # Lowering.share_transcendentals); the lanes kernel evaluates them as printed
+    polynomials = scale * sum(n for _, n, _ in w.vector_distinct) * m.vector_element
     if kind == "lanes":
         return m.call + scale * (w.flops * m.lane_flop + (w.elements - w.vectorized) * m.loop_element
-                                 + w.reductions * m.loop_element) + _libm(w) * m.lane_libm + polynomials
+                                 + w.reductions * m.loop_element) + _libm(w) * m.lane_libm \
+            + scale * w.vectorized * m.vector_element
     if kind == "jit":
         return m.call + w.statements * m.jit_statement + blas \
             + scale * (cheap + w.reductions) * m.loop_element + _libm(w) * m.lane_libm + polynomials

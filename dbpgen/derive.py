@@ -102,7 +102,15 @@ def g_second(model: Model, j: int, h, xi, head_identity: bool = False):
 DERIVATIVE_BUDGET = 5.0  # s of SymPy per activation; the built-in ones need < 0.1
 REWRITE_BUDGET = 1.0  # s for an optional rewrite; past it the plain form is kept
 REWRITE_MAX_OPS = 200  # larger derivatives are not searched for a cheaper form at all
+# g''/g' that sp.cancel already brings to at most this many operations without a division
+# is taken as it is: sp.simplify would return the same (tanh: -2 tanh(z)) after importing
+# sympy.physics on its first call, 0.3 s of every dbpgen compile
+SHORT_RATIO_OPS = 4
 _X, _DG = sp.Symbol("x_"), sp.Symbol("dg_")  # g(z) and g'(z) in activation_derivatives
+
+
+def _divides(expr: sp.Expr) -> bool:
+    return any(p.exp.is_negative for p in expr.atoms(sp.Pow))
 
 
 def _via_first(ddg: sp.Expr, dg: sp.Expr) -> sp.Expr:
@@ -115,8 +123,10 @@ def _via_first(ddg: sp.Expr, dg: sp.Expr) -> sp.Expr:
     def rewrite() -> sp.Expr:
         if ddg.is_zero:
             return ddg
-        ratio = sp.simplify(ddg / dg)
-        if any(p.exp.is_negative for p in ratio.atoms(sp.Pow)):
+        ratio = sp.cancel(ddg / dg)  # tanh, sigmoid, softplus: already short, no sp.simplify
+        if _divides(ratio) or sp.count_ops(ratio) > SHORT_RATIO_OPS:
+            ratio = sp.simplify(ddg / dg)
+        if _divides(ratio):
             return ddg
         candidate = _DG * ratio
         return candidate if sp.count_ops(candidate) < sp.count_ops(ddg) else ddg

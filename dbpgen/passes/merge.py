@@ -31,7 +31,7 @@ def _merge(expr: sp.Expr) -> tuple[sp.Expr, list[str]]:
         c0 = members[0][0]
         if len(members) > 1:
             notes.append(f"K^□_{j}({a}, ·): " + " + ".join(sp.sstr(c / c0 * y) for c, y in members))
-        y = sp.Add(*[sp.simplify(c / c0) * y for c, y in members])
+        y = sp.Add(*[sp.cancel(c / c0) * y for c, y in members])  # ratios of monomials (lam/B over 1/B)
         merged.append(Kbox(j, a, c0 * y))
     return sp.Add(*merged, *others), notes
 

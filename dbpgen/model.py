@@ -224,14 +224,13 @@ def _shadows_a_module(name: str) -> bool:
             return False
     except (ImportError, ValueError):
         pass
-    return name in _taken_module_names()
+    return name in _installed_module_names()
 
 
 @functools.lru_cache(maxsize=1)
-def _taken_module_names() -> frozenset[str]:
-    """Top-level names of the standard library and of installed distributions."""
-    installed = importlib.metadata.packages_distributions()
-    return frozenset(sys.stdlib_module_names) | frozenset(sys.builtin_module_names) | frozenset(installed)
+def _installed_module_names() -> frozenset[str]:
+    """Top-level module names of the installed distributions."""
+    return frozenset(importlib.metadata.packages_distributions())
 
 
 def _input_shape(check: _Checker, value: Any) -> tuple[int, ...]:

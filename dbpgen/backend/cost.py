@@ -12,8 +12,8 @@ of statements. A schedule's time is that work priced by what it costs there (`MA
              transcendental element, since NumPy's SIMD ufuncs are not at hand there;
              a vectorized polynomial per tanh, exp, log, sigmoid, softplus)
     fused    interpreter per statement + BLAS per GEMM + cheap coordinate-wise runs in jitted
-             loops (the vectorized polynomials among them), each called from Python (about
-             one per K and K^T) + transcendental ones as NumPy's SIMD ufuncs
+             loops (the vectorized polynomials among them) + transcendental ones as NumPy's
+             SIMD ufuncs
     kernels  interpreter per statement + BLAS per GEMM + a NumPy pass per operation, each
              distinct function application in its whole-array form (NumPy's ufunc, or the
              passes of _sigmoid and _softplus)
@@ -97,8 +97,6 @@ class Work:
                                    # (kernels: each one whole-array form, shared)
     reductions: int                # elements read by per-sample reductions (<a, b>, sums)
     statements: int                # statements (a loop body counted per iteration)
-    products: int = 0              # K and K^T applications: in the fused schedule each is
-                                   # followed by a call of a jitted loop from Python
 
     @property
     def flops(self) -> int:
@@ -111,7 +109,7 @@ def work(model: Model, program: Program, batch: int) -> Work:
 
     shapes = program_shapes(model, program, n_vectors(model))
     gemms, im2col, elements, transcendental, distinct, reductions, statements = [], [], 0, 0, [], 0, 0
-    vectorized, vector_distinct, products = 0, [], 0
+    vectorized, vector_distinct = 0, []
     seen: set = set()
 
     def size(expr_shape) -> int:
@@ -122,7 +120,6 @@ def work(model: Model, program: Program, batch: int) -> Work:
         expr = item.expr
         for node in sp.preorder_traversal(expr):
             if isinstance(node, (K, KT, Kbox)):
-                products += times if isinstance(node, (K, KT)) else 0
                 layer = model.layers[node.layer - 1]
                 flops = [layer.op.flops(layer.in_shape) * batch] * times
                 if layer.op.small_kernels:
@@ -151,7 +148,7 @@ def work(model: Model, program: Program, batch: int) -> Work:
                                 for f in sorted(polynomials - seen, key=sp.default_sort_key)]
             seen |= set(calls) | polynomials
     return Work(tuple(gemms), tuple(im2col), elements, transcendental, vectorized, tuple(distinct),
-                tuple(vector_distinct), reductions, statements, products)
+                tuple(vector_distinct), reductions, statements)
 
 
 def _shape(expr, shapes, model):
@@ -192,8 +189,8 @@ def _seconds(kind: str, w: Work, m: Machine, scale: float, blas: float) -> float
             + scale * (cheap + w.reductions) * m.loop_element + _libm(w) * m.lane_libm + polynomials
     # fused and kernels evaluate each distinct transcendental application once, in its
     # whole-array form (Lowering.share_transcendentals)
-    if kind == "fused":  # a jitted loop's call unboxes its arguments and boxes its results
-        return w.statements * m.statement + w.products * m.call + blas + scale * (cheap * m.loop_element + w.reductions * m.loop_element) \
+    if kind == "fused":
+        return w.statements * m.statement + blas + scale * (cheap * m.loop_element + w.reductions * m.loop_element) \
             + _arrays(w, m, scale) + polynomials
     # kernels, count: NumPy statements over whole arrays (the vectorized functions too, in
     # their whole-array forms: tanh as NumPy's ufunc, softplus as six passes)

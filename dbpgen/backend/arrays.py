@@ -15,7 +15,7 @@ import sympy as sp
 from dataclasses import fields
 
 from ..program import BATCH, Loop, Program, Stmt
-from .common import TRANSCENDENTAL, VECTORIZED, B, Lowering, free_dead, freeze
+from .common import B, Lowering, free_dead, freeze
 from .schedule import AddTo, Alloc, For, Function, Let, Shape, name
 
 
@@ -89,6 +89,6 @@ def lower(model, program: Program, shapes: dict) -> Function:
     """The program as plain Python over whole arrays (kernels, count): NumPy evaluates what
     it is given, so each distinct transcendental application (tanh included) is computed once."""
     lowering = Lowering(model, program, shapes)
-    stmts, shapes = lowering.share_transcendentals(program.stmts, TRANSCENDENTAL + VECTORIZED), lowering.shapes
+    stmts, shapes = lowering.share_transcendentals(program.stmts), lowering.shapes
     zeros, values = returns(program, shapes)
     return function(program, statements(stmts, shapes), shapes, "", zeros, values)

@@ -129,7 +129,7 @@ class Lowering:
         self.shapes[sym.name] = self.shape(expr)
         return sym
 
-    def share_transcendentals(self, nodes: list, types: tuple = TRANSCENDENTAL) -> list:
+    def share_transcendentals(self, nodes: list) -> list:
         """Each transcendental application f(a) of the statements (a coordinate-wise)
         computed once, as its own statement right after the values it reads, and read from
         there on. SymPy's g, g' and g'' of an activation repeat the same f(z) (mish's g''
@@ -137,8 +137,9 @@ class Lowering:
         a ufunc pass over the layer, and what remains of g, g', g'' is arithmetic that one
         fused loop takes. A statement that is one application itself (x1 = sigmoid(z1))
         keeps it and lends its name to the others; exp(n a) for a small
-        integer n reads exp(a)**n when exp(a) is made. `types`: the functions shared (the
-        whole-array lowering adds VECTORIZED ones: there tanh is NumPy's ufunc too)."""
+        integer n reads exp(a)**n when exp(a) is made. The vectorized functions are shared
+        too: in a loop each is a scalar of its own, in whole arrays a ufunc pass."""
+        types = TRANSCENDENTAL + VECTORIZED
         made: dict = {}
         out: list = []
         for node in nodes:

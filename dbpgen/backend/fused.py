@@ -39,7 +39,7 @@ from ..program import Loop, Program, Stmt
 from ..printer import CodegenError
 from ..shapes import BATCH_AXIS, shape_of
 from . import arrays
-from .common import (B, BATCH_OPS, TRANSCENDENTAL, VECTORIZED, ELEMENTWISE, LEAVES as _LEAVES, PER_SAMPLE_OPS, Lowering, batch_sum_arg as _batch_sum,
+from .common import (B, BATCH_OPS, ELEMENTWISE, LEAVES as _LEAVES, PER_SAMPLE_OPS, Lowering, batch_sum_arg as _batch_sum,
                      Unsupported, columns as _columns, coordinatewise, elements, freeze,
                      operations as _operations)
 from .schedule import OPEN, AddTo, Alloc, Call, For, Function, Let, Rows, Shape, Store, elem, name, walk
@@ -196,7 +196,7 @@ class _Fuser(Lowering):
         return node.expr.xreplace(mapping)
 
     def run(self) -> list:
-        nodes = self.stack(self.hoist(self.share_transcendentals(self.program.stmts, TRANSCENDENTAL + VECTORIZED)))
+        nodes = self.stack(self.hoist(self.share_transcendentals(self.program.stmts)))
         return self.fuse(nodes, [e for _, e in self.program.outputs])
 
     # -- 2. stacked weight adjoints ---------------------------------------------------------

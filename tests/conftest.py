@@ -29,12 +29,30 @@ BENCHMARKS = ROOT / "benchmarks"  # the shared benchmark models
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "optimized: a check of the code as users run it, optimized "
+                            "(NUMBA_OPT=3); tests/test_optimized.py runs these, the unoptimized "
+                            "session deselects them")
     if os.environ["NUMBA_OPT"] == "0":
-        # unoptimized, Numba keeps a runtime address in every caller of a function that builds
-        # a NumPy scalar (np.int64(n).view(np.float64) in the vectorized helpers) and does not
-        # cache those callers; optimized, as users run it, it does (tests/test_optimized.py)
+        # unoptimized, Numba keeps a runtime address (the callee's environment) in every
+        # jitted function that calls another and does not cache the caller; optimized, as
+        # users run it, it does (tests/test_optimized.py)
         config.addinivalue_line("filterwarnings", "ignore:Cannot cache compiled function .* as it uses "
                                 "dynamic globals:numba.core.errors.NumbaWarning")
+
+
+OPTIMIZED = pytest.StashKey[list]()  # node ids of the deselected `optimized` tests
+
+
+def pytest_collection_modifyitems(config, items):
+    """Unoptimized, the `optimized` tests are deselected: tests/test_optimized.py runs them
+    in a subprocess with NUMBA_OPT=3 (compiling them twice cost the suite 27 s)."""
+    if os.environ["NUMBA_OPT"] != "0":
+        return
+    deselected = [item for item in items if item.get_closest_marker("optimized")]
+    config.stash[OPTIMIZED] = [item.nodeid for item in deselected]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("optimized")]
 
 
 def pytest_addoption(parser):

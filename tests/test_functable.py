@@ -256,6 +256,7 @@ def test_the_vectorized_functions_are_exp_log_tanh_sigmoid_softplus():
     assert not any(functable.TABLE[name].transcendental for name in VECTORIZED)
 
 
+@pytest.mark.optimized  # run optimized, by tests/test_optimized.py (tests/conftest.py)
 @pytest.mark.parametrize("name", VECTORIZED)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_the_vectorized_functions_are_within_three_ulp_everywhere(dtype, name):

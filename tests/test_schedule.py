@@ -179,6 +179,7 @@ def test_a_small_dense_model_can_run_every_schedule(small_model):
     assert chooser.applicable(model, program, shapes, count_ops=True) == ["count"]
 
 
+@pytest.mark.optimized  # run optimized, by tests/test_optimized.py (tests/conftest.py)
 @pytest.mark.parametrize("kind", ["lanes", "jit", "fused", "kernels"])
 def test_forced_schedules_match_the_oracle(kind, small_model, tmp_path, rng):
     path, _ = small_model

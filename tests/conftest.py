@@ -52,7 +52,7 @@ def pytest_collection_modifyitems(config, items):
     config.stash[OPTIMIZED] = [item.nodeid for item in deselected]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
-        items[:] = [item for item in items if not item.get_closest_marker("optimized")]
+        items[:] = [item for item in items if item not in deselected]
 
 
 def pytest_addoption(parser):

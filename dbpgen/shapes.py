@@ -30,8 +30,8 @@ def input_shapes(model: Model, n_vectors: int = 1) -> dict[str, Shape]:
         j = layer.index
         if layer.op.has_params:
             shapes[f"W{j}"] = layer.op.weight_shape(layer.in_shape)
-        if layer.op.bias:
-            shapes[f"b{j}"] = tuple(layer.out_shape)
+        if layer.op.bias:  # one number per output channel (dense: per unit)
+            shapes[f"b{j}"] = layer.op.bias_shape(layer.out_shape)[:1]
     return shapes
 
 

@@ -62,6 +62,7 @@ def check(spec, m, rng):
     assert_close(value, ref_value)
     assert set(grads) == set(ref_grads)
     for k in ref_grads:
+        assert grads[k].shape == params[k].shape, k
         assert_close(grads[k], ref_grads[k])
     w = rng.normal(size=(3, 3))
     assert_close(m.vjp(params, x, w), oracle.vjp(params, x, w))
@@ -125,6 +126,25 @@ def test_lenet_benchmark_model_compiles_and_runs(rng, tmp_path):
     x = rng.normal(size=(2, 1, 28, 28))
     value, grads = m.value_and_grad(params, x, np.array([3, 7]))
     assert np.isfinite(value) and set(grads) == {"W1", "b1", "W3", "b3", "W6", "b6"}
+
+
+@pytest.mark.parametrize("kind", ["fused", "kernels"])
+def test_gradients_proven_zero_have_the_parameters_shapes(kind, tmp_path, rng):
+    """Without a loss, a ReLU network's penalty does not reach the conv biases (G'' = 0,
+    section 5.3): their gradients are zeros of each bias's own shape, one per channel, not
+    of the layer's output shape."""
+    spec = lenet(f"conv_zero_{kind}", {"v": "output", "index": 0, "weight": 0.5}, loss="none",
+                 out_act=None, acts=("relu", "relu"))
+    m = compile_spec(spec, tmp_path, jit=False, schedule=kind)
+    assert "b1_out = np.zeros((3,)" in Path(m.__file__).read_text()  # proven zero, not computed
+    params = m.init_params(seed=4)
+    x = rng.normal(size=(3, 2, 8, 8))
+    value, grads = m.value_and_grad(params, x)
+    ref_value, ref_grads = Oracle(spec).value_and_grad(params, x)
+    assert_close(value, ref_value)
+    for k in ref_grads:
+        assert grads[k].shape == params[k].shape == np.shape(ref_grads[k]), k
+        assert_close(grads[k], ref_grads[k])
 
 
 @pytest.mark.parametrize("kind", ["fused", "kernels"])

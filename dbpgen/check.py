@@ -16,6 +16,10 @@ from .errors import ModelError
 from .model import load_model
 
 EPS = 1e-6
+# A central difference of float64 values of J is off by about eps |J| / EPS from rounding
+# alone: a derivative smaller than that over rtol is compared in absolute terms, so that a
+# tiny gradient entry of a large objective is not reported as a mismatch (see _agree).
+ROUNDOFF = 4 * np.finfo(np.float64).eps
 FULL_LIMIT = 64  # tensors up to this size are checked entry by entry
 DIRECTIONS = 6
 
@@ -35,9 +39,15 @@ def _directions(shape, rng):
     return [rng.normal(size=shape) for _ in range(DIRECTIONS)]
 
 
-def _agree(analytic: float, numeric: float, rtol: float) -> tuple[bool, float]:
-    err = abs(analytic - numeric) / max(abs(analytic), abs(numeric), 1e-8)
-    return err <= rtol, err
+def _agree(analytic: float, numeric: float, rtol: float, floor: float = 1e-8) -> tuple[bool, float]:
+    """Relative error, of magnitudes no smaller than `floor` (what the differences resolve)."""
+    err = abs(analytic - numeric) / max(abs(analytic), abs(numeric), floor)
+    return bool(err <= rtol), err
+
+
+def _floor(value: float, rtol: float) -> float:
+    """The smallest derivative central differences of `value` resolve to rtol."""
+    return max(ROUNDOFF * abs(value) / (EPS * rtol), 1e-8)
 
 
 def check_model(path, batch: int = 4, seed: int = 0, rtol: float = 1e-5) -> tuple[bool, str]:
@@ -65,14 +75,15 @@ def _check_module(path, model, m, batch: int, seed: int, rtol: float) -> tuple[b
     def value(p):
         return m.value_and_grad(p, x, y=y, v=vv)[0]
 
-    _, grads = m.value_and_grad(params, x, y=y, v=vv)
+    J, grads = m.value_and_grad(params, x, y=y, v=vv)
+    floor = _floor(J, rtol)
     lines, ok = [], True
     for name, g in grads.items():
         worst = 0.0
         for d in _directions(g.shape, rng):
             plus = dict(params, **{name: params[name] + EPS * d})
             minus = dict(params, **{name: params[name] - EPS * d})
-            good, err = _agree(float(np.sum(g * d)), (value(plus) - value(minus)) / (2 * EPS), rtol)
+            good, err = _agree(float(np.sum(g * d)), (value(plus) - value(minus)) / (2 * EPS), rtol, floor)
             ok, worst = ok and good, max(worst, err)
         lines.append(f"  d/d{name:<6} max relative error {worst:.2e}")
     u = rng.normal(size=x.shape)
@@ -88,7 +99,7 @@ def _check_module(path, model, m, batch: int, seed: int, rtol: float) -> tuple[b
             return batch * m.value_and_grad(params, x0, y=y, v=vv, weight=0.0)[0]
 
         good, err = _agree(float(np.sum(m.input_grad(params, x, y) * u)),
-                           (total(x + EPS * u) - total(x - EPS * u)) / (2 * EPS), rtol)
+                           (total(x + EPS * u) - total(x - EPS * u)) / (2 * EPS), rtol, _floor(total(x), rtol))
         ok = ok and good
         lines.append(f"  input_grad relative error {err:.2e}")
     verdict = "OK" if ok else "MISMATCH"

@@ -247,6 +247,38 @@ def test_check_smooth_model_ok(tmp_path):
     assert "input_grad relative error" in result.stdout
 
 
+@pytest.mark.parametrize("error,verdict", [(0.0, True), (0.1, False)])
+def test_check_judges_tiny_derivatives_of_a_large_objective_by_what_differences_resolve(error, verdict):
+    """J = 1000 + 1e-4 (w1 + w2): each difference is off by ~1e-7 from rounding J alone,
+    5e-4 of the 1e-4 derivative. A right gradient passes; one 10% off is still caught."""
+    from types import SimpleNamespace
+
+    from dbpgen import check
+
+    slope = 1e-4
+
+    class Module:
+        def init_params(self, seed):
+            return {"w": np.array([0.3, -0.2])}
+
+        def value_and_grad(self, p, x, y=None, v=None, weight=None):
+            return 1000.0 + slope * float(np.sum(p["w"])), {"w": np.full(2, slope * (1 + error))}
+
+        def forward(self, p, x):
+            return x.sum(axis=1, keepdims=True)
+
+        def jvp(self, p, x, u):
+            return u.sum(axis=1, keepdims=True)
+
+        def vjp(self, p, x, v):
+            return np.repeat(v, 2, axis=1)
+
+    model = SimpleNamespace(n_outputs=1, input_shape=(2,), loss="none", penalty=None)
+    ok, report = check._check_module("j.yaml", model, Module(), batch=3, seed=0, rtol=1e-5)
+    assert ok is verdict, report
+    assert report.startswith("j.yaml: " + ("OK" if verdict else "MISMATCH"))
+
+
 def test_check_reports_a_module_that_fails_at_run_time_in_one_line(tmp_path, monkeypatch, capsys):
     """Such a module is a compiler bug; were one to slip through, check says so in one line."""
     from dbpgen import check, cli

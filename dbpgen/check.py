@@ -75,6 +75,11 @@ def _check_module(path, model, m, batch: int, seed: int, rtol: float) -> tuple[b
     def value(p):
         return m.value_and_grad(p, x, y=y, v=vv)[0]
 
+    if model.penalty and model.penalty.v == "random" and model.penalty.iterations:
+        # v after its power iterations is held constant in J's gradient (SPEC): in the
+        # differences too, or they would differentiate the iterations as well
+        held = m._direction(params, x, None, None)
+        m._direction = lambda *args: held
     J, grads = m.value_and_grad(params, x, y=y, v=vv)
     floor = _floor(J, rtol)
     lines, ok = [], True

@@ -279,6 +279,19 @@ def test_check_judges_tiny_derivatives_of_a_large_objective_by_what_differences_
     assert report.startswith("j.yaml: " + ("OK" if verdict else "MISMATCH"))
 
 
+def test_check_holds_the_power_iterated_direction_constant(tmp_path):
+    """`v: random` with power iterations: v is held constant in J's gradient (SPEC), so the
+    differences hold it too instead of differentiating the iterations."""
+    from dbpgen import check
+
+    model = write(tmp_path / "power.yaml", "\n".join([
+        "name: power", "input: [3]", "loss: none",
+        "layers: [{dense: 4, act: tanh}, {dense: 3, act: sigmoid}]",
+        "penalty: {v: random, iterations: 2, weight: 0.5}"]) + "\n")
+    ok, report = check.check_model(model)
+    assert ok, report
+
+
 def test_check_reports_a_module_that_fails_at_run_time_in_one_line(tmp_path, monkeypatch, capsys):
     """Such a module is a compiler bug; were one to slip through, check says so in one line."""
     from dbpgen import check, cli

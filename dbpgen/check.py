@@ -20,6 +20,7 @@ EPS = 1e-6
 # alone: a derivative smaller than that over rtol is compared in absolute terms, so that a
 # tiny gradient entry of a large objective is not reported as a mismatch (see _agree).
 ROUNDOFF = 4 * np.finfo(np.float64).eps
+MIN_FLOOR = 1e-8  # the smallest magnitude a relative error is taken of
 FULL_LIMIT = 64  # tensors up to this size are checked entry by entry
 DIRECTIONS = 6
 
@@ -39,7 +40,7 @@ def _directions(shape, rng):
     return [rng.normal(size=shape) for _ in range(DIRECTIONS)]
 
 
-def _agree(analytic: float, numeric: float, rtol: float, floor: float = 1e-8) -> tuple[bool, float]:
+def _agree(analytic: float, numeric: float, rtol: float, floor: float = MIN_FLOOR) -> tuple[bool, float]:
     """Relative error, of magnitudes no smaller than `floor` (what the differences resolve)."""
     err = abs(analytic - numeric) / max(abs(analytic), abs(numeric), floor)
     return bool(err <= rtol), err
@@ -47,7 +48,7 @@ def _agree(analytic: float, numeric: float, rtol: float, floor: float = 1e-8) ->
 
 def _floor(value: float, rtol: float) -> float:
     """The smallest derivative central differences of `value` resolve to rtol."""
-    return max(ROUNDOFF * abs(value) / (EPS * rtol), 1e-8)
+    return max(ROUNDOFF * abs(value) / (EPS * rtol), MIN_FLOOR)
 
 
 def check_model(path, batch: int = 4, seed: int = 0, rtol: float = 1e-5) -> tuple[bool, str]:

@@ -65,7 +65,7 @@ def param_specs(model: Model) -> list[dict]:
         j, fan_in = layer.index, layer.op.fan_in(layer.in_shape)
         specs.append({"name": f"W{j}", "shape": layer.op.weight_shape(layer.in_shape), "fan_in": fan_in})
         if layer.op.bias:
-            specs.append({"name": f"b{j}", "shape": layer.out_shape[:1], "fan_in": fan_in})
+            specs.append({"name": f"b{j}", "shape": layer.op.bias_param_shape(layer.out_shape), "fan_in": fan_in})
     return specs
 
 

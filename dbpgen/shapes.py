@@ -30,8 +30,8 @@ def input_shapes(model: Model, n_vectors: int = 1) -> dict[str, Shape]:
         j = layer.index
         if layer.op.has_params:
             shapes[f"W{j}"] = layer.op.weight_shape(layer.in_shape)
-        if layer.op.bias:  # one number per output channel (dense: per unit)
-            shapes[f"b{j}"] = layer.op.bias_shape(layer.out_shape)[:1]
+        if layer.op.bias:
+            shapes[f"b{j}"] = layer.op.bias_param_shape(layer.out_shape)
     return shapes
 
 
@@ -74,7 +74,7 @@ def shape_of(expr: sp.Expr, known: dict[str, Shape], model: Model) -> Shape:
         return layer.op.bias_shape(layer.out_shape)
     if isinstance(expr, BiasBox):  # b's own shape
         layer = model.layers[int(expr.args[0]) - 1]
-        return layer.op.bias_shape(layer.out_shape)[:1]
+        return layer.op.bias_param_shape(layer.out_shape)
     if isinstance(expr, BSum):
         return shape_of(expr.args[0], known, model)[1:]
     if isinstance(expr, (Gram, GramBox)):

@@ -12,8 +12,8 @@ attributes and methods (see docs/design.md, "Adding an operator"):
     stacked_kbox    two K^box of one layer may run as one GEMM over the stacked batch,
                     and K / K^T may write into a given buffer (printer, fuse.py)
     out_shape, weight_shape, fan_in, flops, kernel_args, kernel_name, workspace,
-    bias_shape (how b broadcasts over one sample), bias_sum (the helper summing a
-    per-sample array into b's shape)
+    bias_param_shape (b's own shape), bias_shape (how b broadcasts over one sample),
+    bias_sum (the helper summing a per-sample array into b's shape)
 """
 from __future__ import annotations
 
@@ -50,9 +50,13 @@ class OperatorBase:
         """The emitted kernel that applies K, KT or Kbox (templates/ops/<kind>.py.j2)."""
         return f"_{self.kind}_{which}"
 
+    def bias_param_shape(self, out_shape) -> tuple[int, ...]:
+        """b{j}'s own shape: one number per output channel (first axis)."""
+        return tuple(out_shape[:1])
+
     def bias_shape(self, out_shape) -> tuple[int, ...]:
         """The shape b{j} takes to broadcast over one sample: per channel (first axis)."""
-        return (out_shape[0],) + (1,) * (len(out_shape) - 1)
+        return self.bias_param_shape(out_shape) + (1,) * (len(out_shape) - 1)
 
     def bias_sum(self, out_shape) -> str:
         """The helper (templates/helpers.py.j2) summing a batch into b{j}'s shape (K^box of b)."""

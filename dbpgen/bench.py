@@ -8,6 +8,7 @@ PyTensor's NUMBA mode; per-sample input gradients come from the gradient of the 
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import statistics
@@ -420,6 +421,25 @@ def gemm_runner(model: Model, batch: int):
     return (lambda: a @ b.T), 2 * M * K * N
 
 
+def blas_core() -> str:
+    """The kernels NumPy's OpenBLAS runs ('Haswell', 'SkylakeX', ...: by CPU model, or as
+    OPENBLAS_CORETYPE forces), read from the loaded library itself (Linux); '' where the
+    BLAS is not OpenBLAS or cannot be asked."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()}
+    except OSError:
+        return ""
+    for path in sorted(paths, key=lambda p: ("numpy" not in p, p)):  # NumPy's own first
+        try:
+            corename = ctypes.CDLL(path).gotoblas_corename
+        except (OSError, AttributeError):
+            continue
+        corename.restype = ctypes.c_char_p
+        return (corename() or b"").decode()
+    return ""
+
+
 GEMM_BOUND_FLOPS = 1 << 15  # per sample in one layer: >= 1 MFLOP per GEMM at batch 32
 
 
@@ -474,7 +494,8 @@ def measure(model: Model, module, batch: int, against=PEERS, seconds: float = 1.
 
 
 def report(path, batch: int, rows: list[dict], dtype: str) -> str:
-    lines = [f"{path}  batch={batch}  dtype={dtype}  threads={os.environ.get('OMP_NUM_THREADS', 'default')}",
+    lines = [f"{path}  batch={batch}  dtype={dtype}  threads={os.environ.get('OMP_NUM_THREADS', 'default')}"
+             f"  openblas={blas_core() or 'none'}",
              f"{'':16}{'median ms':>12}{'dbpgen / peer':>16}"]
     for row in rows:
         if row["ms"] is None:

@@ -420,6 +420,8 @@ def summary(rows: list[dict]) -> str:
 
 
 def machine() -> str:
+    """What the timings depend on: architecture, CPU model and vector extension, cores, the
+    kernels NumPy's BLAS runs (an environment may pin them: OPENBLAS_CORETYPE), versions."""
     import numba
     import numpy
 
@@ -429,8 +431,27 @@ def machine() -> str:
         versions.append(f"torch {torch.__version__}")
     except ImportError:
         pass
-    return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            + ", ".join(versions))
+    cpu = [part for part in cpu_model() if part]
+    core = bench.blas_core()
+    blas = [f"NumPy's OpenBLAS runs its {core} kernels"
+            + (f" (OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']})" if "OPENBLAS_CORETYPE" in os.environ else "")] \
+        if core else []
+    return ", ".join([platform.machine()] + cpu + [f"{os.cpu_count()} cores"] + blas
+                     + [f"Python {platform.python_version()}"] + versions)
+
+
+def cpu_model() -> tuple[str, str]:
+    """(model name, widest vector extension: AVX-512, AVX2 or ''), from /proc/cpuinfo
+    (Linux); ('', '') where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return "", ""
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    return fields.get("model name", ""), isa
 
 
 def write(rows: list[dict], out: str | os.PathLike, command: str, against=("torch",)) -> list[Path]:

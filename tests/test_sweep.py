@@ -4,7 +4,11 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from dbpgen import sweep
@@ -136,3 +140,24 @@ def test_sweep_end_to_end(tmp_path, monkeypatch, capsys):
     with open(out.with_suffix(".csv"), newline="") as f:
         (csv_row,) = list(csv.DictReader(f))
     assert csv_row["label"] == tiny.label and float(csv_row["cold_s"]) == pytest.approx(row["cold_s"])
+
+
+def _machine_line(env: dict) -> str:
+    code = "from dbpgen import sweep; print(sweep.machine())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "openblas" not in
+                    str(np.show_config(mode="dicts")["Build Dependencies"]["blas"]).lower(),
+                    reason="reads the kernels from NumPy's OpenBLAS through /proc/self/maps (Linux)")
+def test_the_machine_line_names_the_blas_kernels_that_run():
+    """A sweep's tables depend on which kernels NumPy's OpenBLAS runs, which an environment
+    can pin (OPENBLAS_CORETYPE): the machine line reads them off the library, so a forced
+    core shows up as itself, with the variable that forced it."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    line = _machine_line({**env, "OPENBLAS_CORETYPE": "Sandybridge"})
+    assert "NumPy's OpenBLAS runs its Sandybridge kernels (OPENBLAS_CORETYPE=Sandybridge)" in line
+    assert "OPENBLAS_CORETYPE" not in _machine_line(env)
+    model, isa = sweep.cpu_model()
+    assert f"{os.cpu_count()} cores" in line and (not isa or isa in line)

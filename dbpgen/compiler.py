@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -138,7 +139,12 @@ def compile_model(model: Model, out_dir: str | os.PathLike = "generated", simpli
     return target
 
 
-TUNE_SECONDS = 0.5  # of calls per schedule, after the first (compiling) call
+TUNE_SECONDS = 0.5  # of calls per schedule and process, after the first (compiling) call
+# Processes per schedule, the schedules taking turns. One process can run at half speed from
+# start to end (docs/performance.md, "Single runs are noisy"): a jitted value_and_grad timed
+# 0.319 ms in one tuning process and 0.16 ms in another. Each schedule keeps the least of
+# its processes' medians; the processes after the first load Numba's cache.
+TUNE_ROUNDS = 3
 
 
 _TIMING = """
@@ -148,9 +154,10 @@ from dbpgen.compiler import load_generated
 path, batch, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 m = load_generated(path)
 rng = np.random.default_rng(0)
-x = rng.normal(size=(batch,) + m.INPUT_SHAPE)
+x = rng.normal(size=(batch,) + m.INPUT_SHAPE).astype(m.DTYPE)
 y = np.eye(m.N_OUTPUTS)[rng.integers(0, m.N_OUTPUTS, batch)] if sys.argv[4] == "nll" else rng.normal(size=(batch, m.N_OUTPUTS))
-v = rng.normal(size=(batch, m.N_OUTPUTS)) if sys.argv[5] == "given" else None
+y = y.astype(m.DTYPE)
+v = rng.normal(size=(batch, m.N_OUTPUTS)).astype(m.DTYPE) if sys.argv[5] == "given" else None
 params = m.init_params()
 m.value_and_grad(params, x, y, v)  # compiles
 runs, end = [], time.perf_counter() + seconds
@@ -162,11 +169,13 @@ print(float(np.median(runs)))
 """
 
 
-def measure_schedules(compiled: Compiled, batch: int, seconds: float | None = None, kinds=None) -> dict:
-    """Median seconds of value_and_grad at `batch` in each schedule (default: every one
-    that applies): each is emitted and timed in a process of its own (modules measured one
-    after another in one process disturb each other's allocations), after one call that
-    compiles it."""
+def measure_schedules(compiled: Compiled, batch: int, seconds: float | None = None, kinds=None,
+                      rounds: int = TUNE_ROUNDS) -> dict:
+    """Seconds of value_and_grad at `batch` in each schedule (default: every one that
+    applies): each is emitted and timed in processes of its own (modules measured one after
+    another in one process disturb each other's allocations), after one call that compiles
+    it, `rounds` times with the schedules taking turns; a schedule's time is the least of
+    its processes' medians (see TUNE_ROUNDS)."""
     import subprocess
     import sys
 
@@ -179,24 +188,28 @@ def measure_schedules(compiled: Compiled, batch: int, seconds: float | None = No
     model, program = compiled.model, compiled.programs["value_and_grad"]
     kinds = kinds or applicable(model, program, program_shapes(model, program, n_vectors(model)))
     v_kind = model.penalty.v if model.penalty is not None else "none"
-    times = {}
+    times: dict = {}
     with tempfile.TemporaryDirectory(prefix="dbpgen-tune-") as tmp:
+        paths = {}
         for kind in kinds:
             text = compiled.source(schedule=Forced({"value_and_grad": kind}, {"value_and_grad": "tuning"}))
-            path = Path(tmp) / kind / f"{model.name}.py"
-            path.parent.mkdir()
-            path.write_text(text, encoding="utf-8")
-            done = subprocess.run([sys.executable, "-c", _TIMING, str(path), str(batch), str(seconds),
-                                   model.loss, v_kind], capture_output=True, text=True, check=True)
-            times[kind] = float(done.stdout.split()[-1])
+            paths[kind] = Path(tmp) / kind / f"{model.name}.py"
+            paths[kind].parent.mkdir()
+            paths[kind].write_text(text, encoding="utf-8")
+        for _ in range(rounds):
+            for kind, path in paths.items():
+                done = subprocess.run([sys.executable, "-c", _TIMING, str(path), str(batch), str(seconds),
+                                       model.loss, v_kind], capture_output=True, text=True, check=True)
+                times[kind] = min(times.get(kind, math.inf), float(done.stdout.split()[-1]))
     return times
 
 
-def tune(compiled: Compiled, batch: int, seconds: float | None = None, kinds=None) -> Forced:
+def tune(compiled: Compiled, batch: int, seconds: float | None = None, kinds=None,
+         rounds: int = TUNE_ROUNDS) -> Forced:
     """value_and_grad's schedule measured on this machine (`measure_schedules`): the
     fastest is forced, with every measured time in its reason (printed in the module's
     header). kinds: the schedules to try (default: every one that applies)."""
-    times = measure_schedules(compiled, batch, seconds, kinds)
+    times = measure_schedules(compiled, batch, seconds, kinds, rounds)
     best = min(times, key=times.get)
     measured = ", ".join(f"{k} {1e3 * t:.3g} ms" for k, t in sorted(times.items(), key=lambda kv: kv[1]))
     why = f"tuned (--tune --batch {batch}): fastest measured on this machine of {measured}"

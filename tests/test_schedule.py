@@ -231,7 +231,7 @@ def test_tuning_keeps_the_fastest_schedule_and_records_the_times(tmp_path, rng):
     from dbpgen.compiler import tune
 
     compiled = build(load_model(write_model(WIDE, tmp_path)))
-    forced = tune(compiled, 16, seconds=0.05, kinds=("fused", "kernels"))
+    forced = tune(compiled, 16, seconds=0.05, kinds=("fused", "kernels"), rounds=2)
     why = forced.why["value_and_grad"]
     assert why.startswith("tuned (--tune --batch 16): fastest measured on this machine of ")
     times = dict(part.rsplit(" ", 2)[:2] for part in why.split(" of ", 1)[1].split(", "))
@@ -244,6 +244,26 @@ def test_tuning_keeps_the_fastest_schedule_and_records_the_times(tmp_path, rng):
     untuned = load_generated(tmp_path / "untuned.py")
     assert m.SCHEDULES["forward"] == untuned.SCHEDULES["forward"]  # the others keep the chooser's schedule
     check_against_oracle(WIDE, m, rng, batch=7)
+
+
+def test_tuning_times_each_schedule_in_turns_and_keeps_its_fastest_process(tmp_path, monkeypatch):
+    """A process can run at half speed from start to end: --tune times every schedule in
+    several processes, the schedules taking turns, and keeps each one's least median (here
+    the processes are stand-ins printing given medians)."""
+    from dbpgen import compiler
+
+    compiled = build(load_model(write_model(WIDE, tmp_path)))
+    order, medians = [], {"fused": iter([3e-3, 1e-3]), "kernels": iter([2e-3, 2.5e-3])}
+
+    def process(args, **kwargs):
+        kind = Path(args[3]).parent.name  # the schedule's own module file
+        order.append(kind)
+        return subprocess.CompletedProcess(args, 0, stdout=f"{next(medians[kind])}\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", process)
+    times = compiler.measure_schedules(compiled, 16, 0.01, ("fused", "kernels"), rounds=2)
+    assert order == ["fused", "kernels", "fused", "kernels"]
+    assert times == {"fused": 1e-3, "kernels": 2e-3}
 
 
 def test_tune_flags_are_checked(small_model, tmp_path):

@@ -306,7 +306,11 @@ def _activation(check: _Checker, value: Any, field: str,
         return SoftmaxActivation()
     if value in ACTIVATIONS:
         return Activation(value, ACTIVATIONS[value])
-    return Activation(value, _expression(check, value, Z, field, "activation"))
+    expr = _expression(check, value, Z, field, "activation")
+    if not is_last and Z not in expr.free_symbols:
+        # x_j would be one number for every sample: the layers after it never see the input
+        raise check.fail(field, f"{value!r} is the constant {expr}: a hidden layer's activation must depend on z")
+    return Activation(value, expr)
 
 
 def _parametrised_activation(check: _Checker, value: dict, field: str) -> Activation:

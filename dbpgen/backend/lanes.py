@@ -70,7 +70,7 @@ class _Lanes(Lowering):
         self.open_rows = None     # width of the open loop over rows, and its body
         self.row_body: list | None = None
         self.sample_body: list | None = None  # the open loop over samples in it
-        args = {s.name for s in program.inputs}
+        args = set(program.call_args())  # a weight the program never reads is not passed in
         self.widths: dict[int, tuple[str, int]] = {}  # width -> a weight's axis that holds it
         for layer in model.layers:
             W = f"W{layer.index}"

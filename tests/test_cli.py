@@ -279,6 +279,39 @@ def test_check_judges_tiny_derivatives_of_a_large_objective_by_what_differences_
     assert report.startswith("j.yaml: " + ("OK" if verdict else "MISMATCH"))
 
 
+@pytest.mark.parametrize("slope,verdict", [(1.0, True), (0.5, False)])
+def test_check_takes_a_kink_within_eps_by_its_one_sided_difference(slope, verdict):
+    """J = |w - c| with its kink 0.3 eps below w: the central difference averages the two
+    sides (0.3), while the emitted derivative is the slope on w's side (1), which the
+    forward difference measures. A derivative that matches neither side is reported."""
+    from types import SimpleNamespace
+
+    from dbpgen import check
+
+    c = -0.3 * check.EPS
+
+    class Module:
+        def init_params(self, seed):
+            return {"w": np.array([0.0])}
+
+        def value_and_grad(self, p, x, y=None, v=None, weight=None):
+            return float(abs(p["w"][0] - c)), {"w": np.array([slope])}
+
+        def forward(self, p, x):
+            return x.sum(axis=1, keepdims=True)
+
+        def jvp(self, p, x, u):
+            return u.sum(axis=1, keepdims=True)
+
+        def vjp(self, p, x, v):
+            return np.repeat(v, 2, axis=1)
+
+    model = SimpleNamespace(n_outputs=1, input_shape=(2,), loss="none", penalty=None)
+    ok, report = check._check_module("k.yaml", model, Module(), batch=3, seed=0, rtol=1e-5)
+    assert ok is verdict, report
+    assert ("1 agreed with a one-sided difference only" in report) is verdict
+
+
 def test_check_holds_the_power_iterated_direction_constant(tmp_path):
     """`v: random` with power iterations: v is held constant in J's gradient (SPEC), so the
     differences hold it too instead of differentiating the iterations."""

@@ -307,9 +307,9 @@ def _activation(check: _Checker, value: Any, field: str,
     if value in ACTIVATIONS:
         return Activation(value, ACTIVATIONS[value])
     expr = _expression(check, value, Z, field, "activation")
-    if not is_last and Z not in expr.free_symbols:
-        # x_j would be one number for every sample: the layers after it never see the input
-        raise check.fail(field, f"{value!r} is the constant {expr}: a hidden layer's activation must depend on z")
+    if Z not in expr.free_symbols:
+        # x_j would be one number for every sample: nothing after it sees the input
+        raise check.fail(field, f"{value!r} is the constant {expr}: an activation must depend on z")
     return Activation(value, expr)
 
 

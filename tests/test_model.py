@@ -329,7 +329,9 @@ ERRORS = [
     (variant(layers=[{"dense": 4, "act": "foo(z)"}]), f"{L0}.act", "unknown function 'foo'"),
     (variant(layers=[{"dense": 4, "act": "1/(z-z)"}]), f"{L0}.act", "not finite"),
     (variant(layers=[{"dense": 4, "act": "1 + 0*z"}, {"dense": 1}]), f"{L0}.act",
-     "'1 + 0*z' is the constant 1: a hidden layer's activation must depend on z"),
+     "'1 + 0*z' is the constant 1: an activation must depend on z"),
+    (variant(layers=[{"dense": 4, "act": "tanh"}, {"dense": 2, "act": "3"}]), "layers[1].act",
+     "'3' is the constant 3"),
     (variant(input=[2, 8], layers=[{"conv1d": {"channels": 2, "kernel": 3}, "act": "exp(z - z)"}, "flatten",
                                    {"dense": 1}]), f"{L0}.act", "is the constant 1"),
     # loss

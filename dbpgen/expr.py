@@ -186,6 +186,9 @@ class _Parser:
                 raise self.error(f"{what} is not allowed in expressions")
             raise self.error("only named functions may be called, e.g. exp(z)")
         name = node.func.id
+        if name == "Piecewise":  # conditions are not expressions of the allow-list
+            raise self.error("Piecewise is not supported: write the pieces with Heaviside, sign, Max "
+                             "or Min, e.g. Max(z, 0.2*z) or z*Heaviside(z) + 0.2*z*Heaviside(-z)")
         if name not in FUNCTIONS:
             raise self.error(f"unknown function '{name}' in expression")
         if node.keywords:

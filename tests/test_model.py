@@ -327,6 +327,8 @@ ERRORS = [
     (variant(layers=[{"dense": 4, "act": "z +"}]), f"{L0}.act", "cannot parse expression"),
     (variant(layers=[{"dense": 4, "act": "x**2"}]), f"{L0}.act", "unknown name 'x'"),
     (variant(layers=[{"dense": 4, "act": "foo(z)"}]), f"{L0}.act", "unknown function 'foo'"),
+    (variant(layers=[{"dense": 4, "act": "Piecewise((z, z > 0), (0.2*z, True))"}]), f"{L0}.act",
+     "Piecewise is not supported: write the pieces with Heaviside, sign, Max or Min"),
     (variant(layers=[{"dense": 4, "act": "1/(z-z)"}]), f"{L0}.act", "not finite"),
     (variant(layers=[{"dense": 4, "act": "1 + 0*z"}, {"dense": 1}]), f"{L0}.act",
      "'1 + 0*z' is the constant 1: an activation must depend on z"),

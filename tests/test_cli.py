@@ -247,34 +247,44 @@ def test_check_smooth_model_ok(tmp_path):
     assert "input_grad relative error" in result.stdout
 
 
+class StandIn:
+    """A module whose J (`objective`, of parameters {"w": ...}) and gradient (`gradient`)
+    the test gives, with forward = the sum of a 2-wide input; checked as a loss-free model."""
+
+    def __init__(self, w, objective, gradient):
+        self.w, self.objective, self.gradient = np.asarray(w, dtype=float), objective, gradient
+
+    def init_params(self, seed):
+        return {"w": self.w.copy()}
+
+    def value_and_grad(self, p, x, y=None, v=None, weight=None):
+        return float(self.objective(p["w"])), {"w": np.asarray(self.gradient, dtype=float)}
+
+    def forward(self, p, x):
+        return x.sum(axis=1, keepdims=True)
+
+    def jvp(self, p, x, u):
+        return u.sum(axis=1, keepdims=True)
+
+    def vjp(self, p, x, v):
+        return np.repeat(v, 2, axis=1)
+
+    def check(self, path):
+        from types import SimpleNamespace
+
+        from dbpgen import check
+
+        model = SimpleNamespace(n_outputs=1, input_shape=(2,), loss="none", penalty=None)
+        return check._check_module(path, model, self, batch=3, seed=0, rtol=1e-5)
+
+
 @pytest.mark.parametrize("error,verdict", [(0.0, True), (0.1, False)])
 def test_check_judges_tiny_derivatives_of_a_large_objective_by_what_differences_resolve(error, verdict):
     """J = 1000 + 1e-4 (w1 + w2): each difference is off by ~1e-7 from rounding J alone,
     5e-4 of the 1e-4 derivative. A right gradient passes; one 10% off is still caught."""
-    from types import SimpleNamespace
-
-    from dbpgen import check
-
     slope = 1e-4
-
-    class Module:
-        def init_params(self, seed):
-            return {"w": np.array([0.3, -0.2])}
-
-        def value_and_grad(self, p, x, y=None, v=None, weight=None):
-            return 1000.0 + slope * float(np.sum(p["w"])), {"w": np.full(2, slope * (1 + error))}
-
-        def forward(self, p, x):
-            return x.sum(axis=1, keepdims=True)
-
-        def jvp(self, p, x, u):
-            return u.sum(axis=1, keepdims=True)
-
-        def vjp(self, p, x, v):
-            return np.repeat(v, 2, axis=1)
-
-    model = SimpleNamespace(n_outputs=1, input_shape=(2,), loss="none", penalty=None)
-    ok, report = check._check_module("j.yaml", model, Module(), batch=3, seed=0, rtol=1e-5)
+    module = StandIn([0.3, -0.2], lambda w: 1000.0 + slope * np.sum(w), np.full(2, slope * (1 + error)))
+    ok, report = module.check("j.yaml")
     assert ok is verdict, report
     assert report.startswith("j.yaml: " + ("OK" if verdict else "MISMATCH"))
 
@@ -284,30 +294,10 @@ def test_check_takes_a_kink_within_eps_by_its_one_sided_difference(slope, verdic
     """J = |w - c| with its kink 0.3 eps below w: the central difference averages the two
     sides (0.3), while the emitted derivative is the slope on w's side (1), which the
     forward difference measures. A derivative that matches neither side is reported."""
-    from types import SimpleNamespace
-
     from dbpgen import check
 
     c = -0.3 * check.EPS
-
-    class Module:
-        def init_params(self, seed):
-            return {"w": np.array([0.0])}
-
-        def value_and_grad(self, p, x, y=None, v=None, weight=None):
-            return float(abs(p["w"][0] - c)), {"w": np.array([slope])}
-
-        def forward(self, p, x):
-            return x.sum(axis=1, keepdims=True)
-
-        def jvp(self, p, x, u):
-            return u.sum(axis=1, keepdims=True)
-
-        def vjp(self, p, x, v):
-            return np.repeat(v, 2, axis=1)
-
-    model = SimpleNamespace(n_outputs=1, input_shape=(2,), loss="none", penalty=None)
-    ok, report = check._check_module("k.yaml", model, Module(), batch=3, seed=0, rtol=1e-5)
+    ok, report = StandIn([0.0], lambda w: abs(w[0] - c), [slope]).check("k.yaml")
     assert ok is verdict, report
     assert ("1 agreed with a one-sided difference only" in report) is verdict
 

@@ -440,6 +440,14 @@ def blas_core() -> str:
     return ""
 
 
+def blas_kernels() -> str:
+    """'Haswell kernels (OPENBLAS_CORETYPE=Haswell)': blas_core and what forced it, for
+    tables and reports; '' where blas_core cannot tell."""
+    core = blas_core()
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    return f"{core} kernels" + (f" (OPENBLAS_CORETYPE={forced})" if forced else "") if core else ""
+
+
 GEMM_BOUND_FLOPS = 1 << 15  # per sample in one layer: >= 1 MFLOP per GEMM at batch 32
 
 

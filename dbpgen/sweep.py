@@ -432,10 +432,8 @@ def machine() -> str:
     except ImportError:
         pass
     cpu = [part for part in cpu_model() if part]
-    core = bench.blas_core()
-    blas = [f"NumPy's OpenBLAS runs its {core} kernels"
-            + (f" (OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']})" if "OPENBLAS_CORETYPE" in os.environ else "")] \
-        if core else []
+    kernels = bench.blas_kernels()
+    blas = [f"NumPy's OpenBLAS runs its {kernels}"] if kernels else []
     return ", ".join([platform.machine()] + cpu + [f"{os.cpu_count()} cores"] + blas
                      + [f"Python {platform.python_version()}"] + versions)
 

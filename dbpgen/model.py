@@ -181,8 +181,6 @@ def model_from_dict(data: Any, source: str, source_hash: str = "") -> Model:
     loss = check.choice(data.get("loss", "none"), "loss", LOSSES)
     if loss == "nll" and not layers[-1].act.is_softmax:
         raise check.fail("loss", "nll needs act: softmax on the last layer")
-    if loss == "none" and "penalty" not in data:
-        raise check.fail("loss", "with loss: none a penalty is needed: there is nothing to differentiate")
     penalty = None
     if "penalty" in data:
         n_outputs = math.prod(layers[-1].out_shape)

@@ -109,7 +109,15 @@ _SPACE_QUANTITIES = {"x", "z", "xi", "zeta", "q", "h", "eta", "gamma", "delta", 
 
 
 def role_shape(role, model: Model) -> Shape | None:
-    """Shape of a paper quantity from its role (xi_2 lives in X_2), for constant statements."""
+    """Shape of a paper quantity from its role (xi_2 lives in X_2, grad_W2 is shaped like
+    W2), for constant statements (a gradient or J that is 0 in the naive program)."""
+    if role is not None and role.quantity == "loss":
+        return (1,)
+    if role is not None and role.quantity in ("grad_W", "grad_b") and role.layer is not None:
+        layer = model.layers[role.layer - 1]
+        if role.quantity == "grad_W":
+            return tuple(layer.op.weight_shape(layer.in_shape))
+        return tuple(layer.op.bias_param_shape(layer.out_shape))
     if role is None or role.quantity not in _SPACE_QUANTITIES or role.layer is None:
         return None
     j = role.layer
@@ -148,6 +156,6 @@ def _output_shape(label: str, model: Model) -> Shape:
     """The shape of a program output by its API label (SPEC section 2)."""
     per_sample = {"out": (model.n_outputs,), "Ju": (model.n_outputs,), "R": (1,),
                   "xi0": tuple(model.input_shape)}
-    if label == "J":
+    if label in ("J", "value"):
         return (1,)
     return (BATCH_AXIS,) + per_sample[label]

@@ -109,11 +109,7 @@ def known_bug(spec):
 
     Both properties compile the simplified program, so both skip the same configurations.
     """
-    pen = spec.get("penalty")
-    layers = spec["layers"]
-    del layers
-    if spec["loss"] == "none" and not pen:
-        return "no_objective"  # rejected by the loader: nothing to differentiate
+    del spec
     return None
 
 
@@ -285,14 +281,16 @@ def _compare_naive(spec, tmp_path):
         assert_close(got[key], ref[key], NAIVE_RTOL, NAIVE_ATOL, key)
 
 
-# Fixed bugs, kept as regression tests: loss none without a penalty is rejected (there is
-# nothing to differentiate); an affine network with a constant v used to emit kernels that
-# read the batch size from an x0 they did not receive.
+# Fixed bugs, kept as regression tests: loss none without a penalty (what from_torch's
+# defaults give) once failed to compile; an affine network with a constant v used to emit
+# kernels that read the batch size from an x0 they did not receive.
 @pytest.mark.parametrize("simplified", [True, False], ids=["simplified", "naive"])
-def test_no_objective_is_a_clean_error(tmp_path, simplified):
-    spec = _tiny("no_objective", [{"dense": 2}], loss="none")
-    with pytest.raises(ModelError, match="loss: with loss: none a penalty is needed"):
-        compile_spec(spec, tmp_path, jit=False, simplified=simplified)
+def test_no_objective_gives_forward_vjp_jvp_and_a_zero_value(tmp_path, simplified):
+    spec = _tiny("no_objective", [{"dense": 4, "act": "tanh"}, {"dense": 2}], loss="none")
+    module = compile_spec(spec, tmp_path, jit=False, simplified=simplified)
+    _compare_with_oracle(spec, module)
+    value, grads = module.value_and_grad(module.init_params(seed=3), np.ones((5, 3)))
+    assert value == 0.0 and all(not g.any() for g in grads.values())
 
 
 @pytest.mark.parametrize("penalty", [{"v": "given"}, {"v": "output", "index": 1}],

@@ -13,6 +13,8 @@ and type, and what is supported.
 """
 from __future__ import annotations
 
+import re
+
 import yaml
 
 OPERATORS = ("Linear", "Conv1d", "Conv2d", "AvgPool1d", "AvgPool2d", "PixelUnshuffle", "Flatten")
@@ -89,6 +91,8 @@ def _activation(position, module, last: bool):
         return {"leaky_relu": float(module.negative_slope)}
     if kind == "Softplus" and float(module.beta) != 1:
         _fail(position, module, f"beta={module.beta}; only beta=1")
+    if kind == "Softplus" and float(module.threshold) < 20:  # linear past it; exp(-20) away at 20
+        _fail(position, module, f"threshold={module.threshold}; only threshold >= 20 (softplus itself)")
     if kind == "ELU" and float(module.alpha) != 1:
         _fail(position, module, f"alpha={module.alpha}; only alpha=1")
     if kind == "Softmax":
@@ -116,9 +120,12 @@ def from_torch(net, input_shape, *, name: str = "m", loss: str = "none", penalty
     defaults to that of the net's parameters."""
     modules = list(_modules(net))
     layers: list = []
+    sources: list = []  # the (position, module) each of layers comes from
     for n, (position, module) in enumerate(modules):
         kind = type(module).__name__
         last = n == len(modules) - 1
+        if kind in OPERATORS:
+            sources.append((position, module))
         if kind == "Linear":
             layer = {"dense": int(module.out_features)}
             if module.bias is None:
@@ -155,7 +162,34 @@ def from_torch(net, input_shape, *, name: str = "m", loss: str = "none", penalty
     if penalty is not None:
         spec["penalty"] = dict(penalty)
     text = yaml.safe_dump(spec, sort_keys=False, default_flow_style=None)
+    _check(text, sources)
+    return text
+
+
+def _check(text: str, sources: list) -> None:
+    """The loader's checks (shapes, names, fields) now, as one ValueError naming the net's
+    module where the field is a layer's; and each Linear's and Conv's input size against
+    the shape the layers before it give, which the model file does not record."""
+    from .errors import ModelError
     from .model import as_model
 
-    as_model(text)  # the loader's checks (shapes, names, fields) now, naming the field
-    return text
+    try:
+        model = as_model(text)
+    except ModelError as e:
+        match = re.match(r"layers\[(\d+)\]", e.field)
+        if match and int(match.group(1)) < len(sources):
+            position, module = sources[int(match.group(1))]
+            _fail(position, module, e.message)
+        raise ValueError(f"{e.field}: {e.message}") from None
+    for layer, (position, module) in zip(model.layers, sources):
+        kind = type(module).__name__
+        if kind == "Linear" and layer.in_shape != (module.in_features,):
+            _fail(position, module, f"in_features={module.in_features}, but the modules before it give "
+                                    f"{_shape(layer.in_shape)} per sample")
+        if kind in ("Conv1d", "Conv2d") and layer.in_shape[0] != module.in_channels:
+            _fail(position, module, f"in_channels={module.in_channels}, but the modules before it give "
+                                    f"{_shape(layer.in_shape)} per sample")
+
+
+def _shape(shape: tuple) -> str:
+    return str(shape[0]) if len(shape) == 1 else "(" + ", ".join(map(str, shape)) + ")"

@@ -65,10 +65,32 @@ def test_the_emitted_forward_is_the_nets_output(kind, tmp_path):
     (lambda: nn.Sequential(nn.Linear(3, 4), nn.Softplus(beta=2)), r"net\[1\] \(Softplus\): beta=2"),
     (lambda: nn.Sequential(nn.ReLU()), r"net\[0\] \(ReLU\): an activation needs a layer before it"),
     (lambda: nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.Dropout())), r"net\[0.1\] \(Dropout\)"),
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.Softplus(threshold=1)), r"net\[1\] \(Softplus\): threshold=1"),
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(7, 2)),
+     r"net\[2\] \(Linear\): in_features=7, but the modules before it give 4 per sample"),
+    (lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(64, 1)),
+     r"net\[0\] \(Conv2d\): in_channels=2, but the modules before it give \(3, 6, 6\) per sample"),
+    (lambda: nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.AvgPool2d(3)),
+     r"net\[2\] \(AvgPool2d\): .*4x4 are not divisible by 3"),
 ])
 def test_what_cannot_be_read_is_one_error_naming_position_and_type(net, message):
     with pytest.raises(ValueError, match=message):
         dbpgen.from_torch(net(), (3, 6, 6) if "Conv" in message or "AvgPool" in message else (3,))
+
+
+def test_the_defaults_give_a_module_of_the_net_alone(tmp_path):
+    """loss none and no penalty: forward, vjp and jvp of the net; J = 0, every gradient 0."""
+    net, shape = nets()["mlp"]
+    m = dbpgen.compile(dbpgen.from_torch(net, shape, name="t_plain"), tmp_path, jit=False)
+    params = params_from_state_dict(net.state_dict(), m)
+    x = torch.randn(4, *shape, requires_grad=True)
+    out = net(x)
+    np.testing.assert_allclose(m.forward(params, x.detach().numpy()), out.detach().numpy(), rtol=1e-12)
+    v = torch.randn(4, 3)
+    (want,) = torch.autograd.grad(out, x, v)
+    np.testing.assert_allclose(m.vjp(params, x.detach().numpy(), v.numpy()), want.numpy(), rtol=1e-10)
+    value, grads = m.value_and_grad(params, x.detach().numpy())
+    assert value == 0.0 and not any(g.any() for g in grads.values())
 
 
 # -- PyTorch out against torch's own double backpropagation -------------------------------------

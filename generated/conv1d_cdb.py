@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_conv1d_cdb_bd0ae15893f38f30"
+__name__ = "_dbpgen_conv1d_cdb_30fb0e23e260f23b"
 
 
 class _CachedGlobals:
@@ -922,7 +922,10 @@ def _value_and_grad(W1, b1, W3, b3, W5, b5, x0, y, lam):
 
 def init_params(seed=0):
     """Parameters drawn like torch.nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    rng = np.random.default_rng(seed)
+    try:
+        rng = np.random.default_rng(seed)
+    except (TypeError, ValueError):
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}") from None
     params = {}
     params["W1"] = rng.uniform(-1.0, 1.0, (8, 2, 5)).astype(DTYPE) / np.sqrt(DTYPE(10))
     params["b1"] = rng.uniform(-1.0, 1.0, (8,)).astype(DTYPE) / np.sqrt(DTYPE(10))
@@ -955,6 +958,9 @@ def _unpack(params):
         if a.shape != shape:
             raise ValueError(f"params[{name!r}] must have shape {shape}, got {a.shape}")
         out.append(a)
+    if len(params) != len(out):  # a stale or misspelt key: strict, as torch's load_state_dict
+        extra = next(name for name in params if name not in PARAM_SHAPES)
+        raise ValueError(f"params has {extra!r}, which this model does not; it has {list(PARAM_SHAPES)}")
     return out
 
 

@@ -24,7 +24,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_sine_mse_e881a01d286c6261"
+__name__ = "_dbpgen_sine_mse_9ff7cdb770f51138"
 
 
 class _CachedGlobals:
@@ -522,7 +522,10 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, y):
 
 def init_params(seed=0):
     """Parameters drawn like torch.nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    rng = np.random.default_rng(seed)
+    try:
+        rng = np.random.default_rng(seed)
+    except (TypeError, ValueError):
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}") from None
     params = {}
     params["W1"] = rng.uniform(-1.0, 1.0, (8, 1)).astype(DTYPE) / np.sqrt(DTYPE(1))
     params["b1"] = rng.uniform(-1.0, 1.0, (8,)).astype(DTYPE) / np.sqrt(DTYPE(1))
@@ -555,6 +558,9 @@ def _unpack(params):
         if a.shape != shape:
             raise ValueError(f"params[{name!r}] must have shape {shape}, got {a.shape}")
         out.append(a)
+    if len(params) != len(out):  # a stale or misspelt key: strict, as torch's load_state_dict
+        extra = next(name for name in params if name not in PARAM_SHAPES)
+        raise ValueError(f"params has {extra!r}, which this model does not; it has {list(PARAM_SHAPES)}")
     return out
 
 

@@ -100,6 +100,12 @@ def main(path: str) -> int:
         expect_error(f"value_and_grad with weight={weight!r}", "weight",
                      lambda: entry[2][1](good, weight=weight))
         cases += 1
+    for label, call in entry:  # a key the model does not have: strict, as load_state_dict
+        expect_error(f"{label} with an extra parameter", "'W99'", lambda: call(dict(good, W99=np.ones(3))))
+        cases += 1
+    for seed in (-1, 1.5, "a"):
+        expect_error(f"init_params(seed={seed!r})", "seed", lambda: m.init_params(seed=seed))
+        cases += 1
     expect_error("params not a dict", "params", lambda: m.forward([1, 2], np.ones(batch_shape)))
     print(f"{cases} wrong inputs refused cleanly")
     return 0

@@ -123,6 +123,8 @@ def _inputs(m, x, y, v, chunks):
     import dask.array as da
 
     shape = tuple(m.INPUT_SHAPE)
+    if isinstance(chunks, (int, np.integer)) and not isinstance(chunks, bool) and chunks < 1:
+        raise ValueError(f"chunks must be a positive number of samples, got {chunks}")
     if isinstance(x, da.Array):
         if chunks is not None:
             x = x.rechunk({0: chunks})
@@ -141,6 +143,13 @@ def _inputs(m, x, y, v, chunks):
         y, v = [a.rechunk({0: rows}) if isinstance(a, da.Array) else a for a in (y, v)]
     y = None if y is None else _samples("y", y, rows, x.shape[0])
     v = None if v is None else _samples("v", v, rows, x.shape[0])
+    C = m.N_OUTPUTS
+    if y is None and "input_grad" in m.SCHEDULES:  # a model with a loss
+        raise ValueError(f"this model needs y, of shape (N, {C})")
+    if y is not None and y.shape[1:] != (C,) and not (y.ndim == 1 and np.issubdtype(y.dtype, np.integer)):
+        raise ValueError(f"y must have shape (N, {C}) (or be N integer class indices), got {y.shape}")
+    if v is not None and (v.ndim not in (2, 3) or v.shape[-1] != C):
+        raise ValueError(f"v must have shape (N, {C}) (or (N, n, {C}) for projections), got {v.shape}")
     return x, y, v
 
 

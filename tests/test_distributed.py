@@ -191,6 +191,9 @@ class Untouchable:
     ("too few labels", r"y must have 13 samples along axis 0"),
     ("wrong input width", r"x must have shape \(N, 3\), got \(13, 4\)"),
     ("negative seed", r"seed must be a non-negative integer"),
+    ("labels of another width", r"y must have shape \(N, 2\) \(or be N integer class indices\), got \(13, 3\)"),
+    ("no labels", r"this model needs y, of shape \(N, 2\)"),
+    ("no samples per chunk", r"chunks must be a positive number of samples, got 0"),
 ])
 def test_bad_input_is_one_clear_error_before_any_work_is_sent(case, message, modules):
     m = modules["cdb"]
@@ -211,6 +214,12 @@ def test_bad_input_is_one_clear_error_before_any_work_is_sent(case, message, mod
         x = np.zeros((13, 4))
     elif case == "negative seed":
         kwargs["seed"] = -1
+    elif case == "labels of another width":
+        y = np.zeros((13, 3))
+    elif case == "no labels":
+        y = None
+    elif case == "no samples per chunk":
+        kwargs["chunks"] = 0
     with pytest.raises(ValueError, match=message):
         dist.value_and_grad(m, params, x, y, client=Untouchable(), **kwargs)
 

@@ -462,6 +462,8 @@ def run(path, batch: int, against=PEERS, dtype: str | None = None, naive: bool =
         seconds: float = 1.0) -> list[dict]:
     """Rows of {name, ms, ratio, note}; the first row is dbpgen."""
     model = load_model(path)
+    if model.loss == "none" and model.penalty is None:
+        raise ModelError(str(path), "loss", "no loss and no penalty: J is 0, there is nothing to time")
     if dtype:
         model = replace(model, dtype=dtype)
     return measure(model, dbpgen_module(model), batch, against, seconds,

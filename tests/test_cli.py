@@ -343,3 +343,18 @@ def test_a_closed_pipe_ends_the_output_quietly(tmp_path):
     done = subprocess.run(f"{sys.executable} -m dbpgen equations {model} --stages | head -1", shell=True,
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.stdout.count("\n") == 1 and done.stderr == "", done.stderr
+
+
+@pytest.mark.parametrize("command", ["bench", "train"])
+def test_a_model_without_objective_is_refused_where_there_is_nothing_to_do(tmp_path, command, capsys):
+    """loss none and no penalty compiles (forward, vjp, jvp); timing or training J = 0 is refused."""
+    from dbpgen import cli
+
+    model = write(tmp_path / "plain.yaml", "name: plain\ninput: [3]\nlayers:\n  - {dense: 4, act: tanh}\n"
+                                           "  - {dense: 2}\n")
+    np.savez(tmp_path / "data.npz", x=np.zeros((4, 3)), y=np.zeros((4, 2)))
+    extra = ["--against", "torch"] if command == "bench" else ["--data", str(tmp_path / "data.npz"), "--quiet"]
+    assert cli.main([command, str(model), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err == f"{model}: loss: no loss and no penalty: J is 0, there is nothing to " \
+                  f"{'time' if command == 'bench' else 'train'}\n"

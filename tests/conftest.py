@@ -111,9 +111,8 @@ def shared_module(tmp_path_factory):
 
 def batch_for(spec: dict, rng: np.random.Generator, batch: int = 5):
     """Inputs x, labels y (one-hot for nll) and a direction v for a model spec."""
-    n_in = spec["input"][0]
     C = spec["layers"][-1]["dense"]
-    x = rng.normal(size=(batch, n_in))
+    x = rng.normal(size=(batch, *spec["input"]))
     if spec.get("loss") == "nll":
         y = np.eye(C)[rng.integers(0, C, batch)]
     else:

@@ -642,8 +642,9 @@ def _shape(expr, shapes: dict, model):
 def _loop(target: str | None, expr: sp.Expr, shape, shapes: dict, outer: frozenset, add: bool = False) -> list | None:
     """[Alloc, For] computing target = expr element by element (with add: [For] adding expr
     to target), or None where expr is not a coordinate-wise function of arrays of target's
-    shape, broadcast columns and rows, and scalars."""
-    if target is None or shape is None or len(shape) not in (1, 2) or not add and isinstance(expr, _LEAVES) \
+    shape, broadcast columns and rows (of a (B, n) target), and scalars. Any rank up to
+    (B, C, H, W): a whole-array product of two 4-d arrays alone takes Numba 9 s to compile."""
+    if target is None or shape is None or not 1 <= len(shape) <= 4 or not add and isinstance(expr, _LEAVES) \
             or not coordinatewise(expr) or expr.atoms(Bias) or not add and name(target) in expr.free_symbols:
         return None
     axes = [a for a in ("i", "k", "i_", "k_", "i__", "k__") if a not in outer][:len(shape)]

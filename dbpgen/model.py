@@ -36,7 +36,7 @@ PENALTY_KEYS = ("v", "p", "weight", "on", "index", "algorithm", "iterations", "c
 V_KINDS = ("loss_gradient", "output", "given", "jacobian", "random", "projections")
 V_ONLY = {  # keys that only some kinds of v take
     "index": ("output",),
-    "algorithm": ("jacobian",),
+    "algorithm": ("jacobian", "projections"),
     "iterations": ("random",),
     "count": ("projections",),
     "seed": ("random", "projections"),

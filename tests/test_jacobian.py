@@ -98,6 +98,22 @@ def test_projections_match_oracle_with_given_vectors(tmp_path, rng):
     compare(spec, m, rng, v=v)
 
 
+def test_projections_take_an_algorithm_naive_and_optimized_agree(tmp_path, rng):
+    """algorithm: picks Algorithm 4 or n full double backpropagations for projections too."""
+    pen = {"v": "projections", "count": 3, "weight": 0.5}
+    spec = mlp("proj_opt", ["relu", "relu"], "softmax", "nll", dict(pen, algorithm="optimized"), C=4)
+    (tmp_path / "optimized").mkdir()
+    (tmp_path / "naive").mkdir()
+    optimized = compile_spec(spec, tmp_path / "optimized", jit=False)
+    naive = compile_spec(dict(spec, name="proj_naive", penalty=dict(pen, algorithm="naive")), tmp_path / "naive",
+                         jit=False)
+    assert optimized.OPS["emitted"]["K"] + optimized.OPS["emitted"]["KT"] \
+        < naive.OPS["emitted"]["K"] + naive.OPS["emitted"]["KT"]
+    v = rng.normal(size=(4, 3, 4))
+    compare(spec, optimized, rng, v=v)
+    compare(dict(spec, penalty=dict(pen, algorithm="naive")), naive, rng, v=v)
+
+
 def test_projections_are_an_unbiased_frobenius_estimate(tmp_path, rng):
     spec = mlp("proj_unbiased", ["relu"], None, "none", {"v": "projections", "count": 2, "weight": 1.0},
                widths=(6,), n_in=5, C=4)

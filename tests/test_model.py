@@ -358,7 +358,7 @@ ERRORS = [
     (variant(penalty={"v": "output", "index": -1}), "penalty.index", "must be in 0..1"),
     (variant(penalty={"v": "output", "index": "0"}), "penalty.index", "must be an integer"),
     (variant(penalty={"v": "output", "algorithm": "naive"}), "penalty.algorithm",
-     "only used with v: jacobian"),
+     "only used with v: jacobian or projections"),
     (variant(penalty={"v": "jacobian", "algorithm": "fast"}), "penalty.algorithm",
      "must be one of auto, naive, optimized"),
     (variant(penalty={"v": "given", "iterations": 2}), "penalty.iterations",

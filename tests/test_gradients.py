@@ -1,6 +1,8 @@
 """Emitted gradients against the independent autograd oracle (float64, 1e-10 relative)."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -100,3 +102,24 @@ GRID = [
 def test_unjitted_matches_oracle(spec, tmp_path, rng):
     module = compile_spec(spec, tmp_path, jit=False)
     check_against_oracle(spec, module, rng)
+
+
+@pytest.mark.parametrize("pen", [GIVEN, WGAN], ids=["norm", "wgan"])
+def test_a_zero_direction_is_finite_and_silent_in_every_schedule(pen, tmp_path, rng):
+    """v = 0 for a sample makes s = 0, where p'(s) divides by sqrt(s) and the module takes
+    the subgradient 0: no NaN, and no NumPy warning from the branch np.where does not take."""
+    spec = mlp(f"zero_v_{pen['p'][:4].strip('(')}", ["tanh"], None, "mse", pen, widths=(4,))
+    x, y, v = batch_for(spec, rng)
+    v[1] = 0.0
+    results = []
+    for schedule in ("kernels", "fused", "jit"):
+        (tmp_path / schedule).mkdir()
+        module = compile_spec(spec, tmp_path / schedule, jit=False, schedule=schedule)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            results.append(module.value_and_grad(module.init_params(seed=3), x, y, v=v))
+    for value, grads in results:
+        assert np.isfinite(value) and all(np.isfinite(g).all() for g in grads.values())
+        assert_close(value, results[0][0])
+        for k in grads:
+            assert_close(grads[k], results[0][1][k])

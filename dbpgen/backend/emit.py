@@ -26,6 +26,9 @@ DECORATORS = {
     # that LLVM sees the calls it makes in the loop and inlines them there (their sum is over
     # LLVM's inlining threshold, each alone is not), and vectorizes the loop
     "inline": '@numba.njit(cache=True, error_model="numpy", inline="always")',
+    # plain NumPy with an np.where: both branches are evaluated, so the one not taken may
+    # divide by zero (p'(s) = 1 / (2 sqrt(s)) where s = 0 selects 0); jitted code never warns
+    "masked": '@np.errstate(divide="ignore", invalid="ignore")',
 }
 
 
@@ -128,6 +131,12 @@ class _ScheduleNames(NumbaPrinter):
 class ArrayCode(_ScheduleNames, NumbaPrinter):
     """Whole-array statements."""
 
+    selects = False  # printed an np.where, which evaluates both branches
+
+    def _select(self, cond: str, value: str, other: str) -> str:
+        self.selects = True
+        return super()._select(cond, value, other)
+
 
 class ScalarCode(_ScheduleNames, ScalarPrinter):
     """One element per statement, inside scalar loops (the lowerings index every array)."""
@@ -201,8 +210,9 @@ def function(fn: Function, model, shape_of=None) -> tuple[dict, set[str], set[st
     printer.nodes(fn.body)
     returns = [printer.array.doprint(r) for r in fn.returns]
     calls = {node.function for node in _calls(fn.body)}
+    decorator = "masked" if fn.decorator == "" and printer.array.selects else fn.decorator
     return ({"name": fn.name, "args": list(fn.params), "lines": printer.lines, "returns": returns,
-             "labels": list(fn.labels), "jit": DECORATORS[fn.decorator]},
+             "labels": list(fn.labels), "jit": DECORATORS[decorator]},
             printer.array.helpers | calls, printer.scalar.helpers)
 
 

@@ -291,6 +291,7 @@ def test_no_objective_gives_forward_vjp_jvp_and_a_zero_value(tmp_path, simplifie
     _compare_with_oracle(spec, module)
     value, grads = module.value_and_grad(module.init_params(seed=3), np.ones((5, 3)))
     assert value == 0.0 and all(not g.any() for g in grads.values())
+    assert "no penalty: J = 0" in module.EQUATIONS.splitlines()[0]
 
 
 @pytest.mark.parametrize("penalty", [{"v": "given"}, {"v": "output", "index": 1}],

@@ -22,6 +22,11 @@ from __future__ import annotations
 import sympy as sp
 
 
+def _power(latex: str, exp: str | None) -> str:
+    """A function's LaTeX, raised to exp where SymPy prints it as a power's base (sigma^2)."""
+    return latex if exp is None else rf"\left({latex}\right)^{{{exp}}}"
+
+
 def _is_zero(arg: sp.Basic) -> bool:
     return arg.is_zero is True
 
@@ -87,10 +92,10 @@ class _LayerOp(sp.Function):
         j, *rest = self.args
         return f"{self.label}_{j}({', '.join(printer._print(a) for a in rest)})"
 
-    def _latex(self, printer):
+    def _latex(self, printer, exp=None):
         j, *rest = self.args
         inner = ", ".join(printer._print(a) for a in rest)
-        return rf"{self.latex_label}_{{{j}}}\left({inner}\right)"
+        return _power(rf"{self.latex_label}_{{{j}}}\left({inner}\right)", exp)
 
 
 class K(_LayerOp):
@@ -128,8 +133,8 @@ class Bias(sp.Function):
     def _sympystr(self, printer):
         return printer._print(self.args[1])
 
-    def _latex(self, printer):
-        return printer._print(self.args[1])
+    def _latex(self, printer, exp=None):
+        return _power(printer._print(self.args[1]), exp)
 
 
 class BiasBox(_Linear):
@@ -141,8 +146,8 @@ class BiasBox(_Linear):
     def _sympystr(self, printer):
         return f"Σ_b({printer._print(self.args[1])})"
 
-    def _latex(self, printer):
-        return rf"\sum_{{b}} {printer._print(self.args[1])}"
+    def _latex(self, printer, exp=None):
+        return _power(rf"\sum_{{b}} {printer._print(self.args[1])}", exp)
 
 
 class Dot(_Linear):
@@ -163,9 +168,9 @@ class Dot(_Linear):
         a, b = self.args
         return f"<{printer._print(a)}, {printer._print(b)}>"
 
-    def _latex(self, printer):
+    def _latex(self, printer, exp=None):
         a, b = self.args
-        return rf"\left\langle {printer._print(a)}, {printer._print(b)} \right\rangle"
+        return _power(rf"\left\langle {printer._print(a)}, {printer._print(b)} \right\rangle", exp)
 
 
 class RowSum(_Linear):
@@ -174,8 +179,8 @@ class RowSum(_Linear):
     nargs = 1
     zero_args = (0,)
 
-    def _latex(self, printer):
-        return rf"\mathbf{{1}}^{{T}} {printer._print(self.args[0])}"
+    def _latex(self, printer, exp=None):
+        return _power(rf"\mathbf{{1}}^{{T}} {printer._print(self.args[0])}", exp)
 
 
 class BSum(_Linear):
@@ -187,8 +192,8 @@ class BSum(_Linear):
     def _sympystr(self, printer):
         return f"Σ_b({printer._print(self.args[0])})"
 
-    def _latex(self, printer):
-        return rf"\sum_{{b}} {printer._print(self.args[0])}"
+    def _latex(self, printer, exp=None):
+        return _power(rf"\sum_{{b}} {printer._print(self.args[0])}", exp)
 
 
 class Softmax(sp.Function):
@@ -220,8 +225,8 @@ class Sigmoid(sp.Function):
     def _eval_is_real(self):
         return self.args[0].is_real
 
-    def _latex(self, printer):
-        return rf"\sigma\left({printer._print(self.args[0])}\right)"
+    def _latex(self, printer, exp=None):
+        return _power(rf"\sigma\left({printer._print(self.args[0])}\right)", exp)
 
 
 class Softplus(sp.Function):
@@ -247,8 +252,8 @@ class OneHot(sp.Function):
 
     nargs = 2  # (i, C)
 
-    def _latex(self, printer):
-        return rf"e^{{({printer._print(self.args[0])})}}"
+    def _latex(self, printer, exp=None):
+        return _power(rf"e^{{({printer._print(self.args[0])})}}", exp)
 
 
 class Row(sp.Function):
@@ -256,8 +261,8 @@ class Row(sp.Function):
 
     nargs = 2  # (V, i)
 
-    def _latex(self, printer):
-        return rf"{printer._print(self.args[0])}^{{({printer._print(self.args[1])})}}"
+    def _latex(self, printer, exp=None):
+        return _power(rf"{printer._print(self.args[0])}^{{({printer._print(self.args[1])})}}", exp)
 
 
 class Gram(sp.Function):
@@ -265,9 +270,9 @@ class Gram(sp.Function):
 
     nargs = 2  # (j, W_j)
 
-    def _latex(self, printer):
+    def _latex(self, printer, exp=None):
         w = printer._print(self.args[1])
-        return rf"{w} {w}^{{T}}"
+        return _power(rf"{w} {w}^{{T}}", exp)
 
 
 class GramMul(_Linear):
@@ -276,8 +281,8 @@ class GramMul(_Linear):
     nargs = 2  # (a, G)
     zero_args = (0,)
 
-    def _latex(self, printer):
-        return rf"{printer._print(self.args[1])} {printer._print(self.args[0])}"
+    def _latex(self, printer, exp=None):
+        return _power(rf"{printer._print(self.args[1])} {printer._print(self.args[0])}", exp)
 
 
 class GramBox(_Linear):
@@ -286,8 +291,8 @@ class GramBox(_Linear):
     nargs = 2  # (a, y)
     zero_args = (0, 1)
 
-    def _latex(self, printer):
-        return rf"\sum_{{b}} {printer._print(self.args[1])} {printer._print(self.args[0])}^{{T}}"
+    def _latex(self, printer, exp=None):
+        return _power(rf"\sum_{{b}} {printer._print(self.args[1])} {printer._print(self.args[0])}^{{T}}", exp)
 
 
 class GramOut(_Linear):
@@ -296,5 +301,5 @@ class GramOut(_Linear):
     nargs = 2  # (M, W_j)
     zero_args = (0,)
 
-    def _latex(self, printer):
-        return rf"{printer._print(self.args[0])} {printer._print(self.args[1])}"
+    def _latex(self, printer, exp=None):
+        return _power(rf"{printer._print(self.args[0])} {printer._print(self.args[1])}", exp)

@@ -215,6 +215,16 @@ def test_equations_latex(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("act", ["silu", "sigmoid(z)**2"])
+def test_equations_latex_prints_a_power_of_a_function(tmp_path, act, capsys):
+    """SymPy prints Sigmoid(z)**2 (silu's g'') through the function's _latex with exp=."""
+    from dbpgen import cli
+
+    model = write(tmp_path / "net.yaml", VALID.format(name="net").replace("act: tanh", f"act: \"{act}\""))
+    assert cli.main(["equations", str(model), "--latex"]) == 0
+    assert r"\left(\sigma\left(z_{2}\right)\right)^{2}" in capsys.readouterr().out
+
+
 def test_ops_prints_naive_and_emitted_rows(tmp_path):
     model = write(tmp_path / "net.yaml", VALID.format(name="net"))
     result = run(tmp_path, "ops", model)

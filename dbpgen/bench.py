@@ -464,6 +464,8 @@ def run(path, batch: int, against=PEERS, dtype: str | None = None, naive: bool =
     model = load_model(path)
     if model.loss == "none" and model.penalty is None:
         raise ModelError(str(path), "loss", "no loss and no penalty: J is 0, there is nothing to time")
+    if not any(layer.op.has_params for layer in model.layers):
+        raise ModelError(str(path), "layers", "no layer has weights: value_and_grad has no gradient to time")
     if dtype:
         model = replace(model, dtype=dtype)
     return measure(model, dbpgen_module(model), batch, against, seconds,

@@ -368,3 +368,13 @@ def test_a_model_without_objective_is_refused_where_there_is_nothing_to_do(tmp_p
     err = capsys.readouterr().err
     assert err == f"{model}: loss: no loss and no penalty: J is 0, there is nothing to " \
                   f"{'time' if command == 'bench' else 'train'}\n"
+
+
+def test_bench_refuses_a_model_without_weights_in_one_line(tmp_path, capsys):
+    """Pooling and flatten only: the peers' autograd has no parameter to differentiate."""
+    from dbpgen import cli
+
+    model = write(tmp_path / "pool.yaml", "name: pool\ninput: [1, 4, 4]\nlayers:\n  - {avgpool: 2, act: tanh}\n"
+                                          "  - flatten\nloss: mse\npenalty: {v: loss_gradient}\n")
+    assert cli.main(["bench", str(model), "--against", "torch"]) == 2
+    assert capsys.readouterr().err == f"{model}: layers: no layer has weights: value_and_grad has no gradient to time\n"

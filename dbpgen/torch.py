@@ -46,6 +46,8 @@ class DoubleBackprop:
     def __init__(self, net, input_shape, *, loss: str = "none", penalty: dict | None = None,
                  name: str | None = None, out_dir: str | os.PathLike | None = None, dtype: str | None = None,
                  jit: bool = True):
+        if loss == "none" and penalty is None:
+            raise ValueError("DoubleBackprop needs loss= or penalty=: with neither, J = 0 and every gradient is 0")
         self.net = net
         if name is None:  # one file per distinct model: two nets never write over each other's module
             draft = from_torch(net, input_shape, name="torch_net", loss=loss, penalty=penalty, dtype=dtype)

@@ -91,6 +91,8 @@ def test_the_defaults_give_a_module_of_the_net_alone(tmp_path):
     np.testing.assert_allclose(m.vjp(params, x.detach().numpy(), v.numpy()), want.numpy(), rtol=1e-10)
     value, grads = m.value_and_grad(params, x.detach().numpy())
     assert value == 0.0 and not any(g.any() for g in grads.values())
+    with pytest.raises(ValueError, match="DoubleBackprop needs loss= or penalty="):
+        DoubleBackprop(net, shape)  # there would be nothing to put into .grad
 
 
 # -- PyTorch out against torch's own double backpropagation -------------------------------------

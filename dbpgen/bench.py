@@ -462,7 +462,7 @@ def run(path, batch: int, against=PEERS, dtype: str | None = None, naive: bool =
         seconds: float = 1.0) -> list[dict]:
     """Rows of {name, ms, ratio, note}; the first row is dbpgen."""
     model = load_model(path)
-    if model.loss == "none" and model.penalty is None:
+    if not model.has_objective:
         raise ModelError(str(path), "loss", "no loss and no penalty: J is 0, there is nothing to time")
     if not any(layer.op.has_params for layer in model.layers):
         raise ModelError(str(path), "layers", "no layer has weights: value_and_grad has no gradient to time")

@@ -128,7 +128,7 @@ def _train(args) -> int:
     from .train import load_data, load_params, loss_only_module, save_params, train
 
     model = load_model(args.model)
-    if model.loss == "none" and model.penalty is None:
+    if not model.has_objective:
         raise ModelError(args.model, "loss", "no loss and no penalty: J is 0, there is nothing to train")
     checks = (("--epochs", args.epochs, args.epochs >= 0, "a non-negative integer"),
               ("--batch-size", args.batch_size, args.batch_size >= 1, "a positive integer"),

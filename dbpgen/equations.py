@@ -56,7 +56,7 @@ def equations_text(model: Model, program: Program) -> str:
     head = f"{model.name}: {program.name}, L = {model.L}, loss = {model.loss}"
     if pen:
         head += f", penalty v = {pen.v}, p(s) = {sp.sstr(pen.p)}, on = {'logits' if pen.on_logits else 'outputs'}"
-    elif model.loss == "none":
+    elif not model.has_objective:
         head += ", no penalty: J = 0 (the module is the net's forward, vjp and jvp)"
     lines = [head, LEGEND, ""]
     lines += list(_statement_lines(program.stmts))

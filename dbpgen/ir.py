@@ -99,6 +99,12 @@ class Model:
         return len(self.layers)
 
     @property
+    def has_objective(self) -> bool:
+        """Whether J depends on anything: without a loss and a penalty the module is the net
+        alone (forward, vjp, jvp) and J = 0."""
+        return self.loss != "none" or self.penalty is not None
+
+    @property
     def n_outputs(self) -> int:
         size = 1
         for n in self.layers[-1].out_shape:

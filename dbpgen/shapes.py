@@ -156,6 +156,6 @@ def _output_shape(label: str, model: Model) -> Shape:
     """The shape of a program output by its API label (SPEC section 2)."""
     per_sample = {"out": (model.n_outputs,), "Ju": (model.n_outputs,), "R": (1,),
                   "xi0": tuple(model.input_shape)}
-    if label in ("J", "value"):
+    if label == "value":
         return (1,)
     return (BATCH_AXIS,) + per_sample[label]

@@ -8,7 +8,6 @@ PyTensor's NUMBA mode; per-sample input gradients come from the gradient of the 
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import statistics
@@ -20,6 +19,7 @@ import numpy as np
 import sympy as sp
 
 from . import operators
+from .backend.blas import blas_core
 from .compiler import build, load_generated
 from .ir import S, Z, Model
 from .errors import ModelError
@@ -419,25 +419,6 @@ def gemm_runner(model: Model, batch: int):
     a = np.random.default_rng(0).standard_normal((M, K)).astype(dtype)
     b = np.random.default_rng(1).standard_normal((N, K)).astype(dtype)
     return (lambda: a @ b.T), 2 * M * K * N
-
-
-def blas_core() -> str:
-    """The kernels NumPy's OpenBLAS runs ('Haswell', 'SkylakeX', ...: by CPU model, or as
-    OPENBLAS_CORETYPE forces), read from the loaded library itself (Linux); '' where the
-    BLAS is not OpenBLAS or cannot be asked."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()}
-    except OSError:
-        return ""
-    for path in sorted(paths, key=lambda p: ("numpy" not in p, p)):  # NumPy's own first
-        try:
-            corename = ctypes.CDLL(path).gotoblas_corename
-        except (OSError, AttributeError):
-            continue
-        corename.restype = ctypes.c_char_p
-        return (corename() or b"").decode()
-    return ""
 
 
 def blas_kernels() -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import jinja2
 
 from . import __version__
-from .backend import chooser, emit, polynomials
+from .backend import blas, chooser, emit, polynomials
 from .backend.memory import peak_bytes
 from .backend.schedule import verify
 from .derive import n_vectors, params as param_symbols
@@ -119,6 +119,9 @@ def render(model: Model, programs: dict[str, Program], ops: dict, naive: Program
         # so that every product goes to one BLAS (Numba's; NumPy's is another library)
         "array_jit": emit.DECORATORS["njit"] if jitted_calls else "",
         "small_gemm": chooser.SMALL_GEMM,
+        "small_kernel_cores": chooser.SMALL_KERNEL_CORES,
+        "blas_core": blas.SOURCE,
+        "copy_wt": (chooser.COPY_WT_BATCH, chooser.COPY_WT_SIZE),
         "weight": repr(float(pen.weight)) if pen else "0.0",
         "v_kind": pen.v if pen else None,
         "v_index": pen.index if pen else None,

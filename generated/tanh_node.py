@@ -26,7 +26,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_tanh_node_6320bede6cd31078"
+__name__ = "_dbpgen_tanh_node_e3777220c3344231"
 
 
 class _CachedGlobals:
@@ -44,10 +44,37 @@ N_OUTPUTS = 8
 WEIGHT = 0.1
 PARAMS = ['W1', 'b1', 'W2', 'b2', 'W3', 'b3']
 PARAM_SHAPES = {'W1': (128, 64), 'b1': (128,), 'W2': (128, 128), 'b2': (128,), 'W3': (8, 128), 'b3': (8,)}
+
+
+def _blas_core():
+    """The kernels NumPy's OpenBLAS runs ('Haswell', 'SkylakeX', ...: by CPU model, or as
+    OPENBLAS_CORETYPE forces), read from the loaded library (Linux); '' where the BLAS is
+    not OpenBLAS or cannot be asked."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()}
+    except OSError:
+        return ""
+    for path in sorted(paths, key=lambda p: ("numpy" not in p, p)):  # NumPy's own first
+        try:
+            corename = ctypes.CDLL(path).gotoblas_corename
+        except (OSError, AttributeError):
+            continue
+        corename.restype = ctypes.c_char_p
+        return (corename() or b"").decode()
+    return ""
+
+
 # Up to SMALL_GEMM multiply-adds a product goes to BLAS in a form its small-matrix kernels
 # take (OpenBLAS: both operands C-contiguous, or the first one transposed): one thread, no
 # packing. Past it BLAS packs the operands itself and may split the work between threads.
-SMALL_GEMM = 1000000
+# Only OpenBLAS's AVX-512 kernels have small-matrix kernels; elsewhere the forms gain
+# nothing and SMALL_GEMM is 0. K copies W^T for them only from COPY_WT[0] samples and up
+# to COPY_WT[1] elements of W, where the copy costs less than it saves. (A jitted kernel
+# keeps the value it was compiled with, and Numba's cache keeps that: after changing
+# OPENBLAS_CORETYPE, delete the module's __pycache__ to recompile with the new one.)
+SMALL_GEMM = 1000000 if _blas_core() in ('SkylakeX', 'Cooperlake', 'SapphireRapids') else 0
+COPY_WT = (32, 8192)
 
 
 def _keep_freed_memory():
@@ -138,7 +165,8 @@ SCHEDULES = {'forward': 'fused',
 
 # -- dense: K(W, x) = W x, K^T(W, y) = W^T y, K^box(x, y) = y x^T (paper section 2.1) --
 # (one BLAS call each: jitted only when a jitted program calls them, else plain NumPy)
-# (up to SMALL_GEMM multiply-adds in the form BLAS's small-matrix kernels take)
+# (up to SMALL_GEMM multiply-adds in the form BLAS's small-matrix kernels take, where it
+# has them and the copy of W^T pays: COPY_WT)
 # (jitted: np.dot into an allocated product, which Numba compiles in half the time of the
 # @ operator; plain NumPy: @)
 
@@ -146,7 +174,7 @@ SCHEDULES = {'forward': 'fused',
 @numba.njit(cache=True, error_model="numpy")
 def _dense_K(W, x):
     out = np.empty((x.shape[0], W.shape[0]), dtype=x.dtype)
-    if x.shape[0] * W.size <= SMALL_GEMM:
+    if x.shape[0] * W.size <= SMALL_GEMM and x.shape[0] >= COPY_WT[0] and W.size <= COPY_WT[1]:
         np.dot(x, np.ascontiguousarray(W.T), out)
     else:
         np.dot(x, W.T, out)

@@ -235,6 +235,28 @@ def test_numba_cache_loads_under_any_import_name(tmp_path):
     assert hits == [(0, 1), (1, 0), (1, 0)]  # compiled once, then loaded under two other names
 
 
+def test_small_gemm_forms_only_where_the_blas_has_small_matrix_kernels(tmp_path):
+    """A module reads at import which kernels NumPy's OpenBLAS runs: with AVX2 kernels
+    (OPENBLAS_CORETYPE=Haswell, as on the AVX2 machines and pinned AVX-512 ones) SMALL_GEMM
+    is 0 (K never copies W^T, K^box never splits); in this process it follows the rule."""
+    import subprocess
+    import sys
+
+    from dbpgen.backend.blas import blas_core
+    from dbpgen.backend.chooser import SMALL_GEMM, SMALL_KERNEL_CORES
+
+    module = compile_file(ROOT / "examples" / "sine_cdb.yaml", tmp_path)
+    code = ("from dbpgen.compiler import load_generated; m = load_generated(r'%s'); "
+            "print(m._blas_core(), m.SMALL_GEMM)" % module)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, OPENBLAS_CORETYPE="Haswell"))
+    assert out.returncode == 0, out.stderr
+    core, small = out.stdout.split()
+    assert core == "Haswell" and small == "0"
+    m = import_module(module)
+    assert m.SMALL_GEMM == (SMALL_GEMM if blas_core() in SMALL_KERNEL_CORES else 0)
+
+
 def test_every_package_is_installed():
     """A non-editable install ships exactly the packages pyproject.toml lists: each
     folder of dbpgen/ with an __init__.py must be among them."""

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbpgen.backend.chooser import SMALL_GEMM
+from dbpgen.backend.chooser import COPY_WT_BATCH, COPY_WT_SIZE, SMALL_GEMM
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 OPS = ("dense", "conv2d", "avgpool", "downsample", "flatten")
@@ -56,7 +56,7 @@ def render_ops(jit: str, count_ops: bool = False) -> dict:
     # the dense kernels that write into a half of a stacked buffer (the fused schedule's)
     source += "\n\n" + env.get_template("helpers.py.j2").render(
         jit=jit, array_jit=jit, decorators=decorators(jit), helpers={"_dense_K_into", "_dense_KT_into"})
-    namespace = {"np": np, "numba": numba, "SMALL_GEMM": SMALL_GEMM}
+    namespace = {"np": np, "numba": numba, "SMALL_GEMM": SMALL_GEMM, "COPY_WT": (COPY_WT_BATCH, COPY_WT_SIZE)}
     if count_ops:
         namespace["COUNTS"] = {"K": 0, "KT": 0, "Kbox": 0}
     exec(compile(source, f"<ops jit={jit!r} count_ops={count_ops}>", "exec"), namespace)
@@ -445,8 +445,8 @@ def _with_small_gemm(ns: dict, name: str, bound: int):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_dense_kernels_agree_on_both_sides_of_small_gemm(mode, dtype):
-    """K copies W^T at or below SMALL_GEMM multiply-adds and K^box splits a stacked batch
-    whose halves are: every form gives the einsum's product in the input's dtype,
+    """K copies W^T at or below SMALL_GEMM multiply-adds (from COPY_WT_BATCH samples, W up to
+    COPY_WT_SIZE) and K^box splits a stacked batch whose halves are: every form gives the einsum's product in the input's dtype,
     C-contiguous, for batches even and odd, below, around and past the bound; the plain
     kernels also with the bound moved so that every batch takes each branch."""
     ns, rng = ops(mode), np.random.default_rng(0)
@@ -457,9 +457,9 @@ def test_dense_kernels_agree_on_both_sides_of_small_gemm(mode, dtype):
         kernels += [{name: _with_small_gemm(ns, name, bound)
                      for name in ("_dense_K", "_dense_KT", "_dense_Kbox", "_dense_K_into", "_dense_KT_into")}
                     for bound in (0, 10 ** 12, 300 * 48 * 64)]  # the last splits 400 and 401, not 651
-    # n * 48 * 64 against SMALL_GEMM: below; over with halves below (even, odd); over, the
-    # larger half (326) over; over
-    for n in (8, 400, 401, 651, 1000):
+    # n * 48 * 64 against SMALL_GEMM: below, under COPY_WT_BATCH; below; over with halves
+    # below (even, odd); over, the larger half (326) over; over
+    for n in (8, 40, 400, 401, 651, 1000):
         x, y = rng.standard_normal((n, 48)).astype(dtype), rng.standard_normal((n, 64)).astype(dtype)
         x64, y64, W64 = (a.astype(np.float64) for a in (x, y, W))
         for k in kernels:
@@ -476,7 +476,8 @@ def test_dense_kernels_agree_on_both_sides_of_small_gemm(mode, dtype):
                               (stacked_x[:n], np.einsum("oi,bo->bi", W64, y64))):
                 assert got.dtype == dtype and got.flags.c_contiguous
                 np.testing.assert_allclose(got, want, **tol)
-    assert 8 * 48 * 64 <= SMALL_GEMM < 400 * 48 * 64 and 326 * 48 * 64 > SMALL_GEMM >= 201 * 48 * 64
+    assert 8 < COPY_WT_BATCH <= 40 and 64 * 48 <= COPY_WT_SIZE
+    assert 40 * 48 * 64 <= SMALL_GEMM < 400 * 48 * 64 and 326 * 48 * 64 > SMALL_GEMM >= 201 * 48 * 64
 
 
 def test_kernels_are_cacheable():

@@ -30,16 +30,24 @@ from .schedule import Function
 SCHEDULES = ("lanes", "jit", "fused", "kernels", "count")
 
 # A GEMM of at most SMALL_GEMM multiply-adds (M N K) runs fastest on BLAS's small-matrix
-# kernels: one thread, no packing. OpenBLAS (numpy's and scipy's wheels, AVX-512 cores)
-# takes them up to 100^3 for C-contiguous @ C-contiguous and for A^T @ B, and for A @ B^T
-# only when the product is tiny. Past them it packs and splits the work between threads,
-# and on this 2-core machine moving the operands between the cores' caches costs a small
-# product more than the second core gains (up to twice its time on a busy machine). The
-# batch is known only at run time, so the dense kernels (templates/ops/dense.py.j2) test
-# it there against this bound: K multiplies by a copy of W^T at or below it, and a stacked
-# K^box whose halves are at or below it runs as two products. Where a BLAS has no such
-# kernels the copy of W^T (2 us for 64 x 64) is all it costs (docs/performance.md).
+# kernels: one thread, no packing. OpenBLAS (numpy's and scipy's wheels) has them only in
+# its AVX-512 kernels (SMALL_KERNEL_CORES, as `gotoblas_corename` names them), and takes
+# them up to 100^3 for C-contiguous @ C-contiguous and for A^T @ B, and for A @ B^T only
+# when the product is tiny. Past them it packs and splits the work between threads, and on
+# a 2-core machine moving the operands between the cores' caches costs a small product
+# more than the second core gains (up to twice its time on a busy machine). The batch is
+# known only at run time, so the dense kernels (templates/ops/dense.py.j2) test it there:
+# K multiplies by a copy of W^T where the copy pays (a batch of at least COPY_WT_BATCH and
+# W of at most COPY_WT_SIZE elements: a larger W's transposed copy, or one for a few
+# samples, costs more than the product: 0.26 ms for 512 x 784 at batch 1, against 0.04 for
+# the product), and a stacked K^box whose halves are at or below the bound runs as two
+# products. The emitted module reads the kernels its BLAS runs at import and sets its
+# SMALL_GEMM to 0 elsewhere (AVX2 cores, or OPENBLAS_CORETYPE=Haswell): there the small
+# forms run no faster than x @ W.T and the copy is pure cost (docs/performance.md).
 SMALL_GEMM = 100 ** 3
+SMALL_KERNEL_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
+COPY_WT_BATCH = 32
+COPY_WT_SIZE = 2 ** 13
 
 # Past this many predicted seconds of compilation on its first call a jitted program does
 # not apply at all (a deep network's: each layer adds its statements to one function).

@@ -25,7 +25,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_jac_1eeb3278b7c4c6bc"
+__name__ = "_dbpgen_mnist_jac_8132b02e8c71ce27"
 
 
 class _CachedGlobals:
@@ -166,7 +166,7 @@ OPS = {'emitted': {'K': 23,
              'flops': 7918592,
              'flops_per_call': 205520896},
  'naive': {'K': 33, 'KT': 50, 'Kbox': 60, 'flops': 23403520}}
-PEAK_BYTES = {'batch': 128, 'emitted': 6424672, 'naive': 7714816}
+PEAK_BYTES = {'batch': 128, 'emitted': 10622984, 'naive': 7714816}
 # how each program runs: lanes (batch-minor fused kernel), jit (one jitted function calling
 # BLAS and jitted loops), fused (Python over whole-batch arrays and jitted loops), kernels (Python calling the
 # operators' own kernels), count (plain Python counting K, K^T, K^box)
@@ -424,8 +424,25 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused4(u, dg):
-    q_out = np.empty((u.shape[0], u.shape[1]), dtype=DTYPE)
+def _fused4(t, x, xi, zeta_out):
+    for i in range(x.shape[0]):  # samples
+        for k in range(x.shape[1]):  # units
+            zeta = -t[i, 0]*x[i, k] + x[i, k]*xi[i, k]  # (15)
+            zeta_out[i, k] = zeta
+    return (zeta_out,)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _fused5(dg, xi, zeta_out):
+    for i in range(dg.shape[0]):  # samples
+        for k in range(dg.shape[1]):  # units
+            zeta = dg[i, k]*xi[i, k]  # (15)
+            zeta_out[i, k] = zeta
+    return (zeta_out,)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _fused6(u, dg, q_out):
     for i in range(u.shape[0]):  # samples
         for k in range(u.shape[1]):  # units
             h = 2*u[i, k]  # (20): h_1 = c(s) G zeta_1
@@ -435,7 +452,16 @@ def _fused4(u, dg):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused5(h, t, t_1, t_2, x, xi):
+def _fused7(dg, h, q_out):
+    for i in range(dg.shape[0]):  # samples
+        for k in range(dg.shape[1]):  # units
+            q = dg[i, k]*h[i, k]  # (21)
+            q_out[i, k] = q
+    return (q_out,)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _fused8(h, t, t_1, t_2, x, xi):
     eta_out = np.empty((h.shape[0], h.shape[1]), dtype=DTYPE)
     for i in range(h.shape[0]):  # samples
         for k in range(h.shape[1]):  # units
@@ -445,7 +471,7 @@ def _fused5(h, t, t_1, t_2, x, xi):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused6(B, etahat, lam):
+def _fused9(B, etahat, lam):
     t_out = np.empty((etahat.shape[0], etahat.shape[1]), dtype=DTYPE)
     t_1_out = np.zeros((etahat.shape[1],), dtype=DTYPE)
     for i in range(etahat.shape[0]):  # samples
@@ -457,7 +483,7 @@ def _fused6(B, etahat, lam):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused7(dg, gammahat, B, lam):
+def _fused10(dg, gammahat, B, lam):
     etahat_out = np.empty((dg.shape[0], dg.shape[1]), dtype=DTYPE)
     t_out = np.empty((dg.shape[0], dg.shape[1]), dtype=DTYPE)
     t_1_out = np.zeros((dg.shape[1],), dtype=DTYPE)
@@ -472,7 +498,7 @@ def _fused7(dg, gammahat, B, lam):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused8(dg, gammahat, B, lam):
+def _fused11(dg, gammahat, B, lam):
     t_out = np.empty((dg.shape[0], dg.shape[1]), dtype=DTYPE)
     t_1_out = np.zeros((dg.shape[1],), dtype=DTYPE)
     for i in range(dg.shape[0]):  # samples
@@ -485,7 +511,7 @@ def _fused8(dg, gammahat, B, lam):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused9(R, lam):
+def _fused12(R, lam):
     t_out = np.zeros((R.shape[1],), dtype=DTYPE)
     for i in range(R.shape[0]):  # samples
         for k in range(R.shape[1]):  # units
@@ -507,47 +533,51 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
     x3 = _softmax(z3)  # (8)
     del z3
     G1 = _gram(W1)  # G_1 = W_1 W_1^T, once per call
+    V2x_ = np.empty((10*B, 256), dtype=DTYPE)  # q1 of every i, stacked
+    V2y_ = np.empty((10*B, 256), dtype=DTYPE)  # zeta2 of every i, stacked
+    V3x_ = np.empty((10*B, 256), dtype=DTYPE)  # q2 of every i, stacked
+    V3y_ = np.empty((10*B, 10), dtype=DTYPE)  # zeta3 of every i, stacked
     R = np.zeros((B, 1), dtype=DTYPE)  # sum over i
     M1 = np.zeros((256, 256), dtype=DTYPE)  # sum over i
-    thetahat2 = np.zeros((256, 256), dtype=DTYPE)  # sum over i
-    thetahat3 = np.zeros((10, 256), dtype=DTYPE)  # sum over i
     etahat3 = np.zeros((B, 10), dtype=DTYPE)  # sum over i
     for i in range(10):  # Alg. 4 (section 5.4): backward and backward-backward per v_i
         xi3 = _onehot(x0, 10, i)  # Alg. 1: xi_L = v
         t10_ = _rowdot2(x3, xi3)  # zeta3 = x3*xi3 - x3*<x3, xi3>
-        zeta3 = _fused2(t10_, x3, xi3)[0]  # fused loop: zeta3; (15)
+        zeta3 = _fused4(t10_, x3, xi3, V3y_[B*i:B*(i + 1)])[0]  # fused loop: zeta3; (15)
         xi2 = _dense_KT(W3, zeta3)  # (16)
-        zeta2 = dg2*xi2  # (15)
+        zeta2 = _fused5(dg2, xi2, V2y_[B*i:B*(i + 1)])[0]  # fused loop: zeta2; (15)
         xi1 = _dense_KT(W2, zeta2)  # (16)
         zeta1 = dg1*xi1  # (15)
         u1 = _gram_mul(zeta1, G1)  # (16)+(20): K_1 K_1^T = W_1 W_1^T
         s = _rowdot2(u1, zeta1)  # s = <zeta_1, G zeta_1>
         Ri = s  # (10)
-        q1 = _fused4(u1, dg1)[0]  # fused loop: h1, q1; (20): h_1 = c(s) G zeta_1; (21)
+        q1 = _fused6(u1, dg1, V2x_[B*i:B*(i + 1)])[0]  # fused loop: h1, q1; (20): h_1 = c(s) G zeta_1; (21)
         h2 = _dense_K(W2, q1)  # (20)
-        q2 = dg2*h2  # (21)
+        q2 = _fused7(dg2, h2, V3x_[B*i:B*(i + 1)])[0]  # fused loop: q2; (21)
         h3 = _dense_K(W3, q2)  # (20)
         t11_ = _rowdot2(h3, x3)  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
         t12_ = _rowdot2(x3, h3*xi3 - h3*_rowdot2(x3, xi3) - xi3*_rowdot2(h3, x3))  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
-        eta3 = _fused5(h3, t10_, t11_, t12_, x3, xi3)[0]  # fused loop: eta3; App. B.1, corrected
+        eta3 = _fused8(h3, t10_, t11_, t12_, x3, xi3)[0]  # fused loop: eta3; App. B.1, corrected
         R += Ri  # (10), summed over i
         M1 += _gram_box(zeta1, 2*zeta1)  # Alg. 4: theta^1_1 before W_1
-        thetahat2 += _dense_Kbox(q1, zeta2)  # Alg. 4: theta^1_j
-        thetahat3 += _dense_Kbox(q2, zeta3)  # Alg. 4: theta^1_j
         etahat3 += eta3  # Alg. 4: eta_L, summed
     del G1, x3
-    t8_, t9_ = _fused6(B, etahat3, lam)  # fused loop: t8_, t9_; (31), (32); (31), (33)
+    thetahat2 = _dense_Kbox(V2x_, V2y_)  # Alg. 4: theta^1_j, one GEMM over the stacked i
+    del V2x_, V2y_
+    thetahat3 = _dense_Kbox(V3x_, V3y_)  # Alg. 4: theta^1_j, one GEMM over the stacked i
+    del V3x_, V3y_
+    t8_, t9_ = _fused9(B, etahat3, lam)  # fused loop: t8_, t9_; (31), (32); (31), (33)
     thetahat1 = _gram_out(M1, W1)  # Alg. 4: theta^1_1 = M W_1
     del M1
     gammahat2 = _dense_KT(W3, etahat3)  # (30), summed
     del etahat3
-    etahat2, t6_, t7_ = _fused7(dg2, gammahat2, B, lam)  # fused loop: etahat2, t6_, t7_; (34), summed; (31), (32); (31), (33)
+    etahat2, t6_, t7_ = _fused10(dg2, gammahat2, B, lam)  # fused loop: etahat2, t6_, t7_; (34), summed; (31), (32); (31), (33)
     del dg2, gammahat2
     gammahat1 = _dense_KT(W2, etahat2)  # (30), summed
     del etahat2
-    t4_, t5_ = _fused8(dg1, gammahat1, B, lam)  # fused loop: etahat1, t4_, t5_; (34), summed; (31), (32); (31), (33)
+    t4_, t5_ = _fused11(dg1, gammahat1, B, lam)  # fused loop: etahat1, t4_, t5_; (34), summed; (31), (32); (31), (33)
     del dg1, gammahat1
-    t3_ = _fused9(R, lam)[0]  # fused loop: t3_; J = (1/B) sum_b [l + lam R]
+    t3_ = _fused12(R, lam)[0]  # fused loop: t3_; J = (1/B) sum_b [l + lam R]
     del R
     J = t3_/B  # J = (1/B) sum_b [l + lam R]
     del t3_

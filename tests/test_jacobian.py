@@ -225,6 +225,25 @@ def test_measured_counts_for_single_vector_penalties(spec, tmp_path, rng):
         assert_measured_counts_equal_reported(spec, tmp_path, naive, rng)
 
 
+@pytest.mark.parametrize("pen", [JAC, {"v": "projections", "count": 3, "p": "norm"}], ids=["jacobian", "projections"])
+def test_the_loop_over_outputs_sums_its_weight_adjoints_in_one_product(pen, tmp_path, rng):
+    """C double backpropagations (smooth hidden layers) in the fused schedule: the operands of
+    each weight adjoint the loop sums are written into blocks of stacked buffers and
+    multiplied once after the loop (fused._Fuser.stack_loop); batches 1 and 6 match the
+    oracle, with the plain-Python kernels and jitted."""
+    spec = mlp(f"stacked_{pen['v']}", ["tanh", "sigmoid"], "softmax", "nll", pen, widths=(6, 5), C=4)
+    v = None
+    for jit in (False, True):
+        (tmp_path / str(jit)).mkdir()
+        m = compile_spec(spec, tmp_path / str(jit), jit=jit, schedule="fused")
+        source = open(m.__file__).read()
+        assert source.count("one GEMM over the stacked i") == 3 and "+= _dense_Kbox" not in source
+        for batch in (1, 6):
+            if pen["v"] == "projections":
+                v = rng.normal(size=(batch, 3, 4))
+            compare(spec, m, rng, v=v, batch=batch)
+
+
 def _jacobian_net(C):
     return mlp(f"mem_{C}", ["relu", "relu"], "softmax", "none", JAC, widths=(1024, 1024), n_in=256, C=C)
 

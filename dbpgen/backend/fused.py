@@ -47,6 +47,12 @@ from .schedule import OPEN, AddTo, Alloc, Call, For, Function, Let, Rows, Shape,
 LOOP_NAMES = {"i", "k", "c", "h", "w", "t"}  # the fused loops' own indices
 i, k = name("i"), name("k")
 SPACE_AXES = {1: ("t",), 2: ("h", "w")}  # an image's or a sequence's axes after the channel
+# A loop over at most STACKED_VECTORS v_i (Jacobian rows, projections) stacks the operands of
+# the weight adjoints it sums (`_Fuser.stack_loop`), as long as the buffers hold at most
+# STACKED_ELEMENTS numbers per sample (2^15: 256 KiB per sample in float64, about what a
+# program of eight 1024-wide layers keeps per sample anyway).
+STACKED_VECTORS = 16
+STACKED_ELEMENTS = 2 ** 15
 
 
 def _coordinatewise(expr: sp.Expr, cheap_only: bool) -> bool:
@@ -230,6 +236,51 @@ class _Fuser(Lowering):
                             comment=f"{node.eq}, one GEMM over the stacked batch"))
         return head + out
 
+    def stack_loop(self, loop: Loop, body: list) -> tuple[list, list, list]:
+        """A weight adjoint the loop over v_i sums, theta += K^box(a_i, y_i) (eq. 31 summed
+        over i, section 5.4), as one GEMM after the loop over the operands of every i stacked
+        in blocks of rows, [a_1; ...; a_C] and [y_1; ...; y_C]: each written into its block
+        where it is made. C products of inner dimension B and C passes adding them to theta
+        become one product of inner dimension C B: at batch 1 a product of rank C instead of
+        C outer products. At most STACKED_VECTORS blocks, STACKED_ELEMENTS numbers per sample
+        (the buffers hold C B rows of each operand). Returns (body, allocations before the
+        loop, products after it)."""
+        if self.jit or loop.count > STACKED_VECTORS:
+            return body, [], []
+        makers = {n.target.name: n for n in body if isinstance(n, Stmt)}
+        head, tail, budget = [], [], STACKED_ELEMENTS
+        for acc in loop.accums:
+            box = acc.expr
+            if not isinstance(box, Kbox) or not self.model.layers[box.layer - 1].op.stacked_kbox:
+                continue
+            operands = list(box.args[1:])
+            if any(not {x.name for x in o.free_symbols} & set(makers) or loop.index in o.free_symbols
+                   for o in operands):
+                continue  # an operand the same for every i (summed once: hoist_invariant_adjoints)
+            if any(isinstance(o, sp.Symbol) and (o.name in self.placed or o.name not in makers) for o in operands) \
+                    or operands[0] == operands[1]:
+                continue
+            bufs = (f"V{box.layer}x_", f"V{box.layer}y_")  # one K^box per layer (merge_weight_adjoints)
+            size = loop.count * sum(self.shape(o)[1] for o in operands)
+            if any(isinstance(a, Alloc) and a.target == bufs[0] for a in head) or size > budget:
+                continue
+            budget -= size
+            syms = []
+            for o in operands:  # an expression (2 zeta_1) becomes a statement of the body
+                syms.append(o if isinstance(o, sp.Symbol) else self.temp(o, body, acc.eq, body[-1].phase))
+            makers.update({n.target.name: n for n in body if isinstance(n, Stmt)})
+            for buf, sym in zip(bufs, syms):
+                width = self.shapes[sym.name][1]
+                head.append(Alloc(buf, (loop.count * B, width), comment=f"{sym} of every {loop.index}, stacked"))
+                block = Rows(name(buf), loop.index * B, (loop.index + 1) * B)
+                self.placed[sym.name] = block
+                maker = makers[sym.name]
+                if not self.fusable(maker) and not self.into_ok(maker):
+                    body.insert(body.index(maker) + 1, self.copy(block, sym))
+            tail.append(Call((acc.target.name,), "_dense_Kbox", (name(bufs[0]), name(bufs[1])), plain=True,
+                             comment=f"{acc.eq}, one GEMM over the stacked {loop.index}"))
+        return body, head, tail
+
     def _stackable(self, node, makers: dict, inputs: set):
         if not isinstance(node, Stmt) or node.phase != "gradients" or not node.expr.is_Add \
                 or len(node.expr.args) != 2:
@@ -254,8 +305,15 @@ class _Fuser(Lowering):
         for index, node in enumerate(nodes):
             if isinstance(node, Loop):  # Algorithm 4's loop over v_i: its body, fused alike
                 later = [e for n in nodes[index + 1:] for e in self._exprs(n)] + after
-                body = self.fuse(self.hoist(list(node.body)), [a.expr for a in node.accums] + later)
+                body, head, tail = self.stack_loop(node, self.hoist(list(node.body)))
+                stacked = {t.targets[0] for t in tail}
+                node = replace(node, accums=tuple(a for a in node.accums if a.target.name not in stacked))
+                body = self.fuse(body, [a.expr for a in node.accums] + later)
                 node = replace(node, body=tuple(body))
+                if head:
+                    out += self.flush(group, used_later) + head + [node] + tail
+                    group = []
+                    continue
             if self.fusable(node) and (not group or (
                     self.loop_width(group[0][1]) == self.loop_width(node)
                     and not node.expr.free_symbols & {n.target for _, n in group if _accumulates(n)})):

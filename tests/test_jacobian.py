@@ -1,6 +1,9 @@
 """Jacobian, projection and random-vector penalties (paper section 5.4, Algorithm 4)."""
 from __future__ import annotations
 
+import inspect
+import re
+
 import numpy as np
 import pytest
 
@@ -229,8 +232,9 @@ def test_measured_counts_for_single_vector_penalties(spec, tmp_path, rng):
 def test_the_loop_over_outputs_sums_its_weight_adjoints_in_one_product(pen, tmp_path, rng):
     """C double backpropagations (smooth hidden layers) in the fused schedule: the operands of
     each weight adjoint the loop sums are written into blocks of stacked buffers and
-    multiplied once after the loop (fused._Fuser.stack_loop); batches 1 and 6 match the
-    oracle, with the plain-Python kernels and jitted."""
+    multiplied once after the loop (fused._Fuser.stack_loop), and its coordinate-wise sums
+    add values of fused loops (accumulated_values); batches 1 and 6 match the oracle, with
+    the plain-Python kernels and jitted."""
     spec = mlp(f"stacked_{pen['v']}", ["tanh", "sigmoid"], "softmax", "nll", pen, widths=(6, 5), C=4)
     v = None
     for jit in (False, True):
@@ -238,6 +242,10 @@ def test_the_loop_over_outputs_sums_its_weight_adjoints_in_one_product(pen, tmp_
         m = compile_spec(spec, tmp_path / str(jit), jit=jit, schedule="fused")
         source = open(m.__file__).read()
         assert source.count("one GEMM over the stacked i") == 3 and "+= _dense_Kbox" not in source
+        program = inspect.getsource(getattr(m._value_and_grad, "py_func", m._value_and_grad))
+        sums = [line.split("#")[0].strip() for line in program.splitlines() if "+=" in line and "summed over i" in line]
+        etas = [line for line in sums if line.startswith("eta")]  # eta_L (App. B.1), the sources of eq. 28
+        assert etas and all(re.fullmatch(r"\w+ \+= t\d+_", line) for line in etas), sums  # values of fused loops
         for batch in (1, 6):
             if pen["v"] == "projections":
                 v = rng.normal(size=(batch, 3, 4))

@@ -236,6 +236,19 @@ class _Fuser(Lowering):
                             comment=f"{node.eq}, one GEMM over the stacked batch"))
         return head + out
 
+    def accumulated_values(self, loop: Loop) -> tuple[Loop, list]:
+        """A coordinate-wise sum over the loop, eta += x*(h*xi - ...) (App. B.1 summed over i),
+        as a statement of the body, t = x*(h*xi - ...), that a fused loop computes with the
+        body's other coordinate-wise statements (its reductions taken out first), and
+        eta += t: one pass instead of a NumPy temporary per operation."""
+        body, accums = list(loop.body), []
+        for acc in loop.accums:
+            if not isinstance(acc.expr, sp.Symbol) and isinstance(acc.expr, ELEMENTWISE) \
+                    and self.width(self.shape(acc.expr)) is not None and body:
+                acc = replace(acc, expr=self.temp(acc.expr, body, acc.eq, body[-1].phase))
+            accums.append(acc)
+        return replace(loop, accums=tuple(accums)), body
+
     def stack_loop(self, loop: Loop, body: list) -> tuple[list, list, list]:
         """A weight adjoint the loop over v_i sums, theta += K^box(a_i, y_i) (eq. 31 summed
         over i, section 5.4), as one GEMM after the loop over the operands of every i stacked
@@ -305,7 +318,8 @@ class _Fuser(Lowering):
         for index, node in enumerate(nodes):
             if isinstance(node, Loop):  # Algorithm 4's loop over v_i: its body, fused alike
                 later = [e for n in nodes[index + 1:] for e in self._exprs(n)] + after
-                body, head, tail = self.stack_loop(node, self.hoist(list(node.body)))
+                node, body = self.accumulated_values(node)
+                body, head, tail = self.stack_loop(node, self.hoist(body))
                 stacked = {t.targets[0] for t in tail}
                 node = replace(node, accums=tuple(a for a in node.accums if a.target.name not in stacked))
                 body = self.fuse(body, [a.expr for a in node.accums] + later)

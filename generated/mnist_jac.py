@@ -25,7 +25,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_jac_8132b02e8c71ce27"
+__name__ = "_dbpgen_mnist_jac_cd80df695455f2f4"
 
 
 class _CachedGlobals:
@@ -236,6 +236,25 @@ def _softmax(z):
     return out
 
 
+def _onehots(x0, C):
+    # e_i for every sample, for i = 0 .. C-1 stacked: rows [i B, (i + 1) B) hold e_i
+    B = x0.shape[0]
+    out = np.zeros((C, B, C), dtype=x0.dtype)
+    for i in range(C):
+        out[i, :, i] = 1
+    return out.reshape(C * B, C)
+
+
+def _tile(a, C):
+    # a per-sample array C times, stacked: rows [i B, (i + 1) B) hold a
+    return np.tile(a, (C,) + (1,) * (a.ndim - 1))
+
+
+def _blocksum(a, C):
+    # the sum of the C blocks of B rows of a stacked array: (C B, ...) -> (B, ...)
+    return a.reshape((C, a.shape[0] // C) + a.shape[1:]).sum(axis=0)
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _onehot(x0, C, i):
     # e_i for every sample (Jacobian penalties, paper section 5.4)
@@ -391,8 +410,17 @@ def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
     return (q3,)
 
 
+@numba.njit(cache=True, error_model="numpy")
+def _fused4(t, t_1, xi):
+    zeta_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
+    for i in range(t.shape[0]):  # samples
+        for k in range(t.shape[1]):  # units
+            zeta = -t[i, k]*t_1[i, 0] + t[i, k]*xi[i, k]  # (15)
+            zeta_out[i, k] = zeta
+    return (zeta_out,)
+
+
 def _penalty(W1, b1, W2, b2, W3, b3, x0):
-    B = x0.shape[0]  # batch size
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
     x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     del t0_
@@ -406,25 +434,39 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0):
     del t2_
     x3 = _softmax(z3)  # (8)
     del z3
-    R = np.zeros((B, 1), dtype=DTYPE)  # sum over i
-    for i in range(10):  # R = scale * sum_i p(J^T v_i)
-        xi3 = _onehot(x0, 10, i)  # Alg. 1: xi_L = v
-        t3_ = _rowdot2(x3, xi3)  # zeta3 = x3*xi3 - x3*<x3, xi3>
-        zeta3 = _fused2(t3_, x3, xi3)[0]  # fused loop: zeta3; (15)
-        xi2 = _dense_KT(W3, zeta3)  # (16)
-        zeta2 = dg2*xi2  # (15)
-        xi1 = _dense_KT(W2, zeta2)  # (16)
-        zeta1 = dg1*xi1  # (15)
-        xi0 = _dense_KT(W1, zeta1)  # (16)
-        s = _rowdot2(xi0, xi0)  # s = ||xi_0||^2
-        Ri = s  # (10)
-        R += Ri  # (10), summed over i
-    del dg1, dg2, x3
+    t3_ = _onehots(x0, 10)  # OneHot(i, 10) for i = 0..9, stacked
+    t4_ = _tile(dg1, 10)  # dg1, 10 times
+    del dg1
+    t5_ = _tile(dg2, 10)  # dg2, 10 times
+    del dg2
+    t6_ = _tile(x3, 10)  # x3, 10 times
+    del x3
+    xi3 = t3_  # Alg. 1: xi_L = v
+    del t3_
+    t7_ = _rowdot2(t6_, xi3)  # zeta3 = t6_*xi3 - t6_*<t6_, xi3>
+    zeta3 = _fused4(t6_, t7_, xi3)[0]  # fused loop: zeta3; (15)
+    del t6_, t7_, xi3
+    xi2 = _dense_KT(W3, zeta3)  # (16)
+    del zeta3
+    zeta2 = t5_*xi2  # (15)
+    del t5_, xi2
+    xi1 = _dense_KT(W2, zeta2)  # (16)
+    del zeta2
+    zeta1 = t4_*xi1  # (15)
+    del t4_, xi1
+    xi0 = _dense_KT(W1, zeta1)  # (16)
+    del zeta1
+    s = _rowdot2(xi0, xi0)  # s = ||xi_0||^2
+    del xi0
+    Ri = s  # (10)
+    del s
+    R = _blocksum(Ri, 10)  # (10), summed over i: the sum of the 10 blocks
+    del Ri
     return (R,)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused4(t, x, xi, zeta_out):
+def _fused5(t, x, xi, zeta_out):
     for i in range(x.shape[0]):  # samples
         for k in range(x.shape[1]):  # units
             zeta = -t[i, 0]*x[i, k] + x[i, k]*xi[i, k]  # (15)
@@ -433,7 +475,7 @@ def _fused4(t, x, xi, zeta_out):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused5(dg, xi, zeta_out):
+def _fused6(dg, xi, zeta_out):
     for i in range(dg.shape[0]):  # samples
         for k in range(dg.shape[1]):  # units
             zeta = dg[i, k]*xi[i, k]  # (15)
@@ -442,7 +484,7 @@ def _fused5(dg, xi, zeta_out):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused6(u, dg, q_out):
+def _fused7(u, dg, q_out):
     for i in range(u.shape[0]):  # samples
         for k in range(u.shape[1]):  # units
             h = 2*u[i, k]  # (20): h_1 = c(s) G zeta_1
@@ -452,7 +494,7 @@ def _fused6(u, dg, q_out):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused7(dg, h, q_out):
+def _fused8(dg, h, q_out):
     for i in range(dg.shape[0]):  # samples
         for k in range(dg.shape[1]):  # units
             q = dg[i, k]*h[i, k]  # (21)
@@ -461,7 +503,7 @@ def _fused7(dg, h, q_out):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused8(h, t, t_1, t_2, x, xi):
+def _fused9(h, t, t_1, t_2, x, xi):
     eta_out = np.empty((h.shape[0], h.shape[1]), dtype=DTYPE)
     for i in range(h.shape[0]):  # samples
         for k in range(h.shape[1]):  # units
@@ -471,7 +513,7 @@ def _fused8(h, t, t_1, t_2, x, xi):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused9(B, etahat, lam):
+def _fused10(B, etahat, lam):
     t_out = np.empty((etahat.shape[0], etahat.shape[1]), dtype=DTYPE)
     t_1_out = np.zeros((etahat.shape[1],), dtype=DTYPE)
     for i in range(etahat.shape[0]):  # samples
@@ -483,7 +525,7 @@ def _fused9(B, etahat, lam):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused10(dg, gammahat, B, lam):
+def _fused11(dg, gammahat, B, lam):
     etahat_out = np.empty((dg.shape[0], dg.shape[1]), dtype=DTYPE)
     t_out = np.empty((dg.shape[0], dg.shape[1]), dtype=DTYPE)
     t_1_out = np.zeros((dg.shape[1],), dtype=DTYPE)
@@ -498,7 +540,7 @@ def _fused10(dg, gammahat, B, lam):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused11(dg, gammahat, B, lam):
+def _fused12(dg, gammahat, B, lam):
     t_out = np.empty((dg.shape[0], dg.shape[1]), dtype=DTYPE)
     t_1_out = np.zeros((dg.shape[1],), dtype=DTYPE)
     for i in range(dg.shape[0]):  # samples
@@ -511,7 +553,7 @@ def _fused11(dg, gammahat, B, lam):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _fused12(R, lam):
+def _fused13(R, lam):
     t_out = np.zeros((R.shape[1],), dtype=DTYPE)
     for i in range(R.shape[0]):  # samples
         for k in range(R.shape[1]):  # units
@@ -542,22 +584,22 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
     etahat3 = np.zeros((B, 10), dtype=DTYPE)  # sum over i
     for i in range(10):  # Alg. 4 (section 5.4): backward and backward-backward per v_i
         xi3 = _onehot(x0, 10, i)  # Alg. 1: xi_L = v
-        t10_ = _rowdot2(x3, xi3)  # zeta3 = x3*xi3 - x3*<x3, xi3>
-        zeta3 = _fused4(t10_, x3, xi3, V3y_[B*i:B*(i + 1)])[0]  # fused loop: zeta3; (15)
+        t14_ = _rowdot2(x3, xi3)  # zeta3 = x3*xi3 - x3*<x3, xi3>
+        zeta3 = _fused5(t14_, x3, xi3, V3y_[B*i:B*(i + 1)])[0]  # fused loop: zeta3; (15)
         xi2 = _dense_KT(W3, zeta3)  # (16)
-        zeta2 = _fused5(dg2, xi2, V2y_[B*i:B*(i + 1)])[0]  # fused loop: zeta2; (15)
+        zeta2 = _fused6(dg2, xi2, V2y_[B*i:B*(i + 1)])[0]  # fused loop: zeta2; (15)
         xi1 = _dense_KT(W2, zeta2)  # (16)
         zeta1 = dg1*xi1  # (15)
         u1 = _gram_mul(zeta1, G1)  # (16)+(20): K_1 K_1^T = W_1 W_1^T
         s = _rowdot2(u1, zeta1)  # s = <zeta_1, G zeta_1>
         Ri = s  # (10)
-        q1 = _fused6(u1, dg1, V2x_[B*i:B*(i + 1)])[0]  # fused loop: h1, q1; (20): h_1 = c(s) G zeta_1; (21)
+        q1 = _fused7(u1, dg1, V2x_[B*i:B*(i + 1)])[0]  # fused loop: h1, q1; (20): h_1 = c(s) G zeta_1; (21)
         h2 = _dense_K(W2, q1)  # (20)
-        q2 = _fused7(dg2, h2, V3x_[B*i:B*(i + 1)])[0]  # fused loop: q2; (21)
+        q2 = _fused8(dg2, h2, V3x_[B*i:B*(i + 1)])[0]  # fused loop: q2; (21)
         h3 = _dense_K(W3, q2)  # (20)
-        t11_ = _rowdot2(h3, x3)  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
-        t12_ = _rowdot2(x3, h3*xi3 - h3*_rowdot2(x3, xi3) - xi3*_rowdot2(h3, x3))  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
-        eta3 = _fused8(h3, t10_, t11_, t12_, x3, xi3)[0]  # fused loop: eta3; App. B.1, corrected
+        t15_ = _rowdot2(h3, x3)  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
+        t16_ = _rowdot2(x3, h3*xi3 - h3*_rowdot2(x3, xi3) - xi3*_rowdot2(h3, x3))  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
+        eta3 = _fused9(h3, t14_, t15_, t16_, x3, xi3)[0]  # fused loop: eta3; App. B.1, corrected
         R += Ri  # (10), summed over i
         M1 += _gram_box(zeta1, 2*zeta1)  # Alg. 4: theta^1_1 before W_1
         etahat3 += eta3  # Alg. 4: eta_L, summed
@@ -566,18 +608,18 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
     del V2x_, V2y_
     thetahat3 = _dense_Kbox(V3x_, V3y_)  # Alg. 4: theta^1_j, one GEMM over the stacked i
     del V3x_, V3y_
-    t8_, t9_ = _fused9(B, etahat3, lam)  # fused loop: t8_, t9_; (31), (32); (31), (33)
+    t8_, t9_ = _fused10(B, etahat3, lam)  # fused loop: t8_, t9_; (31), (32); (31), (33)
     thetahat1 = _gram_out(M1, W1)  # Alg. 4: theta^1_1 = M W_1
     del M1
     gammahat2 = _dense_KT(W3, etahat3)  # (30), summed
     del etahat3
-    etahat2, t6_, t7_ = _fused10(dg2, gammahat2, B, lam)  # fused loop: etahat2, t6_, t7_; (34), summed; (31), (32); (31), (33)
+    etahat2, t6_, t7_ = _fused11(dg2, gammahat2, B, lam)  # fused loop: etahat2, t6_, t7_; (34), summed; (31), (32); (31), (33)
     del dg2, gammahat2
     gammahat1 = _dense_KT(W2, etahat2)  # (30), summed
     del etahat2
-    t4_, t5_ = _fused11(dg1, gammahat1, B, lam)  # fused loop: etahat1, t4_, t5_; (34), summed; (31), (32); (31), (33)
+    t4_, t5_ = _fused12(dg1, gammahat1, B, lam)  # fused loop: etahat1, t4_, t5_; (34), summed; (31), (32); (31), (33)
     del dg1, gammahat1
-    t3_ = _fused12(R, lam)[0]  # fused loop: t3_; J = (1/B) sum_b [l + lam R]
+    t3_ = _fused13(R, lam)[0]  # fused loop: t3_; J = (1/B) sum_b [l + lam R]
     del R
     J = t3_/B  # J = (1/B) sum_b [l + lam R]
     del t3_

@@ -228,28 +228,60 @@ def test_measured_counts_for_single_vector_penalties(spec, tmp_path, rng):
         assert_measured_counts_equal_reported(spec, tmp_path, naive, rng)
 
 
+@pytest.mark.parametrize("vectorized", [True, False], ids=["stacked_rows", "loop"])
 @pytest.mark.parametrize("pen", [JAC, {"v": "projections", "count": 3, "p": "norm"}], ids=["jacobian", "projections"])
-def test_the_loop_over_outputs_sums_its_weight_adjoints_in_one_product(pen, tmp_path, rng):
-    """C double backpropagations (smooth hidden layers) in the fused schedule: the operands of
-    each weight adjoint the loop sums are written into blocks of stacked buffers and
-    multiplied once after the loop (fused._Fuser.stack_loop), and its coordinate-wise sums
-    add values of fused loops (accumulated_values); batches 1 and 6 match the oracle, with
-    the plain-Python kernels and jitted."""
+def test_the_loop_over_outputs_in_the_fused_schedule(pen, vectorized, tmp_path, rng, monkeypatch):
+    """C double backpropagations (smooth hidden layers) in the fused schedule. Vectorized
+    (fused._Fuser.vectorize_loop): no loop, one pass over the batch stacked C times, its sums
+    the sums of C blocks. Where that does not apply (here: forced), the loop writes the
+    operands of each weight adjoint it sums into blocks of stacked buffers and multiplies
+    once after it (stack_loop), and its coordinate-wise sums add values of fused loops
+    (accumulated_values). Batches 1 and 6 match the oracle, plain Python and jitted."""
+    from dbpgen.backend import fused
+
+    if not vectorized:
+        monkeypatch.setattr(fused._Fuser, "vectorize_loop", lambda self, loop: None)
     spec = mlp(f"stacked_{pen['v']}", ["tanh", "sigmoid"], "softmax", "nll", pen, widths=(6, 5), C=4)
     v = None
     for jit in (False, True):
         (tmp_path / str(jit)).mkdir()
         m = compile_spec(spec, tmp_path / str(jit), jit=jit, schedule="fused")
-        source = open(m.__file__).read()
-        assert source.count("one GEMM over the stacked i") == 3 and "+= _dense_Kbox" not in source
         program = inspect.getsource(getattr(m._value_and_grad, "py_func", m._value_and_grad))
-        sums = [line.split("#")[0].strip() for line in program.splitlines() if "+=" in line and "summed over i" in line]
-        etas = [line for line in sums if line.startswith("eta")]  # eta_L (App. B.1), the sources of eq. 28
-        assert etas and all(re.fullmatch(r"\w+ \+= t\d+_", line) for line in etas), sums  # values of fused loops
+        if vectorized:
+            assert "for i in range" not in program and program.count("_blocksum(") >= 3
+        products = [line for line in program.splitlines() if "= _dense_Kbox(" in line and "stacked i" in line]
+        assert len(products) == 3 and "+= _dense_Kbox" not in program  # one per layer, after the loop
+        if not vectorized:
+            sums = [line.split("#")[0].strip() for line in program.splitlines() if "+=" in line and "summed over i" in line]
+            etas = [line for line in sums if line.startswith("eta")]  # eta_L (App. B.1), the sources of eq. 28
+            assert etas and all(re.fullmatch(r"\w+ \+= t\d+_", line) for line in etas), sums  # values of fused loops
         for batch in (1, 6):
             if pen["v"] == "projections":
                 v = rng.normal(size=(batch, 3, 4))
             compare(spec, m, rng, v=v, batch=batch)
+
+
+CONV_LOOPS = [
+    {"name": "loop_conv2d", "dtype": "float64", "input": [2, 8, 8], "layers": [
+        {"conv2d": {"channels": 3, "kernel": 3, "padding": 1}, "act": "tanh"}, {"avgpool": 2},
+        {"conv2d": {"channels": 4, "kernel": 3}, "act": "softplus"}, "flatten",
+        {"dense": 5, "act": "sigmoid"}, {"dense": 3, "act": "softmax"}], "loss": "nll", "penalty": JAC},
+    {"name": "loop_conv1d", "dtype": "float64", "input": [2, 17], "layers": [
+        {"conv1d": {"channels": 3, "kernel": 3, "stride": 2}, "act": "elu"}, {"avgpool": 2}, "flatten",
+        {"dense": 4, "act": "tanh"}, {"dense": 3}], "loss": "mse",
+     "penalty": {"v": "projections", "count": 2, "p": "norm"}},
+]
+
+
+@pytest.mark.parametrize("spec", CONV_LOOPS, ids=[s["name"] for s in CONV_LOOPS])
+def test_the_loop_over_outputs_of_an_image_model_as_stacked_rows(spec, tmp_path, rng):
+    """Convolutions, pooling and flatten take the batch stacked C times as any batch: the
+    vectorized loop (tiled images, stacked one-hots or directions) matches the oracle."""
+    m = compile_spec(spec, tmp_path, schedule="fused")
+    assert "_blocksum(" in inspect.getsource(m._value_and_grad)
+    for batch in (1, 3):
+        v = rng.normal(size=(batch, 2, 3)) if spec["penalty"]["v"] == "projections" else None
+        compare(spec, m, rng, v=v, batch=batch)
 
 
 def _jacobian_net(C):

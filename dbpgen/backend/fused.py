@@ -31,6 +31,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
+import numpy as np
 import sympy as sp
 
 from ..functable import helpers_needed
@@ -42,13 +43,14 @@ from . import arrays
 from .common import (B, BATCH_OPS, ELEMENTWISE, LEAVES as _LEAVES, PER_SAMPLE_OPS, Lowering, batch_sum_arg as _batch_sum,
                      Unsupported, columns as _columns, coordinatewise, elements, freeze,
                      operations as _operations)
-from .schedule import OPEN, AddTo, Alloc, Call, For, Function, Let, Rows, Shape, Store, elem, name, walk
+from .schedule import OPEN, AddTo, Alloc, Call, For, Function, Int, Let, Rows, Shape, Store, elem, name, walk
 
 LOOP_NAMES = {"i", "k", "c", "h", "w", "t"}  # the fused loops' own indices
 i, k = name("i"), name("k")
 SPACE_AXES = {1: ("t",), 2: ("h", "w")}  # an image's or a sequence's axes after the channel
-# A loop over at most STACKED_VECTORS v_i (Jacobian rows, projections) stacks the operands of
-# the weight adjoints it sums (`_Fuser.stack_loop`), as long as the buffers hold at most
+# A loop over at most STACKED_VECTORS v_i (Jacobian rows, projections) runs as one pass over
+# the batch stacked C times (`_Fuser.vectorize_loop`), or else stacks the operands of the
+# weight adjoints it sums (`_Fuser.stack_loop`), as long as the stacked values hold at most
 # STACKED_ELEMENTS numbers per sample (2^15: 256 KiB per sample in float64, about what a
 # program of eight 1024-wide layers keeps per sample anyway).
 STACKED_VECTORS = 16
@@ -236,6 +238,74 @@ class _Fuser(Lowering):
                             comment=f"{node.eq}, one GEMM over the stacked batch"))
         return head + out
 
+    def vectorize_loop(self, loop: Loop) -> list | None:
+        """The loop over the C vectors v_i (section 5.4: C double backpropagations, or
+        Algorithm 4's backward and backward-backward passes per v_i) as one pass over the
+        batch stacked C times, rows [i B, (i + 1) B) holding v_i's iteration: v_L = e_i
+        becomes the stacked unit vectors (_onehots), given directions V their stacked rows,
+        and every per-sample value the body reads from before the loop is tiled C times
+        (_tile). Each K, K^T is then one product over C B rows instead of C products, and
+        each statement one call instead of C. What the loop sums becomes, after it, a
+        weight adjoint K^box over the C B rows (the sum over i is the GEMM's) or a sum of
+        the C blocks (_blocksum). None where it does not apply: a jitted program, more than
+        STACKED_VECTORS vectors, more than STACKED_ELEMENTS numbers per sample in the
+        stacked values, or a body that reads the loop index or the batch size otherwise."""
+        from ..functions import OneHot, Row
+        from ..program import BATCH
+
+        C, index = loop.count, loop.index
+        if self.jit or C > STACKED_VECTORS or not all(isinstance(n, Stmt) for n in loop.body):
+            return None
+        head, body, mapping = [], [], {}
+        for f in {f for n in loop.body for f in sp.preorder_traversal(n.expr) if isinstance(f, (OneHot, Row))}:
+            if isinstance(f, OneHot) and f.args[0] == index:
+                sym = self.new_temp(f)
+                head.append(Call((sym.name,), "_onehots", (name("x0"), Int(sp.Integer(C))), plain=True,
+                                 comment=f"{f} for i = 0..{C - 1}, stacked"))
+            elif isinstance(f, Row) and f.args[1] == index and isinstance(f.args[0], sp.Symbol):
+                sym = self.new_temp(f)
+                head.append(Call((sym.name,), "_stack_rows", (f.args[0],), plain=True,
+                                 comment=f"{f} for i = 0..{C - 1}, stacked"))
+            else:
+                return None
+            mapping[f] = sym
+        defined = {n.target.name for n in loop.body}
+        read = {x for n in loop.body for x in n.expr.free_symbols} | {x for a in loop.accums for x in a.expr.free_symbols}
+        per_sample = lambda x: self.shapes.get(x.name, ())[:1] == (BATCH_AXIS,)  # noqa: E731
+        for x in sorted(read, key=lambda x: x.name):
+            if x.name not in defined and per_sample(x):
+                sym = self.new_temp(x)
+                head.append(Call((sym.name,), "_tile", (x, Int(sp.Integer(C))), plain=True, comment=f"{x}, {C} times"))
+                mapping[x] = sym
+        numbers = lambda x: int(np.prod([d for d in self.shapes[x.name][1:]], dtype=np.int64))  # noqa: E731
+        stacked = [n.target for n in loop.body if per_sample(n.target)] + [mapping[x] for x in read if x in mapping]
+        if C * sum(numbers(x) for x in stacked) > STACKED_ELEMENTS:
+            return None
+        for n in loop.body:
+            expr = n.expr.xreplace(mapping)
+            if expr.has(index) or expr.has(BATCH):
+                return None
+            body.append(replace(n, expr=expr))
+        tail = []
+        for acc in loop.accums:
+            expr = acc.expr.xreplace(mapping)
+            if expr.has(index) or expr.has(BATCH):
+                return None
+            if isinstance(expr, Kbox):  # summed over the C B rows by the product itself
+                tail.append(Stmt(acc.target, expr, "gradients", f"{acc.eq}, one GEMM over the stacked {index}"))
+                continue
+            if not isinstance(expr, sp.Symbol):
+                if not per_sample(acc.target) or not coordinatewise(expr.replace(
+                        lambda e: not isinstance(e, ELEMENTWISE) and not e.is_Atom, lambda e: sp.Dummy())):
+                    return None
+                expr = self.temp(expr, body, acc.eq, body[-1].phase if body else "backward")
+            if not per_sample(acc.target):
+                return None
+            tail.append(Call((acc.target.name,), "_blocksum", (expr, Int(sp.Integer(C))), plain=True,
+                             comment=f"{acc.eq}: the sum of the {C} blocks"))
+        return head + self.hoist(body + [t for t in tail if isinstance(t, Stmt)]) + \
+            [t for t in tail if not isinstance(t, Stmt)]
+
     def accumulated_values(self, loop: Loop) -> tuple[Loop, list]:
         """A coordinate-wise sum over the loop, eta += x*(h*xi - ...) (App. B.1 summed over i),
         as a statement of the body, t = x*(h*xi - ...), that a fused loop computes with the
@@ -318,6 +388,11 @@ class _Fuser(Lowering):
         for index, node in enumerate(nodes):
             if isinstance(node, Loop):  # Algorithm 4's loop over v_i: its body, fused alike
                 later = [e for n in nodes[index + 1:] for e in self._exprs(n)] + after
+                flat = self.vectorize_loop(node)
+                if flat is not None:  # the C iterations as one pass over C B rows
+                    out += self.flush(group, used_later) + self.fuse(flat, later)
+                    group = []
+                    continue
                 node, body = self.accumulated_values(node)
                 body, head, tail = self.stack_loop(node, self.hoist(body))
                 stacked = {t.targets[0] for t in tail}

@@ -25,7 +25,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_jac_cd80df695455f2f4"
+__name__ = "_dbpgen_mnist_jac_01ba806d47539205"
 
 
 class _CachedGlobals:
@@ -245,14 +245,19 @@ def _onehots(x0, C):
     return out.reshape(C * B, C)
 
 
-def _tile(a, C):
-    # a per-sample array C times, stacked: rows [i B, (i + 1) B) hold a
-    return np.tile(a, (C,) + (1,) * (a.ndim - 1))
+def _blocks(B, C, rows):
+    # how many of the C vectors v_i one block stacks: rows // B, between 1 and C
+    return max(1, min(C, rows // max(B, 1)))
 
 
-def _blocksum(a, C):
-    # the sum of the C blocks of B rows of a stacked array: (C B, ...) -> (B, ...)
-    return a.reshape((C, a.shape[0] // C) + a.shape[1:]).sum(axis=0)
+def _tile(a, c):
+    # a per-sample array c times, stacked: rows [i B, (i + 1) B) hold a (the body only reads it)
+    return a if c == 1 else np.tile(a, (c,) + (1,) * (a.ndim - 1))
+
+
+def _blocksum_add(a, B, out):
+    # out += the sum of the blocks of B rows of a stacked array: (c B, ...) -> (B, ...)
+    out += a.reshape((a.shape[0] // max(B, 1), B) + a.shape[1:]).sum(axis=0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -421,6 +426,7 @@ def _fused4(t, t_1, xi):
 
 
 def _penalty(W1, b1, W2, b2, W3, b3, x0):
+    B = x0.shape[0]  # batch size
     t0_ = _dense_K(W1, x0)  # z1 = b1 + K_1(W1, x0)
     x1, dg1 = _fused1(b1, t0_)  # fused loop: z1, x1, dg1; (8); g' (9), SymPy
     del t0_
@@ -435,33 +441,31 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0):
     x3 = _softmax(z3)  # (8)
     del z3
     t3_ = _onehots(x0, 10)  # OneHot(i, 10) for i = 0..9, stacked
-    t4_ = _tile(dg1, 10)  # dg1, 10 times
+    c_ = _blocks(B, 10, 1024)  # vectors per block: 1024 // B rows, at most 10
+    t5_ = _tile(dg1, c_)  # dg1, c_ times
     del dg1
-    t5_ = _tile(dg2, 10)  # dg2, 10 times
+    t7_ = _tile(dg2, c_)  # dg2, c_ times
     del dg2
-    t6_ = _tile(x3, 10)  # x3, 10 times
+    t9_ = _tile(x3, c_)  # x3, c_ times
     del x3
-    xi3 = t3_  # Alg. 1: xi_L = v
-    del t3_
-    t7_ = _rowdot2(t6_, xi3)  # zeta3 = t6_*xi3 - t6_*<t6_, xi3>
-    zeta3 = _fused4(t6_, t7_, xi3)[0]  # fused loop: zeta3; (15)
-    del t6_, t7_, xi3
-    xi2 = _dense_KT(W3, zeta3)  # (16)
-    del zeta3
-    zeta2 = t5_*xi2  # (15)
-    del t5_, xi2
-    xi1 = _dense_KT(W2, zeta2)  # (16)
-    del zeta2
-    zeta1 = t4_*xi1  # (15)
-    del t4_, xi1
-    xi0 = _dense_KT(W1, zeta1)  # (16)
-    del zeta1
-    s = _rowdot2(xi0, xi0)  # s = ||xi_0||^2
-    del xi0
-    Ri = s  # (10)
-    del s
-    R = _blocksum(Ri, 10)  # (10), summed over i: the sum of the 10 blocks
-    del Ri
+    R = np.zeros((B, 1), dtype=DTYPE)  # sum over i
+    for i0_ in range(0, 10, c_):  # R = scale * sum_i p(J^T v_i), c_ vectors at a time
+        t4_ = t3_[B*i0_:B*(c_ + i0_)]  # the block's rows of t3_
+        t6_ = t5_[:t4_.shape[0]]  # dg1, the block's copies
+        t8_ = t7_[:t4_.shape[0]]  # dg2, the block's copies
+        t10_ = t9_[:t4_.shape[0]]  # x3, the block's copies
+        xi3 = t4_  # Alg. 1: xi_L = v
+        t11_ = _rowdot2(t10_, xi3)  # zeta3 = t10_*xi3 - t10_*<t10_, xi3>
+        zeta3 = _fused4(t10_, t11_, xi3)[0]  # fused loop: zeta3; (15)
+        xi2 = _dense_KT(W3, zeta3)  # (16)
+        zeta2 = t8_*xi2  # (15)
+        xi1 = _dense_KT(W2, zeta2)  # (16)
+        zeta1 = t6_*xi1  # (15)
+        xi0 = _dense_KT(W1, zeta1)  # (16)
+        s = _rowdot2(xi0, xi0)  # s = ||xi_0||^2
+        Ri = s  # (10)
+        _blocksum_add(Ri, B, R)  # (10), summed over i: the sum of the block's c blocks
+    del c_, t3_, t5_, t7_, t9_
     return (R,)
 
 
@@ -584,8 +588,8 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
     etahat3 = np.zeros((B, 10), dtype=DTYPE)  # sum over i
     for i in range(10):  # Alg. 4 (section 5.4): backward and backward-backward per v_i
         xi3 = _onehot(x0, 10, i)  # Alg. 1: xi_L = v
-        t14_ = _rowdot2(x3, xi3)  # zeta3 = x3*xi3 - x3*<x3, xi3>
-        zeta3 = _fused5(t14_, x3, xi3, V3y_[B*i:B*(i + 1)])[0]  # fused loop: zeta3; (15)
+        t18_ = _rowdot2(x3, xi3)  # zeta3 = x3*xi3 - x3*<x3, xi3>
+        zeta3 = _fused5(t18_, x3, xi3, V3y_[B*i:B*(i + 1)])[0]  # fused loop: zeta3; (15)
         xi2 = _dense_KT(W3, zeta3)  # (16)
         zeta2 = _fused6(dg2, xi2, V2y_[B*i:B*(i + 1)])[0]  # fused loop: zeta2; (15)
         xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -597,9 +601,9 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
         h2 = _dense_K(W2, q1)  # (20)
         q2 = _fused8(dg2, h2, V3x_[B*i:B*(i + 1)])[0]  # fused loop: q2; (21)
         h3 = _dense_K(W3, q2)  # (20)
-        t15_ = _rowdot2(h3, x3)  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
-        t16_ = _rowdot2(x3, h3*xi3 - h3*_rowdot2(x3, xi3) - xi3*_rowdot2(h3, x3))  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
-        eta3 = _fused9(h3, t14_, t15_, t16_, x3, xi3)[0]  # fused loop: eta3; App. B.1, corrected
+        t19_ = _rowdot2(h3, x3)  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
+        t20_ = _rowdot2(x3, h3*xi3 - h3*_rowdot2(x3, xi3) - xi3*_rowdot2(h3, x3))  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
+        eta3 = _fused9(h3, t18_, t19_, t20_, x3, xi3)[0]  # fused loop: eta3; App. B.1, corrected
         R += Ri  # (10), summed over i
         M1 += _gram_box(zeta1, 2*zeta1)  # Alg. 4: theta^1_1 before W_1
         etahat3 += eta3  # Alg. 4: eta_L, summed

@@ -232,30 +232,35 @@ def test_measured_counts_for_single_vector_penalties(spec, tmp_path, rng):
 @pytest.mark.parametrize("pen", [JAC, {"v": "projections", "count": 3, "p": "norm"}], ids=["jacobian", "projections"])
 def test_the_loop_over_outputs_in_the_fused_schedule(pen, vectorized, tmp_path, rng, monkeypatch):
     """C double backpropagations (smooth hidden layers) in the fused schedule. Vectorized
-    (fused._Fuser.vectorize_loop): no loop, one pass over the batch stacked C times, its sums
-    the sums of C blocks. Where that does not apply (here: forced), the loop writes the
+    (fused._Fuser.vectorize_loop): a loop over blocks of vectors, each block one pass over the
+    batch stacked c times, its sums the sums of c blocks of rows. Where that does not apply
+    (here: forced), the loop over the vectors writes the
     operands of each weight adjoint it sums into blocks of stacked buffers and multiplies
     once after it (stack_loop), and its coordinate-wise sums add values of fused loops
-    (accumulated_values). Batches 1 and 6 match the oracle, plain Python and jitted."""
+    (accumulated_values). Batches 1 and 6 (and 300, 1100: blocks of 3 and 1, of 1) match
+    the oracle, plain Python and jitted."""
     from dbpgen.backend import fused
 
     if not vectorized:
-        monkeypatch.setattr(fused._Fuser, "vectorize_loop", lambda self, loop: None)
+        monkeypatch.setattr(fused._Fuser, "vectorize_loop", lambda self, loop, after: None)
     spec = mlp(f"stacked_{pen['v']}", ["tanh", "sigmoid"], "softmax", "nll", pen, widths=(6, 5), C=4)
     v = None
     for jit in (False, True):
         (tmp_path / str(jit)).mkdir()
         m = compile_spec(spec, tmp_path / str(jit), jit=jit, schedule="fused")
         program = inspect.getsource(getattr(m._value_and_grad, "py_func", m._value_and_grad))
-        if vectorized:
-            assert "for i in range" not in program and program.count("_blocksum(") >= 3
-        products = [line for line in program.splitlines() if "= _dense_Kbox(" in line and "stacked i" in line]
-        assert len(products) == 3 and "+= _dense_Kbox" not in program  # one per layer, after the loop
-        if not vectorized:
+        if vectorized:  # blocks of c_ vectors, c_ = 1024 // B: here all in one block
+            assert "for i in range" not in program and re.search(r"for i0_ in range\(0, [34], c_\)", program)
+            assert program.count("_blocksum_add(") >= 3 and program.count("_tile(") >= 3
+            products = [line for line in program.splitlines() if "+= _dense_Kbox(" in line and "block's rows" in line]
+            assert len(products) == 3  # one per layer and block
+        else:
+            products = [line for line in program.splitlines() if "= _dense_Kbox(" in line and "stacked i" in line]
+            assert len(products) == 3 and "+= _dense_Kbox" not in program  # one per layer, after the loop
             sums = [line.split("#")[0].strip() for line in program.splitlines() if "+=" in line and "summed over i" in line]
             etas = [line for line in sums if line.startswith("eta")]  # eta_L (App. B.1), the sources of eq. 28
             assert etas and all(re.fullmatch(r"\w+ \+= t\d+_", line) for line in etas), sums  # values of fused loops
-        for batch in (1, 6):
+        for batch in (1, 6, 300, 1100) if vectorized else (1, 6):  # blocks of 3 and 1 vectors, of 1
             if pen["v"] == "projections":
                 v = rng.normal(size=(batch, 3, 4))
             compare(spec, m, rng, v=v, batch=batch)
@@ -278,7 +283,7 @@ def test_the_loop_over_outputs_of_an_image_model_as_stacked_rows(spec, tmp_path,
     """Convolutions, pooling and flatten take the batch stacked C times as any batch: the
     vectorized loop (tiled images, stacked one-hots or directions) matches the oracle."""
     m = compile_spec(spec, tmp_path, schedule="fused")
-    assert "_blocksum(" in inspect.getsource(m._value_and_grad)
+    assert "_blocksum_add(" in inspect.getsource(m._value_and_grad)
     for batch in (1, 3):
         v = rng.normal(size=(batch, 2, 3)) if spec["penalty"]["v"] == "projections" else None
         compare(spec, m, rng, v=v, batch=batch)

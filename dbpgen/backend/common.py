@@ -206,7 +206,7 @@ def free_dead(body: list, returns, params) -> list:
 
     def reads(node) -> set[str]:
         if isinstance(node, For):
-            return set().union(_reads(node.stop), *(reads(n) for n in node.body))
+            return set().union(_reads(node.stop), _reads(node.step), *(reads(n) for n in node.body))
         if isinstance(node, (Let,)):
             return _reads(node.value)
         if isinstance(node, (Store, AddTo)):

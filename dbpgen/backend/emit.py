@@ -34,7 +34,7 @@ DECORATORS = {
 
 # helpers the lowerings call by name (Call nodes); the printers name the others
 SCHEDULE_HELPERS = ("_dense_Kbox", "_dense_K_into", "_dense_KT_into", "_copy_into", "_row_K", "_row_KT", "_box_add",
-                    "_onehots", "_stack_rows", "_tile", "_blocksum")
+                    "_onehots", "_stack_rows", "_tile", "_blocks", "_blocksum_add")
 # helpers that call other helpers
 DEPENDS = {"_dense_Kbox2": {"_dense_Kbox"}, "_sigmoid1": {"_exp1"}, "_softplus1": {"_exp1", "_log1p01"}}
 

@@ -54,6 +54,7 @@ SPACE_AXES = {1: ("t",), 2: ("h", "w")}  # an image's or a sequence's axes after
 # STACKED_ELEMENTS numbers per sample (2^15: 256 KiB per sample in float64, about what a
 # program of eight 1024-wide layers keeps per sample anyway).
 STACKED_VECTORS = 16
+STACK_ROWS = 1024
 STACKED_ELEMENTS = 2 ** 15
 
 
@@ -238,73 +239,96 @@ class _Fuser(Lowering):
                             comment=f"{node.eq}, one GEMM over the stacked batch"))
         return head + out
 
-    def vectorize_loop(self, loop: Loop) -> list | None:
+    def vectorize_loop(self, loop: Loop, after: list) -> list | None:
         """The loop over the C vectors v_i (section 5.4: C double backpropagations, or
-        Algorithm 4's backward and backward-backward passes per v_i) as one pass over the
-        batch stacked C times, rows [i B, (i + 1) B) holding v_i's iteration: v_L = e_i
-        becomes the stacked unit vectors (_onehots), given directions V their stacked rows,
-        and every per-sample value the body reads from before the loop is tiled C times
-        (_tile). Each K, K^T is then one product over C B rows instead of C products, and
-        each statement one call instead of C. What the loop sums becomes, after it, a
-        weight adjoint K^box over the C B rows (the sum over i is the GEMM's) or a sum of
-        the C blocks (_blocksum). None where it does not apply: a jitted program, more than
-        STACKED_VECTORS vectors, more than STACKED_ELEMENTS numbers per sample in the
-        stacked values, or a body that reads the loop index or the batch size otherwise."""
+        Algorithm 4's backward and backward-backward passes per v_i) over blocks of c of
+        them, each block one pass over the batch stacked c times: rows [i B, (i + 1) B) hold
+        v_i's iteration. v_L = e_i becomes rows of the stacked unit vectors (_onehots),
+        given directions rows of their stack, and every per-sample value the body reads
+        from before the loop is tiled c times once (_tile). Each K, K^T is then one product
+        over c B rows instead of c products, each statement one call instead of c; what the
+        loop sums, a weight adjoint K^box over the block's rows (the GEMM sums over its
+        i) or the sum of its c blocks of rows (_blocksum_add). c = STACK_ROWS // B at run
+        time, between 1 and C: stacked past about a thousand rows the passes leave the
+        caches and cost more than the calls they save (64-wide layers, float64: 0.95 of
+        the loop's time at 1024 rows, 1.25 at 2048). None where it does not apply: a jitted
+        program, more than STACKED_VECTORS vectors or STACKED_ELEMENTS numbers per sample
+        in the stacked values, or a body that reads the loop index or the batch size
+        otherwise."""
         from ..functions import OneHot, Row
         from ..program import BATCH
 
         C, index = loop.count, loop.index
         if self.jit or C > STACKED_VECTORS or not all(isinstance(n, Stmt) for n in loop.body):
             return None
-        head, body, mapping = [], [], {}
+        head, inner, mapping, stacks = [], [], {}, {}
+        block, first = name("c_"), name("i0_")
+        rows = lambda a: Rows(a, first * B, (first + block) * B)  # noqa: E731  the block's rows
         for f in {f for n in loop.body for f in sp.preorder_traversal(n.expr) if isinstance(f, (OneHot, Row))}:
             if isinstance(f, OneHot) and f.args[0] == index:
-                sym = self.new_temp(f)
-                head.append(Call((sym.name,), "_onehots", (name("x0"), Int(sp.Integer(C))), plain=True,
+                whole = self.new_temp(f)
+                head.append(Call((whole.name,), "_onehots", (name("x0"), Int(sp.Integer(C))), plain=True,
                                  comment=f"{f} for i = 0..{C - 1}, stacked"))
             elif isinstance(f, Row) and f.args[1] == index and isinstance(f.args[0], sp.Symbol):
-                sym = self.new_temp(f)
-                head.append(Call((sym.name,), "_stack_rows", (f.args[0],), plain=True,
+                whole = self.new_temp(f)
+                head.append(Call((whole.name,), "_stack_rows", (f.args[0],), plain=True,
                                  comment=f"{f} for i = 0..{C - 1}, stacked"))
             else:
                 return None
-            mapping[f] = sym
+            mapping[f] = self.new_temp(f)
+            stacks[mapping[f]] = whole
+        if not stacks:
+            return None
         defined = {n.target.name for n in loop.body}
         read = {x for n in loop.body for x in n.expr.free_symbols} | {x for a in loop.accums for x in a.expr.free_symbols}
         per_sample = lambda x: self.shapes.get(x.name, ())[:1] == (BATCH_AXIS,)  # noqa: E731
+        tiles = {}
         for x in sorted(read, key=lambda x: x.name):
             if x.name not in defined and per_sample(x):
-                sym = self.new_temp(x)
-                head.append(Call((sym.name,), "_tile", (x, Int(sp.Integer(C))), plain=True, comment=f"{x}, {C} times"))
-                mapping[x] = sym
+                tiles[x] = self.new_temp(x)
+                mapping[x] = self.new_temp(x)
         numbers = lambda x: int(np.prod([d for d in self.shapes[x.name][1:]], dtype=np.int64))  # noqa: E731
-        stacked = [n.target for n in loop.body if per_sample(n.target)] + [mapping[x] for x in read if x in mapping]
+        stacked = [n.target for n in loop.body if per_sample(n.target)] + list(mapping.values())
         if C * sum(numbers(x) for x in stacked) > STACKED_ELEMENTS:
             return None
+        body = []
         for n in loop.body:
             expr = n.expr.xreplace(mapping)
             if expr.has(index) or expr.has(BATCH):
                 return None
             body.append(replace(n, expr=expr))
-        tail = []
+        sums, boxes = [], []
         for acc in loop.accums:
             expr = acc.expr.xreplace(mapping)
             if expr.has(index) or expr.has(BATCH):
                 return None
-            if isinstance(expr, Kbox):  # summed over the C B rows by the product itself
-                tail.append(Stmt(acc.target, expr, "gradients", f"{acc.eq}, one GEMM over the stacked {index}"))
-                continue
-            if not isinstance(expr, sp.Symbol):
-                if not per_sample(acc.target) or not coordinatewise(expr.replace(
-                        lambda e: not isinstance(e, ELEMENTWISE) and not e.is_Atom, lambda e: sp.Dummy())):
-                    return None
-                expr = self.temp(expr, body, acc.eq, body[-1].phase if body else "backward")
-            if not per_sample(acc.target):
+            if isinstance(expr, Kbox):  # summed over the block's rows by the product itself
+                args = [a if isinstance(a, sp.Symbol) else self.temp(a, body, acc.eq, body[-1].phase)
+                        for a in expr.args[1:]]
+                boxes.append((acc, Kbox(expr.args[0], *args)))
+            elif per_sample(acc.target):
+                if not isinstance(expr, sp.Symbol):
+                    expr = self.temp(expr, body, acc.eq, body[-1].phase)
+                sums.append((acc, expr))
+            else:
                 return None
-            tail.append(Call((acc.target.name,), "_blocksum", (expr, Int(sp.Integer(C))), plain=True,
-                             comment=f"{acc.eq}: the sum of the {C} blocks"))
-        return head + self.hoist(body + [t for t in tail if isinstance(t, Stmt)]) + \
-            [t for t in tail if not isinstance(t, Stmt)]
+        head.append(Call((block.name,), "_blocks", (B, Int(sp.Integer(C)), Int(sp.Integer(STACK_ROWS))), plain=True,
+                         comment=f"vectors per block: {STACK_ROWS} // B rows, at most {C}"))
+        for x, whole in tiles.items():
+            head.append(Call((whole.name,), "_tile", (x, block), plain=True, comment=f"{x}, c_ times"))
+        head += [Alloc(acc.target.name, arrays.batch_dims(self.shapes[acc.target.name]), zero=True,
+                       comment=f"sum over {index}") for acc in loop.accums]
+        for sym, whole in stacks.items():
+            inner.append(Let(sym.name, rows(name(whole.name)), f"the block's rows of {whole}"))
+        ref = name(next(iter(stacks)).name)
+        for x, whole in tiles.items():
+            inner.append(Let(mapping[x].name, Rows(name(whole.name), OPEN, Shape(ref, 0)), f"{x}, the block's copies"))
+        later = [e for _, e in sums] + [e for _, e in boxes] + after
+        inner += arrays.statements(self.fuse(self.hoist(body), later), self.shapes)
+        inner += [AddTo(name(acc.target.name), box, f"{acc.eq}, one GEMM over the block's rows") for acc, box in boxes]
+        inner += [Call((), "_blocksum_add", (value, B, name(acc.target.name)),
+                       comment=f"{acc.eq}: the sum of the block's c blocks") for acc, value in sums]
+        return head + [For(first.name, sp.Integer(C), tuple(inner), step=block, comment=f"{loop.eq}, c_ vectors at a time")]
 
     def accumulated_values(self, loop: Loop) -> tuple[Loop, list]:
         """A coordinate-wise sum over the loop, eta += x*(h*xi - ...) (App. B.1 summed over i),
@@ -388,9 +412,9 @@ class _Fuser(Lowering):
         for index, node in enumerate(nodes):
             if isinstance(node, Loop):  # Algorithm 4's loop over v_i: its body, fused alike
                 later = [e for n in nodes[index + 1:] for e in self._exprs(n)] + after
-                flat = self.vectorize_loop(node)
-                if flat is not None:  # the C iterations as one pass over C B rows
-                    out += self.flush(group, used_later) + self.fuse(flat, later)
+                blocks = self.vectorize_loop(node, later)
+                if blocks is not None:  # the C iterations in blocks of stacked rows
+                    out += self.flush(group, used_later) + blocks
                     group = []
                     continue
                 node, body = self.accumulated_values(node)

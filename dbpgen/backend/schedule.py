@@ -206,7 +206,7 @@ def _reads(expr) -> set[str]:
 
 
 # helpers called for what they write into an argument (a Call with no targets)
-PROCEDURES = frozenset({"_copy_into", "_row_K", "_row_KT", "_box_add"})
+PROCEDURES = frozenset({"_copy_into", "_row_K", "_row_KT", "_box_add", "_blocksum_add"})
 
 
 def verify(fn: Function, callable_names: set[str]) -> Function:

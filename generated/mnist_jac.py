@@ -25,7 +25,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_jac_01ba806d47539205"
+__name__ = "_dbpgen_mnist_jac_3b3ca0feac1b7976"
 
 
 class _CachedGlobals:
@@ -236,13 +236,14 @@ def _softmax(z):
     return out
 
 
-def _onehots(x0, C):
-    # e_i for every sample, for i = 0 .. C-1 stacked: rows [i B, (i + 1) B) hold e_i
-    B = x0.shape[0]
-    out = np.zeros((C, B, C), dtype=x0.dtype)
-    for i in range(C):
-        out[i, :, i] = 1
-    return out.reshape(C * B, C)
+def _onehots(x0, C, start, count):
+    # e_i for every sample, for i = start .. start + count - 1 (below C) stacked: rows
+    # [k B, (k + 1) B) hold e_(start + k)
+    B, n = x0.shape[0], min(count, C - start)
+    out = np.zeros((n, B, C), dtype=x0.dtype)
+    for k in range(n):
+        out[k, :, start + k] = 1
+    return out.reshape(n * B, C)
 
 
 def _blocks(B, C, rows):
@@ -417,10 +418,10 @@ def _jvp(W1, b1, W2, b2, W3, b3, x0, u):
 
 @numba.njit(cache=True, error_model="numpy")
 def _fused4(t, t_1, xi):
-    zeta_out = np.empty((t.shape[0], t.shape[1]), dtype=DTYPE)
-    for i in range(t.shape[0]):  # samples
-        for k in range(t.shape[1]):  # units
-            zeta = -t[i, k]*t_1[i, 0] + t[i, k]*xi[i, k]  # (15)
+    zeta_out = np.empty((t_1.shape[0], t_1.shape[1]), dtype=DTYPE)
+    for i in range(t_1.shape[0]):  # samples
+        for k in range(t_1.shape[1]):  # units
+            zeta = -t[i, 0]*t_1[i, k] + t_1[i, k]*xi[i, k]  # (15)
             zeta_out[i, k] = zeta
     return (zeta_out,)
 
@@ -440,32 +441,31 @@ def _penalty(W1, b1, W2, b2, W3, b3, x0):
     del t2_
     x3 = _softmax(z3)  # (8)
     del z3
-    t3_ = _onehots(x0, 10)  # OneHot(i, 10) for i = 0..9, stacked
     c_ = _blocks(B, 10, 1024)  # vectors per block: 1024 // B rows, at most 10
-    t5_ = _tile(dg1, c_)  # dg1, c_ times
+    t4_ = _tile(dg1, c_)  # dg1, c_ times
     del dg1
-    t7_ = _tile(dg2, c_)  # dg2, c_ times
+    t6_ = _tile(dg2, c_)  # dg2, c_ times
     del dg2
-    t9_ = _tile(x3, c_)  # x3, c_ times
+    t8_ = _tile(x3, c_)  # x3, c_ times
     del x3
     R = np.zeros((B, 1), dtype=DTYPE)  # sum over i
     for i0_ in range(0, 10, c_):  # R = scale * sum_i p(J^T v_i), c_ vectors at a time
-        t4_ = t3_[B*i0_:B*(c_ + i0_)]  # the block's rows of t3_
-        t6_ = t5_[:t4_.shape[0]]  # dg1, the block's copies
-        t8_ = t7_[:t4_.shape[0]]  # dg2, the block's copies
-        t10_ = t9_[:t4_.shape[0]]  # x3, the block's copies
-        xi3 = t4_  # Alg. 1: xi_L = v
-        t11_ = _rowdot2(t10_, xi3)  # zeta3 = t10_*xi3 - t10_*<t10_, xi3>
-        zeta3 = _fused4(t10_, t11_, xi3)[0]  # fused loop: zeta3; (15)
+        t3_ = _onehots(x0, 10, i0_, c_)  # OneHot(i, 10) for the block's i, stacked
+        t5_ = t4_[:t3_.shape[0]]  # dg1, the block's copies
+        t7_ = t6_[:t3_.shape[0]]  # dg2, the block's copies
+        t9_ = t8_[:t3_.shape[0]]  # x3, the block's copies
+        xi3 = t3_  # Alg. 1: xi_L = v
+        t10_ = _rowdot2(t9_, xi3)  # zeta3 = t9_*xi3 - t9_*<t9_, xi3>
+        zeta3 = _fused4(t10_, t9_, xi3)[0]  # fused loop: zeta3; (15)
         xi2 = _dense_KT(W3, zeta3)  # (16)
-        zeta2 = t8_*xi2  # (15)
+        zeta2 = t7_*xi2  # (15)
         xi1 = _dense_KT(W2, zeta2)  # (16)
-        zeta1 = t6_*xi1  # (15)
+        zeta1 = t5_*xi1  # (15)
         xi0 = _dense_KT(W1, zeta1)  # (16)
         s = _rowdot2(xi0, xi0)  # s = ||xi_0||^2
         Ri = s  # (10)
         _blocksum_add(Ri, B, R)  # (10), summed over i: the sum of the block's c blocks
-    del c_, t3_, t5_, t7_, t9_
+    del c_, t4_, t6_, t8_
     return (R,)
 
 
@@ -588,8 +588,8 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
     etahat3 = np.zeros((B, 10), dtype=DTYPE)  # sum over i
     for i in range(10):  # Alg. 4 (section 5.4): backward and backward-backward per v_i
         xi3 = _onehot(x0, 10, i)  # Alg. 1: xi_L = v
-        t18_ = _rowdot2(x3, xi3)  # zeta3 = x3*xi3 - x3*<x3, xi3>
-        zeta3 = _fused5(t18_, x3, xi3, V3y_[B*i:B*(i + 1)])[0]  # fused loop: zeta3; (15)
+        t17_ = _rowdot2(x3, xi3)  # zeta3 = x3*xi3 - x3*<x3, xi3>
+        zeta3 = _fused5(t17_, x3, xi3, V3y_[B*i:B*(i + 1)])[0]  # fused loop: zeta3; (15)
         xi2 = _dense_KT(W3, zeta3)  # (16)
         zeta2 = _fused6(dg2, xi2, V2y_[B*i:B*(i + 1)])[0]  # fused loop: zeta2; (15)
         xi1 = _dense_KT(W2, zeta2)  # (16)
@@ -601,9 +601,9 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
         h2 = _dense_K(W2, q1)  # (20)
         q2 = _fused8(dg2, h2, V3x_[B*i:B*(i + 1)])[0]  # fused loop: q2; (21)
         h3 = _dense_K(W3, q2)  # (20)
-        t19_ = _rowdot2(h3, x3)  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
-        t20_ = _rowdot2(x3, h3*xi3 - h3*_rowdot2(x3, xi3) - xi3*_rowdot2(h3, x3))  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
-        eta3 = _fused9(h3, t18_, t19_, t20_, x3, xi3)[0]  # fused loop: eta3; App. B.1, corrected
+        t18_ = _rowdot2(h3, x3)  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
+        t19_ = _rowdot2(x3, h3*xi3 - h3*_rowdot2(x3, xi3) - xi3*_rowdot2(h3, x3))  # eta3 = x3*(h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>) - x3*<x3, h3*xi3 - h3*<x3, xi3> - xi3*<h3, x3>>
+        eta3 = _fused9(h3, t17_, t18_, t19_, x3, xi3)[0]  # fused loop: eta3; App. B.1, corrected
         R += Ri  # (10), summed over i
         M1 += _gram_box(zeta1, 2*zeta1)  # Alg. 4: theta^1_1 before W_1
         etahat3 += eta3  # Alg. 4: eta_L, summed

@@ -243,7 +243,7 @@ class _Fuser(Lowering):
         """The loop over the C vectors v_i (section 5.4: C double backpropagations, or
         Algorithm 4's backward and backward-backward passes per v_i) over blocks of c of
         them, each block one pass over the batch stacked c times: rows [i B, (i + 1) B) hold
-        v_i's iteration. v_L = e_i becomes rows of the stacked unit vectors (_onehots),
+        v_i's iteration. v_L = e_i becomes the block's stacked unit vectors (_onehots),
         given directions rows of their stack, and every per-sample value the body reads
         from before the loop is tiled c times once (_tile). Each K, K^T is then one product
         over c B rows instead of c products, each statement one call instead of c; what the
@@ -265,10 +265,12 @@ class _Fuser(Lowering):
         block, first = name("c_"), name("i0_")
         rows = lambda a: Rows(a, first * B, (first + block) * B)  # noqa: E731  the block's rows
         for f in {f for n in loop.body for f in sp.preorder_traversal(n.expr) if isinstance(f, (OneHot, Row))}:
-            if isinstance(f, OneHot) and f.args[0] == index:
-                whole = self.new_temp(f)
-                head.append(Call((whole.name,), "_onehots", (name("x0"), Int(sp.Integer(C))), plain=True,
-                                 comment=f"{f} for i = 0..{C - 1}, stacked"))
+            if isinstance(f, OneHot) and f.args[0] == index:  # made per block: c B rows, not C B
+                mapping[f] = self.new_temp(f)
+                inner.append(Call((mapping[f].name,), "_onehots", (name("x0"), Int(sp.Integer(C)), first, block),
+                                  plain=True, comment=f"{f} for the block's i, stacked"))
+                stacks[mapping[f]] = None
+                continue
             elif isinstance(f, Row) and f.args[1] == index and isinstance(f.args[0], sp.Symbol):
                 whole = self.new_temp(f)
                 head.append(Call((whole.name,), "_stack_rows", (f.args[0],), plain=True,
@@ -319,7 +321,8 @@ class _Fuser(Lowering):
         head += [Alloc(acc.target.name, arrays.batch_dims(self.shapes[acc.target.name]), zero=True,
                        comment=f"sum over {index}") for acc in loop.accums]
         for sym, whole in stacks.items():
-            inner.append(Let(sym.name, rows(name(whole.name)), f"the block's rows of {whole}"))
+            if whole is not None:
+                inner.append(Let(sym.name, rows(name(whole.name)), f"the block's rows of {whole}"))
         ref = name(next(iter(stacks)).name)
         for x, whole in tiles.items():
             inner.append(Let(mapping[x].name, Rows(name(whole.name), OPEN, Shape(ref, 0)), f"{x}, the block's copies"))

@@ -178,6 +178,29 @@ def _fold_sign(expr: sp.Expr) -> sp.Expr:
     return attempt(REWRITE_BUDGET, rewrite, expr)
 
 
+def _tanh_ratios(expr: sp.Expr) -> sp.Expr:
+    """sinh(a)^m cosh(a)^-n in a product as tanh(a)^k sinh(a)^(m-k) cosh(a)^(k-n), k = min(m, n),
+    an exact identity: log(cosh(z))' = sinh(z)/cosh(z) becomes tanh(z), one vectorized
+    polynomial in the emitted loops instead of two scalar libm calls, and its g'' then
+    1 - tanh(z)^2 instead of 1 - sinh(z)^2/cosh(z)^2 (which is nan where cosh overflows)."""
+    if not (expr.has(sp.sinh) and expr.has(sp.cosh)):
+        return expr
+
+    def fold(product: sp.Mul) -> sp.Expr:
+        powers = product.as_powers_dict()
+        for base in [b for b in powers if isinstance(b, sp.sinh)]:
+            cosh = sp.cosh(base.args[0])
+            m, n = powers[base], -powers.get(cosh, 0)
+            if not (m.is_Integer and n.is_Integer and m > 0 and n > 0):
+                continue
+            k = min(m, n)
+            powers[base], powers[cosh] = m - k, k - n
+            powers[sp.tanh(base.args[0])] = powers.get(sp.tanh(base.args[0]), 0) + k
+        return sp.Mul(*(b ** e for b, e in powers.items()))
+
+    return expr.replace(lambda t: t.is_Mul and t.has(sp.sinh) and t.has(sp.cosh), fold)
+
+
 @functools.lru_cache(maxsize=None)
 def activation_derivatives(expr: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
     """(g', g'') of g(z) = expr (eq. 9) by sp.diff, in z, x_ = g(z) and dg_ = g'(z).
@@ -187,9 +210,11 @@ def activation_derivatives(expr: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
     of g'' are left to the second-derivative pass (eq. 34). Cached per activation.
     """
     reuse = {} if expr.is_Symbol else {expr: _X}
-    d1 = sp.diff(expr, Z)
+    plain = sp.diff(expr, Z)
+    d1 = attempt(REWRITE_BUDGET, lambda: _tanh_ratios(plain), plain)
     dg = _fold_sign(d1.replace(sp.DiracDelta, lambda *args: sp.S.Zero)).xreplace(reuse)
-    ddg = _fold_sign(sp.diff(d1, Z)).xreplace(reuse)
+    second = sp.diff(d1, Z)
+    ddg = _fold_sign(attempt(REWRITE_BUDGET, lambda: _tanh_ratios(second), second)).xreplace(reuse)
     return dg, _via_first(ddg, dg)
 
 

@@ -250,6 +250,30 @@ def test_sign_products_fold_exactly(act):
         assert sp.count_ops(dg) <= sp.count_ops(sp.sign(Z) / (sp.Abs(Z) + 1) ** 2)
 
 
+@pytest.mark.parametrize("act", ["log(cosh(z))", "z*sinh(2*z)/cosh(2*z)", "sinh(z)**3/cosh(z)**2", "sinh(z)/cosh(z)**3"])
+def test_hyperbolic_ratios_become_tanh_exactly(act):
+    """sinh(a)^m / cosh(a)^n folds into tanh(a)^min(m, n) (derive._tanh_ratios): the same
+    values, no sinh/cosh ratio left, and log(cosh(z))'' finite where cosh(z) overflows."""
+    from dbpgen.derive import activation_derivatives
+    from dbpgen.expr import parse_expression
+    from dbpgen.ir import Z
+
+    expr = parse_expression(act, Z, "m", "f")
+    dg, ddg = activation_derivatives(expr)
+    plain = sp.diff(expr, Z)
+    for ours, theirs in ((dg, plain), (ddg, sp.diff(plain, Z))):
+        for z in (-3.0, -0.7, 1e-3, 0.4, 2.5):
+            value = ours.subs(Z, z)
+            assert abs(float(value - theirs.subs(Z, z))) <= 1e-12 * (1 + abs(float(value))), (ours, z)
+        for product in sp.preorder_traversal(ours):
+            if isinstance(product, sp.Mul):
+                powers = product.as_powers_dict()
+                assert not any(isinstance(b, sp.sinh) and powers.get(sp.cosh(b.args[0]), 0) < 0 for b in powers), ours
+    if act == "log(cosh(z))":
+        assert dg == sp.tanh(Z) and sp.expand(ddg - (1 - sp.tanh(Z) ** 2)) == 0
+        assert float(ddg.subs(Z, 800.0)) == 0.0 and float(dg.subs(Z, -800.0)) == -1.0
+
+
 def test_a_second_derivative_nonzero_at_a_sample_point_is_not_sent_to_simplify(monkeypatch):
     # mish's g'' cost sp.simplify its whole budget per layer before SymPy gave up; a value
     # that is clearly nonzero at a sample point settles it without simplify

@@ -139,6 +139,13 @@ class NumbaPrinter(NumPyPrinter):
                 dims = ", ".join(["-1"] + ["1"] * (len(shape) - 1))
                 prec = sp.printing.precedence.PRECEDENCE["Mul"]
                 return f"({self._print(sp.Mul(*scalars))}).reshape(({dims})) * {self.parenthesize(rest, prec)}"
+        # numbers times one array (lam*thetahat/B): the numbers first, one pass over the array
+        if shape and self.shape_of:
+            numbers = [f for f in expr.args if self.shape_of(f) == ()]
+            if len(numbers) >= 2 and len(numbers) == len(expr.args) - 1:
+                array = next(f for f in expr.args if f not in numbers)
+                prec = sp.printing.precedence.PRECEDENCE["Mul"]
+                return f"({self._print(sp.Mul(*numbers))})*{self.parenthesize(array, prec)}"
         return super()._print_Mul(expr)
 
     def _call(self, name: str, expr) -> str:

@@ -25,7 +25,7 @@ import numba
 # Numba's on-disk cache records the name of the module that compiled a kernel and imports
 # that name again to load it. One fixed name for this code, whatever name the file is
 # imported under (import generated.x, importlib, dbpgen), keeps the cache loadable.
-__name__ = "_dbpgen_mnist_jac_3b3ca0feac1b7976"
+__name__ = "_dbpgen_mnist_jac_7c5904048a55fbd6"
 
 
 class _CachedGlobals:
@@ -627,15 +627,15 @@ def _value_and_grad(W1, b1, W2, b2, W3, b3, x0, lam):
     del R
     J = t3_/B  # J = (1/B) sum_b [l + lam R]
     del t3_
-    dW1 = _dense_Kbox(x0, t4_) + lam*thetahat1/B  # (31), (32)
+    dW1 = _dense_Kbox(x0, t4_) + (lam/B)*thetahat1  # (31), (32)
     del t4_, thetahat1
     db1 = t5_/B  # (31), (33)
     del t5_
-    dW2 = _dense_Kbox(x1, t6_) + lam*thetahat2/B  # (31), (32)
+    dW2 = _dense_Kbox(x1, t6_) + (lam/B)*thetahat2  # (31), (32)
     del t6_, thetahat2, x1
     db2 = t7_/B  # (31), (33)
     del t7_
-    dW3 = _dense_Kbox(x2, t8_) + lam*thetahat3/B  # (31), (32)
+    dW3 = _dense_Kbox(x2, t8_) + (lam/B)*thetahat3  # (31), (32)
     del t8_, thetahat3, x2
     db3 = t9_/B  # (31), (33)
     del t9_

@@ -190,7 +190,7 @@ def _tanh_ratios(expr: sp.Expr) -> sp.Expr:
         powers = product.as_powers_dict()
         for base in [b for b in powers if isinstance(b, sp.sinh)]:
             cosh = sp.cosh(base.args[0])
-            m, n = powers[base], -powers.get(cosh, 0)
+            m, n = sp.sympify(powers[base]), -sp.sympify(powers.get(cosh, 0))
             if not (m.is_Integer and n.is_Integer and m > 0 and n > 0):
                 continue
             k = min(m, n)

@@ -47,6 +47,9 @@ MAX_NAME = 100  # characters of a model name (a file name has at most 255 bytes)
 MAX_FILE_BYTES = 1 << 18  # a model file is a few hundred bytes (200 layers: 6 KB)
 MAX_ALIASED_NODES = 100_000  # values that aliases may stand for (200 layers: about 2,000)
 MAX_LAYERS = 200  # deeper networks: an error, not minutes of compiling (see the README)
+# power iterations of `random`, vectors of `projections`: each one a pass over the network
+# per call; 10^11 made the operation counts of the compile fill memory, 10^12 a call hang
+MAX_REPEATS = 1_000_000
 DEFAULT_LEAKY_ALPHA = 0.01
 
 
@@ -77,7 +80,8 @@ def load_model(path: str | Path) -> Model:
     """Read and check the model file at `path` (raises ModelError on any problem)."""
     source = str(path)
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:  # at most one byte past the limit: /dev/zero or a FIFO never ends
+            raw = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ModelError(source, "file", "no such file") from None
     except IsADirectoryError:
@@ -144,7 +148,7 @@ def _node_count(node, sizes: dict[int, int]) -> int:
 
 def _parse_yaml(raw: bytes, source: str) -> Any:
     if len(raw) > MAX_FILE_BYTES:
-        raise ModelError(source, "file", f"is {len(raw):,} bytes; a model file has at most {MAX_FILE_BYTES:,}")
+        raise ModelError(source, "file", f"holds more than {MAX_FILE_BYTES:,} bytes, the most a model file may hold")
     loader = None
     try:
         loader = _Loader(raw)
@@ -194,8 +198,8 @@ def _name(check: _Checker, value: Any) -> str:
         raise check.fail("name", "must be an identifier such as sine_mlp (letters, digits, _)")
     if len(value) > MAX_NAME:
         raise check.fail("name", f"is {len(value):,} characters long; at most {MAX_NAME}")
-    if keyword.iskeyword(value) or value in RESERVED_NAMES:
-        raise check.fail("name", f"'{value}' cannot be the name of a Python module")
+    if keyword.iskeyword(value) or value in RESERVED_NAMES or value.startswith("__") and value.endswith("__"):
+        raise check.fail("name", f"'{value}' cannot be the name of a Python module")  # __init__: a package
     if _shadows_a_module(value):
         raise check.fail("name", f"'{value}' is the name of a standard or installed module; "
                          f"generated/{value}.py would shadow it wherever it is imported from")
@@ -350,8 +354,8 @@ def _penalty(check: _Checker, data: Any, loss: str, n_outputs: int) -> Penalty:
                                ("outputs", "logits")) == "logits",
         index=_output_index(check, data.get("index", 0), n_outputs) if v == "output" else None,
         algorithm=check.choice(data.get("algorithm", "auto"), "penalty.algorithm", ALGORITHMS),
-        iterations=check.integer(data.get("iterations", 0), "penalty.iterations", minimum=0),
-        count=check.integer(data.get("count", 1), "penalty.count", minimum=1),
+        iterations=check.integer(data.get("iterations", 0), "penalty.iterations", minimum=0, maximum=MAX_REPEATS),
+        count=check.integer(data.get("count", 1), "penalty.count", minimum=1, maximum=MAX_REPEATS),
         seed=check.integer(data.get("seed", 0), "penalty.seed", minimum=0),
     )
 
@@ -396,13 +400,15 @@ class _Checker:
             if key not in data:
                 raise self.fail(f"{path}{key}", "required key is missing")
 
-    def integer(self, value: Any, field: str, minimum: int | None = None) -> int:
+    def integer(self, value: Any, field: str, minimum: int | None = None, maximum: int | None = None) -> int:
         # bool is a subclass of int; `true` is not a size
         if type(value) is not int:
             raise self.fail(field, f"must be an integer, not {_show(value)}")
         if minimum is not None and value < minimum:
             wanted = {0: "non-negative", 1: "positive"}.get(minimum, f">= {minimum}")
             raise self.fail(field, f"must be {wanted}, not {value}")
+        if maximum is not None and value > maximum:
+            raise self.fail(field, f"is {value:,}; at most {maximum:,}")
         return value
 
     def number(self, value: Any, field: str) -> float:

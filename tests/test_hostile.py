@@ -359,19 +359,24 @@ def test_huge_names_files_and_layer_counts_get_short_errors(tmp_path):
                       + "loss: mse\n", "layers: 5,000 layers; dbpgen compiles at most 200"),
         "wide.yaml": ("name: wide\ninput: [100000]\nlayers: [{dense: 100000}, {dense: 1}]\nloss: mse\n",
                       "layers[0]: too large for this machine: its parameters would need more than"),
-        "big.yaml": ("name: big\n" + "#" * 300_000 + "\n", "file: is 300,011 bytes; a model file has at most"),
+        "big.yaml": ("name: big\n" + "#" * 300_000 + "\n", "file: holds more than 262,144 bytes, the most"),
     }
     for file, (text, message) in cases.items():
         done, seconds = dbpgen_cli("compile", write(tmp_path / file, text), cwd=tmp_path)
         assert done.returncode == 2 and seconds < 30, done.stderr[:500]
         assert done.stderr.startswith(f"{file}: {message}"), done.stderr[:500]
         assert done.stderr.count("\n") == 1 and len(done.stderr) < 800
+    if os.path.exists("/dev/zero"):  # a file that never ends is read no further than the limit
+        done, seconds = dbpgen_cli("compile", "/dev/zero", "-o", tmp_path, cwd=tmp_path)
+        assert done.returncode == 2 and seconds < 30, done.stderr[:500]
+        assert done.stderr == "/dev/zero: file: holds more than 262,144 bytes, the most a model file may hold\n"
     unknown = "name: k\ninput: [1]\nlayers: [{dense: 1}]\nloss: mse\n" + "x" * 100_000 + ": 1\n"
     done, _ = dbpgen_cli("compile", write(tmp_path / "key.yaml", unknown), cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and len(done.stderr) < 800
 
 
-@pytest.mark.parametrize("name", ["os", "sys", "ctypes", "typing", "importlib", "sympy", "numpy", "yaml"])
+@pytest.mark.parametrize("name", ["os", "sys", "ctypes", "typing", "importlib", "sympy", "numpy", "yaml", "__init__",
+                                  "__main__"])
 def test_names_that_shadow_modules_are_refused(name, tmp_path, monkeypatch, capsys):
     """`dbpgen compile` in this process (a real process's one-line errors: the tests above)."""
     from dbpgen import cli

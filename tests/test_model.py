@@ -365,6 +365,8 @@ ERRORS = [
      "only used with v: random"),
     (variant(penalty={"v": "random", "iterations": -1}), "penalty.iterations", "non-negative"),
     (variant(penalty={"v": "projections", "count": 0}), "penalty.count", "must be positive"),
+    (variant(penalty={"v": "projections", "count": 10 ** 11}), "penalty.count", "is 100,000,000,000; at most 1,000,000"),
+    (variant(penalty={"v": "random", "iterations": 10 ** 12}), "penalty.iterations", "at most 1,000,000"),
     (variant(penalty={"v": "random", "count": 2}), "penalty.count",
      "only used with v: projections"),
     (variant(penalty={"v": "output", "seed": 1}), "penalty.seed",

@@ -283,8 +283,10 @@ def backward(model: Model, b: _Builder, v, head_identity: bool, phase: str = "ba
 
 
 def p_prime(p: sp.Expr) -> sp.Expr:
-    """p'(s) from SymPy; where it is singular at s = 0 (p = norm), the subgradient 0 there."""
-    dp = sp.diff(p, S)
+    """p'(s) from SymPy; where it is singular at s = 0 (p = norm), the subgradient 0 there.
+    DiracDelta terms (of Heaviside, sign, Abs in p) are 0 almost everywhere and dropped, as
+    for g' and as autodiff frameworks do: p = Heaviside(s - 1) s has p' = Heaviside(s - 1)."""
+    dp = sp.diff(p, S).replace(sp.DiracDelta, lambda *args: sp.S.Zero)
     at_zero = dp.subs(S, 0)
     if not (at_zero.is_finite and at_zero.is_real):
         dp = sp.Piecewise((dp, S > 0), (0, True))

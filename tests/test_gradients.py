@@ -95,6 +95,9 @@ GRID = [
     mlp("deep1", [], "tanh", "mse", CDB, widths=()),
     mlp("noloss_given", ["sigmoid", "softplus"], None, "none", GIVEN),
     mlp("nopenalty", ["tanh", "relu"], "softmax", "nll", None),
+    # a step in p: its DiracDelta term in p' is dropped, as for activations
+    mlp("step_penalty", ["tanh", "tanh"], None, "mse",
+        {"v": "loss_gradient", "p": "Heaviside(s - 0.001)*s + sign(s)*Abs(s - 0.002)", "weight": 0.5}),
 ]
 
 

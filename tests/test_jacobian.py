@@ -222,6 +222,8 @@ def test_measured_operation_counts_equal_reported(L, C, naive, tmp_path, rng):
     mlp("cnt_cdb", ["relu", "relu"], "softmax", "nll", {"v": "loss_gradient"}),
     mlp("cnt_node", ["relu", "relu"], None, "mse", {"v": "output"}),
     mlp("cnt_tanh", ["tanh", "tanh"], None, "mse", {"v": "output"}),
+    # the power iterations run before the program in every call, and count with it
+    mlp("cnt_random", ["tanh"], None, "mse", {"v": "random", "iterations": 2, "p": "norm"}),
 ], ids=lambda s: s["name"])
 def test_measured_counts_for_single_vector_penalties(spec, tmp_path, rng):
     for naive in (False, True):

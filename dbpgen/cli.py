@@ -18,6 +18,8 @@ def _compile(args) -> int:
 
     if args.batch is not None and not args.tune:
         raise ModelError(args.model, "--batch", "is the batch size --tune measures at: give --tune too")
+    if args.batch is not None and args.batch < 1:
+        raise ModelError(args.model, "--batch", f"must be a positive integer, got {args.batch}")
     path = compile_file(args.model, args.output, simplified=not args.naive, count_ops=args.count_ops,
                         schedule=args.schedule, tune_batch=(args.batch or 128) if args.tune else None)
     print(path)
@@ -45,6 +47,8 @@ def _ops(args) -> int:
     from .compiler import build
     from .model import load_model
 
+    if args.batch < 1:
+        raise ModelError(args.model, "--batch", f"must be a positive integer, got {args.batch}")
     compiled = build(load_model(args.model))
     table = compiled.ops
     memory = compiled.peak_bytes(args.batch)

@@ -273,6 +273,9 @@ def test_tune_flags_are_checked(small_model, tmp_path):
     done = dbpgen_cli("compile", path, "--tune", "--schedule", "jit", cwd=tmp_path)
     assert done.returncode == 2 and "--tune: measures the schedules itself" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+    for command in (("compile", path, "--tune", "--batch", "0"), ("ops", path, "--batch", "-3")):
+        done = dbpgen_cli(*command, cwd=tmp_path)
+        assert done.returncode == 2 and done.stderr.endswith(f"--batch: must be a positive integer, got {command[-1]}\n")
 
 
 # -- schedules of the fused lowering, read off the IR ------------------------------------------

@@ -132,6 +132,19 @@ class _Loader(yaml.SafeLoader):
                                      f"than {MAX_ALIASED_NODES:,} values, at line {event.start_mark.line + 1}")
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):
+        """A key given twice in one mapping is an error (YAML says keys are unique; PyYAML
+        would keep the last one silently): two `act:` or `on:` lines are a mistake."""
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in lines:
+                        raise ModelError(self.name, "yaml", f"key '{_excerpt(key.value)}' given twice, at lines "
+                                         f"{lines[key.value]} and {key.start_mark.line + 1}")
+                    lines[key.value] = key.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
 
 def _node_count(node, sizes: dict[int, int]) -> int:
     """Values under a YAML node with aliases expanded (memoized: linear in distinct nodes)."""

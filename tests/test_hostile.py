@@ -351,6 +351,18 @@ def test_aliases_of_repeated_layers_are_read(tmp_path):
     assert done.returncode == 0, done.stderr
 
 
+def test_a_key_given_twice_is_an_error(tmp_path):
+    """PyYAML keeps the last of two equal keys; a model file with two `act:` (or `on:` and
+    `'on':`) says which key, where."""
+    cases = {"act.yaml": ("name: a\ninput: [2]\nlayers:\n  - {dense: 3, act: tanh, act: relu}\n  - {dense: 1}\n",
+                          "act.yaml: yaml: key 'act' given twice, at lines 4 and 4\n"),
+             "on.yaml": ("name: o\ninput: [2]\nlayers: [{dense: 1}]\nloss: mse\npenalty:\n  v: loss_gradient\n"
+                         "  on: logits\n  'on': outputs\n", "on.yaml: yaml: key 'on' given twice, at lines 7 and 8\n")}
+    for file, (text, message) in cases.items():
+        done, _ = dbpgen_cli("compile", write(tmp_path / file, text), "-o", tmp_path, cwd=tmp_path)
+        assert done.returncode == 2 and done.stderr == message, done.stderr
+
+
 def test_huge_names_files_and_layer_counts_get_short_errors(tmp_path):
     cases = {
         "name.yaml": ("name: " + "a" * 200_000 + "\ninput: [1]\nlayers: [{dense: 1}]\nloss: mse\n",

@@ -14,6 +14,7 @@ import keyword
 import math
 import os
 import re
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,9 @@ def load_model(path: str | Path) -> Model:
     """Read and check the model file at `path` (raises ModelError on any problem)."""
     source = str(path)
     try:
-        with open(path, "rb") as f:  # at most one byte past the limit: /dev/zero or a FIFO never ends
+        if stat.S_ISFIFO(os.stat(path).st_mode) or stat.S_ISSOCK(os.stat(path).st_mode):
+            raise ModelError(source, "file", "is a pipe or socket, not a file")  # open() would wait for a writer
+        with open(path, "rb") as f:  # at most one byte past the limit: /dev/zero never ends
             raw = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ModelError(source, "file", "no such file") from None
@@ -132,18 +135,19 @@ class _Loader(yaml.SafeLoader):
                                      f"than {MAX_ALIASED_NODES:,} values, at line {event.start_mark.line + 1}")
         return super().compose_node(parent, index)
 
-    def construct_mapping(self, node, deep=False):
+    def compose_mapping_node(self, anchor):
         """A key given twice in one mapping is an error (YAML says keys are unique; PyYAML
-        would keep the last one silently): two `act:` or `on:` lines are a mistake."""
-        if isinstance(node, yaml.MappingNode):
-            lines: dict[str, int] = {}
-            for key, _ in node.value:
-                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                    if key.value in lines:
-                        raise ModelError(self.name, "yaml", f"key '{_excerpt(key.value)}' given twice, at lines "
-                                         f"{lines[key.value]} and {key.start_mark.line + 1}")
-                    lines[key.value] = key.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
+        would keep the last one silently): two `act:` or `on:` lines are a mistake. Checked
+        as each mapping is read, before merge keys (<<) rewrite any of them."""
+        node = super().compose_mapping_node(anchor)
+        lines: dict[str, int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in lines:
+                    raise ModelError(self.name, "yaml", f"key '{_excerpt(key.value)}' given twice, at lines "
+                                     f"{lines[key.value]} and {key.start_mark.line + 1}")
+                lines[key.value] = key.start_mark.line + 1
+        return node
 
 
 def _node_count(node, sizes: dict[int, int]) -> int:
@@ -369,7 +373,7 @@ def _penalty(check: _Checker, data: Any, loss: str, n_outputs: int) -> Penalty:
         algorithm=check.choice(data.get("algorithm", "auto"), "penalty.algorithm", ALGORITHMS),
         iterations=check.integer(data.get("iterations", 0), "penalty.iterations", minimum=0, maximum=MAX_REPEATS),
         count=check.integer(data.get("count", 1), "penalty.count", minimum=1, maximum=MAX_REPEATS),
-        seed=check.integer(data.get("seed", 0), "penalty.seed", minimum=0),
+        seed=check.integer(data.get("seed", 0), "penalty.seed", minimum=0, maximum=2 ** 63 - 1),
     )
 
 

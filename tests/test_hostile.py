@@ -361,6 +361,22 @@ def test_a_key_given_twice_is_an_error(tmp_path):
     for file, (text, message) in cases.items():
         done, _ = dbpgen_cli("compile", write(tmp_path / file, text), "-o", tmp_path, cwd=tmp_path)
         assert done.returncode == 2 and done.stderr == message, done.stderr
+    from dbpgen.errors import ModelError
+    from dbpgen.model import _parse_yaml
+
+    # a merge key (<<) and an override of what it merges is no duplicate, at any depth
+    merged = _parse_yaml(b"defs:\n  big: &big\n    <<: {dense: 3, act: relu}\n    act: tanh\nlayer:\n  <<: *big\n", "m")
+    assert merged["layer"] == {"dense": 3, "act": "tanh"}
+    with pytest.raises(ModelError, match="key 'act' given twice"):  # a duplicate inside a merged mapping
+        _parse_yaml(b"layer:\n  <<: {dense: 3, act: relu, act: tanh}\n", "m")
+
+
+def test_a_pipe_is_refused_without_waiting_for_a_writer(tmp_path):
+    fifo = tmp_path / "model.yaml"
+    os.mkfifo(fifo)
+    done, seconds = dbpgen_cli("compile", fifo, "-o", tmp_path, cwd=tmp_path)
+    assert done.returncode == 2 and seconds < 30
+    assert done.stderr == "model.yaml: file: is a pipe or socket, not a file\n"
 
 
 def test_huge_names_files_and_layer_counts_get_short_errors(tmp_path):

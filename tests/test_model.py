@@ -367,6 +367,7 @@ ERRORS = [
     (variant(penalty={"v": "projections", "count": 0}), "penalty.count", "must be positive"),
     (variant(penalty={"v": "projections", "count": 10 ** 11}), "penalty.count", "is 100,000,000,000; at most 1,000,000"),
     (variant(penalty={"v": "random", "iterations": 10 ** 12}), "penalty.iterations", "at most 1,000,000"),
+    (variant(penalty={"v": "random", "seed": 2 ** 63}), "penalty.seed", "at most 9,223,372,036,854,775,807"),
     (variant(penalty={"v": "random", "count": 2}), "penalty.count",
      "only used with v: projections"),
     (variant(penalty={"v": "output", "seed": 1}), "penalty.seed",

@@ -159,8 +159,12 @@ def test_directions_of_a_sample_do_not_depend_on_how_the_batch_is_split(pen, tmp
     np.testing.assert_array_equal(m.penalty(params, x[2:5], v=m.directions(3, seed=3, first=2)), R[2:5])
     with pytest.raises(ValueError, match="first must be a non-negative integer"):
         m.directions(2, first=-1)
-    far = m.directions(3, seed=3, first=2 ** 63 - 3)  # any first below 2^63, as the check says
-    assert np.isfinite(far).all() and np.array_equal(m.directions(1, seed=3, first=2 ** 63 - 1), far[2:])
+    last = 2 ** 64 // (2 * 4 * (3 if pen["v"] == "projections" else 1))  # first + batch: each sample's counters < 2^64
+    far = m.directions(3, seed=3, first=last - 3)
+    assert np.isfinite(far).all() and np.array_equal(m.directions(1, seed=3, first=last - 1), far[2:])
+    assert not np.array_equal(far[:1], whole[:1])
+    with pytest.raises(ValueError, match=f"first \\+ batch must be at most {last}"):
+        m.directions(3, seed=3, first=last - 2)
 
 
 def test_drawn_directions_are_uniform_on_the_sphere(tmp_path):

@@ -38,7 +38,7 @@ class Compiled:
         pen = self.model.penalty
         steps = pen.iterations if pen is not None and pen.v == "random" else 0
         return ops_table(self.model, self.naive["value_and_grad"], self.programs["value_and_grad"],
-                         (self.naive.get("power_step"), self.programs.get("power_step"), steps))
+                         (self.naive.get("power_step"), self.programs.get("power_step")), steps)
 
     def peak_bytes(self, batch: int = MEMORY_BATCH, schedule: str | None = None) -> dict:
         """Peak live bytes of value_and_grad as its schedule runs it (emitted), and of the

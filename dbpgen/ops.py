@@ -25,13 +25,14 @@ def op_counts(model: Model, program: Program) -> dict:
     return out
 
 
-def ops_table(model: Model, naive: Program, emitted: Program, power=(None, None, 0)) -> dict:
-    """The counts of value_and_grad, naive and emitted; power = (naive power_step, emitted
-    power_step, iterations): the power iterations of `v: random` run before the program in
-    every call (section 4.1.3), and count with it."""
-    table = {"emitted": op_counts(model, emitted), "naive": op_counts(model, naive)}
-    for key, step in zip(("naive", "emitted"), power[:2]):
-        if step is not None and power[2]:
+def ops_table(model: Model, naive: Program, emitted: Program, power_steps: tuple = (None, None),
+              iterations: int = 0) -> dict:
+    """The counts of value_and_grad, naive and emitted. The `iterations` power iterations of
+    `v: random` (power_steps: the naive and the emitted power_step program) run before the
+    program in every call (section 4.1.3), and count with it."""
+    table = {"naive": op_counts(model, naive), "emitted": op_counts(model, emitted)}
+    for key, step in zip(("naive", "emitted"), power_steps):
+        if step is not None and iterations:
             for kind, count in op_counts(model, step).items():
-                table[key][kind] = table[key].get(kind, 0) + power[2] * count
-    return table
+                table[key][kind] = table[key].get(kind, 0) + iterations * count
+    return {"emitted": table["emitted"], "naive": table["naive"]}
